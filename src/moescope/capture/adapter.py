@@ -1,0 +1,84 @@
+"""The adapter protocol: how moescope finds MoE layers and captures their routing.
+
+An adapter recognises MoE blocks in a model by structure and, once attached, emits one
+RoutingRecord per block call. Adapters only capture: no metric math here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from moescope.capture.record import RoutingRecord
+
+Emit = Callable[[RoutingRecord], None]
+Detach = Callable[[], None]
+
+
+@dataclass
+class LayerInfo:
+    """One MoE block a monitor found.
+
+    ``path`` is the module path (``model.layers.3.mlp``), ``adapter`` the adapter's name,
+    ``num_experts`` E (routed), ``top_k`` K, ``module`` the block itself, and ``extra``
+    whatever the adapter needs to remember (child modules, layout flags).
+    """
+
+    path: str
+    adapter: str
+    num_experts: int
+    top_k: int
+    module: nn.Module
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class CaptureContext:
+    """State shared by all adapters of one monitor during a forward.
+
+    The monitor fills ``attention_mask`` from the top-level forward; adapters ask
+    ``token_mask(T)`` for the [T] bool mask of the current layer call (None = all valid).
+    ``counting`` is False while a forward must not be counted (e.g. gradient-checkpoint
+    recomputation during backward).
+    """
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        self.counting: bool = True
+
+    def token_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """[T] bool for a layer that saw ``num_tokens`` = batch x new positions.
+
+        With a KV cache, the layer sees only the last S positions, so the mask's last S
+        columns are used. Returns None when no mask applies or shapes do not match.
+        """
+        m = self.attention_mask
+        if m is None or m.dim() != 2:
+            return None
+        b = m.shape[0]
+        if b == 0 or num_tokens % b != 0:
+            return None
+        s = num_tokens // b
+        if s > m.shape[1]:
+            return None
+        return m[:, -s:].reshape(-1).to(torch.bool)
+
+
+@runtime_checkable
+class MoEAdapter(Protocol):
+    """What an adapter implements (see docs/custom_adapter.md).
+
+    ``match(path, module)`` returns a LayerInfo when ``module`` is an MoE block this
+    adapter handles, else None. ``attach(info, emit, ctx)`` installs hooks that call
+    ``emit(record)`` once per block call (skipping calls while ``ctx.counting`` is False)
+    and returns a function that removes every hook and restores anything it patched.
+    """
+
+    name: str
+
+    def match(self, path: str, module: nn.Module) -> LayerInfo | None: ...
+
+    def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach: ...
