@@ -2,6 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "MoEMonitor",
+    "UnsupportedModelError",
+    "__version__",
+    "count_parameters",
+    "flops_per_token",
+    "register_adapter",
+]
+
+_LAZY = {
+    "MoEMonitor": ("moescope.monitor", "MoEMonitor"),
+    "UnsupportedModelError": ("moescope.errors", "UnsupportedModelError"),
+    "register_adapter": ("moescope.capture.registry", "register_adapter"),
+    "count_parameters": ("moescope.cost.params", "count_parameters"),
+    "flops_per_token": ("moescope.cost.flops", "flops_per_token"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import moescope` stays cheap; the monitor imports the stats stack on use.
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'moescope' has no attribute {name!r}")

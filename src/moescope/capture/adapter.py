@@ -41,12 +41,14 @@ class CaptureContext:
 
     The monitor fills ``attention_mask`` from the top-level forward; adapters ask
     ``token_mask(T)`` for the [T] bool mask of the current layer call (None = all valid).
+    ``decoder_attention_mask`` is the same for the decoder stack of encoder-decoder models.
     ``counting`` is False while a forward must not be counted (e.g. gradient-checkpoint
     recomputation during backward).
     """
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
+        self.decoder_attention_mask: torch.Tensor | None = None
         self.counting: bool = True
 
     def token_mask(self, num_tokens: int) -> torch.Tensor | None:

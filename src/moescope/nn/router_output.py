@@ -29,6 +29,8 @@ class RouterOutput:
     - ``losses``: named scalar loss terms the router computed (e.g. ``"aux_loss"``,
       ``"z_loss"``), ready to be weighted by the caller.
     - ``score_fn``: how ``logits`` map to ``probs``.
+    - ``unrouted`` [T] bool or None: valid tokens that no expert processed (expert-choice
+      routing); None when the router does not report it.
     """
 
     logits: torch.Tensor
@@ -38,6 +40,7 @@ class RouterOutput:
     dropped: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     score_fn: ScoreFn = "softmax"
+    unrouted: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,96 @@
+"""Adapter for moescope's own ``moescope.nn.MoELayer`` blocks.
+
+The router returns a ``RouterOutput``; the experts receive exactly its ``topk_index``,
+``topk_weight`` and ``dropped``, so a forward hook on the router sees what the experts
+will get. Padding: the top-level ``attention_mask`` (via the CaptureContext) is
+preferred; otherwise the ``token_mask`` the layer itself was called with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
+from moescope.capture.record import RoutingRecord
+
+
+class NNAdapter:
+    """Captures ``moescope.nn.MoELayer``: one RoutingRecord per layer call.
+
+    Records carry ``logits`` [T, E] with the router's ``score_fn``, ``topk_index`` [T, K],
+    ``topk_weight`` [T, K], ``dropped`` [T, K] (capacity / expert-choice routers) and the
+    token mask [T].
+    """
+
+    name = "moescope.nn"
+
+    def match(self, path: str, module: nn.Module) -> LayerInfo | None:
+        from moescope.nn.layer import MoELayer
+        from moescope.nn.routers import ExpertChoiceRouter
+
+        if not isinstance(module, MoELayer):
+            return None
+        router = module.router
+        top_k = getattr(router, "top_k", None)
+        if not isinstance(top_k, int):
+            # Expert choice uses one slot per expert (K = E); Switch is top-1.
+            top_k = module.num_experts if isinstance(router, ExpertChoiceRouter) else 1
+        return LayerInfo(
+            path=path,
+            adapter=self.name,
+            num_experts=int(module.num_experts),
+            top_k=int(top_k),
+            module=module,
+            extra={"router": router},
+        )
+
+    def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
+        layer = info.module
+        router: nn.Module = info.extra["router"]  # type: ignore[assignment]
+        # The layer's own token_mask argument of the current call, flattened to [T].
+        slot: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def pre_hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> None:
+            mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)
+            slot["mask"] = mask.reshape(-1) if isinstance(mask, torch.Tensor) else None
+
+        def router_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if not ctx.counting:
+                return
+            idx = getattr(out, "topk_index", None)
+            if not isinstance(idx, torch.Tensor):
+                return
+            t = idx.shape[0]
+            mask = ctx.token_mask(t)
+            if mask is None:
+                own = slot["mask"]
+                mask = own.to(torch.bool) if own is not None and own.numel() == t else None
+            emit(
+                RoutingRecord(
+                    layer=info.path,
+                    num_experts=info.num_experts,
+                    topk_index=idx,
+                    logits=out.logits,
+                    score_fn=out.score_fn,
+                    topk_weight=out.topk_weight,
+                    token_mask=mask,
+                    dropped=out.dropped,
+                )
+            )
+
+        handles = [
+            layer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            router.register_forward_hook(router_hook),
+        ]
+
+        def detach() -> None:
+            for h in handles:
+                h.remove()
+            slot["mask"] = None
+
+        return detach

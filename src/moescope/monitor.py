@@ -1,0 +1,377 @@
+"""MoEMonitor: adapters + on-device accumulators + one-transfer snapshots + alerts.
+
+Data flow (DESIGN.md): adapter hooks emit one RoutingRecord per MoE layer call; the
+monitor feeds it to that layer's ``LayerAccumulator`` (device tensors only, no host
+sync); ``snapshot()`` moves every layer's sums to the host in ONE transfer, builds the
+``Snapshot``, appends it to the ``UsageHistory`` and runs the alert rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moescope.capture.adapter import CaptureContext, Detach, LayerInfo, MoEAdapter
+from moescope.capture.record import RoutingRecord
+from moescope.errors import UnsupportedModelError
+from moescope.stats.accumulator import LayerAccumulator
+from moescope.stats.history import UsageHistory
+from moescope.stats.snapshot import Snapshot, layer_stats_from_state
+
+__all__ = ["MoEMonitor", "find_moe_layers"]
+
+
+def _in_backward() -> bool:
+    # A forward that runs while autograd executes a backward pass is a gradient-checkpoint
+    # recomputation (reentrant: CheckpointFunction.backward; non-reentrant: the unpack
+    # hook of a saved tensor). Both run inside a graph task.
+    return torch._C._current_graph_task_id() != -1
+
+
+class _MonitorContext(CaptureContext):
+    """CaptureContext whose ``counting`` is also False inside a backward pass."""
+
+    def __init__(self) -> None:
+        self._enabled = True
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def counting(self) -> bool:
+        return self._enabled and not _in_backward()
+
+    @counting.setter
+    def counting(self, value: bool) -> None:
+        self._enabled = bool(value)
+
+
+def find_moe_layers(
+    model: nn.Module, adapters: Sequence[MoEAdapter]
+) -> list[tuple[MoEAdapter, LayerInfo]]:
+    """Walk ``model`` in module order; the first adapter that matches a module wins it.
+
+    A matched block is not descended into (its router / experts are not layers of their
+    own). A module reachable by two paths is visited once. The root's path is ``""``.
+    """
+    found: list[tuple[MoEAdapter, LayerInfo]] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for adapter in adapters:
+            info = adapter.match(path, module)
+            if info is not None:
+                found.append((adapter, info))
+                return
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return found
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+class MoEMonitor:
+    """Watches every MoE layer of ``model`` and reports routing statistics per window.
+
+    Args:
+        model: any ``nn.Module`` containing MoE blocks (transformers MoE families,
+            ``moescope.nn.MoELayer``, or custom blocks with a registered adapter).
+        adapters: adapters to try, highest priority first; None = the registry's
+            default list (``moescope.capture.default_adapters()``).
+        history: rows kept per layer in ``self.history`` (a ``UsageHistory``), or a
+            ready ``UsageHistory``, or 0/None for no history.
+        coactivation: keep the [E, E] co-activation matrix per layer.
+        alert_rules: an ``AlertRules`` checked at every snapshot (fired alerts are in
+            ``self.last_alerts``).
+        attach: install the hooks now (else call ``attach()`` or use ``with monitor:``).
+        process_group: the torch.distributed group to reduce over at snapshot time
+            (default: the world, when initialised with more than one rank).
+
+    Raises:
+        UnsupportedModelError: no adapter recognised any module of ``model``.
+
+    Counting rules: a token counts when the top-level forward's ``attention_mask`` (its
+    last S columns under a KV cache; else the layer's own mask) marks it real; a forward
+    recomputed by gradient checkpointing during backward is not counted again; records
+    with NaN/inf router rows are excluded and counted in ``nonfinite_tokens``.
+
+    Aux-loss convention: ``LayerStats.aux_loss`` is the Switch/transformers
+    load-balancing loss of ONE layer, ``E * sum_e f_e P_e`` with ``f_e`` = top-k
+    assignments to e per valid token (sums to K) and ``P_e`` = mean router probability,
+    over the window. transformers' ``outputs.aux_loss / router_aux_loss_coef`` instead
+    averages f and P over layers first, ``E * sum_e mean_l(f_le) * mean_l(P_le)``, which
+    is not the mean of the per-layer losses (tests/test_capture_hf.py checks both).
+    ``Snapshot.avg_aux_loss`` is the mean of the per-layer values.
+
+    The monitor never changes the model's computation: outputs, gradients and the RNG
+    state are identical with or without it, and ``detach()`` removes every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Sequence[MoEAdapter] | None = None,
+        history: int | UsageHistory | None = 1000,
+        coactivation: bool = True,
+        alert_rules: Any | None = None,
+        attach: bool = True,
+        process_group: Any | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MoEMonitor needs a torch.nn.Module, got {type(model).__name__}")
+        if adapters is None:
+            from moescope.capture.registry import default_adapters
+
+            adapters = default_adapters()
+        self.model = model
+        self.adapters: list[MoEAdapter] = list(adapters)
+        found = find_moe_layers(model, self.adapters)
+        if not found:
+            names = ", ".join(a.name for a in self.adapters) or "none"
+            raise UnsupportedModelError(
+                f"No MoE layer found in {type(model).__name__}: none of the adapters "
+                f"[{names}] matched any of its modules. If the model has MoE layers, "
+                "write an adapter implementing the protocol "
+                "moescope.capture.adapter.MoEAdapter (match(path, module) -> LayerInfo | "
+                "None; attach(info, emit, ctx) -> detach), e.g. with "
+                "moescope.capture.SimpleAdapter, and register it with "
+                "moescope.register_adapter(...) or pass adapters=[...]. "
+                "See docs/custom_adapter.md."
+            )
+        self._pairs = found
+        self.layers: list[LayerInfo] = [info for _, info in found]
+        for info in self.layers:
+            if not info.path:
+                info.path = type(model).__name__
+        self._by_path = {info.path: info for info in self.layers}
+        self.coactivation = coactivation
+        self.alert_rules = alert_rules
+        self.process_group = process_group
+        if isinstance(history, UsageHistory):
+            self.history: UsageHistory | None = history
+        else:
+            self.history = UsageHistory(maxlen=int(history)) if history else None
+        self.last_alerts: list[Any] = []
+        self.last_snapshot: Snapshot | None = None
+        self.ctx = _MonitorContext()
+        self._accs: dict[str, LayerAccumulator] = {}
+        self._detaches: list[Detach] = []
+        self._num_snapshots = 0
+        self._mask_pos = self._attention_mask_position(model)
+        if attach:
+            self.attach()
+
+    # ------------------------------------------------------------------ hooks
+
+    @staticmethod
+    def _attention_mask_position(model: nn.Module) -> int | None:
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        for i, p in enumerate(params):
+            if p.name == "attention_mask" and p.kind in (
+                p.POSITIONAL_ONLY,
+                p.POSITIONAL_OR_KEYWORD,
+            ):
+                return i
+        return None
+
+    def _top_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _in_backward():
+            return  # a checkpointed top level re-running: keep the mask of the forward
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+            mask = args[self._mask_pos]
+        self.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        dec_mask = kwargs.get("decoder_attention_mask")
+        self.ctx.decoder_attention_mask = dec_mask if isinstance(dec_mask, torch.Tensor) else None
+
+    def _top_post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not _in_backward():
+            # A later direct call of a sub-module must not inherit this forward's mask.
+            self.ctx.attention_mask = None
+            self.ctx.decoder_attention_mask = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._detaches)
+
+    def attach(self) -> MoEMonitor:
+        """Install the hooks (idempotent). Returns self."""
+        if self._detaches:
+            return self
+        detaches: list[Detach] = []
+        try:
+            h1 = self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)
+            detaches.append(h1.remove)
+            h2 = self.model.register_forward_hook(self._top_post_hook, always_call=True)
+            detaches.append(h2.remove)
+            for adapter, info in self._pairs:
+                detaches.append(adapter.attach(info, self._emit, self.ctx))
+        except BaseException:
+            for d in reversed(detaches):
+                d()
+            raise
+        self._detaches = detaches
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and restore anything an adapter patched (idempotent).
+
+        Accumulated sums are kept: ``snapshot()`` still works afterwards.
+        """
+        detaches, self._detaches = self._detaches, []
+        for d in reversed(detaches):
+            d()
+        self.ctx.attention_mask = None
+        self.ctx.decoder_attention_mask = None
+
+    def __enter__(self) -> MoEMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ accumulation
+
+    def _new_acc(self, info: LayerInfo, top_k: int, device: torch.device) -> LayerAccumulator:
+        acc = LayerAccumulator(info.num_experts, top_k, device=device, coactivation=self.coactivation)
+        self._accs[info.path] = acc
+        return acc
+
+    def _emit(self, record: RoutingRecord) -> None:
+        acc = self._accs.get(record.layer)
+        if acc is None:
+            info = self._by_path.get(record.layer)
+            if info is None:
+                raise KeyError(
+                    f"adapter emitted a record for {record.layer!r}, which is not one of the "
+                    f"monitored layers {list(self._by_path)}; RoutingRecord.layer must be "
+                    "LayerInfo.path"
+                )
+            # Lazily, on the device of the first record: the router's device.
+            acc = self._new_acc(info, record.top_k, record.topk_index.device)
+        acc.update(record)
+
+    def _default_device(self, info: LayerInfo) -> torch.device:
+        for acc in self._accs.values():
+            return acc.device
+        for p in info.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _reduce(self, states: dict[str, dict[str, torch.Tensor]], ops: dict[str, str]) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size(self.process_group) <= 1:
+            return
+        groups: dict[tuple[torch.dtype, str], list[torch.Tensor]] = {}
+        for st in states.values():
+            for key, v in st.items():
+                groups.setdefault((v.dtype, ops.get(key, "sum")), []).append(v)
+        for (_, op), tensors in groups.items():
+            buf = torch.cat([t.reshape(-1) for t in tensors])
+            rop = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(buf, op=rop, group=self.process_group)
+            pos = 0
+            for t in tensors:
+                n = t.numel()
+                t.copy_(buf[pos : pos + n].view_as(t))
+                pos += n
+
+    @staticmethod
+    def _to_host(
+        states: dict[str, dict[str, torch.Tensor]],
+    ) -> dict[str, dict[str, np.ndarray]]:
+        # Every tensor becomes bytes in one device buffer: a single device-to-host copy
+        # whatever the number of layers and dtypes.
+        items = [(layer, key, v) for layer, st in states.items() for key, v in st.items()]
+        out: dict[str, dict[str, np.ndarray]] = {layer: {} for layer in states}
+        if not items:
+            return out
+        device = items[0][2].device
+        chunks: list[torch.Tensor] = []
+        layout: list[tuple[str, str, np.dtype, tuple[int, ...], int, int]] = []
+        pos = 0
+        for layer, key, v in items:
+            if v.dtype in (torch.bfloat16, torch.float16):
+                v = v.float()  # no numpy equivalent of bfloat16
+            b = v.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
+            chunks.append(b)
+            layout.append((layer, key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
+            pos += b.numel()
+        host = torch.cat(chunks).cpu().numpy()
+        for layer, key, dt, shape, start, n in layout:
+            out[layer][key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(
+                shape
+            )
+        return out
+
+    def snapshot(self, reset: bool = True, step: int | None = None) -> Snapshot:
+        """Statistics of every layer since the last reset, as a ``Snapshot``.
+
+        One host transfer for all layers (after an all-reduce across ranks when
+        torch.distributed is initialised with world size > 1: SUM, MAX for max-keys).
+        Appends to ``self.history`` and runs ``alert_rules``. ``step`` defaults to the
+        number of snapshots taken before. ``reset`` starts a new window.
+        """
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        ops: dict[str, str] = {}
+        accs: dict[str, LayerAccumulator] = {}
+        for info in self.layers:
+            acc = self._accs.get(info.path)
+            if acc is None:
+                # Never called in this window: zeros with the same layout on every rank.
+                acc = self._new_acc(info, info.top_k, self._default_device(info))
+            accs[info.path] = acc
+            states[info.path] = acc.state()
+            ops.update(acc.reduce_ops())
+        self._reduce(states, ops)
+        host = self._to_host(states)
+        layers = {
+            path: layer_stats_from_state(host[path], acc.num_experts, acc.top_k)
+            for path, acc in accs.items()
+        }
+        snap = Snapshot(
+            step=step if step is not None else self._num_snapshots,
+            layers=layers,
+            time=time.time(),
+        )
+        self._num_snapshots += 1
+        if reset:
+            self.reset()
+        if self.history is not None:
+            self.history.append(snap)
+        self.last_snapshot = snap
+        if self.alert_rules is not None:
+            self.last_alerts = list(self.alert_rules.check(snap))
+        return snap
+
+    def reset(self) -> None:
+        """Zero every layer's sums (start a new window)."""
+        for acc in self._accs.values():
+            acc.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"MoEMonitor({type(self.model).__name__}, layers={len(self.layers)}, "
+            f"attached={self.attached})"
+        )
+
+

@@ -1,0 +1,242 @@
+"""MoEMonitor: no effect on the model, clean detach, one host transfer, windows, errors,
+and the all-reduce across ranks."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moescope import MoEMonitor, UnsupportedModelError
+from moescope.alerts import AlertRules
+from moescope.nn import GroupedExperts, MoELayer, TopKRouter
+from moescope.stats.snapshot import Snapshot
+
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import build_tiny, experts_modules, padded_batch  # noqa: E402
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _hooks(model: nn.Module) -> dict[str, list[tuple[str, tuple]]]:
+    return {
+        name: [(d, tuple(getattr(m, d).keys())) for d in _HOOK_DICTS]
+        for name, m in model.named_modules()
+    }
+
+
+def _train_step(family: str, monitor: bool, seed: int = 0) -> tuple:
+    model, _ = build_tiny(family)
+    model.train()
+    ids, mask = padded_batch(batch=2, seq=6, seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    mon = MoEMonitor(model) if monitor else None
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    rng = torch.get_rng_state()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if mon is not None:
+        mon.snapshot()
+        mon.detach()
+    return out.logits.detach(), out.loss.detach(), grads, rng
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "phimoe"])
+def test_outputs_grads_and_rng_bit_identical(family: str) -> None:
+    logits0, loss0, grads0, rng0 = _train_step(family, monitor=False)
+    logits1, loss1, grads1, rng1 = _train_step(family, monitor=True)
+    assert torch.equal(logits0, logits1)
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    for n in grads0:
+        assert torch.equal(grads0[n], grads1[n]), n
+    assert torch.equal(rng0, rng1)
+
+
+def test_detach_leaves_no_hook_behind() -> None:
+    model, _ = build_tiny("qwen2_moe")
+    before = _hooks(model)
+    mon = MoEMonitor(model)
+    assert _hooks(model) != before  # hooks were really installed
+    mon.detach()
+    assert _hooks(model) == before
+    mon.detach()  # idempotent
+    with mon:
+        assert mon.attached and _hooks(model) != before
+    assert not mon.attached and _hooks(model) == before
+    # Detached: forwards are no longer counted.
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert all(st.num_tokens == 0 for st in mon.snapshot().layers.values())
+
+
+def test_unsupported_model_error() -> None:
+    dense = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(UnsupportedModelError) as err:
+        MoEMonitor(dense)
+    assert isinstance(err.value, ValueError)
+    msg = str(err.value)
+    assert "Sequential" in msg and "MoEAdapter" in msg and "docs/custom_adapter.md" in msg
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        MoEMonitor("not a model")  # type: ignore[arg-type]
+
+
+def test_snapshot_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = build_tiny("olmoe")
+    mon = MoEMonitor(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    calls = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        calls.append(self.shape)
+        return real_cpu(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host sync"))
+    snap = mon.snapshot()
+    monkeypatch.undo()
+    assert len(calls) == 1
+    # The byte-packed transfer restores dtypes and shapes exactly.
+    st = snap.layers["model.layers.0.mlp"]
+    assert st.usage_counts.dtype == np.int64 and st.coactivation.shape == (8, 8)
+    assert np.array_equal(np.diag(st.coactivation), st.usage_counts)
+
+
+def test_windows_reset_history_and_alerts() -> None:
+    model, _ = build_tiny("mixtral")
+    fired = []
+    mon = MoEMonitor(model, history=10, alert_rules=AlertRules(imbalance_threshold=1.0,
+                                                                on_alert=fired.append))
+    ids, mask = padded_batch(batch=2, seq=6, seed=7)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
+    two = mon.snapshot(reset=False, step=10)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    three = mon.snapshot(step=11)
+    empty = mon.snapshot(step=12)
+    for path, st in two.layers.items():
+        assert three.layers[path].usage_counts.tolist() == (st.usage_counts * 3 // 2).tolist()
+        assert st.num_updates == 2 and three.layers[path].num_updates == 3
+        assert empty.layers[path].num_tokens == 0
+        assert math.isnan(empty.layers[path].routing_entropy)
+    steps, _ = mon.history.as_array("model.layers.0.mlp")
+    assert list(steps) == [10, 11, 12]
+    assert {a.step for a in fired} == {10, 11}  # the empty window alerts on nothing
+    assert any(a.rule == "imbalance" for a in fired) and mon.last_alerts == []
+    assert Snapshot.from_json(three.to_json()).layers.keys() == three.layers.keys()
+    mon.detach()
+
+
+def test_nan_router_scores_do_not_crash() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(8, 4, 2), GroupedExperts(4, 8, 8))
+    x = torch.randn(6, 8)
+    x[2] = float("nan")
+    with MoEMonitor(layer, alert_rules=AlertRules()) as mon:
+        layer(x)
+    snap = mon.snapshot()
+    st = next(iter(snap.layers.values()))
+    assert st.nonfinite_tokens == 1 and st.num_tokens == 5
+    assert math.isfinite(st.routing_entropy)
+    assert any(a.rule == "nonfinite_scores" for a in mon.last_alerts)
+
+
+def test_lazy_accumulators_follow_record_device() -> None:
+    model, _ = build_tiny("granitemoe")
+    mon = MoEMonitor(model)
+    assert mon._accs == {}
+    with torch.no_grad():
+        model(input_ids=padded_batch()[0])
+    assert {a.device.type for a in mon._accs.values()} == {"cpu"}
+    assert len(mon._accs) == len(experts_modules(model))
+    mon.detach()
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _tiny_lm() -> nn.Module:
+    from moescope.nn.model import TinyMoEConfig, TinyMoELM
+
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=32, num_experts=8, top_k=2)
+    return TinyMoELM(cfg).eval()
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = padded_batch(batch=2 + rank, seq=6 - rank, seed=100 + rank)
+    return ids % 64, mask  # each rank: a different batch, of a different shape
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        model = _tiny_lm()
+        mon = MoEMonitor(model)
+        ids, mask = _rank_batch(rank)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        snap = mon.snapshot(step=1)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(snap.to_json())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_gloo_snapshot_equals_single_process() -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        with open(os.path.join(tmp, "rank0.json")) as f:
+            dist_snap = Snapshot.from_json(f.read())
+        with open(os.path.join(tmp, "rank1.json")) as f:
+            rank1 = Snapshot.from_json(f.read())
+    torch.set_num_threads(1)  # as the workers, so float32 matmuls round alike
+    model = _tiny_lm()
+    mon = MoEMonitor(model)
+    for rank in range(2):
+        ids, mask = _rank_batch(rank)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    ref = mon.snapshot(step=1)
+    assert ref.layers.keys() == dist_snap.layers.keys()
+    for path, st in ref.layers.items():
+        d = dist_snap.layers[path]
+        assert d.usage_counts.tolist() == st.usage_counts.tolist()
+        assert np.array_equal(d.coactivation, st.coactivation)
+        assert d.num_tokens == st.num_tokens and d.num_updates == st.num_updates == 2
+        assert d.unique_experts_max == st.unique_experts_max
+        # Per-token values are float32; sums are float64 (same order: rank0 + rank1).
+        for m in ("routing_entropy", "z_loss", "aux_loss", "cv", "top1_prob"):
+            assert getattr(d, m) == pytest.approx(getattr(st, m), rel=1e-6), m
+        assert rank1.layers[path].usage_counts.tolist() == st.usage_counts.tolist()
