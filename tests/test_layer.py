@@ -213,7 +213,9 @@ def test_capacity_routers_from_routers_py(router_name: str):
         for k in range(ro.topk_index.shape[1]):
             if not bool(ro.dropped[t, k]):
                 e = int(ro.topk_index[t, k])
-                acc = acc + float(ro.topk_weight[t, k]) * expert64(gu, dn, e, x[t].double())
+                acc = acc + float(ro.topk_weight[t, k].detach()) * expert64(
+                    gu, dn, e, x[t].double()
+                )
         rows.append(acc)
     y64 = torch.stack(rows)
     (y64 * grad_out.double()).sum().backward()

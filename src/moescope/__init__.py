@@ -7,10 +7,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "MoELightningCallback",
     "MoEMonitor",
     "UnsupportedModelError",
     "__version__",
     "count_parameters",
+    "create_moe_callback_for_pytorch",
+    "create_moe_callback_for_transformers",
     "flops_per_token",
     "register_adapter",
 ]
@@ -21,6 +24,15 @@ _LAZY = {
     "register_adapter": ("moescope.capture.registry", "register_adapter"),
     "count_parameters": ("moescope.cost.params", "count_parameters"),
     "flops_per_token": ("moescope.cost.flops", "flops_per_token"),
+    "create_moe_callback_for_transformers": (
+        "moescope.integrations.transformers",
+        "create_moe_callback_for_transformers",
+    ),
+    "create_moe_callback_for_pytorch": (
+        "moescope.integrations.pytorch",
+        "create_moe_callback_for_pytorch",
+    ),
+    "MoELightningCallback": ("moescope.integrations.lightning", "MoELightningCallback"),
 }
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,10 +21,18 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, LayerInfo, MoEAdapter
+from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
 from moescope.capture.record import RoutingRecord
 from moescope.errors import UnsupportedModelError
 from moescope.stats.accumulator import LayerAccumulator
 from moescope.stats.history import UsageHistory
+from moescope.stats.neurons import (
+    NeuronAccumulator,
+    NeuronCalibrator,
+    NeuronThreshold,
+    neuron_stats_from_state,
+    tau_for_sparsity,
+)
 from moescope.stats.snapshot import Snapshot, layer_stats_from_state
 
 __all__ = ["MoEMonitor", "find_moe_layers"]
@@ -97,6 +108,17 @@ class MoEMonitor:
         attach: install the hooks now (else call ``attach()`` or use ``with monitor:``).
         process_group: the torch.distributed group to reduce over at snapshot time
             (default: the world, when initialised with more than one rank).
+        neurons: also count the activated neurons inside every chosen expert (see
+            ``moescope.stats.neurons``): h = act(gate(x)) * up(x) of every kept
+            (token, slot), counted as it passes and never stored.
+        neuron_threshold: which neurons count as activated: a float = absolute tau, a
+            ``NeuronThreshold``, or None = ``NeuronThreshold.magnitude(0.1)``
+            (``|h_i| > 0.1 * mean_j |h_j|`` of the row; why: see ``moescope.stats.neurons``).
+        neuron_hist_bins: bins of the per-layer histogram of activated counts over [0, I].
+        per_neuron: keep per-neuron firing counts [E, I] int32 per layer (dead and hot
+            neurons, firing frequency); 4 E I bytes per layer, also moved to the host at
+            each snapshot. False keeps O(E) per layer.
+        hot_neurons: how many most-frequently-firing neurons per expert the snapshot lists.
 
     Raises:
         UnsupportedModelError: no adapter recognised any module of ``model``.
@@ -116,6 +138,16 @@ class MoEMonitor:
 
     The monitor never changes the model's computation: outputs, gradients and the RNG
     state are identical with or without it, and ``detach()`` removes every hook.
+    One exception, with ``neurons=True`` only: transformers experts running the ``eager``
+    backend (nothing to hook there) are run with ``grouped_mm`` while attached (a warning
+    says so once; outputs differ by < 1e-5, the backends' documented difference).
+
+    Neuron thresholds can be calibrated to a target sparsity (CATS / TEAL)::
+
+        mon = MoEMonitor(model, neurons=True)
+        with mon.calibration():          # forwards here only fill |h| histograms
+            model(calibration_batch)
+        mon.set_neuron_threshold(calibrated=0.5)   # per-layer tau: 50 % of |h| below it
     """
 
     def __init__(
@@ -127,6 +159,11 @@ class MoEMonitor:
         alert_rules: Any | None = None,
         attach: bool = True,
         process_group: Any | None = None,
+        neurons: bool = False,
+        neuron_threshold: float | NeuronThreshold | None = None,
+        neuron_hist_bins: int = 32,
+        per_neuron: bool = True,
+        hot_neurons: int = 8,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MoEMonitor needs a torch.nn.Module, got {type(model).__name__}")
@@ -169,6 +206,18 @@ class MoEMonitor:
         self._detaches: list[Detach] = []
         self._num_snapshots = 0
         self._mask_pos = self._attention_mask_position(model)
+        self.neurons = bool(neurons)
+        self.neuron_hist_bins = int(neuron_hist_bins)
+        self.per_neuron = bool(per_neuron)
+        self.hot_neurons = int(hot_neurons)
+        self.neuron_threshold = self._as_threshold(neuron_threshold)
+        self._taps: dict[str, NeuronTap] = {}
+        self._naccs: dict[str, NeuronAccumulator] = {}
+        self._calibrators: dict[str, NeuronCalibrator] = {}
+        self._calibrating = False
+        self._switch_warned = False
+        if self.neurons:
+            self._setup_taps()
         if attach:
             self.attach()
 
@@ -220,6 +269,12 @@ class MoEMonitor:
             detaches.append(h2.remove)
             for adapter, info in self._pairs:
                 detaches.append(adapter.attach(info, self._emit, self.ctx))
+            for info in self.layers:
+                tap = self._taps.get(info.path)
+                if tap is not None:
+                    detaches.append(
+                        attach_neurons(info, tap, self._emit_neurons, self.ctx, self._notify)
+                    )
         except BaseException:
             for d in reversed(detaches):
                 d()
@@ -252,6 +307,8 @@ class MoEMonitor:
         return acc
 
     def _emit(self, record: RoutingRecord) -> None:
+        if self._calibrating:
+            return  # calibration forwards feed only the neuron histograms
         acc = self._accs.get(record.layer)
         if acc is None:
             info = self._by_path.get(record.layer)
@@ -264,6 +321,148 @@ class MoEMonitor:
             # Lazily, on the device of the first record: the router's device.
             acc = self._new_acc(info, record.top_k, record.topk_index.device)
         acc.update(record)
+
+    # ------------------------------------------------------------------ neurons
+
+    @staticmethod
+    def _as_threshold(threshold: float | NeuronThreshold | None) -> NeuronThreshold:
+        if threshold is None:
+            return NeuronThreshold.magnitude()
+        if isinstance(threshold, NeuronThreshold):
+            return threshold
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+            return NeuronThreshold.absolute(float(threshold))
+        raise TypeError(
+            "neuron_threshold must be a float (absolute tau), a NeuronThreshold "
+            f"(NeuronThreshold.absolute/magnitude/relative/calibrated) or None, got {threshold!r}"
+        )
+
+    def _setup_taps(self) -> None:
+        unsupported = []
+        for info in self.layers:
+            tap = neuron_tap(info)
+            if tap is None:
+                unsupported.append(f"{info.path} ({info.adapter})")
+            else:
+                self._taps[info.path] = tap
+        if not self._taps:
+            raise UnsupportedModelError(
+                "neurons=True, but moescope cannot see the intermediate activations of any "
+                f"MoE layer of {type(self.model).__name__}: {', '.join(unsupported)}. Neuron "
+                "capture supports transformers experts built with @use_experts_implementation, "
+                "switch_transformers / nllb_moe and moescope.nn.GroupedExperts; use "
+                "neurons=False for routing statistics only."
+            )
+        if unsupported:
+            warnings.warn(
+                "moescope: no neuron statistics for " + ", ".join(unsupported) + " (their "
+                "experts expose no intermediate activations); routing is still monitored.",
+                stacklevel=3,
+            )
+
+    def _notify(self, message: str) -> None:
+        if not self._switch_warned:
+            self._switch_warned = True
+            warnings.warn(message, stacklevel=2)
+
+    def _new_nacc(self, path: str, device: torch.device) -> NeuronAccumulator:
+        nacc = NeuronAccumulator(
+            self._by_path[path].num_experts,
+            self._taps[path].intermediate_size,
+            device=device,
+            threshold=self.neuron_threshold.for_layer(path),
+            hist_bins=self.neuron_hist_bins,
+            per_neuron=self.per_neuron,
+        )
+        self._naccs[path] = nacc
+        return nacc
+
+    def _emit_neurons(
+        self,
+        layer: str,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        row_valid: torch.Tensor | None,
+    ) -> None:
+        if self._calibrating:
+            cal = self._calibrators.get(layer)
+            if cal is None:
+                cal = self._calibrators[layer] = NeuronCalibrator(h.device)
+            cal.update(h, row_valid)
+            return
+        nacc = self._naccs.get(layer)
+        if nacc is None:
+            nacc = self._new_nacc(layer, h.device)
+        nacc.update(h, expert_ids, row_valid)
+
+    @contextmanager
+    def calibration(self) -> Iterator[MoEMonitor]:
+        """Forwards inside the block fill per-layer |h| histograms (log-spaced bins, on
+        the device) instead of the statistics; routing is not counted either.
+
+        Each entry starts fresh histograms. Then ``set_neuron_threshold(calibrated=s)``
+        (or ``calibrate_neurons(s)``) derives one tau per layer.
+        """
+        if not self.neurons:
+            raise RuntimeError("calibration() needs MoEMonitor(..., neurons=True)")
+        self._calibrators.clear()
+        self._calibrating = True
+        try:
+            yield self
+        finally:
+            self._calibrating = False
+
+    def calibrate_neurons(self, target_sparsity: float) -> NeuronThreshold:
+        """Per-layer tau putting ``target_sparsity`` of the calibration |h| at or below
+        it (CATS, Lee et al. 2024; TEAL, Liu et al. 2024). One host transfer.
+
+        Returns a ``NeuronThreshold.calibrated`` (not applied: see
+        ``set_neuron_threshold``). Resolution: one histogram bin (2.3 % of tau).
+        """
+        if not 0.0 <= target_sparsity <= 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
+        cals = {k: c for k, c in self._calibrators.items() if k in self._taps}
+        if not cals:
+            raise RuntimeError(
+                "no calibration data: run forwards inside `with monitor.calibration():` first"
+            )
+        names = list(cals)
+        dev = cals[names[0]].device
+        host = torch.stack([cals[n].hist.to(dev) for n in names]).cpu().numpy()
+        taus: dict[str, float] = {}
+        for n, hist in zip(names, host, strict=True):
+            c = cals[n]
+            tau = tau_for_sparsity(hist, target_sparsity, c.log10_min, c.log10_max)
+            if np.isfinite(tau):
+                taus[n] = tau
+        missing = [p for p in self._taps if p not in taus]
+        if missing:
+            raise RuntimeError(
+                f"calibration saw no token in layers {missing}; run a calibration batch "
+                "that reaches every MoE layer"
+            )
+        return NeuronThreshold.calibrated(taus, target_sparsity)
+
+    def set_neuron_threshold(
+        self,
+        threshold: float | NeuronThreshold | None = None,
+        *,
+        calibrated: float | None = None,
+    ) -> NeuronThreshold:
+        """Change the activation rule; resets the neuron sums (a window must not mix
+        thresholds). ``calibrated=s`` uses ``calibrate_neurons(s)``. Returns the rule.
+        """
+        if calibrated is not None:
+            if threshold is not None:
+                raise ValueError("pass either a threshold or calibrated=..., not both")
+            new = self.calibrate_neurons(calibrated)
+        else:
+            new = self._as_threshold(threshold)
+        self.neuron_threshold = new
+        for path, nacc in self._naccs.items():
+            nacc.threshold = new.for_layer(path)
+            nacc.reset()
+        return new
 
     def _default_device(self, info: LayerInfo) -> torch.device:
         for acc in self._accs.values():
@@ -342,12 +541,30 @@ class MoEMonitor:
             accs[info.path] = acc
             states[info.path] = acc.state()
             ops.update(acc.reduce_ops())
+            if info.path in self._taps:
+                nacc = self._naccs.get(info.path)
+                if nacc is None:
+                    nacc = self._new_nacc(info.path, acc.device)
+                # Same dict: packed into the one host transfer and the all-reduce.
+                states[info.path].update(nacc.state())
+                ops.update(nacc.reduce_ops())
         self._reduce(states, ops)
         host = self._to_host(states)
         layers = {
             path: layer_stats_from_state(host[path], acc.num_experts, acc.top_k)
             for path, acc in accs.items()
         }
+        for path in layers:
+            if path in self._taps:
+                fields = neuron_stats_from_state(
+                    host[path],
+                    accs[path].num_experts,
+                    self._taps[path].intermediate_size,
+                    hot_k=self.hot_neurons,
+                )
+                layers[path] = replace(
+                    layers[path], **fields, neuron_threshold=self._threshold_label(path)
+                )
         snap = Snapshot(
             step=step if step is not None else self._num_snapshots,
             layers=layers,
@@ -363,10 +580,18 @@ class MoEMonitor:
             self.last_alerts = list(self.alert_rules.check(snap))
         return snap
 
+    def _threshold_label(self, path: str) -> str:
+        t = self.neuron_threshold
+        if t.mode == "calibrated":
+            return f"calibrated(target_sparsity={t.value:g}, tau={t.taus.get(path, float('nan')):.6g})"
+        return t.describe()
+
     def reset(self) -> None:
         """Zero every layer's sums (start a new window)."""
         for acc in self._accs.values():
             acc.reset()
+        for nacc in self._naccs.values():
+            nacc.reset()
 
     def __repr__(self) -> str:
         return (

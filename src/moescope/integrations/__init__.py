@@ -1,0 +1,46 @@
+"""Training integrations: they decide *when* to snapshot and where metrics go (no metric
+math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per framework:
+
+- :func:`create_moe_callback_for_transformers` (``transformers.Trainer``; extra ``hf``)
+- :func:`create_moe_callback_for_pytorch` (plain loops; torch only)
+- :class:`MoELightningCallback` (Lightning; extra ``lightning``)
+
+Framework modules are imported lazily, so importing this package needs torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "MoELightningCallback",
+    "MoEPyTorchCallback",
+    "MoETrainerCallback",
+    "TrainingSession",
+    "create_moe_callback_for_pytorch",
+    "create_moe_callback_for_transformers",
+]
+
+_LAZY = {
+    "TrainingSession": ("moescope.integrations.core", "TrainingSession"),
+    "MoEPyTorchCallback": ("moescope.integrations.pytorch", "MoEPyTorchCallback"),
+    "create_moe_callback_for_pytorch": (
+        "moescope.integrations.pytorch",
+        "create_moe_callback_for_pytorch",
+    ),
+    "MoETrainerCallback": ("moescope.integrations.transformers", "MoETrainerCallback"),
+    "create_moe_callback_for_transformers": (
+        "moescope.integrations.transformers",
+        "create_moe_callback_for_transformers",
+    ),
+    "MoELightningCallback": ("moescope.integrations.lightning", "MoELightningCallback"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'moescope.integrations' has no attribute {name!r}")

@@ -10,8 +10,16 @@ from moescope.stats.accumulator import (
     states_to_numpy,
 )
 from moescope.stats.history import UsageHistory
+from moescope.stats.neurons import (
+    NEURON_REDUCE_OPS,
+    NeuronAccumulator,
+    NeuronCalibrator,
+    NeuronThreshold,
+    neuron_stats_from_state,
+)
 from moescope.stats.snapshot import (
     LAYER_SCALAR_METRICS,
+    NEURON_SCALAR_METRICS,
     LayerStats,
     Snapshot,
     layer_stats_from_state,
@@ -19,13 +27,19 @@ from moescope.stats.snapshot import (
 
 __all__ = [
     "LAYER_SCALAR_METRICS",
+    "NEURON_REDUCE_OPS",
+    "NEURON_SCALAR_METRICS",
     "REDUCE_OPS",
     "LayerAccumulator",
     "LayerStats",
+    "NeuronAccumulator",
+    "NeuronCalibrator",
+    "NeuronThreshold",
     "Snapshot",
     "UsageHistory",
     "layer_stats_from_state",
     "merge_states",
     "metrics",
+    "neuron_stats_from_state",
     "states_to_numpy",
 ]

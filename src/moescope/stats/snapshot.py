@@ -36,7 +36,13 @@ import torch
 
 from moescope.stats import metrics as M
 
-__all__ = ["LAYER_SCALAR_METRICS", "LayerStats", "Snapshot", "layer_stats_from_state"]
+__all__ = [
+    "LAYER_SCALAR_METRICS",
+    "NEURON_SCALAR_METRICS",
+    "LayerStats",
+    "Snapshot",
+    "layer_stats_from_state",
+]
 
 #: Per-layer scalar metrics written by ``Snapshot.to_dict`` as ``<prefix>/<layer>/<name>``.
 LAYER_SCALAR_METRICS: tuple[str, ...] = (
@@ -66,7 +72,29 @@ _ARRAY_FIELDS = {
     "weight_sums": np.float64,
     "dropped_counts": np.int64,
     "coactivation": np.int64,
+    "expert_rows": np.int64,
+    "expert_activated_mean": np.float64,
+    "expert_activated_std": np.float64,
+    "expert_sparsity": np.float64,
+    "expert_dead_neurons": np.float64,
+    "activated_hist": np.int64,
+    "firing_counts": np.int64,
+    "hot_neurons": np.int64,
 }
+
+#: Per-layer neuron scalars written by ``Snapshot.to_dict`` (only for layers with neuron
+#: statistics, i.e. ``MoEMonitor(neurons=True)``).
+NEURON_SCALAR_METRICS: tuple[str, ...] = (
+    "neuron_sparsity",
+    "activated_neurons_mean",
+    "activated_neurons_std",
+    "dead_neurons",
+)
+
+_INT_FIELDS = (
+    "num_experts", "top_k", "num_tokens", "nonfinite_tokens", "extra_slots", "num_slots",
+    "num_updates", "intermediate_size", "neuron_rows",
+)  # fmt: skip
 
 
 @dataclass
@@ -78,6 +106,18 @@ class LayerStats:
     int64, ``coactivation`` [E, E] int64 or None (diagonal = usage_counts).
     Scalars are floats (NaN when undefined, see the module docstring) except the
     integer bookkeeping fields.
+
+    Neuron fields (None unless the monitor ran with ``neurons=True``; definitions in
+    :mod:`moescope.stats.neurons`, I = ``intermediate_size``): ``neuron_rows`` (valid
+    (token, slot) rows seen; ``expert_rows`` [E] per expert),
+    ``activated_neurons_mean`` / ``activated_neurons_std`` (activated neurons per row), ``neuron_sparsity`` (1 - mean / I),
+    ``expert_activated_mean`` / ``expert_activated_std`` / ``expert_sparsity`` [E]
+    (NaN for experts without rows), ``activated_hist`` [B] (rows per activated-count bin,
+    bin b = counts c with floor(c B / (I + 1)) = b), ``firing_counts`` [E, I] (rows in
+    which each neuron fired; None with ``per_neuron=False``), ``expert_dead_neurons`` [E]
+    (neurons never activated; NaN for experts without rows), ``dead_neurons`` (their sum),
+    ``hot_neurons`` [E, k] (most frequently firing neuron ids, -1 where fewer than k
+    fired), ``neuron_threshold`` (the rule used, e.g. ``"magnitude(alpha=0.1)"``).
     """
 
     num_experts: int
@@ -107,11 +147,56 @@ class LayerStats:
     extra_slots: int = 0
     num_slots: int = 0
     num_updates: int = 0
+    intermediate_size: int | None = None
+    neuron_rows: int | None = None
+    activated_neurons_mean: float | None = None
+    activated_neurons_std: float | None = None
+    neuron_sparsity: float | None = None
+    dead_neurons: float | None = None
+    expert_rows: np.ndarray | None = None
+    expert_activated_mean: np.ndarray | None = None
+    expert_activated_std: np.ndarray | None = None
+    expert_sparsity: np.ndarray | None = None
+    expert_dead_neurons: np.ndarray | None = None
+    activated_hist: np.ndarray | None = None
+    firing_counts: np.ndarray | None = None
+    hot_neurons: np.ndarray | None = None
+    neuron_threshold: str | None = None
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """JSON-able dict: arrays as (nested) lists, non-finite floats as None."""
+    @property
+    def has_neurons(self) -> bool:
+        """True when the window carries neuron statistics."""
+        return self.neuron_rows is not None
+
+    @property
+    def firing_frequency(self) -> np.ndarray | None:
+        """[E, I] fraction of each expert's rows in which the neuron fired (NaN rows for
+        experts without rows); None without per-neuron counts."""
+        if self.firing_counts is None or self.expert_rows is None:
+            return None
+        rows = np.asarray(self.expert_rows, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            freq = np.asarray(self.firing_counts, dtype=np.float64) / rows[:, None]
+        return np.where(rows[:, None] > 0, freq, np.nan)
+
+    @property
+    def dead_mask(self) -> np.ndarray | None:
+        """[E, I] bool: neurons that never fired in the window (experts without rows:
+        all False); None without per-neuron counts."""
+        if self.firing_counts is None or self.expert_dead_neurons is None:
+            return None
+        seen = ~np.isnan(np.asarray(self.expert_dead_neurons))
+        return (np.asarray(self.firing_counts) == 0) & seen[:, None]
+
+    def to_json_dict(self, firing: bool = False) -> dict[str, Any]:
+        """JSON-able dict: arrays as (nested) lists, non-finite floats as None.
+
+        ``firing_counts`` ([E, I], large) is written only with ``firing=True``.
+        """
         out: dict[str, Any] = {}
         for k, v in self.__dict__.items():
+            if k == "firing_counts" and not firing:
+                continue
             if isinstance(v, np.ndarray):
                 out[k] = _nan_to_none(v.tolist())
             else:
@@ -130,12 +215,26 @@ class LayerStats:
                     dt = _ARRAY_FIELDS[k]
                     arr = np.array(_none_to_nan(v), dtype=np.float64)
                     kw[k] = arr.astype(dt) if dt is np.int64 else arr
-            elif k in ("num_experts", "top_k", "num_tokens", "nonfinite_tokens",
-                       "extra_slots", "num_slots", "num_updates"):
-                kw[k] = int(v)
+            elif k in _INT_FIELDS:
+                kw[k] = None if v is None else int(v)
+            elif k == "neuron_threshold":
+                kw[k] = v
+            elif v is None and k in _OPTIONAL_SCALARS:
+                kw[k] = None
             else:
                 kw[k] = math.nan if v is None else float(v)
+        if kw.get("neuron_rows") is not None:
+            for k in _OPTIONAL_SCALARS:
+                if kw.get(k) is None:
+                    kw[k] = math.nan
         return cls(**kw)
+
+
+# Optional scalars (None = neurons off) that a JSON null must not turn into NaN: an
+# absent value is told apart by ``neuron_rows`` being None.
+_OPTIONAL_SCALARS = frozenset(
+    {"activated_neurons_mean", "activated_neurons_std", "neuron_sparsity", "dead_neurons"}
+)
 
 
 def _nan_to_none(v: Any) -> Any:
@@ -336,6 +435,39 @@ class Snapshot:
     def total_nonfinite_tokens(self) -> int:
         return int(sum(s.nonfinite_tokens for s in self.layers.values()))
 
+    @property
+    def has_neurons(self) -> bool:
+        """True when some layer carries neuron statistics."""
+        return any(s.has_neurons for s in self.layers.values())
+
+    @property
+    def avg_neuron_sparsity(self) -> float:
+        """Mean over layers with neuron rows of ``neuron_sparsity`` (NaN when none)."""
+        return _mean_finite(
+            float(s.neuron_sparsity)
+            for s in self.layers.values()
+            if s.neuron_sparsity is not None and s.neuron_rows
+        )
+
+    @property
+    def avg_activated_neurons(self) -> float:
+        """Mean over layers with neuron rows of ``activated_neurons_mean``."""
+        return _mean_finite(
+            float(s.activated_neurons_mean)
+            for s in self.layers.values()
+            if s.activated_neurons_mean is not None and s.neuron_rows
+        )
+
+    @property
+    def total_dead_neurons(self) -> float:
+        """Dead neurons summed over layers with neuron rows (NaN when none)."""
+        vals = [
+            float(s.dead_neurons)
+            for s in self.layers.values()
+            if s.dead_neurons is not None and s.neuron_rows and math.isfinite(s.dead_neurons)
+        ]
+        return float(sum(vals)) if vals else math.nan
+
     def aggregates(self) -> dict[str, float]:
         """Model-level aggregates by name (without prefix)."""
         names = (
@@ -345,7 +477,11 @@ class Snapshot:
             "avg_utilization_rate", "avg_dropped_fraction", "avg_unique_experts_per_batch",
             "total_experts", "total_tokens", "total_nonfinite_tokens",
         )  # fmt: skip
-        return {n: float(getattr(self, n)) for n in names}
+        out = {n: float(getattr(self, n)) for n in names}
+        if self.has_neurons:
+            for n in ("avg_neuron_sparsity", "avg_activated_neurons", "total_dead_neurons"):
+                out[n] = float(getattr(self, n))
+        return out
 
     # ------------------------------------------------------------------ serialisation
 
@@ -355,26 +491,35 @@ class Snapshot:
         Keys: ``<prefix>/<aggregate>`` (``moe/avg_expert_cv``, ``moe/avg_routing_entropy``,
         ``moe/total_unused_experts``, ...), ``<prefix>/<layer>/<metric>`` for every name in
         :data:`LAYER_SCALAR_METRICS`, and with ``vectors=True`` also
-        ``<prefix>/<layer>/usage_fraction/<e>``.
+        ``<prefix>/<layer>/usage_fraction/<e>``. With neuron statistics also
+        ``<prefix>/<layer>/<m>`` for :data:`NEURON_SCALAR_METRICS` and the aggregates
+        ``avg_neuron_sparsity``, ``avg_activated_neurons``, ``total_dead_neurons``.
         """
         p = f"{prefix}/" if prefix else ""
         out = {f"{p}{k}": v for k, v in self.aggregates().items()}
         for name, s in self.layers.items():
             for m in LAYER_SCALAR_METRICS:
                 out[f"{p}{name}/{m}"] = float(getattr(s, m))
+            if s.has_neurons:
+                for m in NEURON_SCALAR_METRICS:
+                    v = getattr(s, m)
+                    out[f"{p}{name}/{m}"] = math.nan if v is None else float(v)
             if vectors:
                 for e, v in enumerate(s.usage_fraction.tolist()):
                     out[f"{p}{name}/usage_fraction/{e}"] = float(v)
         return out
 
-    def to_json(self) -> str:
-        """Strict JSON of the whole snapshot (arrays as lists, NaN as null)."""
+    def to_json(self, firing: bool = False) -> str:
+        """Strict JSON of the whole snapshot (arrays as lists, NaN as null).
+
+        ``firing=True`` also writes the [E, I] ``firing_counts`` of every layer.
+        """
         return json.dumps(
             {
                 "format": "moescope.snapshot/1",
                 "step": self.step,
                 "time": _nan_to_none(self.time),
-                "layers": {k: v.to_json_dict() for k, v in self.layers.items()},
+                "layers": {k: v.to_json_dict(firing=firing) for k, v in self.layers.items()},
             },
             allow_nan=False,
         )

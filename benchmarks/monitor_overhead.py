@@ -1,0 +1,684 @@
+"""Cost of watching an MoE model train: moescope vs the PyPI ``moewatch`` vs a naive monitor.
+
+Question (issue 3): does ``moescope.MoEMonitor`` with every expert-level metric on
+(co-activation included, a snapshot + alert check + flat ``to_dict()`` every
+``--log-every`` steps, the snapshot cost inside the measured steps) cost at most 1.03x a
+training step without a monitor, and does its memory stay flat over 10k steps?
+
+Part 1, overhead. Models (transformers 5.x, random init, float32, ``grouped_mm`` experts,
+vocab 1024 so that the LM head does not hide the MoE layers, no aux loss in the
+objective):
+
+- ``mixtral``: MixtralForCausalLM, H=256, I=512, E=8, K=2, 4 layers;
+- ``olmoe``: OlmoeForCausalLM, H=256, I=128 (OLMoE's I/H = 1024/2048), E=64, K=8, 4 layers.
+
+One training step = ``zero_grad``, forward with ``labels`` (batch 8 x 256 tokens, all
+real), backward, AdamW step. Variants, each on its own deep copy of the same initial
+model with its own optimizer, all fed the same batches (``torch.manual_seed``):
+
+- ``none``: no monitor;
+- ``moescope``: ``MoEMonitor(model, coactivation=True, history=1000,
+  alert_rules=AlertRules())``; every ``log_every`` steps ``snapshot(step=...)`` and
+  ``to_dict()`` (what a logger sink consumes);
+- ``moewatch``: ``MoEWatch(model, WatchConfig(sample_every=1, log_every=N,
+  output="silent", router_modules=<the routers>))`` started once, ``watcher.step(step)``
+  after every step (it analyses on multiples of ``log_every``). The routers are named
+  explicitly because moewatch 0.1.0's auto-detection picks OLMoE's whole
+  ``OlmoeSparseMoeBlock`` (which returns hidden states, read as "logits" over H);
+- ``naive``: ``benchmarks/naive_monitor.py`` (the seeds' sketch: Python loop over experts
+  with ``.item()``, lists that are never trimmed), ``snapshot()`` every N steps.
+
+Timing method: the variants run round-robin within each round (one step each, the order
+rotated every round) so that the load of a shared machine hits them alike; ``--warmup``
+rounds are discarded. Per variant: median training-step time (hooks included), IQR, the
+median cost of a log step (snapshot) and the amortised step = median step + mean
+post-step cost over all measured steps (= snapshot cost / N). Ratio = amortised step /
+median step of ``none``, with a 95 % bootstrap interval (resampling steps); "paired" is
+the median of per-round ratios (robust to slow drifts of the load) plus the amortised log
+cost. Losses of all variants are compared: a monitor must not change training.
+
+Part 2, memory (``--memory-steps``, default 10000): each variant in its own process
+(clean RSS) runs that many cheap forwards of a tiny Mixtral (H=32, E=8, K=2, 2 layers,
+2 x 32 tokens), logging every 100 steps, and reports at steps 100, 1k, 5k, 10k the
+monitor's state bytes (moescope: accumulator tensors + history arrays; moewatch: its ring
+buffers' tensors; naive: its lists, ``sys.getsizeof``) and the process RSS.
+
+Run (full):  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/monitor_overhead.py
+Quick check: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/monitor_overhead.py --quick
+Profile:     ... monitor_overhead.py --profile --models olmoe --memory-steps 0 --steps 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from moescope.alerts import AlertRules
+from moescope.monitor import MoEMonitor
+from naive_monitor import NaiveMonitor, find_routers
+
+VARIANTS: tuple[str, ...] = ("none", "moescope", "moewatch", "naive")
+MEMORY_CHECKPOINTS: tuple[int, ...] = (100, 1000, 5000, 10000)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A small transformers MoE causal LM and the batch it trains on."""
+
+    family: str  # "mixtral" | "olmoe"
+    hidden: int = 256
+    intermediate: int = 512
+    num_experts: int = 8
+    top_k: int = 2
+    layers: int = 4
+    heads: int = 4
+    vocab: int = 1024
+    batch: int = 8
+    seq: int = 256
+
+    def describe(self) -> str:
+        return (
+            f"{self.family}: H={self.hidden}, I={self.intermediate}, E={self.num_experts}, "
+            f"K={self.top_k}, {self.layers} layers, vocab {self.vocab}, "
+            f"batch {self.batch} x {self.seq} tokens"
+        )
+
+
+SPECS: dict[str, ModelSpec] = {
+    "mixtral": ModelSpec("mixtral", intermediate=512, num_experts=8, top_k=2),
+    "olmoe": ModelSpec("olmoe", intermediate=128, num_experts=64, top_k=8),
+}
+
+_FAMILIES: dict[str, tuple[str, str, str]] = {
+    # family: (config class, model class, config field holding E)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
+}
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
+    """A randomly initialised ``*ForCausalLM`` of ``spec`` in train mode (float32, CPU)."""
+    import transformers
+
+    if spec.family not in _FAMILIES:
+        raise ValueError(f"unknown family {spec.family!r}; choose one of {sorted(_FAMILIES)}")
+    cfg_name, model_name, experts_field = _FAMILIES[spec.family]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=max(spec.seq, 64),
+        num_experts_per_tok=spec.top_k,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **{experts_field: spec.num_experts},
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(cfg).train()
+
+
+def make_batches(
+    spec: ModelSpec, n: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of ``(input_ids [B, S], attention_mask [B, S])``, the same for all variants."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, spec.vocab, (spec.batch, spec.seq), generator=gen)
+        out.append((ids, torch.ones_like(ids)))
+    return out
+
+
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """zero_grad, forward with labels, backward, optimizer step. Returns the detached loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _history_nbytes(mon: MoEMonitor) -> int:
+    hist = mon.history
+    if hist is None:
+        return 0
+    total = 0
+    for layer in hist.layers:
+        steps, counts = hist.as_array(layer)
+        total += steps.nbytes + counts.nbytes
+        for metric in hist.scalar_metrics:
+            total += hist.series(layer, metric)[1].nbytes
+    return total
+
+
+class Variant:
+    """A monitor attached to one model: ``after_step`` runs after every training step."""
+
+    name = "none"
+
+    def __init__(self, model: nn.Module, log_every: int) -> None:
+        self.model = model
+        self.log_every = log_every
+
+    def is_log_step(self, step: int) -> bool:
+        return (step + 1) % self.log_every == 0
+
+    def after_step(self, step: int) -> None:
+        """Called after training step ``step`` (0-based); logs on every ``log_every``-th."""
+
+    def state_nbytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class MoescopeVariant(Variant):
+    name = "moescope"
+
+    def __init__(self, model: nn.Module, log_every: int) -> None:
+        super().__init__(model, log_every)
+        self.monitor = MoEMonitor(model, coactivation=True, history=1000, alert_rules=AlertRules())
+        self.last: dict[str, float] = {}
+
+    def after_step(self, step: int) -> None:
+        if self.is_log_step(step):
+            self.last = self.monitor.snapshot(step=step + 1).to_dict()
+
+    def state_nbytes(self) -> int:
+        accs = self.monitor._accs.values()  # the accumulators' own tensors (no public list)
+        return sum(acc.state_nbytes() for acc in accs) + _history_nbytes(self.monitor)
+
+    def close(self) -> None:
+        self.monitor.detach()
+
+
+class MoewatchVariant(Variant):
+    name = "moewatch"
+
+    def __init__(self, model: nn.Module, log_every: int) -> None:
+        super().__init__(model, log_every)
+        import moewatch
+
+        with warnings.catch_warnings():
+            # "sample_every=1 captures every forward pass": exactly what is measured.
+            warnings.simplefilter("ignore", UserWarning)
+            cfg = moewatch.WatchConfig(
+                sample_every=1,
+                log_every=log_every,
+                output="silent",
+                router_modules=list(find_routers(model)),
+            )
+        self.watcher = moewatch.MoEWatch(model, config=cfg).start()
+        self.alerts = 0
+
+    def after_step(self, step: int) -> None:
+        # MoEWatch.step analyses only when its argument is a multiple of log_every.
+        self.alerts += len(self.watcher.step(step + 1))
+
+    def state_nbytes(self) -> int:
+        collector = self.watcher._collector  # moewatch exposes no size accessor
+        total = 0
+        if collector is None:
+            return 0
+        for acc in collector._accumulators.values():
+            if acc.running_counts is not None:
+                total += acc.running_counts.nbytes
+            for ev in acc.ring_buffer.snapshot():
+                total += ev.expert_counts.nbytes
+                if ev.raw_logits is not None:
+                    total += ev.raw_logits.nbytes
+        return total
+
+    def close(self) -> None:
+        self.watcher.stop()
+
+
+class NaiveVariant(Variant):
+    name = "naive"
+
+    def __init__(self, model: nn.Module, log_every: int) -> None:
+        super().__init__(model, log_every)
+        self.monitor = NaiveMonitor(model)
+        self.last: dict[str, float] = {}
+
+    def after_step(self, step: int) -> None:
+        if self.is_log_step(step):
+            self.last = self.monitor.snapshot(step=step + 1)
+
+    def state_nbytes(self) -> int:
+        return self.monitor.state_nbytes()
+
+    def close(self) -> None:
+        self.monitor.detach()
+
+
+VARIANT_CLASSES: dict[str, type[Variant]] = {
+    "none": Variant,
+    "moescope": MoescopeVariant,
+    "moewatch": MoewatchVariant,
+    "naive": NaiveVariant,
+}
+
+
+def available_variants(names: Sequence[str]) -> list[str]:
+    """``names`` minus ``moewatch`` when the package is missing (with a note on stderr)."""
+    out = []
+    for n in names:
+        if n not in VARIANT_CLASSES:
+            raise ValueError(f"unknown variant {n!r}; choose from {list(VARIANT_CLASSES)}")
+        if n == "moewatch":
+            try:
+                import moewatch  # noqa: F401
+            except ImportError:
+                print(
+                    "moewatch is not installed (pip install moewatch==0.1.0, or the 'bench' "
+                    "extra): skipping that variant",
+                    file=sys.stderr,
+                )
+                continue
+        out.append(n)
+    return out
+
+
+# --------------------------------------------------------------------------- part 1: time
+
+
+@dataclass
+class VariantTiming:
+    """Per-step timings of one variant (seconds)."""
+
+    name: str
+    train: list[float] = field(default_factory=list)  # training step, hooks included
+    post: list[float] = field(default_factory=list)  # after_step: snapshot on log steps
+    log: list[float] = field(default_factory=list)  # post of the log steps only
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ModelTiming:
+    spec: ModelSpec
+    log_every: int
+    steps: int
+    warmup: int
+    variants: dict[str, VariantTiming]
+    state_nbytes: dict[str, int]
+
+
+def time_model(
+    spec: ModelSpec,
+    variants: Sequence[str] = VARIANTS,
+    steps: int = 20,
+    warmup: int = 2,
+    log_every: int = 10,
+    seed: int = 0,
+    lr: float = 1e-3,
+) -> ModelTiming:
+    """Round-robin training steps of every variant on copies of one model (see module doc)."""
+    if steps < 1 or warmup < 0 or log_every < 1:
+        raise ValueError("need steps >= 1, warmup >= 0, log_every >= 1")
+    variants = list(variants)
+    base = build_model(spec, seed)
+    batches = make_batches(spec, min(warmup + steps, 16), seed)
+    runs: dict[str, tuple[nn.Module, torch.optim.Optimizer, Variant]] = {}
+    for name in variants:
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        runs[name] = (model, opt, VARIANT_CLASSES[name](model, log_every))
+    del base
+    timing = {name: VariantTiming(name) for name in variants}
+    try:
+        for r in range(warmup + steps):
+            shift = r % len(variants)
+            ids, mask = batches[r % len(batches)]
+            for name in variants[shift:] + variants[:shift]:
+                model, opt, var = runs[name]
+                t0 = time.perf_counter()
+                loss = train_step(model, opt, ids, mask)
+                t1 = time.perf_counter()
+                var.after_step(r)
+                t2 = time.perf_counter()
+                if r >= warmup:
+                    vt = timing[name]
+                    vt.train.append(t1 - t0)
+                    vt.post.append(t2 - t1)
+                    if var.is_log_step(r):
+                        vt.log.append(t2 - t1)
+                    vt.losses.append(float(loss))
+        nbytes = {name: runs[name][2].state_nbytes() for name in variants}
+    finally:
+        for _, _, var in runs.values():
+            var.close()
+    return ModelTiming(spec, log_every, steps, warmup, timing, nbytes)
+
+
+def _amortised(train: np.ndarray, post: np.ndarray) -> float:
+    return float(np.median(train) + np.mean(post))
+
+
+def summarize(mt: ModelTiming, boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per variant: medians, IQR, log cost, amortised step, ratios vs ``none``."""
+    rng = np.random.default_rng(seed)
+    base = mt.variants.get("none")
+    base_train = np.asarray(base.train) if base is not None else None
+    base_post = np.asarray(base.post) if base is not None else None
+    base_amort = _amortised(base_train, base_post) if base is not None else float("nan")
+    rows = []
+    for name, vt in mt.variants.items():
+        train, post = np.asarray(vt.train), np.asarray(vt.post)
+        amort = _amortised(train, post)
+        row: dict[str, Any] = {
+            "variant": name,
+            "median_ms": 1e3 * float(np.median(train)),
+            "iqr_ms": 1e3 * float(np.percentile(train, 75) - np.percentile(train, 25)),
+            "log_ms": 1e3 * float(np.median(vt.log)) if vt.log else float("nan"),
+            "amortised_ms": 1e3 * amort,
+            "ratio": amort / base_amort,
+            "ci_lo": float("nan"),
+            "ci_hi": float("nan"),
+            "paired": float("nan"),
+            "max_loss_diff": float("nan"),
+        }
+        if base_train is not None and base_post is not None and base is not None:
+            n = len(train)
+            b_idx = rng.integers(0, n, size=(boot, n))
+            v_idx = rng.integers(0, n, size=(boot, n))
+            num = np.median(train[v_idx], axis=1) + post[v_idx].mean(axis=1)
+            den = np.median(base_train[b_idx], axis=1) + base_post[b_idx].mean(axis=1)
+            row["ci_lo"], row["ci_hi"] = (float(x) for x in np.percentile(num / den, [2.5, 97.5]))
+            # Per-round ratios cancel slow drifts of the machine's load; the log cost is
+            # added amortised (it falls on one step in log_every).
+            row["paired"] = float(
+                np.median(train / base_train)
+                + (post.mean() - base_post.mean()) / float(np.median(base_train))
+            )
+            row["max_loss_diff"] = float(
+                np.max(np.abs(np.asarray(vt.losses) - np.asarray(base.losses)))
+            )
+        rows.append(row)
+    return rows
+
+
+def timing_table(mt: ModelTiming, rows: list[dict[str, Any]]) -> str:
+    """The markdown table of one model."""
+    lines = [
+        f"**{mt.spec.describe()}** — {mt.steps} measured rounds after {mt.warmup} warm-up, "
+        f"log (snapshot) every {mt.log_every} steps",
+        "",
+        "| variant | median step (ms) | IQR (ms) | log step cost (ms) | amortised step (ms) "
+        "| ratio vs none | 95% bootstrap | paired ratio | max loss diff | state bytes |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['log_ms']:.2f} "
+            f"| {r['amortised_ms']:.1f} | {r['ratio']:.3f}x | "
+            f"{r['ci_lo']:.3f}–{r['ci_hi']:.3f} | {r['paired']:.3f}x | "
+            f"{r['max_loss_diff']:.1e} | {mt.state_nbytes[r['variant']]:,} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- part 2: memory
+
+TINY_MEMORY_SPEC = ModelSpec(
+    "mixtral", hidden=32, intermediate=64, num_experts=8, top_k=2, layers=2, vocab=128,
+    batch=2, seq=32,
+)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run_memory(
+    variant: str,
+    steps: int = 10_000,
+    log_every: int = 100,
+    checkpoints: Sequence[int] = MEMORY_CHECKPOINTS,
+    spec: ModelSpec = TINY_MEMORY_SPEC,
+    seed: int = 0,
+) -> list[dict[str, int]]:
+    """``steps`` monitored no-grad forwards of a tiny model; a row at each checkpoint step.
+
+    Returns rows ``{"step", "state_bytes", "rss_bytes"}`` for the checkpoints <= steps
+    (and ``steps`` itself).
+    """
+    marks = sorted({c for c in checkpoints if c <= steps} | {steps})
+    model = build_model(spec, seed).eval()
+    ids, mask = make_batches(spec, 1, seed)[0]
+    var = VARIANT_CLASSES[variant](model, log_every)
+    rows = []
+    try:
+        with torch.no_grad():
+            for step in range(steps):
+                model(input_ids=ids, attention_mask=mask)
+                var.after_step(step)
+                if step + 1 in marks:
+                    rows.append(
+                        {"step": step + 1, "state_bytes": var.state_nbytes(), "rss_bytes": rss_bytes()}
+                    )
+    finally:
+        var.close()
+    return rows
+
+
+def run_memory_subprocess(
+    variant: str, steps: int, log_every: int, threads: int
+) -> list[dict[str, int]]:
+    """:func:`run_memory` in a fresh interpreter, so that RSS belongs to one variant only."""
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--memory-worker", variant,
+        "--memory-steps", str(steps), "--memory-log-every", str(log_every),
+        "--threads", str(threads),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_table(results: dict[str, list[dict[str, int]]], log_every: int) -> str:
+    """Markdown: state bytes and RSS (MiB) per variant at each checkpoint step."""
+    steps = sorted({r["step"] for rows in results.values() for r in rows})
+    head = "| variant | " + " | ".join(f"state @ {s:,}" for s in steps) + " | " + " | ".join(
+        f"RSS MiB @ {s:,}" for s in steps
+    ) + " |"
+    sep = "|---|" + "---:|" * (2 * len(steps))
+    lines = [
+        f"Tiny Mixtral ({TINY_MEMORY_SPEC.describe()}), no-grad forwards, log every "
+        f"{log_every} steps; state in bytes, each variant in its own process",
+        "",
+        head,
+        sep,
+    ]
+    for name, rows in results.items():
+        by = {r["step"]: r for r in rows}
+        state = " | ".join(f"{by[s]['state_bytes']:,}" if s in by else "" for s in steps)
+        rss = " | ".join(f"{by[s]['rss_bytes'] / 2**20:.1f}" if s in by else "" for s in steps)
+        lines.append(f"| {name} | {state} | {rss} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile_moescope(spec: ModelSpec, steps: int = 3, seed: int = 0, top: int = 15) -> str:
+    """Where the monitor's time goes: cProfile of monitored steps, then torch.profiler of
+    ``LayerAccumulator.update`` alone on records captured from the real model."""
+    from moescope.stats.accumulator import LayerAccumulator
+
+    model = build_model(spec, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask = make_batches(spec, 1, seed)[0]
+    mon = MoEMonitor(model, coactivation=True, history=1000, alert_rules=AlertRules())
+    train_step(model, opt, ids, mask)  # warm-up
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        train_step(model, opt, ids, mask)
+    mon.snapshot()
+    prof.disable()
+    out = io.StringIO()
+    st = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+    out.write(f"## cProfile, {steps} monitored steps + 1 snapshot ({spec.describe()})\n")
+    st.print_stats(r"moescope|train_step|backward|forward \(|step\)", top * 2)
+
+    # Capture one record per layer (the emit path), then time the update alone.
+    records = []
+    mon.detach()
+    rec_mon = MoEMonitor(model, coactivation=True, history=None, attach=False)
+    rec_mon._emit = records.append  # type: ignore[method-assign]
+    rec_mon.attach()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    rec_mon.detach()
+    acc = LayerAccumulator(spec.num_experts, spec.top_k, coactivation=True)
+    for rec in records:
+        acc.update(rec)
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for rec in records:
+            acc.update(rec)
+    per_update = (time.perf_counter() - t0) / (n * len(records))
+    out.write(
+        f"\nLayerAccumulator.update alone: {1e3 * per_update:.3f} ms per layer call "
+        f"(T={records[0].topk_index.shape[0]}, E={spec.num_experts}, K={spec.top_k}), "
+        f"{1e3 * per_update * len(records):.2f} ms per forward of {len(records)} layers\n"
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
+        for _ in range(n):
+            for rec in records:
+                acc.update(rec)
+    out.write("\n## torch.profiler, LayerAccumulator.update only (self CPU time)\n")
+    out.write(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _conditions(threads: int) -> str:
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
+        f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"torch.set_num_threads({threads}), load average (1/5/15 min) {load}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny batches and few steps: checks that the script runs")
+    p.add_argument("--steps", type=int, default=None, help="measured rounds (default 20)")
+    p.add_argument("--warmup", type=int, default=None, help="discarded rounds (default 2)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="snapshot every N training steps (default 10; 2 with --quick)")
+    p.add_argument("--models", default="mixtral,olmoe", help="comma list of: mixtral, olmoe")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
+    p.add_argument("--memory-steps", type=int, default=None,
+                   help="monitor updates of the memory test (default 10000; 0 = skip)")
+    p.add_argument("--memory-log-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="profile moescope on each model")
+    p.add_argument("--markdown-out", default=None, help="also write the tables to this file")
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 4 if args.quick else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.log_every is None:
+        args.log_every = 2 if args.quick else 10
+    if args.memory_steps is None:
+        args.memory_steps = 300 if args.quick else 10_000
+    return args
+
+
+def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print) -> str:
+    """Run the benchmark; returns (and emits) the markdown report."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        rows = run_memory(args.memory_worker, args.memory_steps, args.memory_log_every)
+        print(json.dumps(rows))
+        return ""
+    variants = available_variants([v for v in args.variants.split(",") if v])
+    parts = [f"Conditions: {_conditions(args.threads)}"]
+    emit(parts[0])
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in SPECS:
+            raise SystemExit(f"unknown model {m!r}; choose from {list(SPECS)}")
+        spec = SPECS[m]
+        if args.quick:
+            spec = ModelSpec(**{**spec.__dict__, "batch": 1, "seq": 32})
+        if args.steps > 0:
+            mt = time_model(spec, variants, args.steps, args.warmup, args.log_every, args.seed)
+            table = timing_table(mt, summarize(mt, seed=args.seed))
+            parts.append(table)
+            emit("\n" + table)
+        if args.profile:
+            report = profile_moescope(spec, seed=args.seed)
+            parts.append("```\n" + report + "\n```")
+            emit(report)
+    if args.memory_steps > 0:
+        results = {
+            v: run_memory_subprocess(v, args.memory_steps, args.memory_log_every, args.threads)
+            for v in variants
+        }
+        table = memory_table(results, args.memory_log_every)
+        parts.append(table)
+        emit("\n" + table)
+    text = "\n\n".join(parts) + "\n"
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

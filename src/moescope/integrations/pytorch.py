@@ -1,0 +1,199 @@
+"""Plain PyTorch training loops: :func:`create_moe_callback_for_pytorch` (seed-001 API).
+
+::
+
+    cb = create_moe_callback_for_pytorch(model, log_every_n_steps=100, logger=wandb)
+    for batch in loader:
+        cb.on_step_begin()
+        loss = model(**batch).loss      # any number of forwards (gradient accumulation)
+        loss.backward(); opt.step(); opt.zero_grad()
+        cb.on_step_end()                # ends the window every log_every_n_steps steps
+    cb.cleanup()                        # logs the last partial window, removes the hooks
+
+or ``with create_moe_callback_for_pytorch(model) as cb: ...`` (``cleanup`` on exit).
+Forwards in eval mode (``model.eval()``) or inside ``with cb.evaluation(): ...`` go to a
+separate window logged as ``moe/eval/...`` when the evaluation block exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moescope.integrations.core import AlertCallback, TrainingSession
+
+__all__ = ["MoEPyTorchCallback", "create_moe_callback_for_pytorch"]
+
+
+class MoEPyTorchCallback:
+    """Step-driven MoE monitoring for a hand-written training loop.
+
+    Attached to ``model`` on construction. ``on_step_end()`` counts one optimizer step
+    and, every ``log_every_n_steps`` steps, snapshots the window (all forwards in train
+    mode since the last one, every micro-batch included), logs it, checks the alerts.
+
+    Attributes:
+        session: the shared :class:`~moescope.integrations.core.TrainingSession`.
+        step: optimizer steps counted so far (``on_step_end`` calls, or the explicit
+            ``step=`` last passed).
+    """
+
+    def __init__(self, model: nn.Module, session: TrainingSession) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"create_moe_callback_for_pytorch needs the model (a torch.nn.Module), got "
+                f"{type(model).__name__}"
+            )
+        self.model = model
+        self.session = session
+        self.step = 0
+        self._in_step = False
+        self._closed = False
+        session.attach(model)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert fired with ``stop_on_alert=True``: break out of the loop."""
+        return self.session.should_stop
+
+    @property
+    def monitor(self) -> Any:
+        """The train-window :class:`~moescope.monitor.MoEMonitor` (``.history`` etc.)."""
+        return self.session.train_monitor
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """Flat metrics of the last train window logged."""
+        return self.session.last_metrics
+
+    @property
+    def last_eval_metrics(self) -> dict[str, float]:
+        return self.session.last_eval_metrics
+
+    # ------------------------------------------------------------------ seed API
+
+    def on_step_begin(self) -> None:
+        """Call before the step's forward passes."""
+        if self._closed:
+            raise RuntimeError(
+                "on_step_begin() after cleanup(): the MoE callback is detached; create a "
+                "new one with create_moe_callback_for_pytorch(model, ...)"
+            )
+        self._in_step = True
+
+    def on_step_end(self, step: int | None = None) -> dict[str, float] | None:
+        """Call after the optimizer step. Returns the metrics when this step ended a
+        window, else None.
+
+        Args:
+            step: the global step just finished (default: one more than the last).
+        """
+        if self._closed:
+            raise RuntimeError(
+                "on_step_end() after cleanup(): the MoE callback is detached; create a new "
+                "one with create_moe_callback_for_pytorch(model, ...)"
+            )
+        self._in_step = False
+        self.step = self.step + 1 if step is None else int(step)
+        if self.session.is_log_step(self.step):
+            return self.session.end_train_window(self.step)
+        return None
+
+    @contextmanager
+    def evaluation(self) -> Iterator[MoEPyTorchCallback]:
+        """Count every forward inside the block in the eval window (whatever
+        ``model.training``), and log it as ``moe/eval/...`` at the end of the block."""
+        self.session.force_window("eval")
+        try:
+            yield self
+        finally:
+            self.session.force_window(None)
+        self.session.end_eval_window(self.step)
+
+    def log_eval(self) -> dict[str, float]:
+        """End the eval window now (forwards made in eval mode) and log it."""
+        return self.session.end_eval_window(self.step)
+
+    def cleanup(self) -> None:
+        """Log the last partial train window (if steps are waiting), remove every hook,
+        close the sinks this callback opened. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.session.attached and self.session.has_unlogged_steps(self.step):
+                self.session.end_train_window(self.step)
+        finally:
+            self.session.close()
+
+    def __enter__(self) -> MoEPyTorchCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def create_moe_callback_for_pytorch(
+    model: nn.Module,
+    log_every_n_steps: int = 100,
+    logger: Any = None,
+    log_to_console: bool = True,
+    log_heatmap_every: int | None = 500,
+    alert_threshold_imbalance: float | None = 4.0,
+    unused_expert_threshold: float | None = 0.25,
+    entropy_threshold: float | None = 0.1,
+    save_detailed_logs: bool = False,
+    *,
+    log_dir: str | Path = "moe_logs",
+    on_alert: AlertCallback | None = None,
+    stop_on_alert: bool = False,
+    track_eval: bool = True,
+    per_layer: bool = True,
+    layer_metrics: list[str] | tuple[str, ...] | None = None,
+    alert_rules: Any = None,
+    monitor_kwargs: dict[str, Any] | None = None,
+) -> MoEPyTorchCallback:
+    """MoE monitoring for a plain PyTorch loop (``on_step_begin``/``on_step_end``/``cleanup``).
+
+    Args:
+        model: the MoE model (any ``nn.Module`` a moescope adapter recognises).
+        log_every_n_steps: ``on_step_end`` calls per window.
+        logger: wandb module/run, ``SummaryWriter``, mlflow module, object with
+            ``log(dict, step=...)``, ``Sink``, or a list of them.
+        log_to_console: per-layer table per window and the seeds' alert lines.
+        log_heatmap_every: steps between usage heatmaps (PNGs in ``<log_dir>/heatmaps``);
+            None/0 disables.
+        alert_threshold_imbalance, unused_expert_threshold, entropy_threshold: alert
+            thresholds (see :class:`~moescope.alerts.AlertRules`).
+        save_detailed_logs: JSON lines in ``<log_dir>/moe_detailed.jsonl``.
+        log_dir: folder for heatmaps and detailed logs (created on first write).
+        on_alert: called per Alert (may raise to stop; the hooks are removed first).
+        stop_on_alert: set :attr:`MoEPyTorchCallback.should_stop` when an alert fires.
+        track_eval, per_layer, layer_metrics, alert_rules, monitor_kwargs: see
+            :class:`~moescope.integrations.core.TrainingSession`.
+    """
+    session = TrainingSession(
+        log_every_n_steps=log_every_n_steps,
+        logger=logger,
+        log_to_console=log_to_console,
+        log_heatmap_every=log_heatmap_every,
+        alert_threshold_imbalance=alert_threshold_imbalance,
+        unused_expert_threshold=unused_expert_threshold,
+        entropy_threshold=entropy_threshold,
+        save_detailed_logs=save_detailed_logs,
+        log_dir=log_dir,
+        alert_rules=alert_rules,
+        on_alert=on_alert,
+        stop_on_alert=stop_on_alert,
+        track_eval=track_eval,
+        per_layer=per_layer,
+        layer_metrics=layer_metrics,
+        monitor_kwargs=monitor_kwargs,
+    )
+    return MoEPyTorchCallback(model, session)

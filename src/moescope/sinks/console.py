@@ -1,0 +1,240 @@
+"""Console sink: one compact per-layer table per log step, and the seeds' alert lines.
+
+Layout (plain text; with ``rich`` installed the same columns in a rich table)::
+
+    MoE step 1500 | 4 layers | 4,096 tokens | avg cv 0.412 | avg entropy 1.873 | unused 3/32 | worst max/mean 4.52 (0) | avg aux 1.043
+    layer (model.layers.*.mlp)  tokens    cv  max/mean  unused  entropy  top-1    aux
+    0                            4,096  0.51      4.52     3/8    1.791  0.412  1.102
+    ...
+    ⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)
+
+With many layers (60) only the ``max_layers`` most imbalanced ones are listed (in model
+order) plus one summary line for the rest, so a log step never floods the terminal; with
+many experts (128) nothing grows, since the table shows per-layer scalars only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TextIO
+
+from moescope.alerts import format_alert
+from moescope.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from moescope.alerts import Alert
+    from moescope.stats.snapshot import LayerStats, Snapshot
+
+__all__ = ["ConsoleSink", "format_model_line", "format_table", "shorten_layer_names"]
+
+COLUMNS: tuple[str, ...] = (
+    "tokens", "cv", "max/mean", "unused", "entropy", "top-1", "aux",
+)  # fmt: skip
+
+
+def _f(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}" if math.isfinite(x) else "-"
+
+
+def shorten_layer_names(names: Sequence[str]) -> tuple[list[str], str]:
+    """Strip the dotted prefix and suffix all layer names share.
+
+    ``["model.layers.0.mlp", "model.layers.1.mlp"]`` -> ``(["0", "1"], "model.layers.*.mlp")``.
+    With one name, or when stripping would leave an empty name, the names are kept whole
+    and the pattern is ``""``.
+    """
+    if len(names) < 2:
+        return list(names), ""
+    parts = [n.split(".") for n in names]
+    shortest = min(len(p) for p in parts)
+    pre = 0
+    while pre < shortest and len({p[pre] for p in parts}) == 1:
+        pre += 1
+    suf = 0
+    while suf < shortest - pre and len({p[len(p) - 1 - suf] for p in parts}) == 1:
+        suf += 1
+    short = [".".join(p[pre : len(p) - suf]) for p in parts]
+    if (pre == 0 and suf == 0) or any(not s for s in short):
+        return list(names), ""
+    pattern = ".".join([*parts[0][:pre], "*", *parts[0][len(parts[0]) - suf :]])
+    return short, pattern
+
+
+def _row(s: LayerStats) -> list[str]:
+    unused = (
+        f"{int(s.unused_experts)}/{s.num_experts}"
+        if math.isfinite(s.unused_experts)
+        else f"-/{s.num_experts}"
+    )
+    return [
+        f"{s.num_tokens:,}",
+        _f(s.cv, 3),
+        _f(s.max_over_mean, 2),
+        unused,
+        _f(s.routing_entropy, 3),
+        _f(s.top1_prob, 3),
+        _f(s.aux_loss, 3),
+    ]
+
+
+def _select(snapshot: Snapshot, max_layers: int) -> tuple[list[str], list[str]]:
+    """(names shown in model order, names hidden): the most imbalanced layers first."""
+    names = list(snapshot.layers)
+    if len(names) <= max_layers:
+        return names, []
+
+    def badness(n: str) -> float:
+        v = snapshot.layers[n].max_over_mean
+        return v if math.isfinite(v) else -math.inf
+
+    keep = set(sorted(names, key=badness, reverse=True)[:max_layers])
+    return [n for n in names if n in keep], [n for n in names if n not in keep]
+
+
+def format_model_line(snapshot: Snapshot, step: int | None = None) -> str:
+    """One line of model-level aggregates (step, layers, tokens, averages, unused)."""
+    step = snapshot.step if step is None else step
+    names = list(snapshot.layers)
+    worst = ""
+    finite = [n for n in names if math.isfinite(snapshot.layers[n].max_over_mean)]
+    if finite:
+        w = max(finite, key=lambda n: snapshot.layers[n].max_over_mean)
+        worst = f" ({w})"
+    return (
+        f"MoE step {step if step is not None else '?'} | {len(names)} layers | "
+        f"{snapshot.total_tokens:,} tokens | avg cv {_f(snapshot.avg_expert_cv, 3)} | "
+        f"avg entropy {_f(snapshot.avg_routing_entropy, 3)} | "
+        f"unused {snapshot.total_unused_experts}/{snapshot.total_experts} | "
+        f"worst max/mean {_f(snapshot.max_max_over_mean, 2)}{worst} | "
+        f"avg aux {_f(snapshot.avg_aux_loss, 3)}"
+    )
+
+
+def _table_parts(
+    snapshot: Snapshot, max_layers: int
+) -> tuple[str, list[list[str]], list[str], str]:
+    """(layer column header, rows incl. short name, full names shown, footer or "")."""
+    shown, hidden = _select(snapshot, max_layers)
+    short_all, pattern = shorten_layer_names(list(snapshot.layers))
+    short = dict(zip(snapshot.layers, short_all, strict=True))
+    header = f"layer ({pattern})" if pattern else "layer"
+    rows = [[short[n], *_row(snapshot.layers[n])] for n in shown]
+    footer = ""
+    if hidden:
+        ratios = [snapshot.layers[n].max_over_mean for n in hidden]
+        ratios = [r for r in ratios if math.isfinite(r)]
+        worst = f", max/mean <= {max(ratios):.2f}" if ratios else ""
+        footer = f"... {len(hidden)} more layers not shown{worst}"
+    return header, rows, shown, footer
+
+
+def format_table(snapshot: Snapshot, max_layers: int = 16) -> str:
+    """The per-layer table as plain text (right-aligned numbers, one row per layer)."""
+    header, rows, _, footer = _table_parts(snapshot, max_layers)
+    head = [header, *COLUMNS]
+    widths = [max(len(head[j]), *(len(r[j]) for r in rows)) if rows else len(head[j])
+              for j in range(len(head))]
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    out = [line(head), *(line(r) for r in rows)]
+    if footer:
+        out.append(footer)
+    return "\n".join(out)
+
+
+class ConsoleSink(Sink):
+    """Prints a compact per-layer table per snapshot and the alert lines.
+
+    Args:
+        rich: use ``rich`` tables when the package is installed (extra ``console``);
+            plain text otherwise or when False.
+        stream: where to write; None = ``sys.stdout`` at each call (so redirection and
+            pytest's capture work).
+        max_layers: at most this many table rows; the most imbalanced layers are kept
+            and the rest summarised in one line.
+        highlight_ratio: with rich, max/mean values above it are shown in red.
+        width: console width for rich (None: the terminal's, 120 when not a terminal).
+
+    ``log_metrics`` prints nothing (the table comes from ``log_snapshot``, which carries
+    the same numbers); alerts are printed exactly as :func:`moescope.alerts.format_alert`,
+    e.g. ``⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)``.
+    """
+
+    def __init__(
+        self,
+        rich: bool = True,
+        stream: TextIO | None = None,
+        max_layers: int = 16,
+        highlight_ratio: float = 4.0,
+        width: int | None = None,
+    ) -> None:
+        if max_layers < 1:
+            raise ValueError(f"max_layers must be >= 1, got {max_layers}.")
+        self.stream = stream
+        self.max_layers = int(max_layers)
+        self.highlight_ratio = highlight_ratio
+        self.width = width
+        # find_spec, not import: the parameter is named like the package.
+        self.use_rich = bool(rich) and importlib.util.find_spec("rich") is not None
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stdout
+
+    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
+        out = self._out()
+        if not self.use_rich:
+            out.write(format_model_line(snapshot, step) + "\n")
+            out.write(format_table(snapshot, self.max_layers) + "\n")
+            out.flush()
+            return
+        self._rich_table(snapshot, step, out)
+
+    def _rich_table(self, snapshot: Snapshot, step: int, out: TextIO) -> None:
+        from rich import box
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        width = self.width
+        if width is None and not (hasattr(out, "isatty") and out.isatty()):
+            width = 120
+        console = Console(file=out, width=width, highlight=False, soft_wrap=False,
+                          emoji=False)
+        header, rows, shown, footer = _table_parts(snapshot, self.max_layers)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                      caption=escape(footer) if footer else None, caption_justify="left")
+        table.add_column(escape(header), no_wrap=True)
+        for c in COLUMNS:
+            table.add_column(c, justify="right", no_wrap=True)
+        for name, raw in zip(shown, rows, strict=True):
+            cells = [escape(c) for c in raw]
+            ratio = snapshot.layers[name].max_over_mean
+            bad = math.isfinite(ratio) and ratio > self.highlight_ratio
+            if bad:
+                cells = [*cells[:3], f"[bold red]{cells[3]}[/]", *cells[4:]]
+            table.add_row(*cells)
+        # The model line is printed on its own (a table title would wrap at table width).
+        console.print(escape(format_model_line(snapshot, step)), soft_wrap=True)
+        console.print(table)
+        out.flush()
+
+    def log_alerts(self, alerts: list[Alert], step: int) -> None:
+        if not alerts:
+            return
+        out = self._out()
+        # Written as plain text even with rich: the line format is a contract (grep-able).
+        for a in alerts:
+            out.write(format_alert(a) + "\n")
+        out.flush()
+
+    def flush(self) -> None:
+        self._out().flush()
+
+    def __repr__(self) -> str:
+        return f"ConsoleSink(rich={self.use_rich}, max_layers={self.max_layers})"

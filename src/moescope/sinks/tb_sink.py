@@ -1,0 +1,158 @@
+"""TensorBoard sink: scalars, per-layer usage histograms, heatmap images, alert text.
+
+Written with ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` extra)
+when given a log dir, or with the user's own writer (torch's or tensorboardX's), which is
+then flushed but never closed.
+
+Tags per log step (``<layer>`` = module path):
+
+- every key of ``log_metrics`` as a scalar (``moe/avg_expert_cv``, ``moe/<layer>/cv``...);
+- ``moe/<layer>/expert_load``: histogram of expert ids weighted by their assignments, one
+  bucket per expert (the "which expert" distribution; TensorBoard's distribution view
+  then shows its drift over steps);
+- ``moe/<layer>/usage_fraction``: histogram of the E usage fractions (the "how uneven"
+  distribution: a narrow peak at 1/E is balanced);
+- every ``log_images`` key as an RGB image;
+- ``moe/alerts``: the alert lines as text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moescope._optional import MissingExtraError, require
+from moescope.alerts import format_alert
+from moescope.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from moescope.alerts import Alert
+    from moescope.stats.snapshot import Snapshot
+
+__all__ = ["TensorBoardSink", "read_png_rgb"]
+
+
+def read_png_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a PNG into ``[H, W, 3]`` uint8 RGB (alpha composited over white).
+
+    Uses matplotlib (extra ``plots``) or Pillow, whichever is installed.
+    """
+    try:
+        from matplotlib.image import imread
+
+        img = np.asarray(imread(os.fspath(path)))
+    except ImportError:
+        try:
+            from PIL import Image
+        except ImportError as err:
+            raise MissingExtraError(
+                "decoding PNG images needs matplotlib or Pillow. "
+                "Install it with: pip install 'moescope[plots]'"
+            ) from err
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGBA"))
+    if img.dtype != np.uint8:  # matplotlib gives float32 in [0, 1] for PNGs
+        img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float64) / 255.0
+        rgb = img[:, :, :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
+        img = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+class TensorBoardSink(Sink):
+    """Logs to TensorBoard event files.
+
+    Args:
+        log_dir: folder for a new ``SummaryWriter`` (owned: closed by :meth:`close`).
+        writer: an existing ``SummaryWriter`` (torch or tensorboardX) to use instead;
+            give exactly one of ``log_dir`` and ``writer``.
+        histograms: write the per-layer histograms from ``log_snapshot``.
+        max_queue, flush_secs: passed to a writer created here.
+
+    Raises:
+        MissingExtraError: the ``tensorboard`` package is missing (extra ``tensorboard``).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] | None = None,
+        writer: Any | None = None,
+        histograms: bool = True,
+        max_queue: int = 100,
+        flush_secs: int = 30,
+    ) -> None:
+        if (log_dir is None) == (writer is None):
+            raise ValueError(
+                "TensorBoardSink needs exactly one of log_dir= (a folder for a new "
+                "SummaryWriter) or writer= (your SummaryWriter)."
+            )
+        if writer is None:
+            require("tensorboard", "tensorboard")
+            tb = require("torch.utils.tensorboard", "tensorboard")
+            writer = tb.SummaryWriter(log_dir=os.fspath(log_dir), max_queue=max_queue,
+                                      flush_secs=flush_secs)
+            self._owned = True
+        else:
+            self._owned = False
+        self.writer = writer
+        self.histograms = histograms
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, float(v), global_step=step)
+
+    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
+        if not self.histograms:
+            return
+        for name, s in snapshot.layers.items():
+            counts = np.asarray(s.usage_counts, dtype=np.float64)
+            total = float(counts.sum())
+            if total <= 0:
+                continue  # no token in the window: an empty histogram is an error in TB
+            ids = np.arange(counts.shape[0], dtype=np.float64)
+            nz = np.nonzero(counts)[0]
+            self.writer.add_histogram_raw(
+                f"moe/{name}/expert_load",
+                min=float(nz.min()),
+                max=float(nz.max()),
+                num=total,
+                sum=float((ids * counts).sum()),
+                sum_squares=float((ids * ids * counts).sum()),
+                bucket_limits=(ids + 0.5).tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=step,
+            )
+            self.writer.add_histogram(
+                f"moe/{name}/usage_fraction",
+                np.asarray(s.usage_fraction, dtype=np.float64),
+                global_step=step,
+            )
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        for key, path in images.items():
+            self.writer.add_image(key, read_png_rgb(path), global_step=step,
+                                  dataformats="HWC")
+
+    def log_alerts(self, alerts: list[Alert], step: int) -> None:
+        if alerts:
+            # Two trailing spaces: a Markdown line break in TensorBoard's text view.
+            text = "  \n".join(format_alert(a) for a in alerts)
+            self.writer.add_text("moe/alerts", text, global_step=step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+    def __repr__(self) -> str:
+        return f"TensorBoardSink(writer={type(self.writer).__name__}, owned={self._owned})"

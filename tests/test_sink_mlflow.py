@@ -1,0 +1,144 @@
+"""MLflowSink against a local SQLite tracking store, read back with MlflowClient.
+
+MLflow 3.x refuses the plain file store (``file://...``) unless
+``MLFLOW_ALLOW_FILE_STORE=true``; ``sqlite:///`` is the supported local store (the schema
+migration costs a few seconds, so one database serves the whole module). Artifacts go to
+a folder under the test's tmp dir, never to ``./mlruns``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("matplotlib")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from moescope.alerts import AlertRules, format_alert  # noqa: E402
+from moescope.capture.record import RoutingRecord  # noqa: E402
+from moescope.report.plots import save_png, usage_heatmap  # noqa: E402
+from moescope.sinks import MLflowSink, resolve_loggers  # noqa: E402
+from moescope.sinks.mlflow_sink import mlflow_key  # noqa: E402
+from moescope.stats import (  # noqa: E402
+    LayerAccumulator,
+    Snapshot,
+    layer_stats_from_state,
+    states_to_numpy,
+)
+
+
+def _layer(seed: int, e: int, k: int, t: int = 96, skew: float = 0.0, empty: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, e, generator=gen) - skew * torch.arange(e) / e
+    idx = torch.topk(logits, k, -1).indices
+    mask = torch.zeros(t, dtype=torch.bool) if empty else None
+    acc = LayerAccumulator(e, k, coactivation=False)
+    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits,
+                             token_mask=mask))
+    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
+
+
+def _snapshot(step: int) -> Snapshot:
+    return Snapshot(step=step, layers={
+        "model.layers.0.mlp": _layer(step, 8, 2, skew=6.0),
+        "model.layers.1.mlp": _layer(step + 1, 16, 4),
+        "model.layers.2.mlp": _layer(step + 2, 8, 2, empty=True),
+    })
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(tracking URI, experiment id) of a fresh SQLite store; restores the old URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    old = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("moescope-test", artifact_location=(root / "art").as_uri())
+    yield uri, exp
+    mlflow.set_tracking_uri(old)
+
+
+def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _assert_metrics(client: Any, run_id: str, snaps: list[Snapshot]) -> None:
+    for snap in snaps:
+        for key, val in snap.to_dict().items():
+            got = _history(client, run_id, key)[snap.step]
+            if math.isnan(val):
+                assert math.isnan(got), key
+            else:
+                assert got == pytest.approx(val, rel=1e-12), key
+
+
+def test_mlflow_fluent_run_round_trip(store: tuple[str, str], tmp_path: Path) -> None:
+    uri, exp = store
+    snaps = [_snapshot(10), _snapshot(20)]
+    rules = AlertRules()
+    with mlflow.start_run(experiment_id=exp) as run:
+        (sink,) = resolve_loggers(mlflow)
+        assert isinstance(sink, MLflowSink)
+        sink.snapshots = True
+        alerts = {}
+        for snap in snaps:
+            step = snap.step
+            sink.log_metrics(snap.to_dict(), step)
+            sink.log_snapshot(snap, step)
+            png = save_png(usage_heatmap(snap), tmp_path / f"heat_{step}.png")
+            sink.log_images({"moe/model.layers.0.mlp/usage_heatmap": png}, step)
+            alerts[step] = rules.check(snap)
+            sink.log_alerts(alerts[step], step)
+    client = MlflowClient(tracking_uri=uri)
+    rid = run.info.run_id
+    _assert_metrics(client, rid, snaps)
+    assert sorted(_history(client, rid, "moe/avg_expert_cv")) == [10, 20]
+    # Heatmaps: one PNG per step, byte-identical to the file logged.
+    listed = [a.path for a in client.list_artifacts(rid, "moe/model.layers.0.mlp/usage_heatmap")]
+    assert listed == ["moe/model.layers.0.mlp/usage_heatmap/step_00000010.png",
+                      "moe/model.layers.0.mlp/usage_heatmap/step_00000020.png"]
+    for snap, path in zip(snaps, listed, strict=True):
+        local = client.download_artifacts(rid, path, str(tmp_path / "dl"))
+        assert Path(local).read_bytes() == (tmp_path / f"heat_{snap.step}.png").read_bytes()
+    # Alerts and snapshots as text artifacts.
+    assert any(alerts.values())
+    for snap in snaps:
+        if alerts[snap.step]:
+            text = mlflow.artifacts.load_text(
+                f"{run.info.artifact_uri}/moe/alerts/step_{snap.step:08d}.txt")
+            assert text.splitlines() == [format_alert(a) for a in alerts[snap.step]]
+        js = mlflow.artifacts.load_text(
+            f"{run.info.artifact_uri}/moe/snapshots/step_{snap.step:08d}.json")
+        back = Snapshot.from_json(js)
+        for name, s in snap.layers.items():
+            np.testing.assert_array_equal(back.layers[name].usage_counts, s.usage_counts)
+
+
+def test_mlflow_client_run_id_and_large_batches(store: tuple[str, str]) -> None:
+    uri, exp = store
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(exp)
+    rid = run.info.run_id
+    sink = MLflowSink(run_id=rid, tracking_uri=uri)
+    snap = _snapshot(5)
+    sink.log_metrics(snap.to_dict(), 5)
+    # More than MLflow's 1000-metrics-per-batch limit in one call.
+    many = {f"moe/model.layers.{i}.mlp/cv": i / 7 for i in range(1205)}
+    sink.log_metrics(many, 6)
+    client.set_terminated(rid)
+    _assert_metrics(client, rid, [snap])
+    assert _history(client, rid, "moe/model.layers.1204.mlp/cv")[6] == pytest.approx(1204 / 7)
+    assert _history(client, rid, "moe/model.layers.0.mlp/cv")[6] == 0.0
+
+
+def test_mlflow_key_sanitising() -> None:
+    assert mlflow_key("moe/model.layers.0.mlp/cv") == "moe/model.layers.0.mlp/cv"
+    assert mlflow_key("moe/h.blocks[3]/cv") == "moe/h.blocks_3_/cv"
