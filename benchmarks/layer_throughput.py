@@ -162,16 +162,28 @@ def run_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small config for a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="T=1024, 1 warm-up, 3 reps (same E x K grid)"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None, help="T (default 4096; 1024 quick)")
+    parser.add_argument("--reps", type=int, default=None, help="timed reps (default 5; 3 quick)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps (default 2; 1 quick)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--grid", default="8x2,8x8,64x2,64x8", help="comma-separated ExK configs (default all four)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     hidden, inter = 512, 1024
-    if args.quick:
-        tokens, grid, warmup, reps = 512, [(8, 2), (64, 2)], 1, args.reps or 3
-    else:
-        tokens, grid, warmup, reps = 4096, [(8, 2), (8, 8), (64, 2), (64, 8)], 2, args.reps or 5
+    tokens = args.tokens or (1024 if args.quick else 4096)
+    warmup = args.warmup or (1 if args.quick else 2)
+    reps = args.reps or (3 if args.quick else 5)
+    grid = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
         f"T={tokens}, H={hidden}, I={inter}, warmup {warmup}, reps {reps} (median)\n"

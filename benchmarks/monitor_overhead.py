@@ -207,22 +207,35 @@ class Variant:
 
 class MoescopeVariant(Variant):
     name = "moescope"
+    history = 1000  # MoEMonitor's default: rows kept per layer
 
     def __init__(self, model: nn.Module, log_every: int) -> None:
         super().__init__(model, log_every)
-        self.monitor = MoEMonitor(model, coactivation=True, history=1000, alert_rules=AlertRules())
+        self.monitor = MoEMonitor(
+            model, coactivation=True, history=self.history, alert_rules=AlertRules()
+        )
         self.last: dict[str, float] = {}
 
     def after_step(self, step: int) -> None:
         if self.is_log_step(step):
             self.last = self.monitor.snapshot(step=step + 1).to_dict()
 
-    def state_nbytes(self) -> int:
+    def accumulator_nbytes(self) -> int:
         accs = self.monitor._accs.values()  # the accumulators' own tensors (no public list)
-        return sum(acc.state_nbytes() for acc in accs) + _history_nbytes(self.monitor)
+        return sum(acc.state_nbytes() for acc in accs)
+
+    def state_nbytes(self) -> int:
+        return self.accumulator_nbytes() + _history_nbytes(self.monitor)
 
     def close(self) -> None:
         self.monitor.detach()
+
+
+class MoescopeSmallHistoryVariant(MoescopeVariant):
+    """moescope with ``history=50``: shows the history's decimation cap within 10k steps."""
+
+    name = "moescope_h50"
+    history = 50
 
 
 class MoewatchVariant(Variant):
@@ -290,7 +303,10 @@ VARIANT_CLASSES: dict[str, type[Variant]] = {
     "moescope": MoescopeVariant,
     "moewatch": MoewatchVariant,
     "naive": NaiveVariant,
+    "moescope_h50": MoescopeSmallHistoryVariant,
 }
+#: Variants of the memory test (the small-history one shows the cap on the history).
+MEMORY_VARIANTS: tuple[str, ...] = ("none", "moescope", "moescope_h50", "moewatch", "naive")
 
 
 def available_variants(names: Sequence[str]) -> list[str]:
@@ -481,8 +497,9 @@ def run_memory(
 ) -> list[dict[str, int]]:
     """``steps`` monitored no-grad forwards of a tiny model; a row at each checkpoint step.
 
-    Returns rows ``{"step", "state_bytes", "rss_bytes"}`` for the checkpoints <= steps
-    (and ``steps`` itself).
+    Returns rows ``{"step", "state_bytes", "rss_bytes", "accumulator_bytes"}`` for the
+    checkpoints <= steps (and ``steps`` itself); ``accumulator_bytes`` is the moescope
+    accumulators' part of ``state_bytes`` (-1 for the other variants).
     """
     marks = sorted({c for c in checkpoints if c <= steps} | {steps})
     model = build_model(spec, seed).eval()
@@ -495,8 +512,14 @@ def run_memory(
                 model(input_ids=ids, attention_mask=mask)
                 var.after_step(step)
                 if step + 1 in marks:
+                    acc = var.accumulator_nbytes() if isinstance(var, MoescopeVariant) else None
                     rows.append(
-                        {"step": step + 1, "state_bytes": var.state_nbytes(), "rss_bytes": rss_bytes()}
+                        {
+                            "step": step + 1,
+                            "state_bytes": var.state_nbytes(),
+                            "rss_bytes": rss_bytes(),
+                            "accumulator_bytes": acc if acc is not None else -1,
+                        }
                     )
     finally:
         var.close()
@@ -508,11 +531,12 @@ def run_memory_subprocess(
 ) -> list[dict[str, int]]:
     """:func:`run_memory` in a fresh interpreter, so that RSS belongs to one variant only."""
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--memory-worker", variant,
+        sys.executable, os.path.abspath(__file__), "--memory-worker", variant, "--models", "",
         "--memory-steps", str(steps), "--memory-log-every", str(log_every),
         "--threads", str(threads),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker {variant} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -537,6 +561,9 @@ def memory_table(results: dict[str, list[dict[str, int]]], log_every: int) -> st
         state = " | ".join(f"{by[s]['state_bytes']:,}" if s in by else "" for s in steps)
         rss = " | ".join(f"{by[s]['rss_bytes'] / 2**20:.1f}" if s in by else "" for s in steps)
         lines.append(f"| {name} | {state} | {rss} |")
+        if all(by[s].get("accumulator_bytes", -1) >= 0 for s in steps if s in by):
+            acc = " | ".join(f"{by[s]['accumulator_bytes']:,}" if s in by else "" for s in steps)
+            lines.append(f"| {name}: accumulators only | {acc} |{' |' * len(steps)}")
     return "\n".join(lines)
 
 
@@ -621,6 +648,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=None,
                    help="monitor updates of the memory test (default 10000; 0 = skip)")
     p.add_argument("--memory-log-every", type=int, default=100)
+    p.add_argument("--memory-threads", type=int, default=1,
+                   help="torch threads of the memory workers (tiny forwards: 1 is fastest)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile moescope on each model")
@@ -666,9 +695,15 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
             parts.append("```\n" + report + "\n```")
             emit(report)
     if args.memory_steps > 0:
+        mem_variants = [
+            v for v in MEMORY_VARIANTS
+            if v in variants or (v == "moescope_h50" and "moescope" in variants)
+        ]
         results = {
-            v: run_memory_subprocess(v, args.memory_steps, args.memory_log_every, args.threads)
-            for v in variants
+            v: run_memory_subprocess(
+                v, args.memory_steps, args.memory_log_every, args.memory_threads
+            )
+            for v in mem_variants
         }
         table = memory_table(results, args.memory_log_every)
         parts.append(table)

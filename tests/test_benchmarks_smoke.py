@@ -121,6 +121,8 @@ def test_memory_accounting_over_steps() -> None:
     sc = [r["state_bytes"] for r in mem["moescope"]]
     # 1, 2 and 4 snapshots: accumulators constant, one history row per layer per snapshot.
     assert sc == [layers * (_bytes_per_layer(e) + n * _history_row_bytes(e)) for n in (1, 2, 4)]
+    assert [r["accumulator_bytes"] for r in mem["moescope"]] == [layers * _bytes_per_layer(e)] * 3
+    assert [r["accumulator_bytes"] for r in mem["naive"]] == [-1] * 3
     assert [r["state_bytes"] for r in mem["none"]] == [0, 0, 0]
     naive = [r["state_bytes"] for r in mem["naive"]]
     # The seeds' lists grow linearly: every call adds the same row size.
@@ -139,6 +141,11 @@ def test_memory_table_and_main_quick(tmp_path: object) -> None:
         {"moescope": [{"step": 100, "state_bytes": 10, "rss_bytes": 2**20}]}, 100
     )
     assert "| moescope | 10 | 1.0 |" in table
+    table = mo.memory_table(
+        {"moescope": [{"step": 100, "state_bytes": 10, "rss_bytes": 2**20, "accumulator_bytes": 7}]},
+        100,
+    )
+    assert "| moescope: accumulators only | 7 | |" in table
     out = os.path.join(str(tmp_path), "out.md")
     text = mo.main(
         ["--quick", "--models", "mixtral", "--variants", "none,moescope", "--steps", "1",

@@ -201,11 +201,13 @@ def test_context_manager_heatmaps_and_detailed_logs(tmp_path) -> None:
             assert Path(p).parent == tmp_path / "heatmaps"
 
     lines = (tmp_path / "moe_detailed.jsonl").read_text().splitlines()
-    snaps = [json.loads(x) for x in lines]
-    assert [r["step"] for r in snaps if r["kind"] == "snapshot"] == [2, 4, 6, 8]
+    records = [json.loads(x) for x in lines]  # every line strict JSON
+    snaps = [r for r in records if r["kind"] == "snapshot"]
+    assert [r["step"] for r in snaps] == [2, 4, 6, 8]
     for r in snaps:
         for st in r["snapshot"]["layers"].values():
             assert sum(st["usage_counts"]) == st["num_tokens"] * K
+    assert [r["step"] for r in records if r["kind"] == "images"] == [4, 8]
 
 
 def test_alerts_stop_flag_on_alert_raise_and_errors(tmp_path, capsys) -> None:
@@ -314,3 +316,24 @@ def test_two_ranks_reduce_counts_and_only_rank0_logs(tmp_path) -> None:
     m = r0["rows"][0][1]
     for i in range(LAYERS):
         assert m[f"moe/model.layers.{i}.mlp/num_tokens"] * K == total[i].sum()
+
+
+def test_summary_writer_as_logger(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = _model(4)
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    gen = torch.Generator().manual_seed(4)
+    with create_moe_callback_for_pytorch(model, log_every_n_steps=2, logger=writer,
+                                         log_to_console=False, log_heatmap_every=None) as cb:
+        _train_steps(model, cb, 4, gen)
+        logged = [dict(cb.last_metrics)]
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    events = acc.Scalars("moe/avg_expert_cv")
+    assert [e.step for e in events] == [2, 4]
+    assert events[-1].value == pytest.approx(logged[0]["moe/avg_expert_cv"], rel=1e-6)
+    assert "moe/model.layers.0.mlp/routing_entropy" in acc.Tags()["scalars"]

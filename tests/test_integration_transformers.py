@@ -303,6 +303,26 @@ def test_gradient_checkpointing_and_predict_mid_training(tmp_path) -> None:
     assert predicted["moe/test/model.layers.0.mlp/num_tokens"] == int(test_set.mask.sum())
 
 
+def test_early_stop_logs_the_tail_window(tmp_path) -> None:
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    model = _tiny_moe()
+    cb = create_moe_callback_for_transformers(log_every_n_steps=2, log_to_console=False,
+                                              log_heatmap_every=None)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=10, eval_strategy="no"),
+                      train_dataset=_Rows(40, model.config.vocab_size, seed=1, pad=False),
+                      callbacks=[cb, StopAt3()])
+    trainer.train()
+    rows = [h for h in trainer.state.log_history if "moe/avg_expert_cv" in h]
+    assert [h["step"] for h in rows] == [2, 3]
+    assert rows[1]["moe/model.layers.1.mlp/num_tokens"] == 1 * GA * TRAIN_BS * SEQ
+
+
 def test_none_follows_the_trainers_logging_steps(tmp_path) -> None:
     model = _tiny_moe()
     cb = create_moe_callback_for_transformers(log_every_n_steps=None, log_to_console=False,

@@ -94,9 +94,7 @@ def _expert_count_hooks(model: torch.nn.Module) -> tuple[dict[str, np.ndarray], 
 
 
 def _hook_count(model: torch.nn.Module) -> int:
-    return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 def _port_is_free(port: int) -> bool:
@@ -170,14 +168,18 @@ def test_scrape_while_generate_runs_in_another_thread(mixtral: torch.nn.Module) 
             if done.is_set():
                 break
             time.sleep(0.25)
-            samples, families = _scrape(exporter.url)
-            scrapes.append(samples)
+            scrapes.append(_scrape(exporter.url)[0])
         worker.join(timeout=30)
         assert not worker.is_alive()
         assert not errors, errors
+        during = len(scrapes)  # scraped while generate() ran
         exporter.refresh()  # close the last window
-        final, families = _scrape(exporter.url)
+        last_http, families = _scrape(exporter.url)
+        scrapes.append(last_http)
         port = exporter.port
+    # Read after stop(): no timer refresh can be half-way between the monitor's snapshot
+    # and the exporter's counters (a scrape may see that, it only lags by one window).
+    final, _ = _parse(generate_latest(exporter.registry).decode())
 
     # stop() freed the port, removed the forward-lock hooks and the server answers no more.
     assert not exporter.running
@@ -189,7 +191,7 @@ def test_scrape_while_generate_runs_in_another_thread(mixtral: torch.nn.Module) 
     mon.detach()
 
     assert n_generates[0] >= 3
-    assert len(scrapes) >= 3
+    assert len(scrapes) >= 4
 
     # Every family, with the right type and labels, for every MoE layer (and expert).
     for name, labels in EXPECTED_FAMILIES.items():
@@ -224,17 +226,18 @@ def test_scrape_while_generate_runs_in_another_thread(mixtral: torch.nn.Module) 
 
     # Counters never go down; values change between scrapes while generation runs.
     series = [*scrapes, final]
+    assert len(series) >= 5
     for layer in layers:
         toks = [_get(s, "moescope_tokens_total", layer=layer) for s in series]
         assert all(b >= a for a, b in itertools.pairwise(toks))
-        assert len(set(toks[:-1])) >= 2, toks
+        assert len(set(toks[:during])) >= 2, toks
     stamps = [_get(s, "moescope_snapshot_timestamp_seconds") for s in series]
     assert all(b >= a for a, b in itertools.pairwise(stamps))
     assert len(set(stamps)) >= 2
     fractions_seen = {
         tuple(_get(s, "moescope_expert_load_fraction", layer=layers[0], expert=str(e))
               for e in range(EXPERTS))
-        for s in series
+        for s in series[:during]
     }  # fmt: skip
     assert len(fractions_seen) >= 2
 
@@ -255,7 +258,9 @@ def test_scrape_while_generate_runs_in_another_thread(mixtral: torch.nn.Module) 
         last = nonempty[-1]
         c = last.usage_counts.astype(np.float64)
         bal = c.mean() / c.max()
-        assert _get(final, "moescope_layer_balancedness", layer=layer) == pytest.approx(bal, rel=1e-12)
+        assert _get(final, "moescope_layer_balancedness", layer=layer) == pytest.approx(
+            bal, rel=1e-12
+        )
         assert 1 / EXPERTS <= bal <= 1
         np.testing.assert_allclose(
             [_get(final, "moescope_expert_load_fraction", layer=layer, expert=str(e))

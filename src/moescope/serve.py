@@ -18,9 +18,10 @@ own, so the exporter brings one: while started it installs a forward pre-hook / 
 monitored model and on every MoE block that holds a re-entrant lock for the whole call,
 and every refresh takes ``monitor.snapshot`` under the same lock. A snapshot therefore
 sees only whole forwards, and waits for at most one forward (one decoding step under
-``generate()``). Forwards that bypass both the top-level model and the MoE blocks cannot
-exist (records are emitted inside the blocks), so no layer call escapes the lock.
-``lock_forwards=False`` turns the hooks off (then the race above is possible).
+``generate()``). Adapters emit records from hooks that run inside a block's forward, so a
+direct call of a sub-module (a block, or the inner ``model.model``) is covered by the
+block's hooks too. ``lock_forwards=False`` turns the hooks off (then the race above is
+possible: tests/test_serve_prometheus.py holds a snapshot open and shows a forward wait).
 
 While an exporter runs it owns the monitor's windows: another ``snapshot(reset=True)``
 elsewhere would steal the counts of a window from the exporter's counters. Share the
@@ -380,8 +381,9 @@ class PrometheusExporter:
             except Exception:
                 # A scrape endpoint must outlive one bad window; the error is counted
                 # in moescope_refresh_errors_total and logged with its traceback.
-                self._errors += 1
-                self._families = self._build_families()
+                with self._refresh_lock:
+                    self._errors += 1
+                    self._families = self._build_families()
                 _log.exception("moescope: PrometheusExporter refresh failed")
 
     # ------------------------------------------------------------------ refresh
@@ -490,7 +492,9 @@ class PrometheusExporter:
             labels=lay,
         )
         win = GaugeMetricFamily(
-            _P + "layer_window_tokens", "Valid tokens the layer routed in the last window.", labels=lay
+            _P + "layer_window_tokens",
+            "Valid tokens the layer routed in the last window.",
+            labels=lay,
         )
         tokens = CounterMetricFamily(_P + "tokens", "Valid tokens the layer routed.", labels=lay)
         calls = CounterMetricFamily(

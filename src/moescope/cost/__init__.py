@@ -13,6 +13,12 @@ from moescope.cost.flops import (
     flops_per_token,
     mean_attended_keys,
 )
+from moescope.cost.measured import (
+    MeasuredCost,
+    MeasuredLayerCost,
+    measured_cost,
+    measured_cost_from_reports,
+)
 from moescope.cost.params import (
     BREAKDOWN_KEYS,
     EMBEDDING_CONVENTIONS,
@@ -31,6 +37,8 @@ __all__ = [
     "AttentionLayerSpec",
     "CostConfigError",
     "FlopReport",
+    "MeasuredCost",
+    "MeasuredLayerCost",
     "MoELayerParams",
     "NoMoEError",
     "ParamReport",
@@ -40,4 +48,6 @@ __all__ = [
     "flops_per_token",
     "load_config_source",
     "mean_attended_keys",
+    "measured_cost",
+    "measured_cost_from_reports",
 ]

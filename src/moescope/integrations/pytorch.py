@@ -51,7 +51,6 @@ class MoEPyTorchCallback:
         self.model = model
         self.session = session
         self.step = 0
-        self._in_step = False
         self._closed = False
         session.attach(model)
 
@@ -78,14 +77,17 @@ class MoEPyTorchCallback:
 
     # ------------------------------------------------------------------ seed API
 
-    def on_step_begin(self) -> None:
-        """Call before the step's forward passes."""
+    def _require_open(self, what: str) -> None:
         if self._closed:
             raise RuntimeError(
-                "on_step_begin() after cleanup(): the MoE callback is detached; create a "
-                "new one with create_moe_callback_for_pytorch(model, ...)"
+                f"{what} after cleanup(): the MoE callback is detached; create a new one "
+                "with create_moe_callback_for_pytorch(model, ...)"
             )
-        self._in_step = True
+
+    def on_step_begin(self) -> None:
+        """Call before the step's forward passes (seed API). Counting needs no signal,
+        every forward is hooked; this only checks the callback was not cleaned up."""
+        self._require_open("on_step_begin()")
 
     def on_step_end(self, step: int | None = None) -> dict[str, float] | None:
         """Call after the optimizer step. Returns the metrics when this step ended a
@@ -94,12 +96,7 @@ class MoEPyTorchCallback:
         Args:
             step: the global step just finished (default: one more than the last).
         """
-        if self._closed:
-            raise RuntimeError(
-                "on_step_end() after cleanup(): the MoE callback is detached; create a new "
-                "one with create_moe_callback_for_pytorch(model, ...)"
-            )
-        self._in_step = False
+        self._require_open("on_step_end()")
         self.step = self.step + 1 if step is None else int(step)
         if self.session.is_log_step(self.step):
             return self.session.end_train_window(self.step)
@@ -109,6 +106,7 @@ class MoEPyTorchCallback:
     def evaluation(self) -> Iterator[MoEPyTorchCallback]:
         """Count every forward inside the block in the eval window (whatever
         ``model.training``), and log it as ``moe/eval/...`` at the end of the block."""
+        self._require_open("evaluation()")
         self.session.force_window("eval")
         try:
             yield self
@@ -118,6 +116,7 @@ class MoEPyTorchCallback:
 
     def log_eval(self) -> dict[str, float]:
         """End the eval window now (forwards made in eval mode) and log it."""
+        self._require_open("log_eval()")
         return self.session.end_eval_window(self.step)
 
     def cleanup(self) -> None:

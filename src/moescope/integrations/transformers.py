@@ -41,6 +41,7 @@ How the metrics reach the Trainer's own logging (checked against transformers 5.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ from transformers import (  # noqa: E402
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
 
 __all__ = ["MoETrainerCallback", "create_moe_callback_for_transformers"]
+
+_log = logging.getLogger("moescope")
 
 
 class MoETrainerCallback(TrainerCallback):
@@ -100,9 +103,8 @@ class MoETrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ ordering
 
     def _move_before_reporting(self) -> None:
-        """Put this callback right after DefaultFlowCallback in the running handler."""
-        if self.reordered:
-            return
+        """Put this callback right after DefaultFlowCallback in the running handler
+        (idempotent; a callback reused by a second Trainer is moved in that one too)."""
         handler: CallbackHandler | None = None
         frame = sys._getframe(1)
         for _ in range(10):
@@ -114,6 +116,12 @@ class MoETrainerCallback(TrainerCallback):
                 break
             frame = frame.f_back
         if handler is None:
+            if not self.reordered:
+                _log.warning(
+                    "moescope: could not find the Trainer's CallbackHandler; MoE metrics go "
+                    "to state.log_history and moescope's own sinks, but the report_to "
+                    "integrations may not receive them (pass logger=... instead)."
+                )
             return
         self._handler = handler
         others = [cb for cb in handler.callbacks if cb is not self]
@@ -282,6 +290,12 @@ class MoETrainerCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        s = self.session
+        if s.attached and s.has_unlogged_steps(state.global_step):
+            # Stopped early (EarlyStoppingCallback, should_training_stop): the Trainer
+            # logs no more, so the tail window goes to the sinks and its own history row.
+            metrics = s.end_train_window(state.global_step, rank_zero=state.is_world_process_zero)
+            state.log_history.append({**finite_only(metrics), "step": state.global_step})
         self.session.close()
         self._pending = None
         self._adopted = False
