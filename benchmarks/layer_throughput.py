@@ -18,7 +18,8 @@ Implementations run round-robin within every repetition (rotating the order) so 
 load of a shared machine affects them alike; the table reports the median per
 implementation and ratios of medians measured in the same run.
 
-Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_throughput.py [--quick]
+Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/layer_throughput.py
+      [--quick] [--tokens T] [--threads N] [--reps R] [--warmup W] [--grid 8x2,64x8]
 """
 
 from __future__ import annotations
@@ -163,27 +164,30 @@ def run_config(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="T=1024, 1 warm-up, 3 reps (same E x K grid)"
+        "--quick",
+        action="store_true",
+        help="smoke run: T=256, E x K in {8x2, 64x2}, 1 warm-up, 2 reps",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--tokens", type=int, default=None, help="T (default 4096; 1024 quick)")
-    parser.add_argument("--reps", type=int, default=None, help="timed reps (default 5; 3 quick)")
+    parser.add_argument("--tokens", type=int, default=None, help="T (default 4096; 256 quick)")
+    parser.add_argument("--reps", type=int, default=None, help="timed reps (default 5; 2 quick)")
     parser.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default 2; 1 quick)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
-        "--grid", default="8x2,8x8,64x2,64x8", help="comma-separated ExK configs (default all four)"
+        "--grid", default=None, help="comma-separated ExK configs (default 8x2,8x8,64x2,64x8)"
     )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     hidden, inter = 512, 1024
-    tokens = args.tokens or (1024 if args.quick else 4096)
+    tokens = args.tokens or (256 if args.quick else 4096)
     warmup = args.warmup or (1 if args.quick else 2)
-    reps = args.reps or (3 if args.quick else 5)
-    grid = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
+    reps = args.reps or (2 if args.quick else 5)
+    grid_arg = args.grid or ("8x2,64x2" if args.quick else "8x2,8x8,64x2,64x8")
+    grid = [tuple(int(v) for v in item.split("x")) for item in grid_arg.split(",")]
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
         f"T={tokens}, H={hidden}, I={inter}, warmup {warmup}, reps {reps} (median)\n"

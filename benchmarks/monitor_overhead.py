@@ -38,14 +38,20 @@ the median of per-round ratios (robust to slow drifts of the load) plus the amor
 cost. Losses of all variants are compared: a monitor must not change training.
 
 Part 2, memory (``--memory-steps``, default 10000): each variant in its own process
-(clean RSS) runs that many cheap forwards of a tiny Mixtral (H=32, E=8, K=2, 2 layers,
-2 x 32 tokens), logging every 100 steps, and reports at steps 100, 1k, 5k, 10k the
-monitor's state bytes (moescope: accumulator tensors + history arrays; moewatch: its ring
-buffers' tensors; naive: its lists, ``sys.getsizeof``) and the process RSS.
+(clean RSS; ``--memory-threads``, default 1, because tiny ops gain nothing from threads)
+runs that many cheap no-grad forwards of a tiny Mixtral (H=32, E=8, K=2, 2 layers,
+2 x 32 tokens), logging every ``--memory-log-every`` (100) steps, and reports at steps
+100, 1k, 5k, 10k the monitor's state bytes (moescope: accumulator tensors + history
+arrays, the accumulators also alone; moewatch: its ring buffers' tensors; naive: its
+lists, ``sys.getsizeof``) and the process RSS. ``moescope_h50`` is moescope with
+``history=50`` rows per layer, which reaches its cap within 10k steps.
+
+Part 3 (``--profile``): cProfile of monitored steps, then ``LayerAccumulator.update``
+alone on records captured from the model, with a torch.profiler table of its ops.
 
 Run (full):  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/monitor_overhead.py
 Quick check: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/monitor_overhead.py --quick
-Profile:     ... monitor_overhead.py --profile --models olmoe --memory-steps 0 --steps 0
+Profile:     ... monitor_overhead.py --profile --models olmoe --steps 0 --memory-steps 0
 """
 
 from __future__ import annotations
@@ -361,6 +367,7 @@ def time_model(
     log_every: int = 10,
     seed: int = 0,
     lr: float = 1e-3,
+    progress: bool = False,
 ) -> ModelTiming:
     """Round-robin training steps of every variant on copies of one model (see module doc)."""
     if steps < 1 or warmup < 0 or log_every < 1:
@@ -375,6 +382,7 @@ def time_model(
         runs[name] = (model, opt, VARIANT_CLASSES[name](model, log_every))
     del base
     timing = {name: VariantTiming(name) for name in variants}
+    start = time.perf_counter()
     try:
         for r in range(warmup + steps):
             shift = r % len(variants)
@@ -393,6 +401,13 @@ def time_model(
                     if var.is_log_step(r):
                         vt.log.append(t2 - t1)
                     vt.losses.append(float(loss))
+            if progress:
+                print(
+                    f"[{spec.family}] round {r + 1}/{warmup + steps} done, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         nbytes = {name: runs[name][2].state_nbytes() for name in variants}
     finally:
         for _, _, var in runs.values():
@@ -686,7 +701,10 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
         if args.quick:
             spec = ModelSpec(**{**spec.__dict__, "batch": 1, "seq": 32})
         if args.steps > 0:
-            mt = time_model(spec, variants, args.steps, args.warmup, args.log_every, args.seed)
+            mt = time_model(
+                spec, variants, args.steps, args.warmup, args.log_every, args.seed,
+                progress=True,
+            )
             table = timing_table(mt, summarize(mt, seed=args.seed))
             parts.append(table)
             emit("\n" + table)

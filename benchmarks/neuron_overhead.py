@@ -23,8 +23,10 @@ order) so the load of a shared machine hits them alike:
 - ``neurons, relative p=0.9``: the sort-based threshold (the costliest rule).
 
 Snapshots are not in the timed path (they run once per log step, not per forward).
-Reported: median seconds per forward over ``--reps`` repetitions after ``--warmup``, and
-ratios of medians measured in the same run.
+Reported: median wall-clock seconds and median process CPU seconds (``time.process_time``,
+all threads; less sensitive than wall time to other processes on a shared machine) per
+forward over ``--reps`` repetitions after ``--warmup``, and ratios of medians measured in
+the same run.
 
 Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/neuron_overhead.py [--reps 12] [--quick]
 """
@@ -65,7 +67,9 @@ def build(family: str, layers: int, hidden: int, inter: int) -> torch.nn.Module:
     return model.eval()
 
 
-def run(family: str, reps: int, warmup: int, batch: int, seq: int, layers: int) -> dict[str, float]:
+def run(
+    family: str, reps: int, warmup: int, batch: int, seq: int, layers: int
+) -> dict[str, tuple[float, float]]:
     torch.manual_seed(0)
     model = build(family, layers, 256, 512)
     ids = torch.randint(1, 1024, (batch, seq))
@@ -80,16 +84,16 @@ def run(family: str, reps: int, warmup: int, batch: int, seq: int, layers: int) 
         ),
     }  # fmt: skip
 
-    def step(mode: str) -> Callable[[], float]:
-        def f() -> float:
+    def step(mode: str) -> Callable[[], tuple[float, float]]:
+        def f() -> tuple[float, float]:
             mon = mons.get(mode)
             if mon is not None:
                 mon.attach()
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, time.process_time() - c0
             finally:
                 if mon is not None:
                     mon.detach()
@@ -101,7 +105,7 @@ def run(family: str, reps: int, warmup: int, batch: int, seq: int, layers: int) 
     for _ in range(warmup):
         for m in modes:
             fns[m]()
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for r in range(reps):
         order = modes[r % len(modes) :] + modes[: r % len(modes)]
         for m in order:
@@ -111,7 +115,10 @@ def run(family: str, reps: int, warmup: int, batch: int, seq: int, layers: int) 
         f"  [{family}] neuron rows counted: {sum(s.neuron_rows for s in snap.layers.values())}, "
         f"avg neuron sparsity {snap.avg_neuron_sparsity:.3f}"
     )
-    return {m: statistics.median(v) for m, v in times.items()}
+    return {
+        m: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        for m, v in times.items()
+    }
 
 
 def main() -> None:
@@ -131,14 +138,19 @@ def main() -> None:
         med = run(family, reps, a.warmup, batch, seq, layers)
         rows.append((family, med))
     print()
-    print("| model | mode | median s / forward | vs no monitor | vs routing monitor |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| model | mode | median wall s | wall vs no monitor | wall vs routing | "
+        "median CPU s | CPU vs no monitor | CPU vs routing |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for family, med in rows:
         shape = "E=8, K=2" if family == "mixtral" else "E=64, K=8"
-        for m, t in med.items():
+        w0, c0 = med["no monitor"]
+        wr, cr = med["routing"]
+        for m, (w, c) in med.items():
             print(
-                f"| {family} ({shape}) | {m} | {t:.4f} | {t / med['no monitor']:.3f}x | "
-                f"{t / med['routing']:.3f}x |"
+                f"| {family} ({shape}) | {m} | {w:.4f} | {w / w0:.3f}x | {w / wr:.3f}x | "
+                f"{c:.4f} | {c / c0:.3f}x | {c / cr:.3f}x |"
             )
 
 

@@ -136,6 +136,7 @@ def test_memory_accounting_over_steps() -> None:
         assert mw[2] - mw[1] == 20 * layers * per_event
 
 
+@pytest.mark.slow  # builds the full-size Mixtral of the benchmark (~15 s on a busy machine)
 def test_memory_table_and_main_quick(tmp_path: object) -> None:
     table = mo.memory_table(
         {"moescope": [{"step": 100, "state_bytes": 10, "rss_bytes": 2**20}]}, 100

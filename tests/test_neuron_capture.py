@@ -482,3 +482,72 @@ def test_layers_without_visible_activations_are_reported() -> None:
     with pytest.raises(RuntimeError, match="neurons=True"):
         with mon.calibration():
             pass
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _tiny_lm() -> nn.Module:
+    from moescope.nn.model import TinyMoEConfig, TinyMoELM
+
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=32, num_experts=8, top_k=2)  # fmt: skip
+    return TinyMoELM(cfg).eval()
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = padded_batch(batch=2 + rank, seq=6 - rank, seed=100 + rank)
+    return ids % 64, mask
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        model = _tiny_lm()
+        mon = MoEMonitor(model, neurons=True)
+        ids, mask = _rank_batch(rank)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        snap = mon.snapshot(step=1)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(snap.to_json(firing=True))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_gloo_neuron_snapshot_equals_single_process() -> None:
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from moescope.stats.snapshot import Snapshot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        with open(os.path.join(tmp, "rank0.json")) as f:
+            dist_snap = Snapshot.from_json(f.read())
+    torch.set_num_threads(1)
+    model = _tiny_lm()
+    mon = MoEMonitor(model, neurons=True)
+    for rank in range(2):
+        ids, mask = _rank_batch(rank)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    ref = mon.snapshot(step=1)
+    for path, st in ref.layers.items():
+        d = dist_snap.layers[path]
+        assert d.neuron_rows == st.neuron_rows > 0
+        assert np.array_equal(d.firing_counts, st.firing_counts)
+        assert np.array_equal(d.activated_hist, st.activated_hist)
+        assert np.array_equal(d.expert_rows, st.expert_rows)
+        assert d.activated_neurons_mean == st.activated_neurons_mean

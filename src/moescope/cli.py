@@ -7,6 +7,10 @@ Subcommands (each one ``add_<name>_parser`` + ``_run_<name>`` pair registered in
   total and active parameters (and FLOPs per token with ``--seq-len``) of an MoE model
   described by a transformers ``config.json`` or a moescope reference file (its
   ``config`` key). Nothing is downloaded; the model is built on the meta device.
+- ``moescope analyze --model DIR_OR_CONFIG --data FILE [--data FILE2 ...] [--neurons]
+  [--threshold SPEC] [--max-tokens N] [--batch-size B] [--seq-len S] --out DIR``: stream
+  text through an MoE model and write ``report.html``, ``summary.json`` and PNG figures
+  (see :mod:`moescope.report.analyze`).
 
 Bad input prints one line on stderr (what is wrong, what to do) and exits with status 2.
 """
@@ -164,6 +168,43 @@ def _run_params(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- analyze
+
+
+def add_analyze_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``moescope analyze``."""
+    from moescope.report.analyze import add_arguments
+
+    p = sub.add_parser(
+        "analyze",
+        help="stream text through an MoE model and write an HTML report",
+        description=(
+            "Stream one or more text files through a Mixture-of-Experts model (a transformers "
+            "model directory, a saved TinyMoELM, or a config.json with random weights), monitor "
+            "its routing (and neurons with --neurons) and write report.html (self-contained), "
+            "summary.json and the figures as PNG into --out. Nothing is downloaded. Under "
+            "torchrun the data is split across processes and rank 0 writes."
+        ),
+    )
+    add_arguments(p)
+    return p
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from moescope.errors import UnsupportedModelError
+    from moescope.report.analyze import AnalyzeError, run_analyze
+
+    try:
+        report = run_analyze(args)
+    except (AnalyzeError, UnsupportedModelError) as err:
+        raise CLIError(str(err)) from None
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"report: {report}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 SUBCOMMANDS: dict[
@@ -171,6 +212,7 @@ SUBCOMMANDS: dict[
     tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]],
 ] = {
     "params": (add_params_parser, _run_params),
+    "analyze": (add_analyze_parser, _run_analyze),
 }
 """name -> (add_parser(subparsers), run(args) -> exit status). Add new subcommands here."""
 

@@ -232,6 +232,10 @@ class GroupedExperts(nn.Module):
         # Loop backend: one host sync for the segment sizes, one GEMM pair per non-empty
         # expert; the dropped tail is never touched.
         seg = counts.tolist()
+        # unbind, not indexing: its backward stacks all expert gradients once, whereas
+        # each `weight[e]` would materialise a full [E, ...] zero gradient per expert.
+        gate_up_w = self.gate_up_proj.unbind(0)
+        down_w = self.down_proj.unbind(0)
         outs: list[torch.Tensor] = []
         hs: list[torch.Tensor] = []
         start = 0
@@ -239,9 +243,9 @@ class GroupedExperts(nn.Module):
             if n == 0:
                 continue
             xs = x_sorted[start : start + n]
-            h = self.intermediate(xs @ self.gate_up_proj[ei].t())
+            h = self.intermediate(xs @ gate_up_w[ei].t())
             hs.append(h)
-            outs.append(h @ self.down_proj[ei].t())
+            outs.append(h @ down_w[ei].t())
             start += n
         n_rows = x_sorted.shape[0]
         if start < n_rows:

@@ -1,0 +1,372 @@
+"""`moescope analyze`: summary.json equals an independent monitor run over the same token
+stream; the report is one self-contained file; random weights are labelled; --max-tokens
+holds; bad input exits 2 with one line; torchrun splits the data without losing a token."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from moescope.data import stdlib_dir
+from moescope.monitor import MoEMonitor
+from moescope.nn.model import TinyMoEConfig, TinyMoELM
+
+DATA_A = stdlib_dir() / "bisect.py"
+DATA_B = stdlib_dir() / "colorsys.py"
+B, S = 4, 48
+
+MIXTRAL: dict[str, Any] = {
+    "model_type": "mixtral",
+    "vocab_size": 256,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moescope.cli", "analyze", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+
+
+def _save_tiny(path: Path, seed: int) -> Path:
+    from moescope.nn.hf import TinyMoEForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = TinyMoEConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=32, num_experts=4, top_k=2, max_seq_len=128)
+    TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+def _reference_batches(path: Path, max_tokens: int | None) -> list[torch.Tensor]:
+    """The documented batching, written independently: rows of S consecutive bytes, B rows
+    per batch, then the leftover full rows, then the last partial row."""
+    data = path.read_bytes()[:max_tokens]
+    ids = torch.tensor(list(data), dtype=torch.long)
+    out = []
+    n_rows = ids.numel() // S
+    full = n_rows // B
+    for i in range(full):
+        out.append(ids[i * B * S : (i + 1) * B * S].view(B, S))
+    if n_rows % B:
+        out.append(ids[full * B * S : n_rows * S].view(-1, S))
+    if ids.numel() % S:
+        out.append(ids[n_rows * S :].view(1, -1))
+    return out
+
+
+def _independent_snapshot(model_dir: Path, files: list[Path], max_tokens: int | None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    import moescope.nn.hf  # noqa: F401  (registers the model type)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
+    mon = MoEMonitor(model, neurons=True, history=0)
+    with torch.no_grad():
+        for f in files:
+            for ids in _reference_batches(f, max_tokens):
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return mon.snapshot()
+
+
+def _img_and_links(html: str) -> list[str]:
+    return re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", html)
+
+
+# --------------------------------------------------------------------------- main run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from moescope.report.analyze import run_analyze
+
+    out = tmp_path_factory.mktemp("analysis")
+    report = run_analyze(
+        model=str(ckpt), data=[str(DATA_A), str(DATA_B)], neurons=True, max_tokens=700,
+        batch_size=B, seq_len=S, out=str(out), compare=str(ckpt), progress=False,
+    )
+    assert report == out / "report.html"
+    return out
+
+
+def test_summary_equals_independent_monitor(tiny_run: Path, ckpt: Path) -> None:
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    ref = _independent_snapshot(ckpt, [DATA_A, DATA_B], 700)
+    assert summary["total_tokens"] == ref.total_tokens == 1400
+    assert [d["tokens"] for d in summary["data"]] == [700, 700]
+    assert [d["batches"] for d in summary["data"]] == [len(_reference_batches(DATA_A, 700))] * 2
+    assert set(summary["layers"]) == set(ref.layers)
+    for name, s in ref.layers.items():
+        got = summary["layers"][name]
+        assert got["usage_counts"] == s.usage_counts.tolist()
+        assert got["coactivation"] == s.coactivation.tolist()
+        assert got["num_tokens"] == s.num_tokens
+        for key in ("cv", "routing_entropy", "aux_loss", "top1_prob", "activated_neurons_mean",
+                    "neuron_sparsity", "dead_neurons"):
+            assert math.isclose(got[key], float(getattr(s, key)), rel_tol=1e-9, abs_tol=1e-12), key
+        assert got["expert_dead_neurons"] == s.expert_dead_neurons.tolist()
+    for key, v in ref.aggregates().items():
+        assert summary["aggregates"][key] == pytest.approx(v, rel=1e-9, abs=1e-12), key
+    # Parameters: total = every tensor of the model, counted here directly.
+    model = TinyMoELM(TinyMoEConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2,
+                                    intermediate_size=32, num_experts=4, top_k=2,
+                                    max_seq_len=128))
+    assert summary["params"]["total_params"] == sum(p.numel() for p in model.parameters())
+    assert summary["model"]["random_weights"] is False
+
+
+def test_domains_and_router_agreement(tiny_run: Path, ckpt: Path) -> None:
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    ra = summary["routing_analysis"]
+    # Each domain's recorded distribution equals a monitor run over that file alone.
+    for f in (DATA_A, DATA_B):
+        ref = _independent_snapshot(ckpt, [f], 700)
+        for name, s in ref.layers.items():
+            np.testing.assert_allclose(ra["expert_distribution"][f.stem][name],
+                                       s.usage_fraction, rtol=0, atol=1e-12)
+    assert set(ra["domain_divergence_mean"]) == set(ref.layers)
+    assert all(0.0 <= v <= math.log(2) for v in ra["domain_divergence_mean"].values())
+    # --compare with the same checkpoint: identical routing on identical tokens.
+    assert ra["router_agreement"] == {name: 1.0 for name in ref.layers}
+    html = (tiny_run / "report.html").read_text()
+    for section in ('id="domains"', 'id="tokens"', 'id="specialisation"', 'id="agreement"',
+                    'class="moe-tok"'):
+        assert section in html, section
+
+
+def test_report_is_self_contained(tiny_run: Path) -> None:
+    html = (tiny_run / "report.html").read_text()
+    refs = _img_and_links(html)
+    imgs = re.findall(r"<img [^>]*>", html)
+    pngs = sorted(p.name for p in tiny_run.glob("*.png"))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert sorted(summary["figures"].values()) == pngs
+    for name in ("usage_heatmap", "usage_distribution", "entropy_cv", "coactivation",
+                 "neuron_sparsity", "dead_neurons", "parameters", "domain_distribution",
+                 "router_agreement"):
+        assert f"{name}.png" in pngs, name
+    assert len(imgs) == len(pngs)
+    assert refs, "no src/href found at all"
+    for r in refs:
+        assert r.startswith("data:image/png;base64,") or r.startswith("#"), r[:60]
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    assert "url(" not in html  # no CSS-loaded resource either
+    assert "random weights" not in html.lower()
+
+
+# --------------------------------------------------------------------------- config + CLI
+
+
+def test_cli_random_weights_config_and_max_tokens(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(MIXTRAL))
+    out = tmp_path / "out"
+    proc = _cli("--model", str(cfg), "--data", str(DATA_A), "--max-tokens", "350",
+                "--batch-size", "2", "--seq-len", "64", "--embeddings", "head", "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout.strip() == f"report: {out / 'report.html'}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["random_weights"] is True
+    assert summary["total_tokens"] == 350  # --max-tokens respected exactly
+    # 350 tokens in [2, 64] batches: two full batches (256), one [1, 64] batch of the last
+    # full row, one [1, 30] batch of the rest.
+    assert summary["data"][0]["batches"] == 4
+    for s in summary["layers"].values():
+        assert s["num_tokens"] == 350
+        assert sum(s["usage_counts"]) == 350 * 2  # every token to K = 2 experts
+    assert summary["params"]["embeddings"] == "head"
+    html = (out / "report.html").read_text()
+    assert "random weights" in html.lower()
+    assert "banner random" in html
+
+
+def test_threshold_calibrated_hits_target(ckpt: Path, tmp_path: Path) -> None:
+    from moescope.report.analyze import run_analyze
+
+    report = run_analyze(model=str(ckpt), data=str(DATA_A), neurons=True,
+                         threshold="calibrated:0.5", max_tokens=2 * B * S, batch_size=B,
+                         seq_len=S, out=str(tmp_path / "o"), progress=False)
+    summary = json.loads(report.with_name("summary.json").read_text())
+    assert "calibrated(target_sparsity=0.5" in summary["settings"]["threshold"]
+    # Calibrated on the first of the two batches: the sparsity over both is near 0.5.
+    assert summary["aggregates"]["avg_neuron_sparsity"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_threshold_specs() -> None:
+    from moescope.report.analyze import AnalyzeError, parse_threshold
+    from moescope.stats.neurons import NeuronThreshold
+
+    assert parse_threshold(None) == (None, None)
+    assert parse_threshold("0.01") == (NeuronThreshold.absolute(0.01), None)
+    assert parse_threshold("magnitude:0.2") == (NeuronThreshold.magnitude(0.2), None)
+    assert parse_threshold("relative:0.9") == (NeuronThreshold.relative(0.9), None)
+    assert parse_threshold("calibrated:0.3") == (None, 0.3)
+    for bad in ("fast", "magnitude:x", "calibrated:1.5", "relative:2", "bogus:1"):
+        with pytest.raises(AnalyzeError):
+            parse_threshold(bad)
+
+
+def _word_tokenizer_dir(path: Path) -> Any:
+    """A directory with a small word-level tokenizer (built locally) and a Mixtral
+    config.json without weights: random weights + the directory's own tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["def", "return", "if", "else", "for", "in", "self", "lo", "hi", "x", "a", "=",
+             ":", "(", ")", ",", "[", "]", "+", "<", "1", "0", "mid", "len", "while"]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**MIXTRAL, "vocab_size": 64}))
+    return fast
+
+
+def test_tokenizer_directory_and_chunked_encoding(tmp_path: Path) -> None:
+    from moescope.report.analyze import iter_token_chunks, run_analyze
+
+    model_dir = tmp_path / "tokmodel"
+    fast = _word_tokenizer_dir(model_dir)
+    whole = fast(DATA_A.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    # Reading 200 bytes at a time and cutting at newlines gives the whole-file encoding.
+    chunks = list(iter_token_chunks(DATA_A, fast, chunk_bytes=200))
+    assert len(chunks) > 5
+    assert torch.cat(chunks).tolist() == whole
+    raw = list(iter_token_chunks(DATA_A, None, chunk_bytes=100))
+    assert torch.cat(raw).tolist() == list(DATA_A.read_bytes())
+    report = run_analyze(model=str(model_dir), data=[str(DATA_A)], batch_size=2, seq_len=32,
+                         out=str(tmp_path / "o"), progress=False)
+    summary = json.loads(report.with_name("summary.json").read_text())
+    assert summary["total_tokens"] == len(whole)
+    assert summary["model"]["random_weights"] is True
+    assert summary["model"]["tokenizer"] != "bytes (ids 0-255)"
+    tops = summary["routing_analysis"]["top_tokens"]["bisect"]
+    decoded = {t[0] for v in tops.values() for t in v}
+    assert decoded <= {*fast.get_vocab()}, decoded  # decoded through the tokenizer
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moescope.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    dense = tmp_path / "dense.json"
+    dense.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+    }))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"model_type": "no_such_arch_xyz", "hidden_size": 8}))
+    small_vocab = tmp_path / "small"
+    small_vocab.mkdir()
+    (small_vocab / "config.json").write_text(json.dumps({**MIXTRAL, "vocab_size": 64}))
+    out = str(tmp_path / "out")
+    data = str(DATA_A)
+    cases = {
+        "missing model": (["--model", str(tmp_path / "nope"), "--data", data],
+                          "no such file or directory"),
+        "empty data": (["--model", str(ckpt), "--data", str(empty)], "is empty"),
+        "unreadable data (a directory)": (["--model", str(ckpt), "--data", str(tmp_path)],
+                                          "is a directory"),
+        "non-MoE model": (["--model", str(dense), "--data", data],
+                          "no Mixture-of-Experts layer"),
+        "missing data": (["--model", str(ckpt), "--data", str(tmp_path / "nope.txt")],
+                         "no such file"),
+        "unknown architecture": (["--model", str(unknown), "--data", data],
+                                 "unknown architecture"),
+    }
+    in_process = {
+        "vocab too small for bytes": (["--model", str(small_vocab), "--data", data],
+                                      "no tokenizer"),
+        "threshold without --neurons": (["--model", str(ckpt), "--data", data,
+                                         "--threshold", "0.1"], "add --neurons"),
+        "bad --coact-layer": (["--model", str(ckpt), "--data", data, "--coact-layer", "7"],
+                              "out of range"),
+    }
+    # All at once: each is a fresh interpreter, as a user would run it.
+    procs = {name: _cli(*args, "--out", out) for name, (args, _) in cases.items()}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, stderr)
+        assert "Traceback" not in stderr, (name, stderr)
+        assert len(lines) == 1, (name, stderr)
+        assert lines[0].startswith("moescope analyze: error: "), (name, lines[0])
+        assert cases[name][1] in lines[0], (name, lines[0])
+    # The same contract through main() in this process (cheaper: transformers is loaded).
+    for name, (args, needle) in in_process.items():
+        code = main(["analyze", *args, "--out", out, "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, name
+        assert len(lines) == 1 and lines[0].startswith("moescope analyze: error: "), (name, lines)
+        assert needle in lines[0], (name, lines[0])
+    assert not Path(out).exists()
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single(ckpt: Path, tmp_path: Path) -> None:
+    from moescope.report.analyze import run_analyze
+
+    single = run_analyze(model=str(ckpt), data=str(DATA_A), max_tokens=900, batch_size=2,
+                         seq_len=S, out=str(tmp_path / "single"), progress=False)
+    out = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "moescope.cli", "analyze", "--model", str(ckpt), "--data", str(DATA_A),
+         "--max-tokens", "900", "--batch-size", "2", "--seq-len", str(S), "--device", "cpu",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=_env(), timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1  # only rank 0 reports (and writes)
+    a = json.loads(single.with_name("summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b["settings"]["world_size"] == 2
+    assert b["total_tokens"] == a["total_tokens"] == 900
+    for name, s in a["layers"].items():
+        assert b["layers"][name]["usage_counts"] == s["usage_counts"]
+        assert b["layers"][name]["coactivation"] == s["coactivation"]
+        assert b["layers"][name]["routing_entropy"] == pytest.approx(s["routing_entropy"], rel=1e-9)

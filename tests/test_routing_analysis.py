@@ -1,0 +1,606 @@
+"""Routing analyses (moescope.report.routing_analysis / routing_record): token-level
+capture on padded batches, per-domain distributions and Jensen-Shannon divergence,
+consecutive-token expert repetition, router agreement, expert top tokens, the coloured
+token view and the figures, each against an independent plain recomputation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections import Counter
+from html.parser import HTMLParser
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moescope import MoEMonitor
+from moescope.nn.model import TinyMoEConfig, TinyMoELM
+from moescope.nn.router_output import RouterOutput
+from moescope.report import routing_analysis as RA
+from moescope.report.plots import save_png
+from moescope.report.routing_analysis import (
+    RoutingRecorder,
+    TokenRouting,
+    colored_tokens_html,
+    decode_bytes,
+    domain_divergence,
+    expert_distribution,
+    expert_top_tokens,
+    record_routing,
+    router_agreement,
+    same_expert_rate,
+)
+
+E, K = 8, 2
+
+
+def _tiny_lm(seed: int = 0) -> TinyMoELM:
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=32, num_experts=E, top_k=K)
+    torch.manual_seed(seed)
+    model = TinyMoELM(cfg).eval()
+    with torch.no_grad():  # larger router weights: less uniform, more informative routing
+        for layer in model.model.layers:
+            layer.mlp.router.weight.mul_(50.0)
+    return model
+
+
+def _batch(seed: int, lo: int = 0, hi: int = 64, b: int = 3, s: int = 12
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S] ids and mask: row 1 right-padded by 3, row 2 left-padded by 4."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(lo, hi, (b, s), generator=gen)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, s - 3 :] = 0
+    mask[2, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _experts_spy(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict, list]:
+    """Independent capture: the topk index each experts module RECEIVED, per call."""
+    got: dict[str, list[torch.Tensor]] = {p: [] for p in modules}
+    handles = []
+    for path, mod in modules.items():
+        def hook(m: nn.Module, args: tuple, path: str = path) -> None:
+            got[path].append(args[1].detach().reshape(-1, args[1].shape[-1]).clone())
+        handles.append(mod.register_forward_pre_hook(hook))
+    return got, handles
+
+
+# ---------------------------------------------------------------------------- capture
+
+
+def test_recorded_topk_is_what_tinylm_experts_received_valid_tokens_only() -> None:
+    model = _tiny_lm()
+    mods = {n[: -len(".experts")]: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
+    got, handles = _experts_spy(model, mods)
+    batches = [_batch(1), _batch(2)]
+    rec = RoutingRecorder(model, max_tokens=10_000)
+    with rec, torch.no_grad():
+        model(batches[0][0], batches[0][1])  # positional arguments
+        model(input_ids=batches[1][0], attention_mask=batches[1][1])
+    for h in handles:
+        h.remove()
+    tr = rec.result()
+    masks = [m.reshape(-1).bool() for _, m in batches]
+    assert tr.layers == list(mods) and tr.num_tokens == sum(int(m.sum()) for m in masks)
+    for path in mods:
+        want = torch.cat([idx[m] for idx, m in zip(got[path], masks, strict=True)])
+        np.testing.assert_array_equal(tr.topk[path], want.numpy())
+    want_ids = torch.cat([i.reshape(-1)[m] for (i, _), m in zip(batches, masks, strict=True)])
+    np.testing.assert_array_equal(tr.token_ids, want_ids.numpy())
+    # Sequences: one per row; positions are mask columns (left padding starts at 4).
+    rows = np.concatenate([np.repeat(np.arange(3) + 3 * k, m.reshape(3, -1).sum(1).numpy())
+                           for k, m in enumerate(masks)])
+    np.testing.assert_array_equal(tr.seq_id, rows)
+    assert tr.position[tr.seq_id == 2].tolist() == list(range(4, 12))
+    assert tr.position[tr.seq_id == 1].tolist() == list(range(9))
+    assert not tr.truncated and tr.num_experts == dict.fromkeys(mods, E)
+
+
+def test_recorded_topk_mixtral_padded_and_kv_cache_step() -> None:
+    pytest.importorskip("transformers")
+    from hf_tiny import build_tiny, experts_modules, padded_batch
+
+    model, _ = build_tiny("mixtral")
+    mods = experts_modules(model)
+    got, handles = _experts_spy(model, mods)
+    ids, mask = padded_batch(batch=3, seq=9, seed=3, left=True)
+    nxt = torch.tensor([[5], [6], [7]])
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        model(input_ids=nxt, attention_mask=mask2, past_key_values=out.past_key_values,
+              use_cache=True)
+    for h in handles:
+        h.remove()
+    tr = rec.result()
+    valid = mask.reshape(-1).bool()
+    n0 = int(valid.sum())
+    assert tr.num_tokens == n0 + 3
+    for path in mods:
+        want = torch.cat([got[path][0][valid], got[path][1]])
+        np.testing.assert_array_equal(tr.topk[path], want.numpy())
+    np.testing.assert_array_equal(tr.token_ids, np.r_[ids.reshape(-1)[valid].numpy(), 5, 6, 7])
+    # The cached step continues the 3 sequences at position 9.
+    assert tr.seq_id[n0:].tolist() == [0, 1, 2] and tr.position[n0:].tolist() == [9, 9, 9]
+
+
+def test_unsorted_router_output_is_ordered_by_combine_weight() -> None:
+    """Routers such as DeepSeek-V3 return their top-k unsorted: slot 0 must still be
+    the first choice (largest combine weight)."""
+    model = _tiny_lm()
+    flips = []
+    for layer in model.model.layers:
+        def reverse(m: nn.Module, a: tuple, out: RouterOutput) -> RouterOutput:
+            return dataclasses.replace(out, topk_index=out.topk_index.flip(-1),
+                                       topk_weight=out.topk_weight.flip(-1))
+        flips.append(layer.mlp.router.register_forward_hook(reverse))
+    mods = {n[: -len(".experts")]: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
+    got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in mods}
+    for path, mod in mods.items():
+        def spy(m: nn.Module, a: tuple, path: str = path) -> None:
+            got[path].append((a[1].clone(), a[2].clone()))
+        flips.append(mod.register_forward_pre_hook(spy))
+    ids, mask = _batch(7)
+    tr = record_routing(model, [(ids, mask)])
+    for h in flips:
+        h.remove()
+    valid = mask.reshape(-1).bool()
+    for path in mods:
+        idx, w = got[path][0]
+        idx, w = idx[valid], w[valid]
+        assert (w[:, 0] < w[:, 1]).all()  # the experts really received ascending weights
+        want = idx.gather(1, w.argsort(dim=1, descending=True))
+        np.testing.assert_array_equal(tr.topk[path], want.numpy())
+        np.testing.assert_array_equal(tr.top1(path), idx[:, 1].numpy())
+
+
+def test_encoder_decoder_records_the_encoder_layers() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+        num_heads=2, num_experts=4, expert_capacity=2, encoder_sparse_step=1,
+        decoder_sparse_step=1, relative_attention_num_buckets=8, pad_token_id=0,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    ids, mask = _batch(2, hi=64, s=9)
+    dec = torch.randint(1, 64, (3, 9))  # same length as the encoder input on purpose
+    mon = MoEMonitor(model)
+    rec = RoutingRecorder(model)
+    assert rec.layers == ["encoder.block.0.layer.1.mlp", "encoder.block.1.layer.1.mlp"]
+    with rec, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    snap = mon.snapshot()
+    mon.detach()
+    tr = rec.result()
+    np.testing.assert_array_equal(tr.token_ids, ids[mask.bool()].numpy())
+    for path, frac in expert_distribution(tr).items():
+        assert tr.dropped[path].any()  # capacity 2 per expert: slots dropped
+        np.testing.assert_allclose(frac, snap.layers[path].usage_fraction, rtol=0, atol=1e-12)
+
+
+def test_begin_batch_for_a_forward_with_other_argument_names() -> None:
+    inner = _tiny_lm()
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = inner
+
+        def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            return self.lm(tokens, keep).logits
+
+    model = Wrapped().eval()
+    ids, mask = _batch(4)
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        rec.begin_batch(ids, mask)
+        model(ids, mask)
+    tr = rec.result()
+    np.testing.assert_array_equal(tr.token_ids, ids[mask.bool()].numpy())
+    direct = record_routing(inner, [(ids, mask)])
+    assert tr.layers == ["lm." + p for p in direct.layers]
+    for path in direct.layers:
+        np.testing.assert_array_equal(tr.topk["lm." + path], direct.topk[path])
+
+
+def test_max_tokens_bound_and_one_host_copy_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_lm()
+    ids, mask = _batch(5)  # 29 valid tokens per batch
+    calls: list[tuple[int, ...]] = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+        calls.append(tuple(self.shape))
+        return real_cpu(self, *a, **k)
+
+    rec = RoutingRecorder(model, max_tokens=40)
+    with rec, torch.no_grad():
+        monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+        model(ids, mask)
+        assert len(calls) == 1 and not rec.full
+        model(ids, mask)
+        assert len(calls) == 2 and rec.full
+        model(ids, mask)  # a full source: hooks return at once, no copy, nothing kept
+        assert len(calls) == 2
+        monkeypatch.undo()
+    tr = rec.result()
+    assert tr.num_tokens == 40 and tr.truncated
+    flat = ids[mask.bool()].numpy()
+    np.testing.assert_array_equal(tr.token_ids, np.r_[flat, flat[:11]])
+    assert sum(c["token_ids"].shape[0] for c in rec._sources["default"].chunks) == 40
+    for path in tr.layers:
+        assert tr.topk[path].shape == (40, K)
+
+
+def test_a_forward_that_raises_records_nothing() -> None:
+    model = _tiny_lm()
+    ids, mask = _batch(0)
+
+    def boom(m: nn.Module, a: tuple, out: object) -> None:
+        raise RuntimeError("boom")
+
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        h = model.model.layers[1].register_forward_hook(boom)  # after both routers ran
+        with pytest.raises(RuntimeError, match="boom"):
+            model(ids, mask)
+        h.remove()
+        assert rec.num_recorded() == 0
+        model(ids, mask)
+    assert rec.result().num_tokens == int(mask.sum())
+
+
+def test_sources_errors_and_detach() -> None:
+    model = _tiny_lm()
+    with pytest.raises(ValueError, match="not MoE layers"):
+        RoutingRecorder(model, layers=["model.layers.0.self_attn"])
+    rec = RoutingRecorder(model, layers=["model.layers.1.mlp"])
+    with pytest.raises(ValueError, match="recorded no token"):
+        rec.result("code")
+    with rec, torch.no_grad():
+        with rec.source("code"):
+            model(*_batch(1, lo=0, hi=20))
+        with rec.source("prose"):
+            model(*_batch(2, lo=40, hi=64))
+    assert rec.sources == ["code", "prose"] and rec.result("code").layers == ["model.layers.1.mlp"]
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert n_hooks == 0
+    with torch.no_grad():
+        model(*_batch(3))
+    assert rec.num_recorded("code") == 29 and set(rec.results()) == {"code", "prose"}
+
+
+# ---------------------------------------------------------------------------- distributions
+
+
+def test_expert_distribution_equals_monitor_usage_fraction() -> None:
+    model = _tiny_lm()
+    mon = MoEMonitor(model)
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        for seed in range(3):
+            model(*_batch(seed))
+    snap = mon.snapshot()
+    mon.detach()
+    dist = expert_distribution(rec.result())
+    assert list(dist) == list(snap.layers)
+    for path, frac in dist.items():
+        np.testing.assert_allclose(frac, snap.layers[path].usage_fraction, rtol=0, atol=1e-12)
+        assert abs(frac.sum() - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("router", "kwargs"), [("switch", {"capacity_factor": 0.5}), ("expert_choice", {})]
+)
+def test_dropped_slots_excluded_like_the_monitor(router: str, kwargs: dict) -> None:
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=32, num_experts=E, top_k=K, router=router,
+                        router_kwargs=kwargs)
+    torch.manual_seed(0)
+    model = TinyMoELM(cfg).eval()
+    mon = MoEMonitor(model)
+    with RoutingRecorder(model) as rec, torch.no_grad():
+        model(*_batch(0))
+        model(*_batch(1))
+    snap = mon.snapshot()
+    mon.detach()
+    tr = rec.result()
+    for path, frac in expert_distribution(tr).items():
+        assert tr.dropped[path].any()  # the capacity limit dropped slots
+        np.testing.assert_allclose(frac, snap.layers[path].usage_fraction, rtol=0, atol=1e-12)
+        counts = RA.expert_counts(tr)[path]
+        np.testing.assert_array_equal(counts, snap.layers[path].usage_counts)
+
+
+def test_token_routing_save_load_round_trip(tmp_path: object) -> None:
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=32, num_experts=E, router="switch",
+                        router_kwargs={"capacity_factor": 0.5})
+    model = TinyMoELM(cfg).eval()
+    trs = RA.record_domains(model, {"a": [_batch(0)], "b": [_batch(1), _batch(2)]},
+                            max_tokens=40)
+    assert trs["a"].num_tokens == 29 and trs["b"].num_tokens == 40 and trs["b"].truncated
+    tr = trs["b"]
+    back = TokenRouting.load(tr.save(tmp_path / "sub" / "b.npz"))  # type: ignore[operator]
+    assert back.layers == tr.layers and back.num_experts == tr.num_experts
+    assert back.truncated and set(back.dropped) == set(tr.dropped)
+    for name in ("token_ids", "seq_id", "position"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
+    for layer in tr.layers:
+        np.testing.assert_array_equal(back.topk[layer], tr.topk[layer])
+        np.testing.assert_array_equal(back.dropped[layer], tr.dropped[layer])
+
+
+def _js_ref(p: np.ndarray, q: np.ndarray) -> float:
+    p = np.asarray(p, np.float64)
+    q = np.asarray(q, np.float64)
+    total = 0.0
+    for a in (p, q):
+        for i in range(len(p)):
+            m = (p[i] + q[i]) / 2
+            if a[i] > 0:
+                total += 0.5 * a[i] * math.log(a[i] / m)
+    return total
+
+
+def test_domain_divergence_against_float64_loop() -> None:
+    model = _tiny_lm()
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        for name, lo, hi in (("code", 0, 16), ("prose", 24, 40), ("other", 48, 64)):
+            with rec.source(name):
+                for seed in range(2):
+                    model(*_batch(seed, lo=lo, hi=hi))
+    dists = {d: expert_distribution(tr) for d, tr in rec.results().items()}
+    dists["code again"] = dists["code"]
+    div = domain_divergence(dists)
+    assert div.domains == ["code", "prose", "other", "code again"]
+    for layer in div.layers:
+        m = div.matrix[layer]
+        for i, a in enumerate(div.domains):
+            for j, b in enumerate(div.domains):
+                assert m[i, j] == pytest.approx(_js_ref(dists[a][layer], dists[b][layer]),
+                                                abs=1e-12)
+        np.testing.assert_array_equal(m, m.T)
+        assert m[0, 3] == 0.0 and np.all(np.diag(m) == 0) and m.max() <= math.log(2)
+        assert m[0, 1] > 0
+        iu = np.triu_indices(4, 1)
+        assert div.mean[layer] == pytest.approx(m[iu].mean()) and div.max[layer] == m[iu].max()
+    # Disjoint supports reach the bound ln 2.
+    assert RA.js_divergence(np.array([1.0, 0, 0]), np.array([0, 0.5, 0.5])) == pytest.approx(
+        math.log(2), abs=1e-15)
+
+
+# ---------------------------------------------------------------------------- consecutive
+
+
+def _recorded(seed_count: int = 3) -> TokenRouting:
+    model = _tiny_lm()
+    return record_routing(model, [_batch(s) for s in range(seed_count)])
+
+
+def test_same_expert_rate_against_plain_loops() -> None:
+    tr = _recorded()
+    n = tr.num_tokens
+    for layer in tr.layers:
+        idx = tr.topk[layer].tolist()
+        pairs = [(i, i + 1) for i in range(n - 1)
+                 if tr.seq_id[i] == tr.seq_id[i + 1] and tr.position[i + 1] == tr.position[i] + 1]
+        # 6 sequences of lengths 12, 9, 8 per batch x 3 batches.
+        assert len(pairs) == 3 * (11 + 8 + 7)
+        r1 = same_expert_rate(tr, layer)
+        assert r1.pairs == len(pairs)
+        assert r1.rate == pytest.approx(sum(idx[i][0] == idx[j][0] for i, j in pairs) / len(pairs))
+        chance1 = sum(idx[i][0] == idx[j][0] for i in range(n) for j in range(n)) / n**2
+        assert r1.chance == pytest.approx(chance1, abs=1e-12) and r1.uniform == 1 / E
+        rk = same_expert_rate(tr, layer, mode="topk")
+        assert rk.rate == pytest.approx(
+            sum(bool(set(idx[i]) & set(idx[j])) for i, j in pairs) / len(pairs))
+        chancek = sum(bool(set(idx[i]) & set(idx[j])) for i in range(n) for j in range(n)) / n**2
+        assert rk.chance == pytest.approx(chancek, abs=1e-12)
+        assert rk.uniform == pytest.approx(1 - 15 / 28)  # Mixtral's 46 % for E = 8, K = 2
+
+
+def test_set_overlap_chance_exact_multiword_and_monte_carlo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 160 ids: the bit sets span 3 uint64 words; a few hot ids make overlaps frequent.
+    rng = np.random.default_rng(1)
+    p = np.r_[[0.2, 0.1], np.full(157, 0.6 / 157), [0.1]]
+    idx = np.stack([rng.choice(160, 3, replace=False, p=p) for _ in range(150)])
+    n = len(idx)
+    rows = [set(r) for r in idx.tolist()]
+    loop = sum(bool(a & b) for a in rows for b in rows) / n**2
+    exact = RA._set_overlap_chance(idx)
+    assert exact == pytest.approx(loop, abs=1e-12)
+    monkeypatch.setattr(RA, "_EXACT_SETS", 1)
+    assert RA._set_overlap_chance(idx) == pytest.approx(exact, abs=5e-3)
+
+
+# ---------------------------------------------------------------------------- agreement
+
+
+def test_router_agreement_same_perturbed_and_loop() -> None:
+    batches = [_batch(s) for s in range(2)]
+    model = _tiny_lm()
+    a = record_routing(model, batches)
+    same = router_agreement(a, record_routing(model, batches))
+    assert same == dict.fromkeys(a.layers, 1.0)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        w = other.model.layers[1].mlp.router.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std())
+    b = record_routing(other, batches)
+    agree = router_agreement(a, b)
+    top1 = router_agreement(a, b, top1=True)
+    assert agree["model.layers.0.mlp"] == 1.0  # upstream of the perturbed router
+    assert agree["model.layers.1.mlp"] < 1.0
+    for layer in a.layers:
+        ia, ib = a.topk[layer].tolist(), b.topk[layer].tolist()
+        ref = sum(len(set(x) & set(y)) / K for x, y in zip(ia, ib, strict=True)) / len(ia)
+        assert agree[layer] == pytest.approx(ref, abs=1e-12)
+        ref1 = sum(x[0] == y[0] for x, y in zip(ia, ib, strict=True)) / len(ia)
+        assert top1[layer] == pytest.approx(ref1, abs=1e-12)
+    with pytest.raises(ValueError, match="same tokens"):
+        router_agreement(a, record_routing(model, batches[:1]))
+    assert RA.agreement_chance(K, E) == 0.25
+
+
+# ---------------------------------------------------------------------------- specialisation
+
+
+def test_expert_top_tokens_against_counter() -> None:
+    tr = _recorded()
+    for layer in tr.layers:
+        tops = expert_top_tokens(tr, layer, top_n=4, decode=decode_bytes)
+        assert sorted(tops) == list(range(E))
+        occ = Counter(tr.token_ids.tolist())
+        for e in range(E):
+            c = Counter(t for t, row in zip(tr.token_ids.tolist(), tr.topk[layer].tolist(),
+                                            strict=True) if e in row)
+            want = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+            assert [(t.token_id, t.count) for t in tops[e]] == want
+            assert [t.token for t in tops[e]] == [decode_bytes(t) for t, _ in want]
+            assert [t.share for t in tops[e]] == [n / occ[t] for t, n in want]
+    no_ids = copy.copy(tr)
+    no_ids.token_ids = np.full_like(tr.token_ids, -1)
+    with pytest.raises(ValueError, match="no token ids"):
+        expert_top_tokens(no_ids, tr.layers[0])
+
+
+def test_make_decoder_restores_word_start_spaces() -> None:
+    class Tok:
+        def __init__(self) -> None:
+            self.pieces = {0: "▁the", 1: "cat", 2: "Ġdog"}
+
+        def decode(self, ids: list[int], **kw: object) -> str:
+            return self.pieces[ids[0]].lstrip("▁Ġ")
+
+        def convert_ids_to_tokens(self, i: int) -> str:
+            return self.pieces[i]
+
+    dec = RA.make_decoder(Tok())
+    assert dec is not None and [dec(i) for i in range(3)] == [" the", "cat", " dog"]
+    assert RA.make_decoder(None) is None
+
+
+def test_make_decoder_with_a_real_byte_level_bpe_tokenizer() -> None:
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def f(x):\n    return x + 1", "the cat sat on the mat <b>"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    dec = RA.make_decoder(hf)
+    assert dec is not None
+    for s in text[:2]:
+        ids = hf(s)["input_ids"]
+        assert "".join(dec(i) for i in ids) == s  # a passage reads back as the text
+
+
+# ---------------------------------------------------------------------------- token view
+
+
+class _Spans(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.titles: list[str] = []
+        self._in = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "span" and a.get("class") == "moe-tok":
+            self._in = True
+            self.texts.append("")
+            self.titles.append(a.get("title") or "")
+        elif tag == "script":
+            raise AssertionError("unescaped <script> element")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in:
+            self.texts[-1] += data
+
+
+def test_colored_tokens_html_escapes_and_one_span_per_token() -> None:
+    toks = ["<script>alert(1)</script>", " a  b", "\n", "&amp;", '"q"']
+    experts = [0, 1, 2, 9, 1]
+    out = colored_tokens_html(toks, experts, E, title="layer <0>")
+    assert "<script>" not in out and "&lt;script&gt;" in out and "layer &lt;0&gt;" in out
+    assert out.count('class="moe-tok"') == len(toks)
+    assert "white-space:pre-wrap" in out
+    p = _Spans()
+    p.feed(out)
+    assert p.texts == toks  # text round-trips exactly, whitespace and newlines included
+    assert p.titles == ["expert 0", "expert 1", "expert 2", "no routed expert", "expert 1"]
+    pal = RA.expert_palette(E)
+    assert f"background:{pal[1]}" in out and len(set(pal)) == E
+    assert out.count('class="moe-legend-item"') == 3  # experts 0, 1, 2 occur
+    assert len(set(RA.expert_palette(128))) == 128
+    with pytest.raises(ValueError, match="one expert id per token"):
+        colored_tokens_html(["a"], [0, 1], E)
+    tr = _recorded(1)
+    words, ex = RA.token_passage(tr, tr.layers[1], sequence=2, decode=decode_bytes)
+    rows = tr.seq_id == 2
+    assert words == [decode_bytes(t) for t in tr.token_ids[rows]]
+    assert ex == tr.topk[tr.layers[1]][rows, 0].tolist()
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def test_figures_save_as_png(tmp_path: object) -> None:
+    pytest.importorskip("matplotlib")
+    model = _tiny_lm()
+    rec = RoutingRecorder(model)
+    with rec, torch.no_grad():
+        for name, lo, hi in (("code", 0, 20), ("prose", 30, 64)):
+            with rec.source(name):
+                model(*_batch(1, lo=lo, hi=hi))
+    trs = rec.results()
+    dists = {d: expert_distribution(tr) for d, tr in trs.items()}
+    fig = RA.domain_distribution_figure(dists)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:  # grouped bars: one per (domain, expert)
+        assert len(ax.patches) == 2 * E
+    heights = sorted(round(p.get_height(), 12) for p in fig.axes[0].patches)
+    want = sorted(round(float(v), 12) for d in dists for v in dists[d]["model.layers.0.mlp"])
+    assert heights == want
+    rates = {d: {lay: same_expert_rate(tr, lay) for lay in tr.layers} for d, tr in trs.items()}
+    agree = router_agreement(trs["code"], trs["code"])
+    figs = {
+        "dist": fig,
+        "div": RA.divergence_figure(domain_divergence(dists)),
+        "agree": RA.agreement_figure(agree, chance=RA.agreement_chance(K, E)),
+        "agree_multi": RA.agreement_figure({"step 100": agree, "step 200": agree}),
+        "same": RA.same_expert_figure(rates),
+        "same_one": RA.same_expert_figure(rates["code"]),
+    }
+    for name, f in figs.items():
+        path = save_png(f, tmp_path / f"{name}.png")  # type: ignore[operator]
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_recorded_sequences_have_consecutive_positions() -> None:
+    tr = _recorded(1)
+    for s in np.unique(tr.seq_id):
+        pos = tr.position[tr.seq_id == s].tolist()
+        assert all(b == a + 1 for a, b in pairwise(pos))
