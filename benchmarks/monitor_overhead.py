@@ -35,7 +35,9 @@ median cost of a log step (snapshot) and the amortised step = median step + mean
 post-step cost over all measured steps (= snapshot cost / N). Ratio = amortised step /
 median step of ``none``, with a 95 % bootstrap interval (resampling steps); "paired" is
 the median of per-round ratios (robust to slow drifts of the load) plus the amortised log
-cost. Losses of all variants are compared: a monitor must not change training.
+cost. The same amortised ratio is also given on process CPU time (all threads), which
+other processes on a shared machine disturb far less than wall time. Losses of all
+variants are compared: a monitor must not change training.
 
 Part 2, memory (``--memory-steps``, default 10000): each variant in its own process
 (clean RSS; ``--memory-threads``, default 1, because tiny ops gain nothing from threads)
@@ -346,6 +348,10 @@ class VariantTiming:
     train: list[float] = field(default_factory=list)  # training step, hooks included
     post: list[float] = field(default_factory=list)  # after_step: snapshot on log steps
     log: list[float] = field(default_factory=list)  # post of the log steps only
+    # Process CPU time (all threads) of the same intervals: much less sensitive than wall
+    # time to other processes taking the cores of a shared machine.
+    cpu_train: list[float] = field(default_factory=list)
+    cpu_post: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
 
@@ -389,15 +395,17 @@ def time_model(
             ids, mask = batches[r % len(batches)]
             for name in variants[shift:] + variants[:shift]:
                 model, opt, var = runs[name]
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 loss = train_step(model, opt, ids, mask)
-                t1 = time.perf_counter()
+                c1, t1 = time.process_time(), time.perf_counter()
                 var.after_step(r)
-                t2 = time.perf_counter()
+                c2, t2 = time.process_time(), time.perf_counter()
                 if r >= warmup:
                     vt = timing[name]
                     vt.train.append(t1 - t0)
                     vt.post.append(t2 - t1)
+                    vt.cpu_train.append(c1 - c0)
+                    vt.cpu_post.append(c2 - c1)
                     if var.is_log_step(r):
                         vt.log.append(t2 - t1)
                     vt.losses.append(float(loss))
@@ -419,41 +427,57 @@ def _amortised(train: np.ndarray, post: np.ndarray) -> float:
     return float(np.median(train) + np.mean(post))
 
 
+def _ratio_ci(
+    rng: np.random.Generator,
+    v: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    boot: int,
+) -> tuple[float, float]:
+    # Bootstrap over steps: amortised(variant) / amortised(none), 95 % percentile interval.
+    n = len(v[0])
+    vi = rng.integers(0, n, size=(boot, n))
+    bi = rng.integers(0, len(b[0]), size=(boot, len(b[0])))
+    num = np.median(v[0][vi], axis=1) + v[1][vi].mean(axis=1)
+    den = np.median(b[0][bi], axis=1) + b[1][bi].mean(axis=1)
+    lo, hi = np.percentile(num / den, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def summarize(mt: ModelTiming, boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per variant: medians, IQR, log cost, amortised step, ratios vs ``none``."""
+    """One row per variant: medians, IQR, log cost, amortised step, ratios vs ``none``.
+
+    Wall-clock ratios (``ratio``, ``ci_lo``/``ci_hi``, ``paired``) and the same amortised
+    ratio on process CPU time (``cpu_ratio``, ``cpu_lo``/``cpu_hi``).
+    """
     rng = np.random.default_rng(seed)
     base = mt.variants.get("none")
-    base_train = np.asarray(base.train) if base is not None else None
-    base_post = np.asarray(base.post) if base is not None else None
-    base_amort = _amortised(base_train, base_post) if base is not None else float("nan")
     rows = []
     for name, vt in mt.variants.items():
-        train, post = np.asarray(vt.train), np.asarray(vt.post)
-        amort = _amortised(train, post)
+        wall = (np.asarray(vt.train), np.asarray(vt.post))
+        cpu = (np.asarray(vt.cpu_train), np.asarray(vt.cpu_post))
+        amort = _amortised(*wall)
         row: dict[str, Any] = {
             "variant": name,
-            "median_ms": 1e3 * float(np.median(train)),
-            "iqr_ms": 1e3 * float(np.percentile(train, 75) - np.percentile(train, 25)),
+            "median_ms": 1e3 * float(np.median(wall[0])),
+            "iqr_ms": 1e3 * float(np.percentile(wall[0], 75) - np.percentile(wall[0], 25)),
             "log_ms": 1e3 * float(np.median(vt.log)) if vt.log else float("nan"),
             "amortised_ms": 1e3 * amort,
-            "ratio": amort / base_amort,
-            "ci_lo": float("nan"),
-            "ci_hi": float("nan"),
-            "paired": float("nan"),
-            "max_loss_diff": float("nan"),
         }
-        if base_train is not None and base_post is not None and base is not None:
-            n = len(train)
-            b_idx = rng.integers(0, n, size=(boot, n))
-            v_idx = rng.integers(0, n, size=(boot, n))
-            num = np.median(train[v_idx], axis=1) + post[v_idx].mean(axis=1)
-            den = np.median(base_train[b_idx], axis=1) + base_post[b_idx].mean(axis=1)
-            row["ci_lo"], row["ci_hi"] = (float(x) for x in np.percentile(num / den, [2.5, 97.5]))
+        nan = float("nan")
+        row.update(ratio=nan, ci_lo=nan, ci_hi=nan, paired=nan, max_loss_diff=nan,
+                   cpu_ratio=nan, cpu_lo=nan, cpu_hi=nan)
+        if base is not None:
+            bwall = (np.asarray(base.train), np.asarray(base.post))
+            bcpu = (np.asarray(base.cpu_train), np.asarray(base.cpu_post))
+            row["ratio"] = amort / _amortised(*bwall)
+            row["ci_lo"], row["ci_hi"] = _ratio_ci(rng, wall, bwall, boot)
+            row["cpu_ratio"] = _amortised(*cpu) / _amortised(*bcpu)
+            row["cpu_lo"], row["cpu_hi"] = _ratio_ci(rng, cpu, bcpu, boot)
             # Per-round ratios cancel slow drifts of the machine's load; the log cost is
             # added amortised (it falls on one step in log_every).
             row["paired"] = float(
-                np.median(train / base_train)
-                + (post.mean() - base_post.mean()) / float(np.median(base_train))
+                np.median(wall[0] / bwall[0])
+                + (wall[1].mean() - bwall[1].mean()) / float(np.median(bwall[0]))
             )
             row["max_loss_diff"] = float(
                 np.max(np.abs(np.asarray(vt.losses) - np.asarray(base.losses)))
@@ -469,14 +493,16 @@ def timing_table(mt: ModelTiming, rows: list[dict[str, Any]]) -> str:
         f"log (snapshot) every {mt.log_every} steps",
         "",
         "| variant | median step (ms) | IQR (ms) | log step cost (ms) | amortised step (ms) "
-        "| ratio vs none | 95% bootstrap | paired ratio | max loss diff | state bytes |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| ratio vs none | 95% bootstrap | paired ratio | CPU-time ratio | CPU 95% bootstrap "
+        "| max loss diff | state bytes |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['log_ms']:.2f} "
             f"| {r['amortised_ms']:.1f} | {r['ratio']:.3f}x | "
-            f"{r['ci_lo']:.3f}–{r['ci_hi']:.3f} | {r['paired']:.3f}x | "
+            f"{r['ci_lo']:.3f}–{r['ci_hi']:.3f} | {r['paired']:.3f}x | {r['cpu_ratio']:.3f}x | "
+            f"{r['cpu_lo']:.3f}–{r['cpu_hi']:.3f} | "
             f"{r['max_loss_diff']:.1e} | {mt.state_nbytes[r['variant']]:,} |"
         )
     return "\n".join(lines)
@@ -706,6 +732,7 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
                 progress=True,
             )
             table = timing_table(mt, summarize(mt, seed=args.seed))
+            table += f"\n\nFinished: {_conditions(args.threads)}"
             parts.append(table)
             emit("\n" + table)
         if args.profile:

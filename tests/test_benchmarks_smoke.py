@@ -58,8 +58,10 @@ def test_time_model_runs_every_variant_and_keeps_losses(spec: mo.ModelSpec) -> N
     rows = mo.summarize(mt, boot=50)
     by = {r["variant"]: r for r in rows}
     assert by["none"]["ratio"] == pytest.approx(1.0)
+    assert by["none"]["cpu_ratio"] == pytest.approx(1.0)
     for r in rows:
         assert math.isfinite(r["ratio"]) and r["ci_lo"] <= r["ci_hi"]
+        assert math.isfinite(r["cpu_ratio"]) and r["cpu_lo"] <= r["cpu_hi"]
         assert r["amortised_ms"] >= r["median_ms"]
     table = mo.timing_table(mt, rows)
     assert table.count("\n| ") == len(variants) + 1  # header + one row per variant

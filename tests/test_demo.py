@@ -228,7 +228,8 @@ def test_cli_flags(tmp_path: Path) -> None:
 def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The `make demo` entry point at its real model size, cut to two steps per run.
     rc = demo.main(["--out", str(tmp_path), "--steps", "2", "--log-every", "1",
-                    "--max-bytes", "100000", "--seq-len", "32", "--batch-size", "2", "--quiet"])
+                    "--max-bytes", "100000", "--seq-len", "32", "--batch-size", "2", "--quiet",
+                    "--analyze-tokens", "96"])
     assert rc == 0
     summary = _strict_json((tmp_path / "summary.json").read_text())
     assert list(summary["runs"]) == ["balanced", "no_balance"]
@@ -240,6 +241,14 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     printed = capsys.readouterr().out
     assert "eval LM loss (nats/byte)" in printed and "no_balance" in printed
     assert str(tmp_path / "summary.json") in printed
+    # The last step: `moescope analyze` on the balanced checkpoint, neurons on, two domains.
+    report = tmp_path / "analysis" / "report.html"
+    assert f"report: {report}" in printed and report.is_file()
+    analysis = _strict_json((tmp_path / "analysis" / "summary.json").read_text())
+    assert analysis["total_tokens"] == 96 * len(demo.analysis_sources()) == 192
+    agreement = analysis["routing_analysis"]["router_agreement"]  # balanced vs no_balance
+    assert set(agreement) == set(analysis["layers"]) and len(agreement) == 4
+    assert all(0.0 <= v <= 1.0 for v in agreement.values())
 
 
 def test_rerun_into_same_folder_replaces_the_old_outputs(tmp_path: Path) -> None:

@@ -193,31 +193,3 @@ def test_inputs_embeds_rejected() -> None:
     model = small_model()
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=torch.zeros(1, 3, 32))
-
-
-def test_demo_smoke_run_writes_loadable_checkpoint(tmp_path, capsys) -> None:
-    import json
-
-    from moescope.demo import main
-
-    out_dir = tmp_path / "demo"
-    threads = torch.get_num_threads()
-    try:
-        rc = main(
-            ["--out", str(out_dir), "--steps", "4", "--log-every", "2", "--batch-size", "2",
-             "--seq-len", "32", "--max-bytes", "20000"]
-        )
-    finally:
-        torch.set_num_threads(threads)  # the demo pins its own thread count
-    assert rc == 0
-    printed = capsys.readouterr().out
-    # Two log points x 4 MoE layers of usage lines, each with 8 per-expert percentages.
-    usage = [line for line in printed.splitlines() if "usage% [" in line]
-    assert len(usage) == 8
-    cells = usage[0].split("[")[1].split("]")[0].split()
-    assert len(cells) == 8 and abs(sum(float(c) for c in cells) - 100.0) < 0.5
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and len(metrics["history"]) == 2
-    loaded = AutoModelForCausalLM.from_pretrained(out_dir / "checkpoint")
-    assert isinstance(loaded, TinyMoEForCausalLM)
-    assert loaded.config.num_hidden_layers == 4 and loaded.config.num_experts == 8

@@ -204,6 +204,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "thread made steps several times slower; pass 2 on an idle machine)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-window tables")
+    p.add_argument(
+        "--analyze-tokens",
+        type=int,
+        default=30_000,
+        help="tokens per data file for the final `moescope analyze` step (0 skips it)",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "log_every", "max_bytes", "threads"):
         if getattr(args, name) < 1:
@@ -564,7 +570,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n--- run {name!r}: aux_loss_coef={coef:g} ---", flush=True)
         results.append(train_run(name, args.out / name, settings, coef, train_ds, eval_ds))
     summarise(results, args.out, settings, time.perf_counter() - t0, time.process_time() - cpu0)
+    if args.analyze_tokens > 0:
+        report = analyze_run(results, args.out, args.analyze_tokens, settings.seq_len)
+        print(f"\nreport: {report}", flush=True)
     return 0
+
+
+def analysis_sources() -> list[Path]:
+    """Two domains that ship with Python: code (``argparse.py``) and prose (its licence)."""
+    from moescope.data import stdlib_dir
+
+    root = stdlib_dir()
+    return [p for p in (root / "argparse.py", root / "LICENSE.txt") if p.is_file()]
+
+
+def analyze_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_len: int) -> Path:
+    """``moescope analyze`` on the balanced run's checkpoint, neurons on, with the
+    no-balance checkpoint as ``--compare`` (router agreement between the two runs, which
+    started from the same weights). Returns the path of ``<out>/analysis/report.html``."""
+    from moescope.report.analyze import run_analyze
+
+    by_name = {r.name: r for r in results}
+    main_run = by_name.get("balanced", results[0])
+    other = next((r for r in results if r is not main_run), None)
+    print(f"\n--- moescope analyze {main_run.checkpoint} (neurons on) ---", flush=True)
+    return run_analyze(
+        model=main_run.checkpoint,
+        data=[str(p) for p in analysis_sources()],
+        out=str(out / "analysis"),
+        neurons=True,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        compare=other.checkpoint if other is not None else None,
+    )
 
 
 if __name__ == "__main__":
