@@ -214,6 +214,9 @@ class Variant:
 
 
 class MoescopeVariant(Variant):
+    """``MoEMonitor`` with co-activation, history and alert rules; snapshot + ``to_dict()``
+    on every log step."""
+
     name = "moescope"
     history = 1000  # MoEMonitor's default: rows kept per layer
 
@@ -247,6 +250,8 @@ class MoescopeSmallHistoryVariant(MoescopeVariant):
 
 
 class MoewatchVariant(Variant):
+    """PyPI ``moewatch`` 0.1.0 in live mode, every forward sampled, analysis every log step."""
+
     name = "moewatch"
 
     def __init__(self, model: nn.Module, log_every: int) -> None:
@@ -288,6 +293,8 @@ class MoewatchVariant(Variant):
 
 
 class NaiveVariant(Variant):
+    """The seeds' per-expert ``.item()`` loop (``naive_monitor.NaiveMonitor``)."""
+
     name = "naive"
 
     def __init__(self, model: nn.Module, log_every: int) -> None:
@@ -357,6 +364,8 @@ class VariantTiming:
 
 @dataclass
 class ModelTiming:
+    """Everything :func:`time_model` measured on one model."""
+
     spec: ModelSpec
     log_every: int
     steps: int

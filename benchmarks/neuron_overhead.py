@@ -28,7 +28,16 @@ all threads; less sensitive than wall time to other processes on a shared machin
 forward over ``--reps`` repetitions after ``--warmup``, and ratios of medians measured in
 the same run.
 
-Run:  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/neuron_overhead.py [--reps 12] [--quick]
+A second table times the pieces of one MoE layer back to back on the same tensors
+(experts forward, the row -> token sort of the capture pre-hook, the neuron update),
+which a loaded machine disturbs less than whole-model timings.
+
+One thread: on an oversubscribed shared machine, 2 OpenMP threads make every small GEMM
+wait at a barrier for a descheduled thread (see the layer_throughput notes), which
+swamps the differences measured here.
+
+Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/neuron_overhead.py [--reps 12] [--quick]
+      [--components-only]
 """
 
 from __future__ import annotations
@@ -121,11 +130,87 @@ def run(
     }
 
 
+def components(reps: int, batch: int, seq: int) -> None:
+    """Per-layer cost of the neuron counting alone vs the experts forward it rides on.
+
+    Less exposed to a shared machine than whole-model timings: each repetition times
+    the pieces back to back on the same tensors; median and min over ``reps``.
+    """
+    print("\n| model | piece (one layer) | median ms | min ms | vs experts forward (median, min) |")
+    print("|---|---|---:|---:|---:|")
+    for family in ("mixtral", "olmoe"):
+        _components_one(family, reps, batch, seq)
+
+
+def _components_one(family: str, reps: int, batch: int, seq: int) -> None:
+    from moescope.stats.neurons import NeuronAccumulator
+
+    torch.manual_seed(0)
+    model = build(family, 1, 256, 512)
+    blk = model.model.layers[0].mlp
+    x = torch.randn(batch * seq, 256)
+    with torch.no_grad():
+        _, w, idx = blk.gate(x)
+    e = blk.experts.num_experts
+    acc = NeuronAccumulator(e, 512)
+    acc_rel = NeuronAccumulator(e, 512, threshold=("relative", 0.9))
+    captured: dict[str, torch.Tensor] = {}
+    orig = blk.experts._apply_gate
+
+    def grab(gu: torch.Tensor) -> torch.Tensor:
+        h = orig(gu)
+        captured["h"] = h
+        return h
+
+    blk.experts._apply_gate = grab
+    with torch.no_grad():
+        blk.experts(x, idx, w)
+    del blk.experts._apply_gate
+    h = captured["h"]
+    ids_sorted, perm = torch.sort(idx.reshape(-1))
+    valid = torch.ones(x.shape[0], dtype=torch.bool)[perm // idx.shape[1]]
+
+    def t_experts() -> None:
+        with torch.no_grad():
+            blk.experts(x, idx, w)
+
+    def t_sort() -> None:
+        _, p = torch.sort(idx.reshape(-1))
+        torch.ones(x.shape[0], dtype=torch.bool)[p // idx.shape[1]]
+
+    pieces: dict[str, Callable[[], None]] = {
+        "experts forward (grouped_mm)": t_experts,
+        "row -> token sort (pre-hook)": t_sort,
+        "NeuronAccumulator.update (magnitude)": lambda: acc.update(h, ids_sorted, valid),
+        "NeuronAccumulator.update (relative)": lambda: acc_rel.update(h, ids_sorted, valid),
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for r in range(reps + 2):
+        for k, f in pieces.items():
+            t0 = time.perf_counter()
+            f()
+            if r >= 2:
+                times[k].append(time.perf_counter() - t0)
+    base = times["experts forward (grouped_mm)"]
+    mb, nb = statistics.median(base), min(base)
+    shape = "E=8, K=2" if family == "mixtral" else "E=64, K=8"
+    for k, v in times.items():
+        md, mn = statistics.median(v), min(v)
+        print(
+            f"| {family} ({shape}), {x.shape[0]} tokens | {k} | {md * 1e3:.1f} | "
+            f"{mn * 1e3:.1f} | {md / mb:.3f}, {mn / nb:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: smoke test only")
+    ap.add_argument(
+        "--components-only", action="store_true",
+        help="only the per-layer piece timings (experts forward vs neuron counting)",
+    )  # fmt: skip
     a = ap.parse_args()
     batch, seq, layers = (2, 32, 2) if a.quick else (8, 256, 4)
     reps = 3 if a.quick else a.reps
@@ -133,6 +218,9 @@ def main() -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch} x {seq}, "
         f"{layers} layers, H=256, I=512, median of {reps} reps after {a.warmup} warm-up"
     )
+    if a.components_only:
+        components(max(reps, 10), batch, seq)
+        return
     rows = []
     for family in ("mixtral", "olmoe"):
         med = run(family, reps, a.warmup, batch, seq, layers)
@@ -152,6 +240,7 @@ def main() -> None:
                 f"| {family} ({shape}) | {m} | {w:.4f} | {w / w0:.3f}x | {w / wr:.3f}x | "
                 f"{c:.4f} | {c / c0:.3f}x | {c / cr:.3f}x |"
             )
+    components(max(reps, 10), batch, seq)
 
 
 if __name__ == "__main__":

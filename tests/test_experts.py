@@ -179,6 +179,11 @@ def test_neuron_observer_gets_intermediate_of_every_kept_slot(backend: str, act:
     assert len(calls) == 1
     h, eid, sid = calls[0]
     assert not h.requires_grad
+    # Rows of dropped slots come last, marked with expert id E (consumers ignore them).
+    n_kept = int((~dropped).sum())
+    assert bool((eid[n_kept:] == e).all()) and bool((eid[:n_kept] < e).all())
+    assert sorted(sid[n_kept:].tolist()) == dropped.reshape(-1).nonzero().squeeze(-1).tolist()
+    h, eid, sid = h[:n_kept], eid[:n_kept], sid[:n_kept]
     kept = (~dropped).reshape(-1).nonzero().squeeze(-1)
     # Exactly the kept slots, each once, rows sorted by expert id.
     assert sorted(sid.tolist()) == kept.tolist()

@@ -9,6 +9,7 @@ sync); ``snapshot()`` moves every layer's sums to the host in ONE transfer, buil
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -172,6 +173,9 @@ class MoEMonitor:
 
             adapters = default_adapters()
         self.model = model
+        # Forwards may run in one thread while a timer thread snapshots (serving): the
+        # lock makes update() and the copy-then-reset of snapshot() atomic to each other.
+        self._lock = threading.RLock()
         self.adapters: list[MoEAdapter] = list(adapters)
         found = find_moe_layers(model, self.adapters)
         if not found:
@@ -309,18 +313,19 @@ class MoEMonitor:
     def _emit(self, record: RoutingRecord) -> None:
         if self._calibrating:
             return  # calibration forwards feed only the neuron histograms
-        acc = self._accs.get(record.layer)
-        if acc is None:
-            info = self._by_path.get(record.layer)
-            if info is None:
-                raise KeyError(
-                    f"adapter emitted a record for {record.layer!r}, which is not one of the "
-                    f"monitored layers {list(self._by_path)}; RoutingRecord.layer must be "
-                    "LayerInfo.path"
-                )
-            # Lazily, on the device of the first record: the router's device.
-            acc = self._new_acc(info, record.top_k, record.topk_index.device)
-        acc.update(record)
+        with self._lock:
+            acc = self._accs.get(record.layer)
+            if acc is None:
+                info = self._by_path.get(record.layer)
+                if info is None:
+                    raise KeyError(
+                        f"adapter emitted a record for {record.layer!r}, which is not one of "
+                        f"the monitored layers {list(self._by_path)}; RoutingRecord.layer "
+                        "must be LayerInfo.path"
+                    )
+                # Lazily, on the device of the first record: the router's device.
+                acc = self._new_acc(info, record.top_k, record.topk_index.device)
+            acc.update(record)
 
     # ------------------------------------------------------------------ neurons
 
@@ -390,10 +395,11 @@ class MoEMonitor:
                 cal = self._calibrators[layer] = NeuronCalibrator(h.device)
             cal.update(h, row_valid)
             return
-        nacc = self._naccs.get(layer)
-        if nacc is None:
-            nacc = self._new_nacc(layer, h.device)
-        nacc.update(h, expert_ids, row_valid)
+        with self._lock:
+            nacc = self._naccs.get(layer)
+            if nacc is None:
+                nacc = self._new_nacc(layer, h.device)
+            nacc.update(h, expert_ids, row_valid)
 
     @contextmanager
     def calibration(self) -> Iterator[MoEMonitor]:
@@ -530,26 +536,29 @@ class MoEMonitor:
         Appends to ``self.history`` and runs ``alert_rules``. ``step`` defaults to the
         number of snapshots taken before. ``reset`` starts a new window.
         """
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        ops: dict[str, str] = {}
-        accs: dict[str, LayerAccumulator] = {}
-        for info in self.layers:
-            acc = self._accs.get(info.path)
-            if acc is None:
-                # Never called in this window: zeros with the same layout on every rank.
-                acc = self._new_acc(info, info.top_k, self._default_device(info))
-            accs[info.path] = acc
-            states[info.path] = acc.state()
-            ops.update(acc.reduce_ops())
-            if info.path in self._taps:
-                nacc = self._naccs.get(info.path)
-                if nacc is None:
-                    nacc = self._new_nacc(info.path, acc.device)
-                # Same dict: packed into the one host transfer and the all-reduce.
-                states[info.path].update(nacc.state())
-                ops.update(nacc.reduce_ops())
-        self._reduce(states, ops)
-        host = self._to_host(states)
+        with self._lock:
+            states: dict[str, dict[str, torch.Tensor]] = {}
+            ops: dict[str, str] = {}
+            accs: dict[str, LayerAccumulator] = {}
+            for info in self.layers:
+                acc = self._accs.get(info.path)
+                if acc is None:
+                    # Never called in this window: zeros with the same layout on every rank.
+                    acc = self._new_acc(info, info.top_k, self._default_device(info))
+                accs[info.path] = acc
+                states[info.path] = acc.state()
+                ops.update(acc.reduce_ops())
+                if info.path in self._taps:
+                    nacc = self._naccs.get(info.path)
+                    if nacc is None:
+                        nacc = self._new_nacc(info.path, acc.device)
+                    # Same dict: packed into the one host transfer and the all-reduce.
+                    states[info.path].update(nacc.state())
+                    ops.update(nacc.reduce_ops())
+            self._reduce(states, ops)
+            host = self._to_host(states)
+            if reset:
+                self.reset()
         layers = {
             path: layer_stats_from_state(host[path], acc.num_experts, acc.top_k)
             for path, acc in accs.items()
@@ -571,8 +580,6 @@ class MoEMonitor:
             time=time.time(),
         )
         self._num_snapshots += 1
-        if reset:
-            self.reset()
         if self.history is not None:
             self.history.append(snap)
         self.last_snapshot = snap
@@ -588,10 +595,11 @@ class MoEMonitor:
 
     def reset(self) -> None:
         """Zero every layer's sums (start a new window)."""
-        for acc in self._accs.values():
-            acc.reset()
-        for nacc in self._naccs.values():
-            nacc.reset()
+        with self._lock:
+            for acc in self._accs.values():
+                acc.reset()
+            for nacc in self._naccs.values():
+                nacc.reset()
 
     def __repr__(self) -> str:
         return (

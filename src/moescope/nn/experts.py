@@ -41,10 +41,11 @@ Called once per forward as ``observer(h [N, I], expert_ids [N], slot_ids [N])`` 
   (non-gated) of every kept (token, slot) row, detached from autograd;
 - rows are sorted by expert id (stable: within one expert, in slot order);
 - ``slot_ids`` index the flattened [T * K] slots (token = slot // K, slot = slot % K);
-- dropped slots do not appear (N = T * K minus dropped).
+- rows of dropped slots, if any, come last with expert id ``E`` (``num_experts``) and
+  unspecified ``h``: consumers ignore ids >= E. Cutting them off would need the number of
+  kept rows on the host, a sync per forward; ignoring them costs nothing.
 
-Used by the monitor's neuron counting; it must not modify ``h``. Setting an observer on a
-layer with dropped slots costs one host sync (the number of kept rows)."""
+Used by the monitor's neuron counting; it must not modify ``h``."""
 
 
 def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
@@ -305,6 +306,5 @@ class GroupedExperts(nn.Module):
         y = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
         y = y.index_add(0, token_of_row, out * w_sorted.unsqueeze(-1))
         if self.neuron_observer is not None:
-            n_kept = order.shape[0] if dropped is None else int(counts[:e].sum())
-            self.neuron_observer(h[:n_kept].detach(), sorted_expert[:n_kept], order[:n_kept])
+            self.neuron_observer(h.detach(), sorted_expert, order)
         return y.to(x.dtype)

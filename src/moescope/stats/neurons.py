@@ -40,12 +40,15 @@ O(E) int64 sums plus the per-neuron firing counts ``fire`` [E, I] int32, i.e.
 The firing counts give the firing frequency (count / rows of the expert) and the dead
 neurons (count == 0) at once, so no separate bitset is kept; ``per_neuron=False`` drops
 them (and the dead / hot neuron metrics) for O(E) memory. int32 overflows only after
-2^31 rows of one expert in one window.
+2^31 rows of one expert in one window. Besides, one set of scratch buffers per device
+(shared by all layers, reused across calls) holds one call's [N, I] |h| and mask
+(5 bytes per element) and [E, I] float32 per-call counts.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -232,6 +235,7 @@ class NeuronAccumulator:
             torch.zeros(e + 1, i, dtype=torch.int32, device=dev) if self.per_neuron else None
         )
 
+
     def reset(self) -> None:
         """Zero every sum (start a new window) without reallocating."""
         for t in (self._rows, self._act_sum, self._act_sq, self._hist, self._fire):
@@ -284,7 +288,7 @@ class NeuronAccumulator:
             raise ValueError(f"expert_ids must be [N={n}], got {tuple(expert_ids.shape)}")
         if n == 0:
             return
-        e, dev = self.num_experts, self.device
+        e, dev, i = self.num_experts, self.device, self.intermediate_size
         h = h.detach().to(dev)
         eid = expert_ids.to(dev).long()
         ok = (eid >= 0) & (eid < e)
@@ -292,16 +296,73 @@ class NeuronAccumulator:
             ok = ok & row_valid.to(dev).reshape(n).bool()
         eid = torch.where(ok, eid, e)
         mode, value = self.threshold
-        active = activated_mask(h, mode, value)
-        cnt = active.sum(dim=-1)
+        # Work in reused scratch buffers: on CPU, allocating fresh [N, I] tensors every
+        # call costs more than the arithmetic (page faults), ~10x the whole update.
+        a, act = _scratch(dev, n, i)
+        if mode == "relative" or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            act.copy_(activated_mask(h, mode, value))
+        else:
+            if h.dtype == torch.float32:
+                torch.abs(h, out=a)
+            else:
+                a.copy_(h).abs_()
+            if mode == "magnitude":
+                # Same ops as activated_mask: mean in float32, then scaled.
+                torch.gt(a, a.mean(dim=-1, keepdim=True).mul_(value), out=act)
+            else:
+                torch.gt(a, value, out=act)
+        # 0/1 as float32: float row sums and index_add_ are much faster than integer
+        # ones on CPU and exact (counts < 2**24 per call).
+        a.copy_(act)
+        cnt = a.sum(dim=-1).long()
         self._rows.index_add_(0, eid, torch.ones_like(eid))
         self._act_sum.index_add_(0, eid, cnt)
         self._act_sq.index_add_(0, eid, cnt * cnt)
         b = self.hist_bins
-        hbin = torch.div(cnt * b, self.intermediate_size + 1, rounding_mode="floor")
+        hbin = torch.div(cnt * b, i + 1, rounding_mode="floor")
         self._hist.index_add_(0, torch.where(ok, hbin, b), torch.ones_like(hbin))
         if self._fire is not None:
-            self._fire.index_add_(0, eid, active.to(torch.int32))
+            # Per-call firing counts in float32 (exact below 2**24 rows per call) in a
+            # shared scratch, added to the int32 window counts.
+            tmp = _scratch_fire(dev, e + 1, i)
+            tmp.zero_()
+            tmp.index_add_(0, eid, a)
+            self._fire.add_(tmp.to(torch.int32))
+
+
+_SCRATCH: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(device: torch.device, n: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, I] float32, [n, I] bool) views of buffers reused across calls and layers.
+
+    One pair per (device, thread), grown to the largest call seen: the memory of one
+    layer's intermediate activations (5 bytes per element), however many layers.
+    Layers run one after the other on a device, so sharing is safe.
+    """
+    key = (device, threading.get_ident())
+    need = n * i
+    bufs = _SCRATCH.get(key)
+    if bufs is None or bufs[0].numel() < need:
+        bufs = (
+            torch.empty(need, dtype=torch.float32, device=device),
+            torch.empty(need, dtype=torch.bool, device=device),
+        )
+        _SCRATCH[key] = bufs
+    return bufs[0][:need].view(n, i), bufs[1][:need].view(n, i)
+
+
+_SCRATCH_FIRE: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _scratch_fire(device: torch.device, rows: int, i: int) -> torch.Tensor:
+    """[rows, I] float32 view of a per-(device, thread) buffer reused across layers."""
+    key = (device, threading.get_ident())
+    need = rows * i
+    buf = _SCRATCH_FIRE.get(key)
+    if buf is None or buf.numel() < need:
+        buf = _SCRATCH_FIRE[key] = torch.empty(need, dtype=torch.float32, device=device)
+    return buf[:need].view(rows, i)
 
 
 class NeuronCalibrator:
