@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moescope.capture.adapter import CaptureContext, Detach, LayerInfo, MoEAdapter
+from moescope.capture.adapter import (
+    Detach,
+    ForwardOnlyContext,
+    LayerInfo,
+    MoEAdapter,
+    in_backward,
+)
 from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
 from moescope.capture.record import RoutingRecord
 from moescope.errors import UnsupportedModelError
@@ -37,29 +43,6 @@ from moescope.stats.neurons import (
 from moescope.stats.snapshot import Snapshot, layer_stats_from_state
 
 __all__ = ["MoEMonitor", "find_moe_layers"]
-
-
-def _in_backward() -> bool:
-    # A forward that runs while autograd executes a backward pass is a gradient-checkpoint
-    # recomputation (reentrant: CheckpointFunction.backward; non-reentrant: the unpack
-    # hook of a saved tensor). Both run inside a graph task.
-    return torch._C._current_graph_task_id() != -1
-
-
-class _MonitorContext(CaptureContext):
-    """CaptureContext whose ``counting`` is also False inside a backward pass."""
-
-    def __init__(self) -> None:
-        self._enabled = True
-        super().__init__()
-
-    @property  # type: ignore[override]
-    def counting(self) -> bool:
-        return self._enabled and not _in_backward()
-
-    @counting.setter
-    def counting(self, value: bool) -> None:
-        self._enabled = bool(value)
 
 
 def find_moe_layers(
@@ -205,7 +188,7 @@ class MoEMonitor:
             self.history = UsageHistory(maxlen=int(history)) if history else None
         self.last_alerts: list[Any] = []
         self.last_snapshot: Snapshot | None = None
-        self.ctx = _MonitorContext()
+        self.ctx = ForwardOnlyContext()
         self._accs: dict[str, LayerAccumulator] = {}
         self._detaches: list[Detach] = []
         self._num_snapshots = 0
@@ -242,7 +225,7 @@ class MoEMonitor:
         return None
 
     def _top_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _in_backward():
+        if in_backward():
             return  # a checkpointed top level re-running: keep the mask of the forward
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
@@ -252,7 +235,7 @@ class MoEMonitor:
         self.ctx.decoder_attention_mask = dec_mask if isinstance(dec_mask, torch.Tensor) else None
 
     def _top_post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if not _in_backward():
+        if not in_backward():
             # A later direct call of a sub-module must not inherit this forward's mask.
             self.ctx.attention_mask = None
             self.ctx.decoder_attention_mask = None

@@ -69,6 +69,33 @@ class CaptureContext:
         return m[:, -s:].reshape(-1).to(torch.bool)
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass.
+
+    A forward that runs then is a gradient-checkpoint recomputation (reentrant:
+    ``CheckpointFunction.backward``; non-reentrant: the unpack hook of a saved tensor);
+    both run inside a graph task. Such a forward must not be counted twice.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+class ForwardOnlyContext(CaptureContext):
+    """CaptureContext whose ``counting`` is also False inside a backward pass
+    (:func:`in_backward`); setting ``counting`` pauses or resumes it otherwise."""
+
+    def __init__(self) -> None:
+        self._enabled = True
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def counting(self) -> bool:
+        return self._enabled and not in_backward()
+
+    @counting.setter
+    def counting(self, value: bool) -> None:
+        self._enabled = bool(value)
+
+
 @runtime_checkable
 class MoEAdapter(Protocol):
     """What an adapter implements (see docs/custom_adapter.md).

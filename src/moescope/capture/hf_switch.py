@@ -63,6 +63,27 @@ def stack_token_mask(ctx: CaptureContext, path: str, num_tokens: int) -> torch.T
     return tmp.token_mask(num_tokens)
 
 
+def _match_block(
+    adapter: str, path: str, module: nn.Module, router_class: str, top_k: int
+) -> LayerInfo | None:
+    """LayerInfo for a block whose ``router`` is a ``router_class`` and whose ``experts``
+    is a ModuleDict (switch_transformers, nllb_moe), else None."""
+    router = getattr(module, "router", None)
+    experts = getattr(module, "experts", None)
+    if router is None or not _has_class(router, router_class):
+        return None
+    if not isinstance(experts, nn.ModuleDict):
+        return None
+    return LayerInfo(
+        path=path,
+        adapter=adapter,
+        num_experts=int(router.num_experts),
+        top_k=top_k,
+        module=module,
+        extra={"router": router, "experts": experts, "decoder": _is_decoder_path(path)},
+    )
+
+
 class SwitchTransformersAdapter:
     """Adapter for ``SwitchTransformersSparseMLP`` blocks (top-1, capacity-limited).
 
@@ -87,20 +108,7 @@ class SwitchTransformersAdapter:
 
     def match(self, path: str, module: nn.Module) -> LayerInfo | None:
         """LayerInfo for a block with a ``SwitchTransformersTop1Router`` router, else None."""
-        router = getattr(module, "router", None)
-        experts = getattr(module, "experts", None)
-        if router is None or not _has_class(router, "SwitchTransformersTop1Router"):
-            return None
-        if not isinstance(experts, nn.ModuleDict):
-            return None
-        return LayerInfo(
-            path=path,
-            adapter=self.name,
-            num_experts=int(router.num_experts),
-            top_k=1,
-            module=module,
-            extra={"router": router, "experts": experts, "decoder": _is_decoder_path(path)},
-        )
+        return _match_block(self.name, path, module, "SwitchTransformersTop1Router", top_k=1)
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook the router's forward output; returns a function removing the hook."""
@@ -167,20 +175,7 @@ class NllbMoeAdapter:
 
     def match(self, path: str, module: nn.Module) -> LayerInfo | None:
         """LayerInfo for a block with an ``NllbMoeTop2Router`` router, else None."""
-        router = getattr(module, "router", None)
-        experts = getattr(module, "experts", None)
-        if router is None or not _has_class(router, "NllbMoeTop2Router"):
-            return None
-        if not isinstance(experts, nn.ModuleDict):
-            return None
-        return LayerInfo(
-            path=path,
-            adapter=self.name,
-            num_experts=int(router.num_experts),
-            top_k=2,
-            module=module,
-            extra={"router": router, "experts": experts, "decoder": _is_decoder_path(path)},
-        )
+        return _match_block(self.name, path, module, "NllbMoeTop2Router", top_k=2)
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook the router's forward output; returns a function removing the hook."""

@@ -63,35 +63,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from moescope.capture.adapter import CaptureContext, Detach, LayerInfo, MoEAdapter
+from moescope.capture.adapter import (
+    Detach,
+    ForwardOnlyContext,
+    LayerInfo,
+    MoEAdapter,
+    in_backward,
+)
 from moescope.capture.record import RoutingRecord
 from moescope.errors import UnsupportedModelError
 
 __all__ = ["RoutingRecorder", "TokenRouting", "record_domains", "record_routing"]
 
 DEFAULT_SOURCE = "default"
-
-
-def _in_backward() -> bool:
-    # Same rule as the monitor: a forward run by autograd during backward is a
-    # gradient-checkpoint recomputation and must not be recorded twice.
-    return torch._C._current_graph_task_id() != -1
-
-
-class _RecorderContext(CaptureContext):
-    """CaptureContext whose ``counting`` is False inside backward or while disabled."""
-
-    def __init__(self) -> None:
-        self._enabled = True
-        super().__init__()
-
-    @property  # type: ignore[override]
-    def counting(self) -> bool:
-        return self._enabled and not _in_backward()
-
-    @counting.setter
-    def counting(self, value: bool) -> None:
-        self._enabled = bool(value)
 
 
 @dataclass
@@ -265,7 +249,7 @@ class RoutingRecorder:
         self._pairs: list[tuple[MoEAdapter, LayerInfo]] = found
         self.layers: list[str] = [i.path for _, i in found]
         self.num_experts: dict[str, int] = {i.path: int(i.num_experts) for _, i in found}
-        self.ctx = _RecorderContext()
+        self.ctx = ForwardOnlyContext()
         self._mask_pos = _arg_position(model, "attention_mask")
         self._ids_pos = _arg_position(model, "input_ids")
         self._detaches: list[Detach] = []
@@ -344,7 +328,7 @@ class RoutingRecorder:
         self._explicit = (input_ids, attention_mask)
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _in_backward():
+        if in_backward():
             return
         self._pending = {}
         self._active = True
@@ -363,7 +347,7 @@ class RoutingRecorder:
         self.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if _in_backward():
+        if in_backward():
             return
         try:
             # ``out`` is None when the forward raised (always_call hooks still run):
