@@ -9,12 +9,14 @@ __version__ = "0.1.0"
 __all__ = [
     "MoELightningCallback",
     "MoEMonitor",
+    "NeuronThreshold",
     "UnsupportedModelError",
     "__version__",
     "count_parameters",
     "create_moe_callback_for_pytorch",
     "create_moe_callback_for_transformers",
     "flops_per_token",
+    "measured_cost",
     "register_adapter",
 ]
 
@@ -24,6 +26,8 @@ _LAZY = {
     "register_adapter": ("moescope.capture.registry", "register_adapter"),
     "count_parameters": ("moescope.cost.params", "count_parameters"),
     "flops_per_token": ("moescope.cost.flops", "flops_per_token"),
+    "measured_cost": ("moescope.cost.measured", "measured_cost"),
+    "NeuronThreshold": ("moescope.stats.neurons", "NeuronThreshold"),
     "create_moe_callback_for_transformers": (
         "moescope.integrations.transformers",
         "create_moe_callback_for_transformers",
