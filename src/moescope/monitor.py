@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,9 @@ from moescope.capture.adapter import (
     ForwardOnlyContext,
     LayerInfo,
     MoEAdapter,
+    attach_all,
     in_backward,
+    top_level_hooks,
 )
 from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
 from moescope.capture.record import RoutingRecord
@@ -224,7 +227,9 @@ class MoEMonitor:
                 return i
         return None
 
-    def _top_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _top_pre_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         if in_backward():
             return  # a checkpointed top level re-running: keep the mask of the forward
         mask = kwargs.get("attention_mask")
@@ -248,25 +253,21 @@ class MoEMonitor:
         """Install the hooks (idempotent). Returns self."""
         if self._detaches:
             return self
-        detaches: list[Detach] = []
-        try:
-            h1 = self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)
-            detaches.append(h1.remove)
-            h2 = self.model.register_forward_hook(self._top_post_hook, always_call=True)
-            detaches.append(h2.remove)
-            for adapter, info in self._pairs:
-                detaches.append(adapter.attach(info, self._emit, self.ctx))
-            for info in self.layers:
-                tap = self._taps.get(info.path)
-                if tap is not None:
-                    detaches.append(
-                        attach_neurons(info, tap, self._emit_neurons, self.ctx, self._notify)
-                    )
-        except BaseException:
-            for d in reversed(detaches):
-                d()
-            raise
-        self._detaches = detaches
+        steps = top_level_hooks(self.model, self._top_pre_hook, self._top_post_hook)
+        steps += [partial(a.attach, info, self._emit, self.ctx) for a, info in self._pairs]
+        steps += [
+            partial(
+                attach_neurons,
+                info,
+                self._taps[info.path],
+                self._emit_neurons,
+                self.ctx,
+                self._notify,
+            )
+            for info in self.layers
+            if info.path in self._taps
+        ]
+        self._detaches = attach_all(steps)
         return self
 
     def detach(self) -> None:
@@ -289,7 +290,9 @@ class MoEMonitor:
     # ------------------------------------------------------------------ accumulation
 
     def _new_acc(self, info: LayerInfo, top_k: int, device: torch.device) -> LayerAccumulator:
-        acc = LayerAccumulator(info.num_experts, top_k, device=device, coactivation=self.coactivation)
+        acc = LayerAccumulator(
+            info.num_experts, top_k, device=device, coactivation=self.coactivation
+        )
         self._accs[info.path] = acc
         return acc
 
@@ -573,7 +576,9 @@ class MoEMonitor:
     def _threshold_label(self, path: str) -> str:
         t = self.neuron_threshold
         if t.mode == "calibrated":
-            return f"calibrated(target_sparsity={t.value:g}, tau={t.taus.get(path, float('nan')):.6g})"
+            return (
+                f"calibrated(target_sparsity={t.value:g}, tau={t.taus.get(path, float('nan')):.6g})"
+            )
         return t.describe()
 
     def reset(self) -> None:
@@ -589,5 +594,3 @@ class MoEMonitor:
             f"MoEMonitor({type(self.model).__name__}, layers={len(self.layers)}, "
             f"attached={self.attached})"
         )
-
-

@@ -6,9 +6,9 @@ RoutingRecord per block call. Adapters only capture: no metric math here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -94,6 +94,33 @@ class ForwardOnlyContext(CaptureContext):
     @counting.setter
     def counting(self, value: bool) -> None:
         self._enabled = bool(value)
+
+
+def attach_all(steps: Iterable[Callable[[], Detach]]) -> list[Detach]:
+    """Run attach steps in order and return their detach functions; if one raises, undo
+    the ones already done (last first) and re-raise, so a failed attach leaves no hook."""
+    done: list[Detach] = []
+    try:
+        for step in steps:
+            done.append(step())
+    except BaseException:
+        for d in reversed(done):
+            d()
+        raise
+    return done
+
+
+def top_level_hooks(
+    model: nn.Module,
+    pre_hook: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None],
+    post_hook: Callable[[nn.Module, tuple[Any, ...], Any], None],
+) -> list[Callable[[], Detach]]:
+    """Attach steps for the top-level forward's (kwargs-aware) pre-hook, which reads the
+    attention mask, and its post-hook, which always runs (even when the forward raises)."""
+    return [
+        lambda: model.register_forward_pre_hook(pre_hook, with_kwargs=True).remove,
+        lambda: model.register_forward_hook(post_hook, always_call=True).remove,
+    ]
 
 
 @runtime_checkable

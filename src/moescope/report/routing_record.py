@@ -56,6 +56,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ from moescope.capture.adapter import (
     ForwardOnlyContext,
     LayerInfo,
     MoEAdapter,
+    attach_all,
     in_backward,
+    top_level_hooks,
 )
 from moescope.capture.record import RoutingRecord
 from moescope.errors import UnsupportedModelError
@@ -121,9 +124,7 @@ class TokenRouting:
     def check_layer(self, layer: str) -> str:
         """``layer`` itself, or a ValueError naming the recorded layers."""
         if layer not in self.topk:
-            raise ValueError(
-                f"layer {layer!r} was not recorded; recorded layers: {self.layers}"
-            )
+            raise ValueError(f"layer {layer!r} was not recorded; recorded layers: {self.layers}")
         return layer
 
     def top1(self, layer: str) -> np.ndarray:
@@ -141,12 +142,16 @@ class TokenRouting:
             "token_ids": self.token_ids,
             "seq_id": self.seq_id,
             "position": self.position,
-            "meta": np.array(json.dumps({
-                "layers": self.layers,
-                "num_experts": self.num_experts,
-                "dropped": list(self.dropped),
-                "truncated": self.truncated,
-            })),
+            "meta": np.array(
+                json.dumps(
+                    {
+                        "layers": self.layers,
+                        "num_experts": self.num_experts,
+                        "dropped": list(self.dropped),
+                        "truncated": self.truncated,
+                    }
+                )
+            ),
         }
         for i, layer in enumerate(self.layers):
             arrays[f"topk_{i}"] = self.topk[layer]
@@ -171,8 +176,11 @@ class TokenRouting:
                 seq_id=z["seq_id"],
                 position=z["position"],
                 topk={layer: z[f"topk_{i}"] for i, layer in enumerate(layers)},
-                dropped={layer: z[f"dropped_{i}"] for i, layer in enumerate(layers)
-                         if layer in meta["dropped"]},
+                dropped={
+                    layer: z[f"dropped_{i}"]
+                    for i, layer in enumerate(layers)
+                    if layer in meta["dropped"]
+                },
                 truncated=bool(meta["truncated"]),
             )
 
@@ -241,7 +249,9 @@ class RoutingRecorder:
         if layers is not None:
             unknown = [p for p in layers if p not in paths]
             if unknown:
-                raise ValueError(f"layers {unknown} are not MoE layers of the model; choose from {paths}")
+                raise ValueError(
+                    f"layers {unknown} are not MoE layers of the model; choose from {paths}"
+                )
             keep = set(layers)
             found = [(a, i) for a, i in found if i.path in keep]
         self.model = model
@@ -378,19 +388,9 @@ class RoutingRecorder:
         """Install the hooks (idempotent). Returns self."""
         if self._detaches:
             return self
-        detaches: list[Detach] = []
-        try:
-            h1 = self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            detaches.append(h1.remove)
-            h2 = self.model.register_forward_hook(self._post_hook, always_call=True)
-            detaches.append(h2.remove)
-            for adapter, info in self._pairs:
-                detaches.append(adapter.attach(info, self._emit, self.ctx))
-        except BaseException:
-            for d in reversed(detaches):
-                d()
-            raise
-        self._detaches = detaches
+        steps = top_level_hooks(self.model, self._pre_hook, self._post_hook)
+        steps += [partial(a.attach, info, self._emit, self.ctx) for a, info in self._pairs]
+        self._detaches = attach_all(steps)
         return self
 
     def detach(self) -> None:
@@ -681,6 +681,10 @@ def record_routing(
     """The :class:`TokenRouting` of one data source: :func:`record_domains` with one
     domain."""
     return record_domains(
-        model, {DEFAULT_SOURCE: batches}, max_tokens=max_tokens, layers=layers,
-        adapters=adapters, device=device,
+        model,
+        {DEFAULT_SOURCE: batches},
+        max_tokens=max_tokens,
+        layers=layers,
+        adapters=adapters,
+        device=device,
     )[DEFAULT_SOURCE]
