@@ -19,7 +19,7 @@ from moescope.stats.snapshot import Snapshot
 
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import build_tiny, experts_modules, padded_batch  # noqa: E402
+from hf_tiny import FAMILIES, build_tiny, experts_modules, padded_batch  # noqa: E402
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -56,7 +56,7 @@ def _train_step(family: str, monitor: bool, seed: int = 0) -> tuple:
     return out.logits.detach(), out.loss.detach(), grads, rng
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "phimoe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_grads_and_rng_bit_identical(family: str) -> None:
     logits0, loss0, grads0, rng0 = _train_step(family, monitor=False)
     logits1, loss1, grads1, rng1 = _train_step(family, monitor=True)
@@ -68,8 +68,9 @@ def test_outputs_grads_and_rng_bit_identical(family: str) -> None:
     assert torch.equal(rng0, rng1)
 
 
-def test_detach_leaves_no_hook_behind() -> None:
-    model, _ = build_tiny("qwen2_moe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detach_leaves_no_hook_behind(family: str) -> None:
+    model, _ = build_tiny(family)
     before = _hooks(model)
     mon = MoEMonitor(model)
     assert _hooks(model) != before  # hooks were really installed
