@@ -98,9 +98,11 @@ def test_unsupported_model_error() -> None:
         MoEMonitor("not a model")  # type: ignore[arg-type]
 
 
-def test_snapshot_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("neurons", [False, True])
+def test_snapshot_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch, neurons: bool) -> None:
+    # With neurons on, the neuron state rides in the same packed transfer.
     model, _ = build_tiny("olmoe")
-    mon = MoEMonitor(model)
+    mon = MoEMonitor(model, neurons=neurons)
     ids, mask = padded_batch()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
@@ -121,6 +123,11 @@ def test_snapshot_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     st = snap.layers["model.layers.0.mlp"]
     assert st.usage_counts.dtype == np.int64 and st.coactivation.shape == (8, 8)
     assert np.array_equal(np.diag(st.coactivation), st.usage_counts)
+    if neurons:
+        assert st.firing_counts.shape == (8, 64) and st.firing_counts.sum() > 0
+        assert st.neuron_rows == st.usage_counts.sum()
+    else:
+        assert st.firing_counts is None
 
 
 def test_windows_reset_history_and_alerts() -> None:
