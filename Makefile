@@ -1,30 +1,72 @@
 # Two commands on a fresh clone: `make demo` and `make test`. Both create .venv when it is
 # missing, install torch==2.13.0 first (the CPU wheel; an unpinned torch would pull CUDA),
-# then the package with its extras. The stamp file makes a second run skip the install.
+# then the package with its extras, every version taken from requirements/lock.txt so a
+# fresh clone installs exactly what CI tested. The stamp makes a second run skip the install.
+#
+# `make lock` re-resolves the newest versions the pyproject.toml ranges allow and rewrites
+# the lock; `make test-latest` runs the suite on such a resolve without touching the lock
+# (how a maintainer learns of the next break first); `make test-lowest` runs it on the lower
+# bound of every range (so the bounds in pyproject.toml are versions the suite passed on).
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moescope-installed
 EXTRAS := all,test,dev,bench
+LOCK   := requirements/lock.txt
+TORCH  := torch==2.13.0
+PYTEST := -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: demo test lint bench clean setup
+.PHONY: demo test lint bench clean setup lock test-latest test-lowest
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m moescope.demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) $(PYTEST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# A throw-away venv resolved from pyproject.toml alone (torch pinned first), frozen into the
+# lock. torch is written without its local label (+cpu) so the constraint matches the wheel.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q $(TORCH)
+	.venv-lock/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	{ echo "# Exact versions CI tests with; written by 'make lock' ($(TORCH) installed first)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^moescope' \
+	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK); run 'make test' (it reinstalls from the new lock) before committing it"
+
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q $(TORCH)
+	.venv-latest/bin/python -m pip install -q --upgrade -e ".[$(EXTRAS)]"
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/resolved.txt
+	@echo "resolved (differences from $(LOCK)):"; \
+	  diff <(grep -v '^#' $(LOCK) | sort -f) <(sed -E 's/^(torch==[^+]*)\+.*/\1/' .venv-latest/resolved.txt | sort -f) \
+	    | grep '^[<>]' || echo "  none: the lock is current"
+	.venv-latest/bin/python $(PYTEST) -p no:cacheprovider
+
+test-lowest:
+	rm -rf .venv-lowest
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install -q $(TORCH)
+	$(PYTHON) requirements/lowest.py > .venv-lowest/lowest.txt
+	.venv-lowest/bin/python -m pip install -q -c .venv-lowest/lowest.txt -e ".[$(EXTRAS)]"
+	.venv-lowest/bin/python $(PYTEST) -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock demo-output .pytest_cache

@@ -18,7 +18,7 @@ from transformers import (
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moescope.data import ByteDataset
-from moescope.nn.hf import TinyMoEForCausalLM, TinyMoEHFConfig, register
+from moescope.nn.hf import _CACHE_FIELD, TinyMoEForCausalLM, TinyMoEHFConfig, register
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
 SMALL = dict(
@@ -154,6 +154,36 @@ def test_left_padded_batch_generation_matches_single_prompts() -> None:
     alone2 = model.generate(p2, max_new_tokens=6, do_sample=False)
     assert torch.equal(cached[0, 6:], alone1[0, 6:])
     assert torch.equal(cached[1, 6:], alone2[0, 3:])
+
+
+def test_cache_under_either_name_continues_the_same_sequence() -> None:
+    # generate() of transformers < 5.24 passes the cache as ``past_key_values``, 5.24 as
+    # ``cache``: both must continue from it (a swallowed name restarts from empty).
+    model = small_model(seed=5).eval()
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = model(ids[:, :5], use_cache=True)
+            step = model(ids[:, 5:], use_cache=True, **{name: prefix[_CACHE_FIELD]})
+            torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_keyword_is_an_error_that_names_it() -> None:
+    model = small_model(seed=5).eval()
+    ids = torch.randint(0, 256, (1, 4))
+    with pytest.raises(TypeError, match="past_kv"):
+        model(ids, past_kv=None)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=object(), past_key_values=object())
+
+
+def test_demo_checkpoint_generates_with_the_cache() -> None:
+    from moescope.demo import DemoSettings, build_model
+
+    model = build_model(DemoSettings(), aux_loss_coef=0.01)
+    assert model.config.use_cache
+    assert model.generation_config.use_cache
 
 
 def test_trainer_three_steps(tmp_path) -> None:

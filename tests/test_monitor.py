@@ -171,14 +171,16 @@ def test_nan_router_scores_do_not_crash() -> None:
     assert any(a.rule == "nonfinite_scores" for a in mon.last_alerts)
 
 
-def test_lazy_accumulators_follow_record_device() -> None:
+def test_lazy_sums_follow_record_device() -> None:
     model, _ = build_tiny("granitemoe")
     mon = MoEMonitor(model)
-    assert mon._accs == {}
+    assert mon.windows == []
     with torch.no_grad():
         model(input_ids=padded_batch()[0])
-    assert {a.device.type for a in mon._accs.values()} == {"cpu"}
-    assert len(mon._accs) == len(experts_modules(model))
+    mon.pipeline.flush()
+    routing = mon._window("default").routing
+    assert {key[2].type for key in routing.groups} == {"cpu"}
+    assert len(routing.group_of) == len(experts_modules(model))
     mon.detach()
 
 

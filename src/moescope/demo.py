@@ -319,9 +319,7 @@ def build_model(settings: DemoSettings, aux_loss_coef: float) -> nn.Module:
     from moescope.nn.hf import TinyMoEForCausalLM, TinyMoEHFConfig
 
     set_seed(settings.seed)
-    config = TinyMoEHFConfig.from_tiny_config(
-        settings.model_config(aux_loss_coef), use_cache=False
-    )
+    config = TinyMoEHFConfig.from_tiny_config(settings.model_config(aux_loss_coef))
     return TinyMoEForCausalLM(config)
 
 

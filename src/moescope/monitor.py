@@ -1,14 +1,19 @@
-"""MoEMonitor: adapters + on-device accumulators + one-transfer snapshots + alerts.
+"""MoEMonitor: one hook pipeline + batched on-device sums + one-transfer snapshots + alerts.
 
-Data flow (DESIGN.md): adapter hooks emit one RoutingRecord per MoE layer call; the
-monitor feeds it to that layer's ``LayerAccumulator`` (device tensors only, no host
-sync); ``snapshot()`` moves every layer's sums to the host in ONE transfer, builds the
-``Snapshot``, appends it to the ``UsageHistory`` and runs the alert rules.
+Data flow (docs/capture.md): the monitor owns every hook. Adapter hooks emit one
+RoutingRecord per MoE layer call into the :class:`~moescope.capture.pipeline.CapturePipeline`,
+which stages it by reference (no device op) and, at a flush, reduces all staged calls with
+a fixed handful of device ops into the current window's consumers
+(:class:`~moescope.stats.accumulator.RoutingStats`; neuron counters are fed by the neuron
+taps). ``snapshot()`` flushes, moves every sum to the host in ONE transfer, builds the
+``Snapshot``, appends it to the ``UsageHistory`` and runs the alert rules. Windows
+("train", "eval", ...) are named sets of sums inside one monitor, not extra monitors.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 import time
 import warnings
@@ -31,10 +36,13 @@ from moescope.capture.adapter import (
     in_backward,
     top_level_hooks,
 )
+from moescope.capture.compiled import ensure_hook_guards
+from moescope.capture.hooks import hook_keys, wrap_new_hooks
 from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
+from moescope.capture.pipeline import DEFAULT_BUDGET_BYTES, CapturePipeline
 from moescope.capture.record import RoutingRecord
 from moescope.errors import UnsupportedModelError
-from moescope.stats.accumulator import LayerAccumulator
+from moescope.stats.accumulator import RoutingStats
 from moescope.stats.history import UsageHistory
 from moescope.stats.neurons import (
     NeuronAccumulator,
@@ -79,6 +87,19 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
+class _Window:
+    """The sums of one named window: routing (batched) and neurons (per layer)."""
+
+    def __init__(self, num_layers: int, coactivation: bool) -> None:
+        self.routing = RoutingStats(num_layers, coactivation)
+        self.neurons: dict[str, NeuronAccumulator] = {}
+
+    def reset(self) -> None:
+        self.routing.reset()
+        for nacc in self.neurons.values():
+            nacc.reset()
+
+
 class MoEMonitor:
     """Watches every MoE layer of ``model`` and reports routing statistics per window.
 
@@ -106,9 +127,21 @@ class MoEMonitor:
             neurons, firing frequency); 4 E I bytes per layer, also moved to the host at
             each snapshot. False keeps O(E) per layer.
         hot_neurons: how many most-frequently-firing neurons per expert the snapshot lists.
+        counts_only: stage only the chosen experts (serving): usage counts, balance,
+            dropped and unique experts per forward; no router-probability metrics
+            (entropy, aux/z loss, top-1 are NaN). Fewer ops and bytes per layer call.
+        split_by_mode: count each layer call in the window ``"train"`` or ``"eval"``
+            after the MoE block's ``training`` flag (what the training integrations
+            use), unless :meth:`use_window` forces one.
+        budget_bytes: staged router tensors (held by reference until reduced) that
+            trigger a flush; see ``moescope.capture.pipeline``.
 
     Raises:
         UnsupportedModelError: no adapter recognised any module of ``model``.
+
+    Windows: all counts go to the current window (``"default"`` unless ``split_by_mode``
+    or :meth:`use_window` says otherwise); ``snapshot(window=...)`` / ``reset(window=...)``
+    read or clear one window.
 
     Counting rules: a token counts when the top-level forward's ``attention_mask`` (its
     last S columns under a KV cache; else the layer's own mask) marks it real; a forward
@@ -151,6 +184,9 @@ class MoEMonitor:
         neuron_hist_bins: int = 32,
         per_neuron: bool = True,
         hot_neurons: int = 8,
+        counts_only: bool = False,
+        split_by_mode: bool = False,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"MoEMonitor needs a torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +218,7 @@ class MoEMonitor:
             if not info.path:
                 info.path = type(model).__name__
         self._by_path = {info.path: info for info in self.layers}
+        self._meta_check()
         self.coactivation = coactivation
         self.alert_rules = alert_rules
         self.process_group = process_group
@@ -192,17 +229,24 @@ class MoEMonitor:
         self.last_alerts: list[Any] = []
         self.last_snapshot: Snapshot | None = None
         self.ctx = ForwardOnlyContext()
-        self._accs: dict[str, LayerAccumulator] = {}
         self._detaches: list[Detach] = []
         self._num_snapshots = 0
         self._mask_pos = self._attention_mask_position(model)
+        self.split_by_mode = bool(split_by_mode)
+        self._forced_window: str | None = None
+        self._windows: dict[str, _Window] = {}
+        self.pipeline = CapturePipeline(
+            [info.path for info in self.layers],
+            lambda name: [self._window(name).routing],
+            budget_bytes=budget_bytes,
+            counts_only=counts_only,
+        )
         self.neurons = bool(neurons)
         self.neuron_hist_bins = int(neuron_hist_bins)
         self.per_neuron = bool(per_neuron)
         self.hot_neurons = int(hot_neurons)
         self.neuron_threshold = self._as_threshold(neuron_threshold)
         self._taps: dict[str, NeuronTap] = {}
-        self._naccs: dict[str, NeuronAccumulator] = {}
         self._calibrators: dict[str, NeuronCalibrator] = {}
         self._calibrating = False
         self._switch_warned = False
@@ -210,6 +254,58 @@ class MoEMonitor:
             self._setup_taps()
         if attach:
             self.attach()
+
+    # ------------------------------------------------------------------ windows
+
+    def _window(self, name: str) -> _Window:
+        win = self._windows.get(name)
+        if win is None:
+            win = self._windows[name] = _Window(len(self.layers), self.coactivation)
+        return win
+
+    @property
+    def window(self) -> str:
+        """The window layer calls are counted in now (when not split by mode)."""
+        return self.pipeline.window
+
+    @property
+    def windows(self) -> list[str]:
+        """Names of the windows that exist (counted into at least once)."""
+        return list(self._windows)
+
+    def set_window(self, name: str) -> None:
+        """Count the following layer calls in window ``name`` (overrides
+        ``split_by_mode`` until :meth:`clear_window`). Staged calls are reduced into the
+        window they were made in first."""
+        with self._lock:
+            self.pipeline.flush()
+            self._forced_window = str(name)
+            self.pipeline.window = str(name)
+
+    def clear_window(self) -> None:
+        """Back to the default window choice (``split_by_mode`` or ``"default"``)."""
+        with self._lock:
+            self.pipeline.flush()
+            self._forced_window = None
+            self.pipeline.window = "default"
+
+    @contextmanager
+    def use_window(self, name: str) -> Iterator[MoEMonitor]:
+        """Count the forwards inside the block in window ``name``."""
+        previous = self._forced_window
+        self.set_window(name)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.clear_window()
+            else:
+                self.set_window(previous)
+
+    def _window_of(self, info: LayerInfo) -> str | None:
+        if self._forced_window is None and self.split_by_mode:
+            return "train" if info.module.training else "eval"
+        return None  # the pipeline's current window
 
     # ------------------------------------------------------------------ hooks
 
@@ -249,10 +345,30 @@ class MoEMonitor:
     def attached(self) -> bool:
         return bool(self._detaches)
 
+    def _meta_check(self) -> None:
+        for info in self.layers:
+            for p in itertools.chain(info.module.parameters(), info.module.buffers()):
+                if p.is_meta:
+                    raise ValueError(
+                        f"{info.path} has weights on the meta device (a model built without "
+                        "memory): nothing can be counted. Load real weights first, e.g. "
+                        "from_pretrained(...) or model.to_empty(device='cpu') followed by "
+                        "load_state_dict(...)."
+                    )
+                break
+
     def attach(self) -> MoEMonitor:
-        """Install the hooks (idempotent). Returns self."""
+        """Install the hooks (idempotent). Returns self.
+
+        Also turns on Dynamo's guards on module hooks, so that a model compiled before or
+        after this call is (re)traced with the hooks (see ``moescope.capture.compiled``).
+        """
         if self._detaches:
             return self
+        self._meta_check()
+        ensure_hook_guards()
+        modules = list(self.model.modules())
+        before = hook_keys(modules)
         steps = top_level_hooks(self.model, self._top_pre_hook, self._top_post_hook)
         steps += [partial(a.attach, info, self._emit, self.ctx) for a, info in self._pairs]
         steps += [
@@ -268,6 +384,9 @@ class MoEMonitor:
             if info.path in self._taps
         ]
         self._detaches = attach_all(steps)
+        # Every hook just added (ours and any third-party adapter's) runs for its own
+        # module only and is inert in a deep copy or an unpickled model.
+        wrap_new_hooks(modules, before)
         return self
 
     def detach(self) -> None:
@@ -278,6 +397,7 @@ class MoEMonitor:
         detaches, self._detaches = self._detaches, []
         for d in reversed(detaches):
             d()
+        self.pipeline.flush()  # what was counted before detaching is kept
         self.ctx.attention_mask = None
         self.ctx.decoder_attention_mask = None
 
@@ -289,29 +409,11 @@ class MoEMonitor:
 
     # ------------------------------------------------------------------ accumulation
 
-    def _new_acc(self, info: LayerInfo, top_k: int, device: torch.device) -> LayerAccumulator:
-        acc = LayerAccumulator(
-            info.num_experts, top_k, device=device, coactivation=self.coactivation
-        )
-        self._accs[info.path] = acc
-        return acc
-
     def _emit(self, record: RoutingRecord) -> None:
         if self._calibrating:
             return  # calibration forwards feed only the neuron histograms
-        with self._lock:
-            acc = self._accs.get(record.layer)
-            if acc is None:
-                info = self._by_path.get(record.layer)
-                if info is None:
-                    raise KeyError(
-                        f"adapter emitted a record for {record.layer!r}, which is not one of "
-                        f"the monitored layers {list(self._by_path)}; RoutingRecord.layer "
-                        "must be LayerInfo.path"
-                    )
-                # Lazily, on the device of the first record: the router's device.
-                acc = self._new_acc(info, record.top_k, record.topk_index.device)
-            acc.update(record)
+        info = self._by_path.get(record.layer)
+        self.pipeline.emit(record, None if info is None else self._window_of(info))
 
     # ------------------------------------------------------------------ neurons
 
@@ -356,7 +458,7 @@ class MoEMonitor:
             self._switch_warned = True
             warnings.warn(message, stacklevel=2)
 
-    def _new_nacc(self, path: str, device: torch.device) -> NeuronAccumulator:
+    def _new_nacc(self, win: _Window, path: str, device: torch.device) -> NeuronAccumulator:
         nacc = NeuronAccumulator(
             self._by_path[path].num_experts,
             self._taps[path].intermediate_size,
@@ -365,7 +467,7 @@ class MoEMonitor:
             hist_bins=self.neuron_hist_bins,
             per_neuron=self.per_neuron,
         )
-        self._naccs[path] = nacc
+        win.neurons[path] = nacc
         return nacc
 
     def _emit_neurons(
@@ -381,10 +483,12 @@ class MoEMonitor:
                 cal = self._calibrators[layer] = NeuronCalibrator(h.device)
             cal.update(h, row_valid)
             return
-        with self._lock:
-            nacc = self._naccs.get(layer)
+        with self._lock, torch.inference_mode(False):
+            info = self._by_path[layer]
+            win = self._window(self._window_of(info) or self.pipeline.window)
+            nacc = win.neurons.get(layer)
             if nacc is None:
-                nacc = self._new_nacc(layer, h.device)
+                nacc = self._new_nacc(win, layer, h.device)
             nacc.update(h, expert_ids, row_valid)
 
     @contextmanager
@@ -451,21 +555,21 @@ class MoEMonitor:
         else:
             new = self._as_threshold(threshold)
         self.neuron_threshold = new
-        for path, nacc in self._naccs.items():
-            nacc.threshold = new.for_layer(path)
-            nacc.reset()
+        for win in self._windows.values():
+            for path, nacc in win.neurons.items():
+                nacc.threshold = new.for_layer(path)
+                nacc.reset()
         return new
 
-    def _default_device(self, info: LayerInfo) -> torch.device:
-        for acc in self._accs.values():
-            return acc.device
+    @staticmethod
+    def _default_device(info: LayerInfo) -> torch.device:
         for p in info.module.parameters():
             return p.device
         return torch.device("cpu")
 
     # ------------------------------------------------------------------ snapshot
 
-    def _reduce(self, states: dict[str, dict[str, torch.Tensor]], ops: dict[str, str]) -> None:
+    def _reduce(self, states: dict[str, torch.Tensor], ops: dict[str, str]) -> None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -473,9 +577,8 @@ class MoEMonitor:
         if dist.get_world_size(self.process_group) <= 1:
             return
         groups: dict[tuple[torch.dtype, str], list[torch.Tensor]] = {}
-        for st in states.values():
-            for key, v in st.items():
-                groups.setdefault((v.dtype, ops.get(key, "sum")), []).append(v)
+        for key, v in states.items():
+            groups.setdefault((v.dtype, ops.get(key, "sum")), []).append(v)
         for (_, op), tensors in groups.items():
             buf = torch.cat([t.reshape(-1) for t in tensors])
             rop = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
@@ -487,79 +590,78 @@ class MoEMonitor:
                 pos += n
 
     @staticmethod
-    def _to_host(
-        states: dict[str, dict[str, torch.Tensor]],
-    ) -> dict[str, dict[str, np.ndarray]]:
+    def _to_host(states: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         # Every tensor becomes bytes in one device buffer: a single device-to-host copy
         # whatever the number of layers and dtypes.
-        items = [(layer, key, v) for layer, st in states.items() for key, v in st.items()]
-        out: dict[str, dict[str, np.ndarray]] = {layer: {} for layer in states}
-        if not items:
+        out: dict[str, np.ndarray] = {}
+        if not states:
             return out
-        device = items[0][2].device
+        device = next(iter(states.values())).device
         chunks: list[torch.Tensor] = []
-        layout: list[tuple[str, str, np.dtype, tuple[int, ...], int, int]] = []
+        layout: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
         pos = 0
-        for layer, key, v in items:
+        for key, v in states.items():
             if v.dtype in (torch.bfloat16, torch.float16):
                 v = v.float()  # no numpy equivalent of bfloat16
-            b = v.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
+            b = v.to(device).reshape(-1).view(torch.uint8)
             chunks.append(b)
-            layout.append((layer, key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
+            layout.append((key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
             pos += b.numel()
         host = torch.cat(chunks).cpu().numpy()
-        for layer, key, dt, shape, start, n in layout:
-            out[layer][key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(
-                shape
-            )
+        for key, dt, shape, start, n in layout:
+            out[key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(shape)
         return out
 
-    def snapshot(self, reset: bool = True, step: int | None = None) -> Snapshot:
+    def snapshot(
+        self, reset: bool = True, step: int | None = None, window: str | None = None
+    ) -> Snapshot:
         """Statistics of every layer since the last reset, as a ``Snapshot``.
 
-        One host transfer for all layers (after an all-reduce across ranks when
-        torch.distributed is initialised with world size > 1: SUM, MAX for max-keys).
-        Appends to ``self.history`` and runs ``alert_rules``. ``step`` defaults to the
-        number of snapshots taken before. ``reset`` starts a new window.
+        Reduces what was staged, then ONE host transfer for all layers (after an
+        all-reduce across ranks when torch.distributed is initialised with world size > 1:
+        SUM, MAX for max-keys). Appends to ``self.history`` and runs ``alert_rules``.
+        ``step`` defaults to the number of snapshots taken before. ``reset`` starts a new
+        window. ``window``: which window (default: the current one, ``"default"``
+        unless :meth:`set_window` chose another).
         """
-        with self._lock:
-            states: dict[str, dict[str, torch.Tensor]] = {}
-            ops: dict[str, str] = {}
-            accs: dict[str, LayerAccumulator] = {}
+        with self._lock, torch.inference_mode(False), torch.no_grad():
+            self.pipeline.flush()
+            win = self._window(window or self.pipeline.window)
+            for i, info in enumerate(self.layers):
+                # Never called in this window: zeros with the same layout on every rank.
+                win.routing.ensure(i, info.num_experts, info.top_k, self._default_device(info))
+            states = dict(win.routing.state())
+            ops = win.routing.reduce_ops()
             for info in self.layers:
-                acc = self._accs.get(info.path)
-                if acc is None:
-                    # Never called in this window: zeros with the same layout on every rank.
-                    acc = self._new_acc(info, info.top_k, self._default_device(info))
-                accs[info.path] = acc
-                states[info.path] = acc.state()
-                ops.update(acc.reduce_ops())
                 if info.path in self._taps:
-                    nacc = self._naccs.get(info.path)
+                    nacc = win.neurons.get(info.path)
                     if nacc is None:
-                        nacc = self._new_nacc(info.path, acc.device)
-                    # Same dict: packed into the one host transfer and the all-reduce.
-                    states[info.path].update(nacc.state())
-                    ops.update(nacc.reduce_ops())
+                        nacc = self._new_nacc(win, info.path, self._default_device(info))
+                    for key, v in nacc.state().items():
+                        states[f"neurons/{info.path}/{key}"] = v
+                        ops[f"neurons/{info.path}/{key}"] = nacc.reduce_ops().get(key, "sum")
             self._reduce(states, ops)
             host = self._to_host(states)
             if reset:
-                self.reset()
-        layers = {
-            path: layer_stats_from_state(host[path], acc.num_experts, acc.top_k)
-            for path, acc in accs.items()
-        }
-        for path in layers:
-            if path in self._taps:
+                win.reset()
+        per_layer = win.routing.layer_states(host)
+        layers: dict[str, Any] = {}
+        for i, info in enumerate(self.layers):
+            top_k = win.routing.top_k(i) or info.top_k
+            stats = layer_stats_from_state(per_layer[i], info.num_experts, top_k)
+            if info.path in self._taps:
+                prefix = f"neurons/{info.path}/"
+                nstate = {k[len(prefix) :]: v for k, v in host.items() if k.startswith(prefix)}
                 fields = neuron_stats_from_state(
-                    host[path],
-                    accs[path].num_experts,
-                    self._taps[path].intermediate_size,
+                    nstate,
+                    info.num_experts,
+                    self._taps[info.path].intermediate_size,
                     hot_k=self.hot_neurons,
                 )
-                layers[path] = replace(
-                    layers[path], **fields, neuron_threshold=self._threshold_label(path)
+                stats = replace(
+                    stats, **fields, neuron_threshold=self._threshold_label(info.path)
                 )
+            layers[info.path] = stats
         snap = Snapshot(
             step=step if step is not None else self._num_snapshots,
             layers=layers,
@@ -581,13 +683,13 @@ class MoEMonitor:
             )
         return t.describe()
 
-    def reset(self) -> None:
-        """Zero every layer's sums (start a new window)."""
+    def reset(self, window: str | None = None) -> None:
+        """Zero every layer's sums of ``window`` (default: the current one), including
+        layer calls staged and not yet reduced."""
         with self._lock:
-            for acc in self._accs.values():
-                acc.reset()
-            for nacc in self._naccs.values():
-                nacc.reset()
+            name = window or self.pipeline.window
+            self.pipeline.flush()
+            self._window(name).reset()
 
     def __repr__(self) -> str:
         return (

@@ -47,17 +47,33 @@ class CaptureContext:
     """
 
     def __init__(self) -> None:
-        self.attention_mask: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+        self._masks: dict[int, torch.Tensor | None] = {}
         self.decoder_attention_mask: torch.Tensor | None = None
         self.counting: bool = True
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._attention_mask
+
+    @attention_mask.setter
+    def attention_mask(self, mask: torch.Tensor | None) -> None:
+        self._attention_mask = mask
+        self._masks = {}
 
     def token_mask(self, num_tokens: int) -> torch.Tensor | None:
         """[T] bool for a layer that saw ``num_tokens`` = batch x new positions.
 
         With a KV cache, the layer sees only the last S positions, so the mask's last S
         columns are used. Returns None when no mask applies or shapes do not match.
+        Computed once per forward and token count (every layer shares it).
         """
-        m = self.attention_mask
+        if num_tokens not in self._masks:
+            self._masks[num_tokens] = self._token_mask(num_tokens)
+        return self._masks[num_tokens]
+
+    def _token_mask(self, num_tokens: int) -> torch.Tensor | None:
+        m = self._attention_mask
         if m is None or m.dim() != 2:
             return None
         b = m.shape[0]
@@ -74,9 +90,19 @@ def in_backward() -> bool:
 
     A forward that runs then is a gradient-checkpoint recomputation (reentrant:
     ``CheckpointFunction.backward``; non-reentrant: the unpack hook of a saved tensor);
-    both run inside a graph task. Such a forward must not be counted twice.
+    both run inside a graph task. Such a forward must not be counted twice. While Dynamo
+    traces, False: the compiled path checks it when the graph runs (``moescope::stage``).
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` as [T, width] (a view); ``x`` itself when it already is (no op dispatched)."""
+    if x.dim() == 2 and x.shape[1] == width:
+        return x
+    return x.reshape(-1, width)
 
 
 class ForwardOnlyContext(CaptureContext):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
+from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, as_rows
 from moescope.capture.record import RecordScoreFn, RoutingRecord
 
 _ROUTER_NAMES = ("gate", "router")
@@ -172,12 +172,12 @@ class GenericHFAdapter:
             weight = args[2] if len(args) > 2 else kwargs.get(weight_arg)
             if not isinstance(idx, torch.Tensor):
                 return
-            idx = idx.reshape(-1, idx.shape[-1])
+            idx = as_rows(idx, idx.shape[-1])
             t = idx.shape[0]
             if isinstance(weight, torch.Tensor):
-                weight = weight.reshape(t, -1) if weight.numel() == idx.numel() else None
+                weight = as_rows(weight, idx.shape[1]) if weight.numel() == idx.numel() else None
             if logits is not None:
-                logits = logits.reshape(-1, logits.shape[-1])
+                logits = as_rows(logits, logits.shape[-1])
                 if logits.shape[0] != t:
                     logits = None
             emit(

@@ -1,9 +1,16 @@
-"""Adapter for moescope's own ``moescope.nn.MoELayer`` blocks.
+"""Adapter for moescope's own ``moescope.nn.MoELayer`` and ``ExpertParallelMoELayer`` blocks.
 
 The router returns a ``RouterOutput``; the experts receive exactly its ``topk_index``,
 ``topk_weight`` and ``dropped``, so a forward hook on the router sees what the experts
 will get. Padding: the top-level ``attention_mask`` (via the CaptureContext) is
 preferred; otherwise the ``token_mask`` the layer itself was called with.
+
+Expert parallelism (``moescope.nn.ExpertParallelMoELayer``): the layer has the same
+replicated ``router``, ``forward(x, token_mask)`` and global ``num_experts`` as a
+``MoELayer``, so it is captured the same way. Each rank records the router decisions of
+its own (local) tokens, with global expert ids in [0, E); ``MoEMonitor.snapshot()``
+all-reduces every sum over the process group (torch.distributed initialised with world
+size > 1), so the snapshot is the global picture, identical on every rank.
 """
 
 from __future__ import annotations
@@ -18,21 +25,45 @@ from moescope.capture.record import RoutingRecord
 
 
 class NNAdapter:
-    """Captures ``moescope.nn.MoELayer``: one RoutingRecord per layer call.
+    """Captures ``moescope.nn.MoELayer`` and ``moescope.nn.ExpertParallelMoELayer``: one
+    RoutingRecord per layer call.
 
     Records carry ``logits`` [T, E] with the router's ``score_fn``, ``topk_index`` [T, K],
     ``topk_weight`` [T, K], ``dropped`` [T, K] (capacity / expert-choice routers) and the
     token mask [T].
+
+    ``ExpertParallelMoELayer`` (experts sharded over the ranks of a process group) is
+    reported with the GLOBAL E (``layer.num_experts``, not the rank's E_local) and the
+    router's K. On each rank the records hold that rank's own tokens (T = local tokens)
+    routed to global expert ids, i.e. the decisions its router made before the
+    all-to-all, not the rows its local experts computed. ``MoEMonitor.snapshot()``
+    all-reduces every sum over the process group, which turns them into the statistics of
+    all tokens of all ranks, identical on every rank: usage, dropped and co-activation
+    counts, aux loss, entropy, z-loss and top-1 probability equal those of one
+    ``MoELayer`` with the same weights monitored over every rank's tokens (counts exactly,
+    floats up to the order of summation); the count of expert e is the number of rows
+    e's owner processed for valid tokens (each rank's own compute load, padding
+    included, is ``ExpertParallelMoELayer.local_expert_load``).
+    Per-update quantities count one update per rank and layer call: ``num_updates`` is
+    world size x calls, ``unique_experts_per_batch`` the mean over ranks' local batches
+    and ``unique_experts_max`` the maximum over them. Capacity routers (Switch, expert
+    choice) apply their capacity to each rank's local tokens, so the snapshot equals
+    monitoring the unsharded layer called once per rank's shard, not once on the
+    concatenation. Neuron statistics (``neurons=True``) are not captured for this layer:
+    its local experts see received rows with local expert ids.
     """
 
     name = "moescope.nn"
 
     def match(self, path: str, module: nn.Module) -> LayerInfo | None:
+        from moescope.nn.expert_parallel import ExpertParallelMoELayer
         from moescope.nn.layer import MoELayer
         from moescope.nn.routers import ExpertChoiceRouter
 
-        if not isinstance(module, MoELayer):
+        if not isinstance(module, (MoELayer, ExpertParallelMoELayer)):
             return None
+        # Both expose the replicated router and the GLOBAL number of experts E (for the
+        # expert-parallel layer, not num_local_experts): records use global expert ids.
         router = module.router
         top_k = getattr(router, "top_k", None)
         if not isinstance(top_k, int):

@@ -94,6 +94,10 @@ class ExpertParallelMoELayer(nn.Module):
     row counts, one host sync to turn them into split sizes, two all-to-alls of rows
     (plus two in backward). ``local_experts.neuron_observer`` sees the rows this rank
     computed: local expert ids and row ids in the received buffer (not slot ids).
+    ``self.local_expert_load`` [E_local] int64 (on the device, no host sync) keeps the
+    rows each local expert processed in the last forward, from all ranks: kept slots,
+    padding tokens included when the router dispatches them (``MoEMonitor`` counts only
+    valid tokens, see ``moescope.capture.nn_adapter``).
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class ExpertParallelMoELayer(nn.Module):
         self.rank = dist.get_rank(group)
         self.num_local_experts = num_experts // world
         self.router_output: RouterOutput | None = None
+        self.local_expert_load: torch.Tensor | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -248,6 +253,7 @@ class ExpertParallelMoELayer(nn.Module):
         )
         perm = torch.sort(local_ids, stable=True).indices
         local_counts = recv_counts.view(w, e_local).sum(0)
+        self.local_expert_load = local_counts
         out_sorted, h = self.local_experts.expert_rows(x_recv.index_select(0, perm), local_counts)
         if self.local_experts.neuron_observer is not None:
             self.local_experts.neuron_observer(h.detach(), local_ids.index_select(0, perm), perm)

@@ -51,6 +51,12 @@ from moescope.nn.model import (  # noqa: E402
 
 MODEL_TYPE = "moescope_tiny_moe"
 
+_CACHE_FIELD = (
+    "cache"
+    if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)}
+    else "past_key_values"
+)
+
 # TinyMoEConfig field -> TinyMoEHFConfig field where the names differ.
 # ``top_k`` is renamed because transformers reads a model config's ``top_k`` as the
 # sampling top-k of ``generate``.
@@ -152,10 +158,12 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
     """TinyMoELM as a transformers causal LM (Trainer, save/from_pretrained, generate).
 
     ``forward(input_ids [B, S], attention_mask [B, S_past + S] | None, position_ids,
-    past_key_values, labels [B, S] | None, use_cache, output_router_logits,
-    logits_to_keep, **kwargs) -> MoeCausalLMOutputWithPast`` with ``logits`` [B, S', V].
-    ``kwargs`` may carry ``num_items_in_batch`` (the Trainer's gradient-accumulation
-    normaliser), handled by transformers' ``ForCausalLMLoss``.
+    past_key_values | cache, labels [B, S] | None, use_cache, output_router_logits,
+    logits_to_keep, num_items_in_batch, return_dict) -> MoeCausalLMOutputWithPast`` with
+    ``logits`` [B, S', V]. The KV cache is accepted under both names transformers has used
+    (``cache`` from 5.24, ``past_key_values`` before) and returned under the name the
+    installed version declares. ``num_items_in_batch`` is the Trainer's
+    gradient-accumulation normaliser. Any other keyword is a ``TypeError`` naming it.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
@@ -203,14 +211,34 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> MoeCausalLMOutputWithPast:
+        *,
+        cache: Any = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
+        # Every keyword is named: transformers renamed the cache argument once
+        # (``past_key_values`` -> ``cache`` in 5.24) and a ``**kwargs`` that swallowed the
+        # new name silently generated from an empty cache. An unknown keyword is now a
+        # TypeError that names it. ``cache_position`` (older generate loops) is derivable
+        # from the cache length and ignored.
+        del cache_position
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is not None:
             raise ValueError(
                 "TinyMoEForCausalLM takes input_ids only (byte ids); inputs_embeds is not supported"
             )
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if output_attentions or output_hidden_states:
+            raise ValueError(
+                "TinyMoEForCausalLM returns neither attentions nor hidden states; "
+                "attach a forward hook to model.layers[i] to read them"
+            )
         output_router_logits = (
             output_router_logits
             if output_router_logits is not None
@@ -235,7 +263,9 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            lm_loss = self.loss_function(
+                logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
             loss = (
                 lm_loss
                 + self.config.aux_loss_coef * out.aux_loss.to(lm_loss.device)
@@ -244,13 +274,16 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
         router_logits = (
             tuple(ro.logits for ro in out.router_outputs) if output_router_logits else None
         )
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=out.aux_loss,
-            logits=logits,
-            past_key_values=past_key_values,
-            router_logits=router_logits,
+        output = MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=out.aux_loss, logits=logits, router_logits=router_logits
         )
+        # The output field is ``cache`` from transformers 5.24 on and ``past_key_values``
+        # before; generate() reads whichever its own version declares.
+        if past_key_values is not None:
+            output[_CACHE_FIELD] = past_key_values
+        if return_dict is False:
+            return output.to_tuple()
+        return output
 
 
 def register() -> None:

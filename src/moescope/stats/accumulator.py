@@ -1,45 +1,62 @@
-"""On-device, additive per-layer accumulator of routing statistics.
+"""On-device, additive routing sums of many MoE layers, updated in batches.
 
-One :class:`LayerAccumulator` per MoE layer consumes every :class:`RoutingRecord` of the
-window on the model's device and keeps only fixed-size sums (O(E^2) with co-activation,
-O(E) without), whatever the number of steps. ``update()`` never synchronises with the
-host: no ``.item()``/``.cpu()``/``.tolist()``, no Python loop over tokens or experts, no
-boolean-mask indexing (its output shape depends on the data), no ``bincount``. Masks are
-applied with ``torch.where`` / multiplication instead, which keeps shapes static (and so
-is CUDA-graph friendly).
+:class:`RoutingSums` holds the window sums of up to L layers that share E experts and K
+slots (one row per layer) and consumes :class:`~moescope.capture.record.RoutingBatch`es:
+R layer calls stacked by the capture pipeline, reduced together by a fixed number of
+device ops (about 70, whatever R, T, E or the number of layers), which is how the monitor
+stays within its budget of aten ops per MoE layer call. :class:`LayerAccumulator` is the
+same sums for one layer fed record by record (R = 1), kept for direct use and tests.
+
+No update ever synchronises with the host: no ``.item()``/``.cpu()``/``.tolist()``, no
+Python loop over tokens or experts, no boolean-mask indexing (its output shape depends on
+the data), no ``bincount`` (it reads the maximum on the host on CUDA). Every scatter goes
+into fixed-size buffers, so shapes are static.
 
 Every entry of :meth:`LayerAccumulator.state` is a sum (all-reduce with SUM across
-data-parallel ranks, or add two windows with :func:`merge_states`) except
-``unique_max`` (reduce with MAX); :data:`REDUCE_OPS` says which.
+data-parallel ranks, or add two windows with :func:`merge_states`) except ``unique_max``
+(reduce with MAX); :data:`REDUCE_OPS` says which.
 
 Precision: counts are int64 (exact whatever the window length); real-valued sums
 (probabilities, entropies, z-values, combine weights) are float64 so that a window of
 millions of tokens does not lose the low bits of each float32 per-token value (float64 is
 unsupported on MPS, where float32 is used). Per-token quantities are computed in float32
 (or the input's precision when wider), reduced over the T tokens of one call in that
-precision (pairwise summation: relative error ~1e-7, and casting [T, E] to float64 first
-would cost more than the rest of the update), and added to the float64 window sums.
+precision (pairwise summation: relative error ~1e-7), and added to the float64 window sums.
 
 Validity: a token counts when its ``token_mask`` is True and its router row (``logits``
 and ``topk_weight``, when present) is finite. Tokens with a NaN/inf router row are
 excluded from *every* aggregate (usage included) and counted in ``nonfinite_tokens`` so
 that an alert can report them; NaNs never reach the sums because masked values are
-selected away with ``torch.where`` (``NaN * 0`` would still be NaN).
+selected away with ``torch.where`` or scattered into a discarded bin.
+
+Bins: a slot's expert id maps to bin ``id`` for ids in [0, E), bin E for identity/zero
+experts (ids >= E, or negative), bin E + 1 for slots that do not count (padding,
+non-finite rows, dropped). Co-activation pairs are scattered into an (E+2) x (E+2) matrix
+per layer whose routed block is symmetrised, with the diagonal set to the usage counts,
+when the state is read, so the update needs no masking for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from moescope.capture.record import RoutingRecord
-from moescope.stats import metrics as M
+from moescope.capture.record import RoutingBatch, RoutingRecord
 
-__all__ = ["REDUCE_OPS", "LayerAccumulator", "merge_states", "states_to_numpy"]
+__all__ = [
+    "REDUCE_OPS",
+    "LayerAccumulator",
+    "RoutingStats",
+    "RoutingSums",
+    "layer_state",
+    "merge_states",
+    "states_to_numpy",
+]
 
-#: How each state entry combines across ranks or windows.
+#: How each per-layer state entry combines across ranks or windows.
 REDUCE_OPS: dict[str, str] = {
     "counts": "sum",
     "dropped_counts": "sum",
@@ -64,51 +81,294 @@ REDUCE_OPS: dict[str, str] = {
     "unique_max": "max",
 }
 
-_VECTOR_KEYS = ("counts", "dropped_counts", "aux_counts")
-_FLOAT_VECTOR_KEYS = ("prob_sum", "weight_sums")
-_INT_SCALAR_KEYS = (
+# Columns of the packed per-layer scalar sums.
+_INT_COLS = (
+    "nonfinite_tokens",
     "n_tokens",
-    "n_slots",
     "n_dropped",
     "extra_slots",
-    "nonfinite_tokens",
+    "unique_sum",
+    "n_updates",
     "n_logit_tokens",
     "n_z_tokens",
     "n_weight_tokens",
-    "n_updates",
-    "unique_sum",
-    "unique_max",
 )
-_FLOAT_SCALAR_KEYS = ("entropy_sum", "z_sum", "top1_sum", "margin_sum")
+_FLOAT_COLS = ("entropy_sum", "top1_sum", "margin_sum", "z_sum")
+_I = {name: i for i, name in enumerate(_INT_COLS)}
+
+#: How each raw (stacked, [L, ...]) tensor of :class:`RoutingSums` combines across ranks.
+RAW_REDUCE_OPS: dict[str, str] = {
+    "counts": "sum",
+    "dropped_counts": "sum",
+    "aux_counts": "sum",
+    "prob_sum": "sum",
+    "weight_sums": "sum",
+    "coactivation": "sum",
+    "ints": "sum",
+    "floats": "sum",
+    "unique_max": "max",
+}
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class RoutingSums:
+    """Window sums of ``num_layers`` MoE layers sharing E experts and K slots, on ``device``.
+
+    Raw state (L rows; int64 unless noted, float64 sums on every device but MPS):
+
+    - ``counts`` [L, E]: kept assignments (valid token, slot not dropped) per expert.
+    - ``dropped_counts`` [L, E]: dropped slots per expert.
+    - ``aux_counts`` [L, E]: all top-k slots (dropped included, as the router chose them)
+      of valid tokens that had router logits; the ``f`` of the aux loss.
+    - ``prob_sum`` [L, E] float: summed router probability per expert (the ``P`` of the
+      aux loss; only the first E columns when the router also scores extra experts).
+    - ``weight_sums`` [L, E + 2] float: summed combine weights per bin (see the module
+      docstring; columns E and E + 1 are discarded).
+    - ``coactivation`` [L, E + 2, E + 2] (when enabled): slot pairs i < j per bin pair.
+    - ``ints`` [L, 9]: ``nonfinite_tokens, n_tokens, n_dropped, extra_slots, unique_sum,
+      n_updates, n_logit_tokens, n_z_tokens, n_weight_tokens``.
+    - ``floats`` [L, 4] float: ``entropy_sum, top1_sum, margin_sum, z_sum``.
+    - ``unique_max`` [L]: most distinct experts one update touched.
+
+    :func:`layer_state` turns row ``l`` of it (device tensors or host arrays) into the
+    per-layer dict of :data:`REDUCE_OPS` that ``layer_stats_from_state`` reads.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        device: torch.device | str = "cpu",
+        coactivation: bool = True,
+    ) -> None:
+        if num_experts < 1 or top_k < 1 or num_layers < 1:
+            raise ValueError(
+                f"RoutingSums needs num_layers, num_experts and top_k >= 1, got "
+                f"num_layers={num_layers}, num_experts={num_experts}, top_k={top_k}."
+            )
+        self.num_layers = int(num_layers)
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.device = torch.device(device)
+        self.coactivation = bool(coactivation)
+        self.float_dtype = _float_dtype(self.device)
+        e, n, dev, fd = self.num_experts, self.num_layers, self.device, self.float_dtype
+        # Created outside inference mode even when the first record arrives inside it:
+        # inference tensors could not be updated or reset afterwards.
+        with torch.inference_mode(False):
+            raw: dict[str, torch.Tensor] = {
+                "counts": torch.zeros(n, e, dtype=torch.long, device=dev),
+                "dropped_counts": torch.zeros(n, e, dtype=torch.long, device=dev),
+                "aux_counts": torch.zeros(n, e, dtype=torch.long, device=dev),
+                "prob_sum": torch.zeros(n, e, dtype=fd, device=dev),
+                "weight_sums": torch.zeros(n, e + 2, dtype=fd, device=dev),
+                "ints": torch.zeros(n, len(_INT_COLS), dtype=torch.long, device=dev),
+                "floats": torch.zeros(n, len(_FLOAT_COLS), dtype=fd, device=dev),
+                "unique_max": torch.zeros(n, dtype=torch.long, device=dev),
+            }
+            if self.coactivation:
+                raw["coactivation"] = torch.zeros(n, e + 2, e + 2, dtype=torch.long, device=dev)
+            # Slot pairs i < j for co-activation (static for a given K).
+            self._pairs = torch.triu_indices(self.top_k, self.top_k, 1, device=dev)
+        self.raw = raw
+
+    def reset(self) -> None:
+        """Zero every sum (start a new window); the tensors are reused."""
+        with torch.inference_mode(False):
+            for v in self.raw.values():
+                v.zero_()
+
+    def nbytes(self) -> int:
+        """Bytes held by the sums (constant: independent of the number of updates)."""
+        return sum(v.numel() * v.element_size() for v in self.raw.values())
+
+    @torch.no_grad()
+    def update(self, batch: RoutingBatch, rows: torch.Tensor | None = None) -> None:
+        """Add R stacked layer calls. Device work only: never syncs with the host.
+
+        Args:
+            batch: ``topk_index`` [R, T, K] with optional ``logits`` [R, T, E'],
+                ``topk_weight`` [R, T, K], ``token_mask`` [R, T], ``dropped`` [R, T, K].
+            rows: [R] int64 row of each call in this object's state (default
+                ``batch.rows``).
+        """
+        with torch.inference_mode(False):
+            self._update(batch, batch.rows if rows is None else rows)
+
+    def _update(self, b: RoutingBatch, rows: torch.Tensor) -> None:
+        s, e, k, dev, fd = self.raw, self.num_experts, self.top_k, self.device, self.float_dtype
+        r, t = b.topk_index.shape[0], b.topk_index.shape[1]
+        rows = rows.to(dev)
+        idx = b.topk_index.to(dev).long()
+        long_kw: dict[str, Any] = {"dtype": torch.long, "device": dev}
+
+        # Valid tokens [R, T]: the mask, and finite router rows (row sums: one pass each).
+        valid = None if b.token_mask is None else b.token_mask.to(dev).bool()
+        logits = None if b.logits is None else b.logits.to(dev)
+        weight = None if b.topk_weight is None else b.topk_weight.to(dev)
+        # One finiteness test over both rows: NaN or inf in either makes the sum
+        # non-finite (half precision is summed in float32 so large logits do not overflow).
+        row_sum = None
+        for x in (logits, weight):
+            if x is not None:
+                acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+                part = x.sum(dim=-1, dtype=acc)
+                row_sum = part if row_sum is None else row_sum + part
+        finite = None if row_sum is None else torch.isfinite(row_sum)
+        zeros_r = torch.zeros(r, **long_kw)
+        nonfinite = zeros_r
+        if finite is not None:
+            base = finite if valid is None else valid
+            nonfinite = (base & ~finite).sum(-1) if valid is not None else (~finite).sum(-1)
+            valid = finite if valid is None else valid & finite
+        n_valid = valid.sum(-1) if valid is not None else torch.full((r,), t, **long_kw)
+
+        # Bins [R, T, K]: routed ids stay, others -> E, slots that do not count -> E + 1.
+        bins = idx.clamp(-1, e).remainder(e + 1)
+        keep = None if valid is None else valid[:, :, None]
+        if b.dropped is not None:
+            dropped = b.dropped.to(dev).bool()
+            if keep is not None:
+                dropped = dropped & keep
+            keep = ~dropped if keep is None else keep & ~dropped
+        kept_bins = bins if keep is None else torch.where(keep, bins, e + 1)
+
+        # Per-call histograms [R, E + 2] (one scatter), then per-layer sums.
+        one = torch.ones((), **long_kw)
+        per_call = self._histogram(kept_bins, r, e + 2, one)
+        routed = per_call[:, :e]
+        s["counts"].index_add_(0, rows, routed)
+        touched = (routed > 0).sum(-1)
+        s["unique_max"].scatter_reduce_(0, rows, touched, "amax")
+        n_dropped = zeros_r
+        aux = routed
+        if b.dropped is not None:
+            dropped_bins = torch.where(dropped, bins, e + 1)
+            per_drop = self._histogram(dropped_bins, r, e + 2, one)
+            s["dropped_counts"].index_add_(0, rows, per_drop[:, :e])
+            n_dropped = per_drop[:, : e + 1].sum(-1)
+            aux = routed + per_drop[:, :e]
+        has_logits = logits is not None
+        if has_logits:
+            s["aux_counts"].index_add_(0, rows, aux)
+
+        if self.coactivation and k >= 2:
+            p0, p1 = self._pairs
+            pair_bins = kept_bins.index_select(2, p0) * (e + 2) + kept_bins.index_select(2, p1)
+            off = (rows * (e + 2) ** 2)[:, None, None]
+            s["coactivation"].view(-1).index_add_(
+                0, (pair_bins + off).reshape(-1), one.expand(pair_bins.numel())
+            )
+
+        if weight is not None:
+            flat = kept_bins + (rows * (e + 2))[:, None, None]
+            s["weight_sums"].view(-1).index_add_(0, flat.reshape(-1), weight.reshape(-1).to(fd))
+
+        if has_logits:
+            assert logits is not None
+            x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+            probs = _probs(x, b.score_fn)
+            if valid is not None:
+                probs = torch.where(valid[:, :, None], probs, 0.0)
+            s["prob_sum"].index_add_(0, rows, probs[:, :, :e].sum(1).to(fd))
+            tiny = torch.finfo(probs.dtype).tiny
+            entropy = (probs * probs.clamp_min(tiny).log()).sum(-1)  # negated below
+            if probs.shape[-1] >= 2:
+                top2 = torch.topk(probs, 2, dim=-1).values
+                top1, margin = top2[..., 0], top2[..., 0] - top2[..., 1]
+            else:
+                top1 = margin = probs[..., 0]
+            cols = [-entropy, top1, margin]
+            with_z = b.score_fn != "probs"
+            if with_z:
+                z = torch.logsumexp(x, dim=-1).square()
+                cols.append(z if valid is None else torch.where(valid, z, 0.0))
+            else:
+                cols.append(torch.zeros_like(top1))
+            s["floats"].index_add_(0, rows, torch.stack(cols, -1).sum(1).to(fd))
+
+        ints = [nonfinite, n_valid, n_dropped, per_call[:, e], touched, torch.ones_like(n_valid)]
+        ints.append(n_valid if has_logits else zeros_r)
+        ints.append(n_valid if has_logits and b.score_fn != "probs" else zeros_r)
+        ints.append(n_valid if weight is not None else zeros_r)
+        s["ints"].index_add_(0, rows, torch.stack(ints, -1))
+
+    @staticmethod
+    def _histogram(bins: torch.Tensor, r: int, width: int, one: torch.Tensor) -> torch.Tensor:
+        # [R, T, K] bins in [0, width) -> [R, width] counts with one scatter.
+        off = torch.arange(0, r * width, width, device=bins.device)[:, None, None]
+        out = torch.zeros(r * width, dtype=torch.long, device=bins.device)
+        flat = (bins + off).reshape(-1)
+        return out.index_add_(0, flat, one.expand(flat.numel())).view(r, width)
+
+    def layer_state(self, row: int) -> dict[str, torch.Tensor]:
+        """Row ``row`` as the per-layer state dict (device tensors, copies)."""
+        return layer_state(self.raw, row, self.num_experts, self.top_k)
+
+
+def _probs(x: torch.Tensor, score_fn: str) -> torch.Tensor:
+    from moescope.stats.metrics import router_probs
+
+    return router_probs(x, score_fn)  # type: ignore[arg-type]
+
+
+def layer_state(raw: Mapping[str, Any], row: int, num_experts: int, top_k: int) -> dict[str, Any]:
+    """Per-layer state (keys of :data:`REDUCE_OPS`) from row ``row`` of a
+    :class:`RoutingSums` raw state, given as device tensors or as host numpy arrays.
+
+    Returns copies (tensors stay on their device; arrays stay numpy).
+    """
+    e = int(num_experts)
+    ints, floats = raw["ints"][row], raw["floats"][row]
+
+    def copy(x: Any) -> Any:
+        return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+
+    out: dict[str, Any] = {
+        "counts": copy(raw["counts"][row]),
+        "dropped_counts": copy(raw["dropped_counts"][row]),
+        "aux_counts": copy(raw["aux_counts"][row]),
+        "prob_sum": copy(raw["prob_sum"][row]),
+        "weight_sums": copy(raw["weight_sums"][row][:e]),
+        "unique_max": copy(raw["unique_max"][row]),
+    }
+    for i, name in enumerate(_INT_COLS):
+        out[name] = copy(ints[i])
+    for i, name in enumerate(_FLOAT_COLS):
+        out[name] = copy(floats[i])
+    out["n_slots"] = out["n_tokens"] * int(top_k)
+    if "coactivation" in raw:
+        pairs = raw["coactivation"][row][:e, :e]
+        coact = pairs + pairs.T
+        diag = list(range(e))
+        coact[diag, diag] = out["counts"]
+        out["coactivation"] = coact
+    return out
 
 
 class LayerAccumulator:
-    """Additive routing sums of one MoE layer over a window, kept on ``device``.
+    """Additive routing sums of ONE MoE layer over a window, fed record by record.
 
-    State (E experts; all int64 unless noted, float64 sums on every device but MPS):
+    The same sums and math as :class:`RoutingSums` (L = 1, R = 1 per update); the
+    monitor itself batches many layer calls per update instead.
 
-    - ``counts`` [E]: kept assignments (valid token, slot not dropped) per expert.
-    - ``dropped_counts`` [E]: dropped slots per expert.
-    - ``aux_counts`` [E]: all top-k slots (dropped included, as the router chose them)
-      of tokens that had router logits; the ``f`` of the aux loss.
-    - ``prob_sum`` [E] float: summed router probability per expert (the ``P`` of the aux
-      loss; only the first E columns when the router also scores extra experts).
-    - ``weight_sums`` [E] float: summed combine weights of kept slots.
-    - ``coactivation`` [E, E] (when enabled): tokens that chose both e and f; diagonal =
-      ``counts``.
-    - scalars: ``n_tokens`` (valid tokens), ``n_slots`` (= n_tokens x K), ``n_dropped``,
-      ``extra_slots`` (kept slots on ids outside [0, E): identity/zero experts),
-      ``nonfinite_tokens``, ``n_logit_tokens`` / ``n_z_tokens`` / ``n_weight_tokens``
-      (valid tokens whose record carried logits / z-loss-able logits / weights),
-      ``entropy_sum``, ``z_sum``, ``top1_sum``, ``margin_sum`` (float), ``n_updates``,
-      ``unique_sum`` and ``unique_max`` (distinct experts touched per update).
+    State keys (:meth:`state`): :data:`REDUCE_OPS` (``coactivation`` only when enabled):
+    ``counts``, ``dropped_counts``, ``aux_counts`` [E] int64; ``prob_sum``,
+    ``weight_sums`` [E] float; ``coactivation`` [E, E] (diagonal = ``counts``); scalars
+    ``n_tokens``, ``n_slots`` (= n_tokens x K), ``n_dropped``, ``extra_slots`` (kept slots
+    on ids outside [0, E): identity/zero experts), ``nonfinite_tokens``,
+    ``n_logit_tokens`` / ``n_z_tokens`` / ``n_weight_tokens``, ``entropy_sum``, ``z_sum``,
+    ``top1_sum``, ``margin_sum`` (float), ``n_updates``, ``unique_sum``, ``unique_max``.
 
     Args:
         num_experts: E routed experts.
         top_k: K slots per token (records with another K are refused).
         device: where the sums live (the router's device).
-        coactivation: keep the [E, E] co-activation matrix (O(E^2) memory, O(T K^2 + E^2)
-            work per update); disable for very large E if not needed.
+        coactivation: keep the [E, E] co-activation matrix (O(E^2) memory).
     """
 
     def __init__(
@@ -123,44 +383,21 @@ class LayerAccumulator:
                 f"LayerAccumulator needs num_experts >= 1 and top_k >= 1, got "
                 f"num_experts={num_experts}, top_k={top_k}."
             )
+        self.sums = RoutingSums(1, num_experts, top_k, device, coactivation)
         self.num_experts = int(num_experts)
         self.top_k = int(top_k)
-        self.device = torch.device(device)
+        self.device = self.sums.device
         self.coactivation = bool(coactivation)
-        self.float_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        # Slot pairs i < j for co-activation, built once (static for a given K).
-        self._pairs = torch.triu_indices(self.top_k, self.top_k, 1, device=self.device)
-        self._state: dict[str, torch.Tensor] = {}
-        self.reset()
-
-    # ----------------------------------------------------------------- state handling
+        self.float_dtype = self.sums.float_dtype
+        self._row = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def reset(self) -> None:
         """Zero every sum (start a new window). Reuses the tensors: no reallocation."""
-        if self._state:
-            for v in self._state.values():
-                v.zero_()
-            return
-        e, dev, fd = self.num_experts, self.device, self.float_dtype
-        s: dict[str, torch.Tensor] = {}
-        for k in _VECTOR_KEYS:
-            s[k] = torch.zeros(e, dtype=torch.long, device=dev)
-        for k in _FLOAT_VECTOR_KEYS:
-            s[k] = torch.zeros(e, dtype=fd, device=dev)
-        if self.coactivation:
-            s["coactivation"] = torch.zeros(e, e, dtype=torch.long, device=dev)
-        for k in _INT_SCALAR_KEYS:
-            s[k] = torch.zeros((), dtype=torch.long, device=dev)
-        for k in _FLOAT_SCALAR_KEYS:
-            s[k] = torch.zeros((), dtype=fd, device=dev)
-        self._state = s
+        self.sums.reset()
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Copies of the sums, on the device (safe to all-reduce in place).
-
-        Keys and reductions: :data:`REDUCE_OPS` (``coactivation`` only when enabled).
-        """
-        return {k: v.clone() for k, v in self._state.items()}
+        """Copies of the sums, on the device (safe to all-reduce in place)."""
+        return self.sums.layer_state(0)
 
     @staticmethod
     def reduce_ops() -> dict[str, str]:
@@ -169,51 +406,8 @@ class LayerAccumulator:
 
     def state_nbytes(self) -> int:
         """Bytes held by the sums (constant: independent of the number of updates)."""
-        return sum(v.numel() * v.element_size() for v in self._state.values())
+        return self.sums.nbytes()
 
-    # ----------------------------------------------------------------------- update
-
-    def _check(self, record: RoutingRecord) -> None:
-        # Shape checks read Python ints only: no device sync.
-        if record.num_experts != self.num_experts:
-            raise ValueError(
-                f"{record.layer}: record has num_experts={record.num_experts} but the "
-                f"accumulator was built for {self.num_experts}; build one "
-                "LayerAccumulator per layer with that layer's expert count."
-            )
-        if record.topk_index.dim() not in (1, 2):
-            raise ValueError(
-                f"{record.layer}: topk_index must be [T, K] (or [T] for top-1), got shape "
-                f"{tuple(record.topk_index.shape)}; flatten batch and sequence first."
-            )
-        k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
-        if k != self.top_k:
-            raise ValueError(
-                f"{record.layer}: record has K={k} slots but the accumulator was built "
-                f"with top_k={self.top_k}; pass the layer's real top_k."
-            )
-        t = record.topk_index.shape[0]
-        lg = record.logits
-        if lg is not None and (
-            lg.dim() == 0 or lg.shape[-1] < self.num_experts or lg.numel() != t * lg.shape[-1]
-        ):
-            raise ValueError(
-                f"{record.layer}: logits shape {tuple(record.logits.shape)} does not match "
-                f"T={t} tokens x at least E={self.num_experts} experts."
-            )
-        for name in ("topk_weight", "dropped"):
-            v = getattr(record, name)
-            if v is not None and v.numel() != t * k:
-                raise ValueError(
-                    f"{record.layer}: {name} has shape {tuple(v.shape)}, expected [T={t}, K={k}]."
-                )
-        if record.token_mask is not None and record.token_mask.numel() != t:
-            raise ValueError(
-                f"{record.layer}: token_mask has {record.token_mask.numel()} entries, "
-                f"expected T={t} (one per flattened token)."
-            )
-
-    @torch.no_grad()
     def update(self, record: RoutingRecord) -> None:
         """Add one layer call to the sums. Device work only: never syncs with the host.
 
@@ -221,70 +415,147 @@ class LayerAccumulator:
             record: the layer call; ``topk_index`` [T, K], optional ``logits`` [T, E'],
                 ``topk_weight`` [T, K], ``token_mask`` [T], ``dropped`` [T, K].
         """
-        self._check(record)
-        s, e, dev, fd = self._state, self.num_experts, self.device, self.float_dtype
-        t, k = record.topk_index.shape[0], self.top_k
-        idx = record.topk_index.to(dev).reshape(t, k).long()
+        check_record(record, self.num_experts, self.top_k)
+        self.sums.update(batch_of_one(record, self._row), self._row)
 
-        valid = torch.ones(t, dtype=torch.bool, device=dev)
-        if record.token_mask is not None:
-            valid = valid & record.token_mask.to(dev).reshape(t).bool()
-        finite = torch.ones(t, dtype=torch.bool, device=dev)
-        logits = None
-        if record.logits is not None:
-            logits = record.logits.to(dev).reshape(t, record.logits.shape[-1])
-            finite = finite & M.finite_rows(logits)
-        weight = None
-        if record.topk_weight is not None:
-            weight = record.topk_weight.to(dev).reshape(t, k)
-            finite = finite & M.finite_rows(weight)
-        s["nonfinite_tokens"].add_((valid & ~finite).sum())
-        valid = valid & finite
-        n_valid = valid.sum()
 
-        bins = M.expert_bins(idx, e)
-        slot_valid = valid[:, None].expand(t, k)
-        if record.dropped is not None:
-            dropped = record.dropped.to(dev).reshape(t, k).bool() & slot_valid
-            keep = slot_valid & ~dropped
-            s["n_dropped"].add_(dropped.sum())
-            s["dropped_counts"].add_(M.slot_counts(bins, dropped, e)[:e])
-        else:
-            keep = slot_valid
-        kept = M.slot_counts(bins, keep, e)
-        counts = kept[:e]
-        s["counts"].add_(counts)
-        s["extra_slots"].add_(kept[e])
-        s["n_tokens"].add_(n_valid)
-        s["n_slots"].add_(n_valid * k)
+def check_record(record: RoutingRecord, num_experts: int, top_k: int | None) -> None:
+    """Raise a ValueError naming the problem when ``record`` does not fit a layer with
+    ``num_experts`` experts (and ``top_k`` slots, when given). Reads shapes only."""
+    if record.num_experts != num_experts:
+        raise ValueError(
+            f"{record.layer}: record has num_experts={record.num_experts} but the "
+            f"accumulator was built for {num_experts}; build one "
+            "LayerAccumulator per layer with that layer's expert count."
+        )
+    if record.topk_index.dim() not in (1, 2):
+        raise ValueError(
+            f"{record.layer}: topk_index must be [T, K] (or [T] for top-1), got shape "
+            f"{tuple(record.topk_index.shape)}; flatten batch and sequence first."
+        )
+    k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
+    if top_k is not None and k != top_k:
+        raise ValueError(
+            f"{record.layer}: record has K={k} slots but the accumulator was built "
+            f"with top_k={top_k}; pass the layer's real top_k."
+        )
+    t = record.topk_index.shape[0]
+    lg = record.logits
+    if lg is not None and (
+        lg.dim() == 0 or lg.shape[-1] < num_experts or lg.numel() != t * lg.shape[-1]
+    ):
+        raise ValueError(
+            f"{record.layer}: logits shape {tuple(lg.shape)} does not match "
+            f"T={t} tokens x at least E={num_experts} experts."
+        )
+    for name in ("topk_weight", "dropped"):
+        v = getattr(record, name)
+        if v is not None and v.numel() != t * k:
+            raise ValueError(
+                f"{record.layer}: {name} has shape {tuple(v.shape)}, expected [T={t}, K={k}]."
+            )
+    if record.token_mask is not None and record.token_mask.numel() != t:
+        raise ValueError(
+            f"{record.layer}: token_mask has {record.token_mask.numel()} entries, "
+            f"expected T={t} (one per flattened token)."
+        )
 
-        touched = M.unique_experts(counts)
-        s["unique_sum"].add_(touched)
-        torch.maximum(s["unique_max"], touched, out=s["unique_max"])
-        s["n_updates"].add_(1)
 
-        if self.coactivation:
-            s["coactivation"].add_(M.coactivation_counts(bins, keep, e, self._pairs))
+def batch_of_one(record: RoutingRecord, rows: torch.Tensor) -> RoutingBatch:
+    """``record`` as a :class:`RoutingBatch` with R = 1 (views only)."""
+    t = record.topk_index.shape[0]
+    k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
+    lg = record.logits
+    return RoutingBatch(
+        rows=rows,
+        layers=(0,),
+        num_experts=record.num_experts,
+        topk_index=record.topk_index.reshape(1, t, k),
+        logits=None if lg is None else lg.reshape(1, t, lg.shape[-1]),
+        score_fn=record.score_fn,
+        topk_weight=None if record.topk_weight is None else record.topk_weight.reshape(1, t, k),
+        token_mask=None if record.token_mask is None else record.token_mask.reshape(1, t),
+        dropped=None if record.dropped is None else record.dropped.reshape(1, t, k),
+    )
 
-        if weight is not None:
-            w = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=dev))
-            s["weight_sums"].add_(M.slot_counts(bins, w.to(fd), e)[:e])
-            s["n_weight_tokens"].add_(n_valid)
 
-        if logits is not None:
-            probs = M.router_probs(logits, record.score_fn)
-            probs = torch.where(valid[:, None], probs, torch.zeros((), dtype=probs.dtype, device=dev))
-            s["prob_sum"].add_(probs[:, :e].sum(dim=0).to(fd))
-            s["entropy_sum"].add_(M.token_entropy(probs).sum().to(fd))
-            top1, margin = M.top1_and_margin(probs)
-            s["top1_sum"].add_(top1.sum().to(fd))
-            s["margin_sum"].add_(margin.sum().to(fd))
-            s["aux_counts"].add_(M.slot_counts(bins, slot_valid, e)[:e])
-            s["n_logit_tokens"].add_(n_valid)
-            if record.score_fn != "probs":
-                z = torch.where(valid, M.z_values(logits), torch.zeros((), device=dev))
-                s["z_sum"].add_(z.sum().to(fd))
-                s["n_z_tokens"].add_(n_valid)
+class RoutingStats:
+    """The routing consumer of one monitor window: :class:`RoutingSums` per (E, K, device).
+
+    Layer i of the monitor is row i of the sums of the (E, K, device) its records have
+    (almost always a single group for the whole model).
+
+    Args:
+        num_layers: monitored layers (rows of every group's sums).
+        coactivation: keep co-activation matrices.
+    """
+
+    def __init__(self, num_layers: int, coactivation: bool = True) -> None:
+        self.num_layers = int(num_layers)
+        self.coactivation = bool(coactivation)
+        self.groups: dict[tuple[int, int, torch.device], RoutingSums] = {}
+        self.group_of: dict[int, tuple[int, int, torch.device]] = {}
+
+    def _group(self, key: tuple[int, int, torch.device]) -> RoutingSums:
+        sums = self.groups.get(key)
+        if sums is None:
+            sums = RoutingSums(self.num_layers, key[0], key[1], key[2], self.coactivation)
+            self.groups[key] = sums
+        return sums
+
+    def update(self, batch: RoutingBatch) -> None:
+        """Add a batch (all rows share E, K and the device). Device ops only."""
+        key = (batch.num_experts, batch.top_k, batch.topk_index.device)
+        for layer in set(batch.layers):
+            known = self.group_of.setdefault(layer, key)
+            if known != key:
+                raise ValueError(
+                    f"layer #{layer} emitted a record with E={key[0]}, K={key[1]} on "
+                    f"{key[2]} after records with E={known[0]}, K={known[1]} on {known[2]}; "
+                    "an adapter must report one expert count and top_k per layer"
+                )
+        self._group(key).update(batch)
+
+    def ensure(self, layer: int, num_experts: int, top_k: int, device: torch.device) -> None:
+        """Give a layer that saw no record yet a row (zeros), so that every rank
+        reduces the same tensors."""
+        if layer not in self.group_of:
+            key = (int(num_experts), int(top_k), torch.device(device))
+            self.group_of[layer] = key
+            self._group(key)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Raw sums of every group, keyed ``"<group #>/<key>"`` (device tensors)."""
+        return {
+            f"{g}/{name}": v
+            for g, sums in enumerate(self.groups.values())
+            for name, v in sums.raw.items()
+        }
+
+    def reduce_ops(self) -> dict[str, str]:
+        return {
+            f"{g}/{name}": RAW_REDUCE_OPS[name]
+            for g, sums in enumerate(self.groups.values())
+            for name in sums.raw
+        }
+
+    def layer_states(self, raw: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+        """Per-layer state dicts from a (reduced, possibly host) :meth:`state` result."""
+        names = {key: g for g, key in enumerate(self.groups)}
+        out: dict[int, dict[str, Any]] = {}
+        for layer, key in self.group_of.items():
+            g = names[key]
+            group = {n.split("/", 1)[1]: v for n, v in raw.items() if n.startswith(f"{g}/")}
+            out[layer] = layer_state(group, layer, key[0], key[1])
+        return out
+
+    def top_k(self, layer: int) -> int | None:
+        key = self.group_of.get(layer)
+        return None if key is None else key[1]
+
+    def reset(self) -> None:
+        for sums in self.groups.values():
+            sums.reset()
 
 
 def merge_states(

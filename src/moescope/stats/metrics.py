@@ -19,8 +19,9 @@ for the normalised sigmoid affinities used with sigmoid routers.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 ScoreFn = Literal["softmax", "sigmoid", "probs"]
@@ -248,62 +249,75 @@ def unique_experts(counts: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- per window
 
 
-def usage_fraction(counts: torch.Tensor) -> torch.Tensor:
+# Window-level functions run on the host, on the summed state (numpy float64), so a
+# snapshot dispatches no device op beyond its one transfer; torch tensors are accepted too.
+
+
+def _host(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def usage_fraction(counts: Any) -> np.ndarray:
     """``counts / counts.sum()``. [E] -> [E] float64 (NaN everywhere when the sum is 0)."""
-    c = counts.double()
-    return c / c.sum()
+    c = _host(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return c / c.sum()
 
 
-def cv(counts: torch.Tensor) -> torch.Tensor:
+def cv(counts: Any) -> np.float64:
     """Coefficient of variation of usage: population std (ddof = 0) / mean.
 
-    [E] -> [] float64; 0 for perfectly even usage, NaN when all counts are 0.
+    [E] -> float64; 0 for perfectly even usage, NaN when all counts are 0.
     """
-    c = counts.double()
-    return c.std(correction=0) / c.mean()
+    c = _host(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(c.std() / c.mean())
 
 
-def max_over_mean(counts: torch.Tensor) -> torch.Tensor:
+def max_over_mean(counts: Any) -> np.float64:
     """Imbalance ratio max / mean of usage (1 = even, E = one expert takes all).
 
-    [E] -> [] float64; NaN when all counts are 0.
+    [E] -> float64; NaN when all counts are 0.
     """
-    c = counts.double()
-    return c.max() / c.mean()
+    c = _host(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(c.max() / c.mean())
 
 
-def unused_experts(counts: torch.Tensor) -> torch.Tensor:
-    """Experts with zero assignments. [E] -> [] int64."""
-    return (counts == 0).sum()
+def unused_experts(counts: Any) -> np.int64:
+    """Experts with zero assignments. [E] -> int64."""
+    return np.int64((_host(counts) == 0).sum())
 
 
-def load_entropy_norm(counts: torch.Tensor) -> torch.Tensor:
+def load_entropy_norm(counts: Any) -> np.float64:
     """Entropy of ``usage_fraction`` divided by ``log E`` (1 = even load, 0 = one expert).
 
-    [E] -> [] float64; NaN when all counts are 0 or E = 1.
+    [E] -> float64; NaN when all counts are 0 or E = 1.
     """
-    num_experts = counts.shape[-1]
     f = usage_fraction(counts)
-    h = -torch.special.xlogy(f, f).sum()
-    if num_experts < 2:
-        return torch.full_like(h, math.nan)
-    return h / math.log(num_experts)
+    num_experts = f.shape[-1]
+    if num_experts < 2 or not np.isfinite(f).all():
+        return np.float64(math.nan)
+    nz = f[f > 0]
+    return np.float64(-(nz * np.log(nz)).sum() / math.log(num_experts))
 
 
-def routing_entropy_norm(entropy: torch.Tensor | float, num_experts: int) -> torch.Tensor:
+def routing_entropy_norm(entropy: Any, num_experts: int) -> np.float64:
     """Routing entropy divided by its maximum ``log E``. NaN for E = 1."""
-    h = torch.as_tensor(entropy, dtype=torch.float64)
+    h = float(_host(entropy))
     if num_experts < 2:
-        return torch.full_like(h, math.nan)
-    return h / math.log(num_experts)
+        return np.float64(math.nan)
+    return np.float64(h / math.log(num_experts))
 
 
 def aux_loss_from_sums(
-    count_sum: torch.Tensor,
-    prob_sum: torch.Tensor,
-    n_tokens: torch.Tensor | float,
+    count_sum: Any,
+    prob_sum: Any,
+    n_tokens: Any,
     num_experts: int,
-) -> torch.Tensor:
+) -> np.float64:
     """Switch / transformers load-balancing loss from additive sums.
 
     ``E * sum_e f_e * P_e`` with ``f_e = count_sum[e] / n_tokens`` (all K top-k slots of
@@ -314,16 +328,17 @@ def aux_loss_from_sums(
     Args:
         count_sum: [E] top-k assignments per expert over the counted tokens.
         prob_sum: [E] summed router probabilities over the same tokens.
-        n_tokens: number of counted tokens (scalar tensor or number).
+        n_tokens: number of counted tokens.
         num_experts: E.
 
     Returns:
-        [] float64 (NaN when ``n_tokens`` is 0).
+        float64 (NaN when ``n_tokens`` is 0).
     """
-    n = torch.as_tensor(n_tokens, dtype=torch.float64, device=count_sum.device)
-    f = count_sum.double() / n
-    p = prob_sum.double() / n
-    return num_experts * (f * p).sum()
+    n = float(_host(n_tokens))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = _host(count_sum) / n
+        p = _host(prob_sum) / n
+    return np.float64(num_experts * (f * p).sum())
 
 
 def aux_loss(
@@ -343,7 +358,7 @@ def aux_loss(
         score_fn: how logits map to probabilities (see :func:`router_probs`).
 
     Returns:
-        [] float64.
+        float64 (host).
     """
     t = topk_index.shape[0]
     valid = torch.ones(t, dtype=torch.bool, device=logits.device)

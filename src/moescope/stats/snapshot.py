@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from moescope.stats import metrics as M
 
@@ -272,8 +271,7 @@ def layer_stats_from_state(
         The layer's :class:`LayerStats`.
     """
     e = int(num_experts)
-    counts_np = np.asarray(state["counts"], dtype=np.int64).reshape(e)
-    counts = torch.from_numpy(counts_np.copy())
+    counts = np.asarray(state["counts"], dtype=np.int64).reshape(e).copy()
     n_tok = int(state["n_tokens"])
     n_logit = int(state["n_logit_tokens"])
     n_z = int(state["n_z_tokens"])
@@ -281,17 +279,17 @@ def layer_stats_from_state(
     n_upd = int(state["n_updates"])
     have_tokens = n_tok > 0
 
-    def scalar(x: torch.Tensor) -> float:
+    def scalar(x: Any) -> float:
         return float(x) if have_tokens else math.nan
 
-    unused = scalar(M.unused_experts(counts).double())
+    unused = scalar(M.unused_experts(counts))
     entropy = _div(float(state["entropy_sum"]), n_logit)
     aux = math.nan
     if n_logit > 0:
         aux = float(
             M.aux_loss_from_sums(
-                torch.from_numpy(np.asarray(state["aux_counts"]).reshape(e).copy()),
-                torch.from_numpy(np.asarray(state["prob_sum"], dtype=np.float64).reshape(e).copy()),
+                np.asarray(state["aux_counts"]).reshape(e),
+                np.asarray(state["prob_sum"], dtype=np.float64).reshape(e),
                 n_logit,
                 e,
             )
@@ -306,10 +304,8 @@ def layer_stats_from_state(
         top_k=int(top_k),
         num_tokens=n_tok,
         nonfinite_tokens=int(state["nonfinite_tokens"]),
-        usage_counts=counts_np.copy(),
-        usage_fraction=(
-            M.usage_fraction(counts).numpy() if have_tokens else np.full(e, math.nan)
-        ),
+        usage_counts=counts,
+        usage_fraction=(M.usage_fraction(counts) if have_tokens else np.full(e, math.nan)),
         cv=scalar(M.cv(counts)),
         max_over_mean=scalar(M.max_over_mean(counts)),
         unused_experts=unused,
