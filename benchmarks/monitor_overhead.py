@@ -232,8 +232,7 @@ class MoescopeVariant(Variant):
             self.last = self.monitor.snapshot(step=step + 1).to_dict()
 
     def accumulator_nbytes(self) -> int:
-        accs = self.monitor._accs.values()  # the accumulators' own tensors (no public list)
-        return sum(acc.state_nbytes() for acc in accs)
+        return self.monitor.state_nbytes()
 
     def state_nbytes(self) -> int:
         return self.accumulator_nbytes() + _history_nbytes(self.monitor)

@@ -32,9 +32,10 @@ TINY_OLMOE = mo.ModelSpec(
 
 
 def _bytes_per_layer(e: int) -> int:
-    # LayerAccumulator with co-activation: 3 int64 [E] + 2 float64 [E] + int64 [E, E]
-    # + 11 int64 scalars + 4 float64 scalars.
-    return 8 * (5 * e + e * e + 15)
+    # RoutingSums row with co-activation: 3 int64 [E] + float64 [E] + float64 [E + 2]
+    # (weight bins) + int64 [E + 2, E + 2] (pair bins) + 9 int64 + 4 float64 scalars
+    # + int64 unique_max.
+    return 8 * (4 * e + (e + 2) + (e + 2) ** 2 + 14)
 
 
 def _history_row_bytes(e: int) -> int:

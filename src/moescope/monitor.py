@@ -334,12 +334,38 @@ class MoEMonitor:
         self.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
         dec_mask = kwargs.get("decoder_attention_mask")
         self.ctx.decoder_attention_mask = dec_mask if isinstance(dec_mask, torch.Tensor) else None
+        for listener in self.pipeline.listeners:
+            start = getattr(listener, "forward_start", None)
+            if start is not None:
+                start(args, kwargs)
 
     def _top_post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if not in_backward():
             # A later direct call of a sub-module must not inherit this forward's mask.
             self.ctx.attention_mask = None
             self.ctx.decoder_attention_mask = None
+            for listener in self.pipeline.listeners:
+                end = getattr(listener, "forward_end", None)
+                if end is not None:
+                    end()
+
+    def add_consumer(self, consumer: Any) -> None:
+        """Also send every routing batch (all windows) to ``consumer`` (``update(batch)``;
+        see ``moescope.capture.pipeline.Consumer``). If it defines ``forward_start(args,
+        kwargs)`` / ``forward_end()``, they are called around each top-level forward
+        (``forward_end`` may call ``monitor.pipeline.flush()`` to receive that forward's
+        layer calls at once). The monitor's hooks serve it: nothing is hooked twice."""
+        with self._lock:
+            self.pipeline.flush()
+            if consumer not in self.pipeline.listeners:
+                self.pipeline.listeners.append(consumer)
+
+    def remove_consumer(self, consumer: Any) -> None:
+        """Stop sending batches to ``consumer`` (staged calls are delivered first)."""
+        with self._lock:
+            self.pipeline.flush()
+            if consumer in self.pipeline.listeners:
+                self.pipeline.listeners.remove(consumer)
 
     @property
     def attached(self) -> bool:
@@ -674,6 +700,18 @@ class MoEMonitor:
         if self.alert_rules is not None:
             self.last_alerts = list(self.alert_rules.check(snap))
         return snap
+
+    def state_nbytes(self) -> int:
+        """Bytes of every window's sums (routing and neurons), excluding staged records
+        (bounded by ``budget_bytes``) and the history."""
+        total = 0
+        for win in self._windows.values():
+            total += sum(s.nbytes() for s in win.routing.groups.values())
+            total += sum(
+                sum(v.numel() * v.element_size() for v in n.state().values())
+                for n in win.neurons.values()
+            )
+        return total
 
     def _threshold_label(self, path: str) -> str:
         t = self.neuron_threshold

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, LayerInfo
+from moescope.capture.hooks import CopySafePatch
 
 __all__ = ["NeuronSink", "NeuronTap", "attach_neurons", "neuron_tap"]
 
@@ -204,7 +205,6 @@ def _attach_fused(
     ]
     restore: Callable[[], None]
     if experts.has_gate:
-        own = experts.__dict__.get("_apply_gate")
         original = experts._apply_gate  # bound method (or a previous instance wrapper)
 
         def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
@@ -212,14 +212,7 @@ def _attach_fused(
             observe(h)
             return h
 
-        experts._apply_gate = apply_gate
-
-        def restore() -> None:
-            if experts.__dict__.get("_apply_gate") is apply_gate:
-                if own is None:
-                    del experts._apply_gate
-                else:
-                    experts._apply_gate = own
+        restore = CopySafePatch(experts, "_apply_gate", apply_gate).install()
 
     else:
         act = experts.act_fn
@@ -230,21 +223,13 @@ def _attach_fused(
                 return None
 
         else:
-            own_act = experts.__dict__.get("act_fn")
 
             def act_fn(x: torch.Tensor) -> torch.Tensor:
                 h = act(x)
                 observe(h)
                 return h
 
-            experts.act_fn = act_fn
-
-            def restore() -> None:
-                if experts.__dict__.get("act_fn") is act_fn:
-                    if own_act is None:
-                        del experts.act_fn
-                    else:
-                        experts.act_fn = own_act
+            restore = CopySafePatch(experts, "act_fn", act_fn).install()
 
     def detach() -> None:
         for hd in handles:
@@ -393,13 +378,12 @@ def _attach_nn(info: LayerInfo, tap: NeuronTap, sink: NeuronSink, ctx: CaptureCo
         layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
         experts.register_forward_pre_hook(experts_pre, with_kwargs=True),
     ]
-    experts.neuron_observer = observer
+    restore = CopySafePatch(experts, "neuron_observer", observer).install()
 
     def detach() -> None:
         for hd in handles:
             hd.remove()
-        if experts.neuron_observer is observer:
-            experts.neuron_observer = previous
+        restore()
         pending.clear()
         own["mask"] = None
 

@@ -136,7 +136,8 @@ class CapturePipeline:
         PIPELINES[self.id] = self
         with torch.inference_mode(False):
             self._ticket = torch.zeros(1)
-        self.on_stage: Callable[[str, int, RoutingRecord], None] | None = None
+        #: Consumers that receive every batch of every window (e.g. the token recorder).
+        self.listeners: list[Consumer] = []
 
     # ------------------------------------------------------------------ staging
 
@@ -201,8 +202,6 @@ class CapturePipeline:
             + _nbytes(record.dropped)
         )
         with self._lock:
-            if self.on_stage is not None:
-                self.on_stage(w, i, record)
             self._pending.append((w, i, record))
             self._pending_bytes += n
             if self._pending_bytes > self.budget_bytes:
@@ -233,7 +232,7 @@ class CapturePipeline:
                         stack.enter_context(torch.autocast(dev_type, enabled=False))
                 for key, items in groups.items():
                     batch = self._batch(items)
-                    for consumer in self.consumers(key[0]):
+                    for consumer in [*self.consumers(key[0]), *self.listeners]:
                         consumer.update(batch)
 
     def _batch(self, items: list[tuple[int, RoutingRecord]]) -> RoutingBatch:
