@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -195,9 +194,6 @@ class MoEMonitor:
 
             adapters = default_adapters()
         self.model = model
-        # Forwards may run in one thread while a timer thread snapshots (serving): the
-        # lock makes update() and the copy-then-reset of snapshot() atomic to each other.
-        self._lock = threading.RLock()
         self.adapters: list[MoEAdapter] = list(adapters)
         found = find_moe_layers(model, self.adapters)
         if not found:
@@ -241,6 +237,10 @@ class MoEMonitor:
             budget_bytes=budget_bytes,
             counts_only=counts_only,
         )
+        # Forwards may run in one thread while a timer thread snapshots (serving): one lock
+        # with the pipeline makes staging, flushes (also those a forward triggers) and the
+        # flush-copy-reset of snapshot() atomic to each other.
+        self._lock = self.pipeline.lock
         self.neurons = bool(neurons)
         self.neuron_hist_bins = int(neuron_hist_bins)
         self.per_neuron = bool(per_neuron)

@@ -6,14 +6,12 @@ transfer per refresh, never one per request), turns it into Prometheus metric fa
 serves them over HTTP while the model answers requests (``generate()`` calls, a batch
 server's forwards) in other threads.
 
-Thread safety. The forward thread updates the monitor's on-device sums inside its hooks
-(``MoEMonitor._emit`` -> ``LayerAccumulator.update``: ~20 in-place adds per layer call),
-while ``snapshot(reset=True)`` copies every sum (``state()``), moves the copies to the host
-and only then zeroes the sums (``reset()``). Run unguarded in two threads, a layer call
-that lands between the copy and the reset is added and then zeroed without ever being
-reported: counts are *lost* (and a copy taken halfway through an update mixes two calls,
-e.g. ``counts`` of N + 1 calls with ``n_tokens`` of N). ``MoEMonitor`` holds no lock of its
-own, so the exporter brings one: while started it installs a forward pre-hook / hook pair
+Thread safety. The forward thread stages layer calls in the monitor's pipeline (and
+sometimes reduces them into the sums), while ``snapshot(reset=True)`` reduces what is
+staged, copies every sum to the host and zeroes them. The monitor's own lock makes each of
+these atomic, so no count is lost; but a snapshot taken in the middle of a forward would
+report some of its layers and not the others. The exporter therefore brings a
+forward-level lock: while started it installs a forward pre-hook / hook pair
 (``always_call=True``, so an exception inside the forward still releases it) on the
 monitored model and on every MoE block that holds a re-entrant lock for the whole call,
 and every refresh takes ``monitor.snapshot`` under the same lock. A snapshot therefore

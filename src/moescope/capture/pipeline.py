@@ -130,7 +130,7 @@ class CapturePipeline:
         self._pending: list[tuple[str, int, RoutingRecord]] = []
         self._pending_bytes = 0
         # Flushes may come from a serving thread's snapshot while forwards stage records.
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._rows: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self.id = next(_IDS)
         PIPELINES[self.id] = self
@@ -201,7 +201,7 @@ class CapturePipeline:
             + _nbytes(record.token_mask)
             + _nbytes(record.dropped)
         )
-        with self._lock:
+        with self.lock:
             self._pending.append((w, i, record))
             self._pending_bytes += n
             if self._pending_bytes > self.budget_bytes:
@@ -216,7 +216,7 @@ class CapturePipeline:
 
     def flush(self) -> None:
         """Reduce every staged record into its window's consumers (device ops only)."""
-        with self._lock:
+        with self.lock:
             pending, self._pending = self._pending, []
             self._pending_bytes = 0
             if not pending:
@@ -262,7 +262,7 @@ class CapturePipeline:
 
     def discard(self) -> None:
         """Drop staged records without reducing them."""
-        with self._lock:
+        with self.lock:
             self._pending = []
             self._pending_bytes = 0
 

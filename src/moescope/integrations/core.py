@@ -4,12 +4,14 @@ The three framework adapters (:mod:`~moescope.integrations.transformers`,
 :mod:`~moescope.integrations.pytorch`, :mod:`~moescope.integrations.lightning`) only map
 their framework's hooks onto :class:`TrainingSession`; all decisions live here once:
 
-- **Two windows.** A *train* :class:`~moescope.monitor.MoEMonitor` and an *eval* one watch
-  the same model. A forward pre-hook on each MoE block (run before the adapters' hooks)
-  switches which one counts from the block's ``training`` flag (train mode -> train
-  window, eval mode -> eval window; :meth:`TrainingSession.force_window` overrides), so an
-  evaluation in the middle of training never leaks into the training window or the other
-  way round. Every forward counts, so with gradient accumulation every micro-batch counts.
+- **Two windows, one monitor.** ONE :class:`~moescope.monitor.MoEMonitor` built with
+  ``split_by_mode=True`` watches the model, so every MoE layer is hooked once. It counts
+  each layer call in its window ``"train"`` or ``"eval"`` from the MoE block's ``training``
+  flag (:meth:`TrainingSession.force_window` maps onto ``monitor.set_window`` /
+  ``clear_window`` to override), so an evaluation in the middle of training never leaks
+  into the training window or the other way round. Every forward counts, so with gradient
+  accumulation every micro-batch counts. The monitor's history and its own alert rules
+  only ever see train windows (eval snapshots are taken with them detached).
 - **Cadence.** The train window ends every ``log_every_n_steps`` optimizer steps
   (:meth:`TrainingSession.is_log_step`); the framework adapters also end it at the last step
   so that the tail of training is not lost. The eval window ends when the framework
@@ -35,6 +37,7 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -42,7 +45,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from moescope.alerts import Alert, AlertRules, format_alert
@@ -111,13 +113,22 @@ class TrainingSession:
             it may raise to stop training.
         stop_on_alert: set :attr:`should_stop` when any alert fires.
         track_eval: keep a separate eval window (forwards in eval mode); else eval-mode
-            forwards are not counted at all.
+            forwards are not logged (they still land in the monitor's ``"eval"`` window,
+            which is discarded at every train window, never in the train window).
         per_layer: include ``moe/<layer>/<metric>`` keys (else model-level keys only).
         layer_metrics: which per-layer metrics (names of ``LAYER_SCALAR_METRICS``);
             None = all.
         prefix: first key component (``"moe"``).
-        monitor_kwargs: extra keyword arguments for both :class:`MoEMonitor` objects
-            (``adapters``, ``history``, ``coactivation``, ``process_group``).
+        monitor_kwargs: extra keyword arguments for the :class:`MoEMonitor`
+            (``adapters``, ``history``, ``coactivation``, ``process_group``, ...);
+            ``split_by_mode`` and ``attach`` are the session's.
+
+    Attributes:
+        monitor: the one :class:`MoEMonitor` (None before :meth:`attach`); its window
+            ``"train"`` holds the train counts, ``"eval"`` the eval counts, and its
+            ``history`` the train snapshots only.
+        train_monitor, eval_monitor: backward-compatible names; both are :attr:`monitor`
+            (``eval_monitor`` is None when ``track_eval=False``). Not two monitors.
     """
 
     def __init__(
@@ -181,9 +192,7 @@ class TrainingSession:
         self._user_owned = {id(x) for x in _flatten(logger)}
 
         self.model: nn.Module | None = None
-        self.train_monitor: MoEMonitor | None = None
-        self.eval_monitor: MoEMonitor | None = None
-        self._mode_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.monitor: MoEMonitor | None = None
         self._forced_mode: str | None = None
         self._sinks: list[Any] | None = None
         self._extra_sinks: list[Any] = []
@@ -199,12 +208,22 @@ class TrainingSession:
     # ------------------------------------------------------------------ attach / detach
 
     @property
+    def train_monitor(self) -> MoEMonitor | None:
+        """The monitor (backward-compatible name): its ``"train"`` window and history."""
+        return self.monitor
+
+    @property
+    def eval_monitor(self) -> MoEMonitor | None:
+        """The same monitor (its ``"eval"`` window), or None when ``track_eval=False``."""
+        return self.monitor if self.track_eval else None
+
+    @property
     def attached(self) -> bool:
-        return self.train_monitor is not None and self.train_monitor.attached
+        return self.monitor is not None and self.monitor.attached
 
     def attach(self, model: nn.Module) -> None:
-        """Build the monitors on ``model`` and install the train/eval switch (idempotent
-        for the same model)."""
+        """Build the monitor on ``model`` and install its hooks (idempotent for the same
+        model). The session adds no hook of its own."""
         if self.model is not None and self.model is not model:
             raise RuntimeError(
                 "this MoE callback is already attached to another model; create one "
@@ -212,60 +231,57 @@ class TrainingSession:
             )
         if self.attached:
             return
-        if self.train_monitor is None:
+        if self.monitor is None:
             kw = {"history": 1000, **self.monitor_kwargs}
-            self.train_monitor = MoEMonitor(model, attach=False, **kw)
-            if self.track_eval:
-                self.eval_monitor = MoEMonitor(model, attach=False, **{**kw, "history": None})
+            kw["split_by_mode"] = True  # the train/eval switch; the session needs it
+            kw.pop("attach", None)
+            self.monitor = MoEMonitor(model, attach=False, **kw)
         self.model = model
-        # On every MoE block, ahead of the adapters' own hooks: the block's mode decides,
-        # so the switch works however the block is reached (a LightningModule's
-        # training_step calling an inner model, DDP/FSDP wrappers, direct sub-module calls).
-        self._mode_hooks = [
-            info.module.register_forward_pre_hook(self._select_window, prepend=True)
-            for info in self.train_monitor.layers
-        ]
-        self._set_counting(model.training)
+        self._apply_window()
         try:
-            self.train_monitor.attach()
-            if self.eval_monitor is not None:
-                self.eval_monitor.attach()
+            self.monitor.attach()
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
         """Remove every hook (idempotent); accumulated windows and history are kept."""
-        hooks, self._mode_hooks = self._mode_hooks, []
-        for h in hooks:
-            h.remove()
-        for mon in (self.train_monitor, self.eval_monitor):
-            if mon is not None:
-                mon.detach()
+        if self.monitor is not None:
+            self.monitor.detach()
 
-    def _set_counting(self, training: bool) -> None:
-        # Why a pre-hook and not a check in the adapters: the adapters know nothing of
-        # train/eval; the monitor's ``ctx.counting`` is the one switch they all honour.
-        if self._forced_mode is not None:
-            training = self._forced_mode == "train"
-        if self.train_monitor is not None:
-            self.train_monitor.ctx.counting = training
-        if self.eval_monitor is not None:
-            self.eval_monitor.ctx.counting = not training
-
-    def _select_window(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._set_counting(module.training)
+    def _apply_window(self) -> None:
+        mon = self.monitor
+        if mon is None:
+            return
+        mode = self._forced_mode
+        # set_window / clear_window flush staged calls: skip when nothing changes (the
+        # Lightning adapter forces "train" at every batch). ``mon.window`` is the forced
+        # window, or "default" when none is (then split_by_mode decides per call).
+        if mon.window == (mode or "default"):
+            return
+        if mode is None:
+            mon.clear_window()
+        else:
+            mon.set_window(mode)
 
     def force_window(self, mode: str | None) -> None:
         """Count every forward in the ``"train"`` or ``"eval"`` window whatever
-        ``model.training`` says; None goes back to following ``model.training``."""
+        ``model.training`` says; None goes back to following each MoE block's
+        ``training`` flag (``monitor.set_window`` / ``monitor.clear_window``)."""
         if mode not in (None, "train", "eval"):
             raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
-        if mode == "eval" and self.eval_monitor is None:
+        if mode == "eval" and not self.track_eval:
             raise RuntimeError("no eval window: the callback was created with track_eval=False")
         self._forced_mode = mode
-        if self.model is not None:
-            self._set_counting(self.model.training)
+        self._apply_window()
+
+    def exclude_from_train(self) -> None:
+        """Count the following forwards in the ``"eval"`` window even when
+        ``track_eval=False`` (then it is never logged, only discarded): for a framework
+        loop known to be evaluating while its modules may be in train mode. Undo with
+        ``force_window(None)`` / ``force_window("train")``."""
+        self._forced_mode = "eval"
+        self._apply_window()
 
     # ------------------------------------------------------------------ cadence
 
@@ -300,7 +316,9 @@ class TrainingSession:
         """Snapshot the train window ending at ``step`` (on every rank), log it on rank 0,
         check the alerts. Returns the flat metrics (also on other ranks)."""
         mon = self._require_monitor()
-        snap = mon.snapshot(reset=True, step=step)
+        snap = mon.snapshot(reset=True, step=step, window="train")
+        if not self.track_eval and "eval" in mon.windows:
+            mon.reset(window="eval")  # eval-mode forwards are not tracked: drop them
         self.last_train_step = step
         metrics = self.metrics_from(snap, self.prefix)
         self.last_metrics = metrics
@@ -341,9 +359,9 @@ class TrainingSession:
     ) -> dict[str, float]:
         """Snapshot the eval window (on every rank) as ``moe/<name>/...`` keys and log the
         scalars on rank 0. Returns {} when eval tracking is off."""
-        if self.eval_monitor is None:
+        if self.monitor is None or not self.track_eval:
             return {}
-        snap = self.eval_monitor.snapshot(reset=True, step=step)
+        snap = _unrecorded_snapshot(self.monitor, step=step, window="eval")
         metrics = self.metrics_from(snap, f"{self.prefix}/{name}" if self.prefix else name)
         self.last_eval_metrics = metrics
         rank_zero = is_rank_zero() if rank_zero is None else rank_zero
@@ -355,16 +373,16 @@ class TrainingSession:
 
     def discard_eval_window(self) -> None:
         """Drop what the eval window counted (e.g. a sanity-check validation)."""
-        if self.eval_monitor is not None:
-            self.eval_monitor.reset()
+        if self.monitor is not None and "eval" in self.monitor.windows:
+            self.monitor.reset(window="eval")
 
     def _require_monitor(self) -> MoEMonitor:
-        if self.train_monitor is None:
+        if self.monitor is None:
             raise RuntimeError(
                 "the MoE callback is not attached to a model yet: call attach(model) first "
                 "(the framework callbacks do it at train/fit start)"
             )
-        return self.train_monitor
+        return self.monitor
 
     # ------------------------------------------------------------------ sinks
 
@@ -403,7 +421,7 @@ class TrainingSession:
         every = self.log_heatmap_every
         assert every is not None
         self._next_heatmap = (step // every + 1) * every
-        mon = self.train_monitor
+        mon = self.monitor
         try:
             from moescope.report.plots import save_png, usage_heatmap, usage_over_time
         except ImportError as err:
@@ -432,6 +450,7 @@ class TrainingSession:
     def close(self) -> None:
         """Detach and flush/close the sinks this session opened (idempotent)."""
         self._forced_mode = None
+        self._apply_window()
         self.detach()
         sinks, self._sinks = self._sinks, None
         self._extra_sinks = []
@@ -470,6 +489,29 @@ class ExtrasOnlySink(Sink):
 
     def __repr__(self) -> str:
         return f"ExtrasOnlySink({self.inner!r})"
+
+
+def _unrecorded_snapshot(mon: MoEMonitor, step: int, window: str) -> Snapshot:
+    """``mon.snapshot(reset=True, step=step, window=window)`` that leaves no trace in the
+    monitor's history, alert rules, ``last_snapshot`` or ``last_alerts``.
+
+    The eval window of a training run used to live in a separate monitor without history
+    or alert rules; MoEMonitor.snapshot has no per-call switch for that, so both are
+    detached for the call (under the monitor's re-entrant lock, which its own snapshot
+    takes too) and restored after it.
+    """
+    lock = getattr(mon, "_lock", None)
+    if lock is None:  # pragma: no cover - every MoEMonitor has one
+        lock = contextlib.nullcontext()
+    with lock:
+        history, rules = mon.history, mon.alert_rules
+        last_snapshot, last_alerts = mon.last_snapshot, mon.last_alerts
+        mon.history, mon.alert_rules = None, None
+        try:
+            return mon.snapshot(reset=True, step=step, window=window)
+        finally:
+            mon.history, mon.alert_rules = history, rules
+            mon.last_snapshot, mon.last_alerts = last_snapshot, last_alerts
 
 
 def _flatten(obj: Any) -> list[Any]:

@@ -199,8 +199,10 @@ class MoELightningCallback(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         s = self.session
-        if s.attached and s.eval_monitor is not None:
-            s.force_window("eval")
+        if s.attached:
+            # With track_eval=False the eval window is only discarded, but validation
+            # forwards must still stay out of the train window forced per batch.
+            s.exclude_from_train()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -210,10 +212,10 @@ class MoELightningCallback(pl.Callback):
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         s = self.session
-        if not s.attached or s.eval_monitor is None:
+        if not s.attached:
             return
         s.force_window(None)
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not s.track_eval:
             s.discard_eval_window()
             return
         metrics = s.end_eval_window(trainer.global_step, rank_zero=trainer.is_global_zero)

@@ -63,8 +63,9 @@ class MoEPyTorchCallback:
 
     @property
     def monitor(self) -> Any:
-        """The train-window :class:`~moescope.monitor.MoEMonitor` (``.history`` etc.)."""
-        return self.session.train_monitor
+        """The session's one :class:`~moescope.monitor.MoEMonitor` (window ``"train"``
+        and ``.history`` of the train windows; window ``"eval"``)."""
+        return self.session.monitor
 
     @property
     def last_metrics(self) -> dict[str, float]:

@@ -77,8 +77,9 @@ class MoETrainerCallback(TrainerCallback):
 
     Attributes:
         session: the shared :class:`~moescope.integrations.core.TrainingSession`
-            (monitors in ``session.train_monitor`` / ``session.eval_monitor``, usage
-            history in ``session.train_monitor.history``).
+            (one monitor in ``session.monitor``, with windows ``"train"`` and ``"eval"``;
+            usage history of the train windows in ``session.monitor.history``;
+            ``session.train_monitor`` / ``session.eval_monitor`` are the same monitor).
         report_to_trainer: whether the metrics are added to the ``logs`` dict the
             ``report_to`` integrations receive (they always go to ``state.log_history``).
         follow_trainer_logging: when True the train window ends at the Trainer's own
@@ -238,7 +239,7 @@ class MoETrainerCallback(TrainerCallback):
         eval_name = _eval_name(logs)
         extra: dict[str, float] = {}
         if eval_name is not None:
-            if self.session.attached and self.session.eval_monitor is not None:
+            if self.session.attached and self.session.track_eval:
                 extra = self.session.end_eval_window(
                     state.global_step, name=eval_name, rank_zero=state.is_world_process_zero
                 )
@@ -280,7 +281,7 @@ class MoETrainerCallback(TrainerCallback):
         # Trainer.predict logs nothing: its window goes to the sinks and the returned
         # metrics as moe/<prefix>/... (moe/test/... by default).
         s = self.session
-        if metrics is None or not s.attached or s.eval_monitor is None:
+        if metrics is None or not s.attached or not s.track_eval:
             return
         name = _eval_name(metrics) or "test"
         extra = s.end_eval_window(state.global_step, name=name,

@@ -56,7 +56,6 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +64,9 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import (
-    Detach,
-    ForwardOnlyContext,
-    LayerInfo,
     MoEAdapter,
-    attach_all,
-    in_backward,
-    top_level_hooks,
 )
 from moescope.capture.record import RoutingRecord
-from moescope.errors import UnsupportedModelError
 
 __all__ = ["RoutingRecorder", "TokenRouting", "record_domains", "record_routing"]
 
@@ -198,21 +190,33 @@ class _SourceBuffer:
 class RoutingRecorder:
     """Records per-token top-k routing of every MoE layer of ``model`` (see module doc).
 
+    A consumer of one :class:`~moescope.monitor.MoEMonitor`'s capture pipeline: the
+    monitor owns every hook (adapters, top-level pre/post hooks); the recorder gets the
+    top-level forward's arguments through ``forward_start(args, kwargs)``, flushes the
+    pipeline in ``forward_end()`` and receives that forward's layer calls in
+    ``update(batch)``.
+
     Args:
-        model: the top-level module that is called (its forward pre-hook reads
-            ``input_ids`` / ``attention_mask``).
+        model: the top-level module that is called (its forward's ``input_ids`` /
+            ``attention_mask`` are read, keyword or positional).
         max_tokens: valid tokens kept per source at most (the first ones); later
             forwards of a full source are not recorded (``full`` tells when to stop).
         layers: MoE layer paths to record (default: all, in model order; for an
             encoder-decoder model (``config.is_encoder_decoder``) the encoder's only, since
             decoder layers route decoder tokens). Layers that route a number of tokens
             other than the input's are skipped with a warning.
-        adapters: adapters to try (default: ``moescope.capture.default_adapters()``).
+        adapters: adapters to try (default: ``moescope.capture.default_adapters()``);
+            only when the recorder builds its own monitor.
+        monitor: a ``MoEMonitor`` of ``model`` to record through (its hooks serve both:
+            no layer is hooked twice). Default: the recorder builds a cheap one
+            (``history=None, coactivation=False``), attached and detached with the
+            recorder. A given monitor is left attached by :meth:`detach`, unless it was
+            not attached when the recorder attached it.
 
     Raises:
         UnsupportedModelError: no MoE layer found.
-        ValueError: ``layers`` names a path that is not an MoE layer, or
-            ``max_tokens < 1``.
+        ValueError: ``layers`` names a path that is not an MoE layer, ``max_tokens < 1``,
+            ``monitor`` watches another model, or both ``monitor`` and ``adapters`` given.
     """
 
     def __init__(
@@ -221,31 +225,46 @@ class RoutingRecorder:
         max_tokens: int = 20000,
         layers: Sequence[str] | None = None,
         adapters: Sequence[MoEAdapter] | None = None,
+        monitor: MoEMonitor | None = None,
     ) -> None:
-        from moescope.monitor import find_moe_layers
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"RoutingRecorder needs a torch.nn.Module, got {type(model).__name__}")
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if adapters is None:
-            from moescope.capture.registry import default_adapters
+        if monitor is None:
+            from moescope.monitor import MoEMonitor
 
-            adapters = default_adapters()
-        found = find_moe_layers(model, list(adapters))
-        if not found:
-            raise UnsupportedModelError(
-                f"No MoE layer found in {type(model).__name__}; see MoEMonitor's error for "
-                "how to write and register an adapter (docs/custom_adapter.md)."
+            monitor = MoEMonitor(
+                model,
+                adapters=None if adapters is None else list(adapters),
+                history=None,
+                coactivation=False,
+                attach=False,
             )
-        for _, info in found:
-            if not info.path:
-                info.path = type(model).__name__
-        paths = [info.path for _, info in found]
+            self._owns_monitor = True
+        else:
+            if monitor.model is not model:
+                raise ValueError(
+                    f"monitor watches {type(monitor.model).__name__}, not the recorded model "
+                    f"{type(model).__name__}; pass a MoEMonitor of the same top-level module"
+                )
+            if adapters is not None:
+                raise ValueError("pass adapters to the MoEMonitor, not with monitor=")
+            if monitor.pipeline.counts_only:
+                warnings.warn(
+                    "moescope RoutingRecorder: the monitor is counts_only (combine weights "
+                    "are not staged), so recorded slots keep the router's order",
+                    stacklevel=2,
+                )
+            self._owns_monitor = False
+        self.monitor = monitor
+        infos = list(monitor.layers)
+        paths = [info.path for info in infos]
+        chosen = infos
         if layers is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             # The decoder routes decoder tokens, not the input_ids: default to the encoder.
-            enc = [(a, i) for a, i in found if "encoder" in i.path.split(".")]
-            found = enc or found
+            enc = [i for i in infos if "encoder" in i.path.split(".")]
+            chosen = enc or infos
         if layers is not None:
             unknown = [p for p in layers if p not in paths]
             if unknown:
@@ -253,22 +272,29 @@ class RoutingRecorder:
                     f"layers {unknown} are not MoE layers of the model; choose from {paths}"
                 )
             keep = set(layers)
-            found = [(a, i) for a, i in found if i.path in keep]
+            chosen = [i for i in infos if i.path in keep]
         self.model = model
         self.max_tokens = int(max_tokens)
-        self._pairs: list[tuple[MoEAdapter, LayerInfo]] = found
-        self.layers: list[str] = [i.path for _, i in found]
-        self.num_experts: dict[str, int] = {i.path: int(i.num_experts) for _, i in found}
-        self.ctx = ForwardOnlyContext()
+        self.layers: list[str] = [i.path for i in chosen]
+        self.num_experts: dict[str, int] = {i.path: int(i.num_experts) for i in chosen}
+        # Monitored layer index (``batch.layers``) -> path, for the recorded layers only.
+        keep_paths = set(self.layers)
+        self._path_of: dict[int, str] = {
+            j: info.path for j, info in enumerate(infos) if info.path in keep_paths
+        }
         self._mask_pos = _arg_position(model, "attention_mask")
         self._ids_pos = _arg_position(model, "input_ids")
-        self._detaches: list[Detach] = []
+        self._attached = False
+        self._attached_monitor = False
         self._sources: dict[str, _SourceBuffer] = {}
         self._current = DEFAULT_SOURCE
         self._explicit: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._input_ids: torch.Tensor | None = None
-        self._pending: dict[str, RoutingRecord] = {}
+        # Per top-level forward (forward_start .. forward_end):
         self._active = False
+        self._input_ids: torch.Tensor | None = None
+        self._mask = CaptureContext()  # the forward's attention mask -> [T] token mask
+        self._exc_at_start: BaseException | None = None
+        self._calls: dict[str, RoutingRecord] = {}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ sources
@@ -315,7 +341,7 @@ class RoutingRecorder:
         else:
             self._sources.pop(source, None)
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ consumer
 
     def begin_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -324,7 +350,7 @@ class RoutingRecorder:
 
         Only needed when the model's forward does not take ``input_ids`` /
         ``attention_mask`` under those names; what is given here wins over what the
-        pre-hook reads, for one forward.
+        top-level forward received, for one forward.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
@@ -337,70 +363,107 @@ class RoutingRecorder:
             )
         self._explicit = (input_ids, attention_mask)
 
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if in_backward():
-            return
-        self._pending = {}
+    def forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Called by the monitor's top-level forward pre-hook (not during backward)."""
+        pipeline = self.monitor.pipeline
+        if pipeline.pending:
+            # Calls staged before this forward (e.g. a direct call of a sub-module) are
+            # delivered now, while inactive: they are not this forward's.
+            pipeline.flush()
+        self._calls = {}
         self._active = True
+        self._exc_at_start = sys.exc_info()[1]
         if self._explicit is not None:
             ids, mask = self._explicit
             self._explicit = None
         else:
-            ids = kwargs.get("input_ids")
-            if ids is None and self._ids_pos is not None and len(args) > self._ids_pos:
-                ids = args[self._ids_pos]
-            mask = kwargs.get("attention_mask")
-            if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
-                mask = args[self._mask_pos]
+            ids = _argument(args, kwargs, "input_ids", self._ids_pos)
+            mask = _argument(args, kwargs, "attention_mask", self._mask_pos)
         ok_ids = isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
         self._input_ids = ids if ok_ids else None
-        self.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._mask.attention_mask = mask if isinstance(mask, torch.Tensor) else None
 
-    def _post_hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if in_backward():
-            return
-        try:
-            # ``out`` is None when the forward raised (always_call hooks still run):
-            # a partial forward is not recorded.
-            if self._active and self._pending and out is not None:
-                self._flush()
-        finally:
-            self._pending = {}
-            self._active = False
-            self._input_ids = None
-            self.ctx.attention_mask = None
-
-    def _emit(self, record: RoutingRecord) -> None:
-        if not self._active or record.layer not in self.num_experts:
-            return
+    def update(self, batch: RoutingBatch) -> None:
+        """Keep references to this forward's calls of the recorded layers (no device op)."""
+        if not self._active:
+            return  # calls outside a top-level forward of the model are not recorded
         buf = self._sources.get(self._current)
         if buf is not None and buf.n >= self.max_tokens:
             buf.truncated = True  # a forward of a full source: its tokens are not kept
             return
-        # A block called twice in one forward (weight sharing): its first call is kept.
-        self._pending.setdefault(record.layer, record)
+        for j, layer in enumerate(batch.layers):
+            path = self._path_of.get(layer)
+            # A block called twice in one forward (weight sharing): its first call is
+            # kept (first delivered; calls of one shape are delivered in call order).
+            if path is None or path in self._calls:
+                continue
+            self._calls[path] = RoutingRecord(
+                layer=path,
+                num_experts=batch.num_experts,
+                topk_index=batch.topk_index[j],
+                topk_weight=None if batch.topk_weight is None else batch.topk_weight[j],
+                token_mask=None if batch.token_mask is None else batch.token_mask[j],
+                dropped=None if batch.dropped is None else batch.dropped[j],
+            )
+
+    def forward_end(self) -> None:
+        """Called by the monitor's top-level forward post-hook (also when the forward
+        raised): receives the forward's layer calls and records them."""
+        if not self._active:
+            return
+        try:
+            self.monitor.pipeline.flush()
+            # The post-hook also runs when the forward raised (inside torch's ``except``):
+            # a partial forward is not recorded.
+            exc = sys.exc_info()[1]
+            raised = exc is not None and exc is not self._exc_at_start
+            if self._calls and not raised:
+                self._flush()
+        finally:
+            self._calls = {}
+            self._active = False
+            self._input_ids = None
+            self._mask.attention_mask = None
+            self._exc_at_start = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Consumer protocol: nothing to reduce across ranks (tokens stay on the host)."""
+        return {}
+
+    def reduce_ops(self) -> dict[str, str]:
+        """Consumer protocol: no state."""
+        return {}
 
     @property
     def attached(self) -> bool:
-        return bool(self._detaches)
+        return self._attached
 
     def attach(self) -> RoutingRecorder:
-        """Install the hooks (idempotent). Returns self."""
-        if self._detaches:
+        """Start recording (idempotent): register with the monitor, attaching it when it
+        is not. Returns self."""
+        if self._attached:
             return self
-        steps = top_level_hooks(self.model, self._pre_hook, self._post_hook)
-        steps += [partial(a.attach, info, self._emit, self.ctx) for a, info in self._pairs]
-        self._detaches = attach_all(steps)
+        if not self.monitor.attached:
+            self.monitor.attach()  # a failed attach leaves no hook (attach_all)
+            self._attached_monitor = True
+        self.monitor.add_consumer(self)
+        self._attached = True
         return self
 
     def detach(self) -> None:
-        """Remove every hook (idempotent); recorded data is kept."""
-        detaches, self._detaches = self._detaches, []
-        for d in reversed(detaches):
-            d()
-        self.ctx.attention_mask = None
-        self._pending = {}
+        """Stop recording (idempotent); recorded data is kept. Detaches the monitor only
+        when this recorder attached it."""
+        if self._attached:
+            self._attached = False
+            self._active = False  # what the pipeline still delivers is not recorded
+            self.monitor.remove_consumer(self)
+        if self._attached_monitor:
+            self._attached_monitor = False
+            self.monitor.detach()
+        self._calls = {}
         self._active = False
+        self._input_ids = None
+        self._mask.attention_mask = None
 
     def __enter__(self) -> RoutingRecorder:
         return self.attach()
@@ -415,9 +478,9 @@ class RoutingRecorder:
         remaining = self.max_tokens - buf.n
         if remaining <= 0:
             return
-        recs = [(p, self._pending[p]) for p in self.layers if p in self._pending]
+        recs = [(p, self._calls[p]) for p in self.layers if p in self._calls]
         ids = self._input_ids
-        mask = self.ctx.attention_mask
+        mask = self._mask.attention_mask
         if ids is not None:
             t = ids.shape[0] * ids.shape[1]
         elif mask is not None and mask.dim() == 2:
@@ -452,7 +515,7 @@ class RoutingRecorder:
                 "pass input_ids [B, S] matching the routed tokens (begin_batch)"
             )
         s = t // b
-        valid = self.ctx.token_mask(t)
+        valid = self._mask.token_mask(t)
         if valid is None:
             valid = recs[0][1].token_mask
         past = 0
