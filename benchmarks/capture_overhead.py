@@ -15,7 +15,8 @@ Four questions, each answered by ratios measured in one run:
    monitor attached before compiling.
 
 Model: transformers' Qwen3-MoE with the issue's shape: 8 layers, E = 64 routed experts,
-K = 8, expert intermediate size = hidden, random weights (no download).
+K = 8, hidden 256 or 1024, expert intermediate size 256 (Qwen3-30B-A3B: 768 at hidden
+2048), random weights (no download).
 
 Usage::
 
@@ -52,7 +53,7 @@ def build_model(hidden: int = 256, layers: int = 8, experts: int = 64, top_k: in
         vocab_size=1024,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        moe_intermediate_size=hidden,
+        moe_intermediate_size=256,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

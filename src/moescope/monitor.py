@@ -12,7 +12,6 @@ taps). ``snapshot()`` flushes, moves every sum to the host in ONE transfer, buil
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import time
 import warnings
@@ -31,7 +30,9 @@ from moescope.capture.adapter import (
     ForwardOnlyContext,
     LayerInfo,
     MoEAdapter,
+    argument_position,
     attach_all,
+    forward_argument,
     in_backward,
     top_level_hooks,
 )
@@ -227,7 +228,7 @@ class MoEMonitor:
         self.ctx = ForwardOnlyContext()
         self._detaches: list[Detach] = []
         self._num_snapshots = 0
-        self._mask_pos = self._attention_mask_position(model)
+        self._mask_pos = argument_position(model, "attention_mask")
         self.split_by_mode = bool(split_by_mode)
         self._forced_window: str | None = None
         self._windows: dict[str, _Window] = {}
@@ -267,6 +268,11 @@ class MoEMonitor:
     def window(self) -> str:
         """The window layer calls are counted in now (when not split by mode)."""
         return self.pipeline.window
+
+    @property
+    def forced_window(self) -> str | None:
+        """The window :meth:`set_window` forced, or None (default choice)."""
+        return self._forced_window
 
     @property
     def windows(self) -> list[str]:
@@ -309,28 +315,12 @@ class MoEMonitor:
 
     # ------------------------------------------------------------------ hooks
 
-    @staticmethod
-    def _attention_mask_position(model: nn.Module) -> int | None:
-        try:
-            params = list(inspect.signature(model.forward).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        for i, p in enumerate(params):
-            if p.name == "attention_mask" and p.kind in (
-                p.POSITIONAL_ONLY,
-                p.POSITIONAL_OR_KEYWORD,
-            ):
-                return i
-        return None
-
     def _top_pre_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         if in_backward():
             return  # a checkpointed top level re-running: keep the mask of the forward
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
-            mask = args[self._mask_pos]
+        mask = forward_argument(args, kwargs, "attention_mask", self._mask_pos)
         self.ctx.attention_mask = mask if isinstance(mask, torch.Tensor) else None
         dec_mask = kwargs.get("decoder_attention_mask")
         self.ctx.decoder_attention_mask = dec_mask if isinstance(dec_mask, torch.Tensor) else None
@@ -347,14 +337,14 @@ class MoEMonitor:
             for listener in self.pipeline.listeners:
                 end = getattr(listener, "forward_end", None)
                 if end is not None:
-                    end()
+                    end(out)
 
     def add_consumer(self, consumer: Any) -> None:
         """Also send every routing batch (all windows) to ``consumer`` (``update(batch)``;
         see ``moescope.capture.pipeline.Consumer``). If it defines ``forward_start(args,
-        kwargs)`` / ``forward_end()``, they are called around each top-level forward
-        (``forward_end`` may call ``monitor.pipeline.flush()`` to receive that forward's
-        layer calls at once). The monitor's hooks serve it: nothing is hooked twice."""
+        kwargs)`` / ``forward_end(output)``, they are called around each top-level forward
+        (``output`` is None when the forward raised; ``forward_end`` may call
+        ``monitor.pipeline.flush()`` to receive that forward's layer calls at once). The monitor's hooks serve it: nothing is hooked twice."""
         with self._lock:
             self.pipeline.flush()
             if consumer not in self.pipeline.listeners:
@@ -639,7 +629,11 @@ class MoEMonitor:
         return out
 
     def snapshot(
-        self, reset: bool = True, step: int | None = None, window: str | None = None
+        self,
+        reset: bool = True,
+        step: int | None = None,
+        window: str | None = None,
+        record: bool = True,
     ) -> Snapshot:
         """Statistics of every layer since the last reset, as a ``Snapshot``.
 
@@ -648,7 +642,9 @@ class MoEMonitor:
         SUM, MAX for max-keys). Appends to ``self.history`` and runs ``alert_rules``.
         ``step`` defaults to the number of snapshots taken before. ``reset`` starts a new
         window. ``window``: which window (default: the current one, ``"default"``
-        unless :meth:`set_window` chose another).
+        unless :meth:`set_window` chose another). ``record=False`` leaves no trace: no
+        history row, no alert check, ``last_snapshot``/``last_alerts`` and the snapshot
+        counter unchanged (e.g. an eval window read beside the train history).
         """
         with self._lock, torch.inference_mode(False), torch.no_grad():
             self.pipeline.flush()
@@ -693,6 +689,8 @@ class MoEMonitor:
             layers=layers,
             time=time.time(),
         )
+        if not record:
+            return snap
         self._num_snapshots += 1
         if self.history is not None:
             self.history.append(snap)

@@ -6,6 +6,7 @@ RoutingRecord per block call. Adapters only capture: no metric math here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -96,6 +97,30 @@ def in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+def argument_position(module: nn.Module, name: str) -> int | None:
+    """Position of ``module.forward``'s parameter ``name`` when it can be passed
+    positionally (None when it cannot, or the signature is unreadable)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.name == name and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return i
+    return None
+
+
+def forward_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int | None
+) -> Any:
+    """A forward's argument ``name``: by keyword, else at ``position`` when passed
+    positionally (None when absent)."""
+    value = kwargs.get(name)
+    if value is None and position is not None and len(args) > position:
+        value = args[position]
+    return value
 
 
 def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moescope.capture.record import RoutingBatch, RoutingRecord
+from moescope.capture.record import RoutingBatch, RoutingRecord, check_record
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "CapturePipeline", "Consumer"]
 
@@ -193,6 +193,7 @@ class CapturePipeline:
         if not self.enabled:
             return
         i = self._layer_index(record.layer)
+        check_record(record, record.num_experts, None)  # shapes only: errors name the field
         w = window or self.window
         n = (
             _nbytes(record.topk_index)

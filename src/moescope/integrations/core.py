@@ -37,7 +37,6 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -255,9 +254,8 @@ class TrainingSession:
             return
         mode = self._forced_mode
         # set_window / clear_window flush staged calls: skip when nothing changes (the
-        # Lightning adapter forces "train" at every batch). ``mon.window`` is the forced
-        # window, or "default" when none is (then split_by_mode decides per call).
-        if mon.window == (mode or "default"):
+        # Lightning adapter forces "train" at every batch).
+        if mon.forced_window == mode:
             return
         if mode is None:
             mon.clear_window()
@@ -361,7 +359,7 @@ class TrainingSession:
         scalars on rank 0. Returns {} when eval tracking is off."""
         if self.monitor is None or not self.track_eval:
             return {}
-        snap = _unrecorded_snapshot(self.monitor, step=step, window="eval")
+        snap = self.monitor.snapshot(reset=True, step=step, window="eval", record=False)
         metrics = self.metrics_from(snap, f"{self.prefix}/{name}" if self.prefix else name)
         self.last_eval_metrics = metrics
         rank_zero = is_rank_zero() if rank_zero is None else rank_zero
@@ -489,29 +487,6 @@ class ExtrasOnlySink(Sink):
 
     def __repr__(self) -> str:
         return f"ExtrasOnlySink({self.inner!r})"
-
-
-def _unrecorded_snapshot(mon: MoEMonitor, step: int, window: str) -> Snapshot:
-    """``mon.snapshot(reset=True, step=step, window=window)`` that leaves no trace in the
-    monitor's history, alert rules, ``last_snapshot`` or ``last_alerts``.
-
-    The eval window of a training run used to live in a separate monitor without history
-    or alert rules; MoEMonitor.snapshot has no per-call switch for that, so both are
-    detached for the call (under the monitor's re-entrant lock, which its own snapshot
-    takes too) and restored after it.
-    """
-    lock = getattr(mon, "_lock", None)
-    if lock is None:  # pragma: no cover - every MoEMonitor has one
-        lock = contextlib.nullcontext()
-    with lock:
-        history, rules = mon.history, mon.alert_rules
-        last_snapshot, last_alerts = mon.last_snapshot, mon.last_alerts
-        mon.history, mon.alert_rules = None, None
-        try:
-            return mon.snapshot(reset=True, step=step, window=window)
-        finally:
-            mon.history, mon.alert_rules = history, rules
-            mon.last_snapshot, mon.last_alerts = last_snapshot, last_alerts
 
 
 def _flatten(obj: Any) -> list[Any]:

@@ -692,7 +692,7 @@ def analyze(options: AnalyzeOptions) -> AnalysisResult:
         layers = [info.path for info in monitor.layers]
         coact = _layer_choice(opts.coact_layer, layers, 0, "--coact-layer")
         token_layer = _layer_choice(opts.token_layer, layers, len(layers) // 2, "--token-layer")
-        recorder = _make_recorder(loaded.model, opts.record_tokens)
+        recorder = _make_recorder(loaded.model, opts.record_tokens, monitor)
         domains = [DomainInfo(label=p.stem, path=str(p), bytes=p.stat().st_size) for p in data_paths]
         total = None
         if loaded.tokenizer is None:
@@ -786,12 +786,13 @@ class _null:
         return None
 
 
-def _make_recorder(model: torch.nn.Module, max_tokens: int) -> Any | None:
+def _make_recorder(model: torch.nn.Module, max_tokens: int, monitor: Any) -> Any | None:
     try:
         from moescope.report.routing_record import RoutingRecorder
     except ImportError:  # pragma: no cover - shipped with the package
         return None
-    rec = RoutingRecorder(model, max_tokens=max_tokens)
+    # A consumer of the monitor's pipeline: every MoE layer is hooked once, for both.
+    rec = RoutingRecorder(model, max_tokens=max_tokens, monitor=monitor)
     rec.attach()
     return rec
 

@@ -4,9 +4,10 @@ The monitor (``moescope.monitor``) keeps O(E) sums per layer; the analyses of th
 paper (Jiang et al. 2024, §5: per-domain expert assignment, coloured text, consecutive
 token repetition) and of OLMoE (Muennighoff et al. 2024, router saturation between
 checkpoints) need *which token went where*. :class:`RoutingRecorder` captures that, with
-bounded memory, through the same adapters as the monitor (their ``attach(info, emit,
-ctx)`` with this module's own ``emit``), and returns one :class:`TokenRouting` per data
-source.
+bounded memory, and returns one :class:`TokenRouting` per data source. It hooks nothing
+itself: it is a consumer of a monitor's capture pipeline (``monitor.add_consumer``; see
+docs/capture.md), either a cheap monitor it builds or the one passed as ``monitor=``, so
+a model watched by both a ``MoEMonitor`` and a recorder has every layer hooked once.
 
 Usage::
 
@@ -20,23 +21,25 @@ Usage::
                     model(input_ids=ids, attention_mask=mask)
     code = rec.result("code")                        # TokenRouting
 
-or, for one source, ``record_routing(model, batches, max_tokens=...)``.
+or, for one source, ``record_routing(model, batches, max_tokens=...)``. With a monitor
+already watching the model, ``RoutingRecorder(model, monitor=mon)`` shares its hooks.
 
 What is recorded per forward of the model passed in (the top-level module):
 
-- the ``input_ids`` and ``attention_mask`` the top-level forward received (a forward
-  pre-hook, as in the monitor; keyword or positional), or those given to
-  :meth:`RoutingRecorder.begin_batch` for the next forward when the model's forward
-  names them differently;
+- the ``input_ids`` and ``attention_mask`` the top-level forward received (the
+  monitor's forward pre-hook hands them to ``forward_start``; keyword or positional), or
+  those given to :meth:`RoutingRecorder.begin_batch` for the next forward when the
+  model's forward names them differently;
 - for every selected MoE layer, the ``topk_index`` [T, K] its experts received (the
-  adapter's record, never re-derived; slots ordered by descending combine weight) and,
-  when the adapter reports one, ``dropped``.
+  adapter's record, as the pipeline delivers it at ``forward_end``; never re-derived;
+  slots ordered by descending combine weight) and, when the adapter reports one,
+  ``dropped``.
 
 Only forwards of the top-level model are recorded (a direct call of a sub-module is
 not). Padding (attention mask 0) is excluded; valid tokens are kept in row-major [B, S] order.
 All layers' tensors of one forward move to the host in ONE copy (analysis, not the
 training hot path). A source stops recording once it holds ``max_tokens`` tokens (the
-first ones, in order): afterwards the hooks return at once, so memory is bounded by
+first ones, in order): afterwards ``update`` returns at once, so memory is bounded by
 ``max_tokens x (24 + sum_l 4 K_l (+ K_l with drops))`` bytes per source, plus one
 forward's [B x S x sum_l K_l] int64 host buffer while it is filtered.
 
@@ -49,7 +52,6 @@ mask (past + new position).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -57,16 +59,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from moescope.capture.adapter import (
+    CaptureContext,
     MoEAdapter,
+    argument_position,
+    forward_argument,
 )
-from moescope.capture.record import RoutingRecord
+from moescope.capture.record import RoutingBatch, RoutingRecord
+
+if TYPE_CHECKING:
+    from moescope.monitor import MoEMonitor
 
 __all__ = ["RoutingRecorder", "TokenRouting", "record_domains", "record_routing"]
 
@@ -282,8 +290,8 @@ class RoutingRecorder:
         self._path_of: dict[int, str] = {
             j: info.path for j, info in enumerate(infos) if info.path in keep_paths
         }
-        self._mask_pos = _arg_position(model, "attention_mask")
-        self._ids_pos = _arg_position(model, "input_ids")
+        self._mask_pos = argument_position(model, "attention_mask")
+        self._ids_pos = argument_position(model, "input_ids")
         self._attached = False
         self._attached_monitor = False
         self._sources: dict[str, _SourceBuffer] = {}
@@ -293,7 +301,6 @@ class RoutingRecorder:
         self._active = False
         self._input_ids: torch.Tensor | None = None
         self._mask = CaptureContext()  # the forward's attention mask -> [T] token mask
-        self._exc_at_start: BaseException | None = None
         self._calls: dict[str, RoutingRecord] = {}
         self._warned: set[str] = set()
 
@@ -372,13 +379,12 @@ class RoutingRecorder:
             pipeline.flush()
         self._calls = {}
         self._active = True
-        self._exc_at_start = sys.exc_info()[1]
         if self._explicit is not None:
             ids, mask = self._explicit
             self._explicit = None
         else:
-            ids = _argument(args, kwargs, "input_ids", self._ids_pos)
-            mask = _argument(args, kwargs, "attention_mask", self._mask_pos)
+            ids = forward_argument(args, kwargs, "input_ids", self._ids_pos)
+            mask = forward_argument(args, kwargs, "attention_mask", self._mask_pos)
         ok_ids = isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
         self._input_ids = ids if ok_ids else None
         self._mask.attention_mask = mask if isinstance(mask, torch.Tensor) else None
@@ -406,25 +412,21 @@ class RoutingRecorder:
                 dropped=None if batch.dropped is None else batch.dropped[j],
             )
 
-    def forward_end(self) -> None:
+    def forward_end(self, output: Any) -> None:
         """Called by the monitor's top-level forward post-hook (also when the forward
-        raised): receives the forward's layer calls and records them."""
+        raised, with ``output`` None): receives the forward's layer calls and records
+        them; a partial forward is not recorded."""
         if not self._active:
             return
         try:
             self.monitor.pipeline.flush()
-            # The post-hook also runs when the forward raised (inside torch's ``except``):
-            # a partial forward is not recorded.
-            exc = sys.exc_info()[1]
-            raised = exc is not None and exc is not self._exc_at_start
-            if self._calls and not raised:
+            if self._calls and output is not None:
                 self._flush()
         finally:
             self._calls = {}
             self._active = False
             self._input_ids = None
             self._mask.attention_mask = None
-            self._exc_at_start = None
 
     def state(self) -> dict[str, torch.Tensor]:
         """Consumer protocol: nothing to reduce across ranks (tokens stay on the host)."""
@@ -668,17 +670,6 @@ def _by_weight(r: RoutingRecord, t: int) -> tuple[torch.Tensor, torch.Tensor | N
     return idx, dropped
 
 
-def _arg_position(model: nn.Module, name: str) -> int | None:
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    for i, p in enumerate(params):
-        if p.name == name and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            return i
-    return None
-
-
 def _as_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         return batch, None
@@ -707,6 +698,7 @@ def record_domains(
     layers: Sequence[str] | None = None,
     adapters: Sequence[MoEAdapter] | None = None,
     device: torch.device | str | None = None,
+    monitor: MoEMonitor | None = None,
 ) -> dict[str, TokenRouting]:
     """``{domain: TokenRouting}``: run ``model(input_ids=..., attention_mask=...)`` under
     ``torch.no_grad()`` over each domain's batches until ``max_tokens`` valid tokens of
@@ -714,10 +706,13 @@ def record_domains(
 
     Batches: input_ids [B, S], ``(input_ids, attention_mask)`` or mappings with those keys.
     ``device``: where each batch goes (default: the device of the model's first parameter).
-    Raises ValueError when a domain yields no valid token.
+    ``monitor``: a ``MoEMonitor`` of ``model`` to record through (see
+    :class:`RoutingRecorder`). Raises ValueError when a domain yields no valid token.
     """
     dev = _model_device(model) if device is None else torch.device(device)
-    rec = RoutingRecorder(model, max_tokens=max_tokens, layers=layers, adapters=adapters)
+    rec = RoutingRecorder(
+        model, max_tokens=max_tokens, layers=layers, adapters=adapters, monitor=monitor
+    )
     with rec, torch.no_grad():
         for name, batches in domains.items():
             with rec.source(name):
@@ -740,6 +735,7 @@ def record_routing(
     layers: Sequence[str] | None = None,
     adapters: Sequence[MoEAdapter] | None = None,
     device: torch.device | str | None = None,
+    monitor: MoEMonitor | None = None,
 ) -> TokenRouting:
     """The :class:`TokenRouting` of one data source: :func:`record_domains` with one
     domain."""
@@ -750,4 +746,5 @@ def record_routing(
         layers=layers,
         adapters=adapters,
         device=device,
+        monitor=monitor,
     )[DEFAULT_SOURCE]

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moescope.capture.record import RoutingBatch, RoutingRecord
+from moescope.capture.record import RoutingBatch, RoutingRecord, check_record
 
 __all__ = [
     "REDUCE_OPS",
@@ -417,48 +417,6 @@ class LayerAccumulator:
         """
         check_record(record, self.num_experts, self.top_k)
         self.sums.update(batch_of_one(record, self._row), self._row)
-
-
-def check_record(record: RoutingRecord, num_experts: int, top_k: int | None) -> None:
-    """Raise a ValueError naming the problem when ``record`` does not fit a layer with
-    ``num_experts`` experts (and ``top_k`` slots, when given). Reads shapes only."""
-    if record.num_experts != num_experts:
-        raise ValueError(
-            f"{record.layer}: record has num_experts={record.num_experts} but the "
-            f"accumulator was built for {num_experts}; build one "
-            "LayerAccumulator per layer with that layer's expert count."
-        )
-    if record.topk_index.dim() not in (1, 2):
-        raise ValueError(
-            f"{record.layer}: topk_index must be [T, K] (or [T] for top-1), got shape "
-            f"{tuple(record.topk_index.shape)}; flatten batch and sequence first."
-        )
-    k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
-    if top_k is not None and k != top_k:
-        raise ValueError(
-            f"{record.layer}: record has K={k} slots but the accumulator was built "
-            f"with top_k={top_k}; pass the layer's real top_k."
-        )
-    t = record.topk_index.shape[0]
-    lg = record.logits
-    if lg is not None and (
-        lg.dim() == 0 or lg.shape[-1] < num_experts or lg.numel() != t * lg.shape[-1]
-    ):
-        raise ValueError(
-            f"{record.layer}: logits shape {tuple(lg.shape)} does not match "
-            f"T={t} tokens x at least E={num_experts} experts."
-        )
-    for name in ("topk_weight", "dropped"):
-        v = getattr(record, name)
-        if v is not None and v.numel() != t * k:
-            raise ValueError(
-                f"{record.layer}: {name} has shape {tuple(v.shape)}, expected [T={t}, K={k}]."
-            )
-    if record.token_mask is not None and record.token_mask.numel() != t:
-        raise ValueError(
-            f"{record.layer}: token_mask has {record.token_mask.numel()} entries, "
-            f"expected T={t} (one per flattened token)."
-        )
 
 
 def batch_of_one(record: RoutingRecord, rows: torch.Tensor) -> RoutingBatch:
