@@ -76,6 +76,8 @@ def forward(model, ids, mask):  # type: ignore[no-untyped-def]
 def _decode_ops(model, cfg, monitor_kwargs: dict | None, steps: int = 16) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     from transformers import DynamicCache
 
+    from moescope.nn.hf import _CACHE_FIELD as cache  # "cache" from transformers 5.24 on
+
     ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
@@ -83,11 +85,11 @@ def _decode_ops(model, cfg, monitor_kwargs: dict | None, steps: int = 16) -> tup
     def decode() -> None:
         am = mask
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=am, cache=DynamicCache(config=cfg))
+            out = model(input_ids=ids, attention_mask=am, **{cache: DynamicCache(config=cfg)})
             for _ in range(steps):
                 tok = out.logits[:, -1:].argmax(-1)
                 am = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
-                out = model(input_ids=tok, attention_mask=am, cache=out.cache)
+                out = model(input_ids=tok, attention_mask=am, **{cache: out[cache]})
 
     if monitor_kwargs is None:
         return count_aten_ops(decode)[0], 0
