@@ -1,28 +1,38 @@
 """The structural transformers adapter: router child + one fused ``experts`` module.
 
-Detected by structure, not class names, so unlisted families work too. A block matches
-when it has
+Detected by structure, not class names, so unlisted families work too (the names and
+keys it reads are the single lists of :mod:`moescope.capture.hf_structure`). A block
+matches when it has
 
-- a router child named ``gate`` or ``router`` whose forward returns
-  ``(router_logits [T, E], top_k_weights [T, K], top_k_index [T, K])``, and
-- an ``experts`` child that is ONE module (not a ModuleList) holding ``gate_up_proj`` /
-  ``down_proj`` parameters with E as leading dimension, called as
+- a router child (``gate``, ``router``, ... :data:`~moescope.capture.hf_structure.ROUTER_NAMES`)
+  whose forward returns ``(scores [T, E'], top_k_weights [T, K], top_k_index [T, K])``, and
+- an ``experts`` child that is ONE module (not a ModuleList) holding 3-D ``gate_up_proj``
+  / ``down_proj`` weights with the experts as leading dimension, called as
   ``experts(hidden [T, H], top_k_index, top_k_weights)``.
+
+The block may be a decoder layer itself (gemma4, diffusion_gemma keep ``router`` and
+``experts`` next to a dense MLP).
 
 What is captured: ``topk_index`` / ``topk_weight`` are what the experts module RECEIVED
 (a forward pre-hook on ``experts``), never re-derived; ``logits`` are element 0 of the
-router's output. ``score_fn`` per family (read off transformers 5.23):
+router's output.
 
-- softmax over E, then top-k (renormalised or not): mixtral, qwen2_moe, qwen3_moe,
-  qwen3_next, olmoe, minimax, jamba, hunyuan_v1_moe, ernie4_5_moe (its correction bias
-  lives in a ``moe_statics`` child and only biases the choice), deepseek_v2, phimoe
-  (sparsemixer picks on logits; the distribution is still softmax of the logits);
-- top-k on the logits, softmax over the K chosen (granite, gpt_oss): the logits are still
-  the router logits, reported with ``softmax``;
-- sigmoid + ``e_score_correction_bias`` + group-limited top-k, weights x
-  ``routed_scaling_factor`` (deepseek_v3, glm4_moe, dots1): ``sigmoid``. Detected from a
-  ``scoring_func``/``score_func`` attribute of the router or config when present, else from
-  an ``e_score_correction_bias`` tensor directly on the router.
+- ``num_experts`` E: the routed experts, the smallest leading dimension of the experts'
+  weights. Zero-compute experts are not among them (longcat_flash: ``gate_up_proj`` has
+  E + Z rows, ``down_proj`` E; ids E..E+Z-1 are identity experts), so their slots count
+  as ``extra_slots``; the router's scores then have E + Z columns.
+- ``top_k`` K: router, block or config attribute (``num_experts_per_tok``,
+  ``top_k_experts``, ``moe_topk``, ... :data:`~moescope.capture.hf_structure.TOP_K_KEYS`).
+- ``score_fn`` (:func:`~moescope.capture.hf_structure.router_score_fn`): ``softmax`` for
+  softmax routers (mixtral, qwen*_moe, olmoe, deepseek_v2, longcat_flash...) and for
+  top-k-on-logits routers (granite, gpt_oss: the logits are still the router's logits);
+  ``sigmoid`` for sigmoid routers (deepseek_v3, glm4_moe, dots1, minimax_m2, afmoe,
+  lfm2_moe, hy_v3, flint...); ``probs`` when element 0 is already a softmax
+  distribution (gemma4, diffusion_gemma), so entropy is not taken of a softmax of
+  probabilities.
+- ``token_mask``: :func:`~moescope.capture.hf_structure.block_token_mask`: the top-level
+  ``attention_mask``, or for blocks of a ``decoder`` stack the ``decoder_attention_mask``
+  (diffusion_gemma's canvas tokens are not masked by the prompt's padding).
 """
 
 from __future__ import annotations
@@ -34,48 +44,15 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, as_rows
+from moescope.capture.hf_structure import (
+    block_token_mask,
+    find_router,
+    find_top_k,
+    layer_index,
+    routed_experts,
+    router_score_fn,
+)
 from moescope.capture.record import RecordScoreFn, RoutingRecord
-
-_ROUTER_NAMES = ("gate", "router")
-_TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "topk")
-_CONFIG_TOPK = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k")
-
-
-def _int_attr(obj: Any, names: tuple[str, ...], layer_idx: int | None = None) -> int | None:
-    for n in names:
-        v = getattr(obj, n, None)
-        if isinstance(v, (list, tuple)) and v and layer_idx is not None and layer_idx < len(v):
-            v = v[layer_idx]
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
-
-
-def _experts_count(experts: nn.Module) -> int | None:
-    for pname in ("gate_up_proj", "down_proj", "up_proj"):
-        p = getattr(experts, pname, None)
-        if isinstance(p, torch.Tensor) and p.dim() == 3:
-            return int(p.shape[0])
-    return None
-
-
-def _score_fn(router: nn.Module, config: Any) -> RecordScoreFn:
-    for obj in (router, config):
-        for attr in ("scoring_func", "score_func", "score_function"):
-            v = getattr(obj, attr, None)
-            if isinstance(v, str) and v.lower() in ("sigmoid", "softmax"):
-                return v.lower()  # type: ignore[return-value]
-    # DeepSeek-V3 style routers keep their aux-free balancing bias on the router itself.
-    if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
-        return "sigmoid"
-    return "softmax"
-
-
-def _layer_idx(path: str) -> int | None:
-    for part in reversed(path.split(".")):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 def _positional_names(fn: Any) -> list[str]:
@@ -91,13 +68,12 @@ def _positional_names(fn: Any) -> list[str]:
 
 
 class GenericHFAdapter:
-    """Structural adapter for the common transformers MoE block (64 of 73 families).
+    """Structural adapter for the common transformers MoE block.
 
-    ``num_experts`` E: leading dimension of ``experts.gate_up_proj`` (or ``down_proj``).
-    ``top_k`` K: ``router.top_k`` (or the block's / the config's ``num_experts_per_tok``,
-    ``moe_topk``, ``moe_k``). Each block call emits one RoutingRecord with ``topk_index``
-    [T, K] and ``topk_weight`` [T, K] as received by the experts and ``logits`` [T, E] from
-    the router.
+    ``num_experts`` E: routed experts (:func:`~moescope.capture.hf_structure.routed_experts`).
+    ``top_k`` K: :func:`~moescope.capture.hf_structure.find_top_k`. Each block call emits
+    one RoutingRecord with ``topk_index`` [T, K] and ``topk_weight`` [T, K] as received by
+    the experts and ``logits`` [T, E'] from the router.
     """
 
     name = "transformers.generic"
@@ -108,27 +84,19 @@ class GenericHFAdapter:
             experts, (nn.ModuleList, nn.ModuleDict)
         ):
             return None
-        num_experts = _experts_count(experts)
+        num_experts = routed_experts(experts)
         if num_experts is None:
             return None
-        router = None
-        for rname in _ROUTER_NAMES:
-            child = getattr(module, rname, None)
-            if isinstance(child, nn.Module) and child is not experts:
-                router = child
-                router_name = rname
-                break
-        if router is None:
+        found = find_router(module, exclude=experts)
+        if found is None:
             return None
+        router_name, router = found
         config = None
         for owner in (module, router, experts):
             config = getattr(owner, "config", None)
             if config is not None:
                 break
-        lidx = _layer_idx(path)
-        top_k = _int_attr(router, _TOPK_ATTRS, lidx) or _int_attr(module, _TOPK_ATTRS, lidx)
-        if top_k is None and config is not None:
-            top_k = _int_attr(config, _CONFIG_TOPK, lidx)
+        top_k = find_top_k(module, router, config, layer_index(path))
         if top_k is None:
             return None
         names = _positional_names(experts.forward)
@@ -142,7 +110,7 @@ class GenericHFAdapter:
                 "router": router,
                 "router_name": router_name,
                 "experts": experts,
-                "score_fn": _score_fn(router, config),
+                "score_fn": router_score_fn(router, config),
                 # Names of experts.forward's index / weight parameters (positions 1, 2).
                 "index_arg": names[1] if len(names) > 1 else "top_k_index",
                 "weight_arg": names[2] if len(names) > 2 else "top_k_weights",
@@ -188,7 +156,7 @@ class GenericHFAdapter:
                     logits=logits,
                     score_fn=score_fn,
                     topk_weight=weight if isinstance(weight, torch.Tensor) else None,
-                    token_mask=ctx.token_mask(t),
+                    token_mask=block_token_mask(ctx, info.path, t),
                 )
             )
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
+from moescope.capture.hf_structure import block_token_mask, is_decoder_path
 from moescope.capture.record import RoutingRecord
 
 __all__ = ["ADAPTERS", "NllbMoeAdapter", "SwitchTransformersAdapter", "stack_token_mask"]
@@ -40,27 +41,9 @@ def _has_class(module: object, class_name: str) -> bool:
     return any(c.__name__ == class_name for c in type(module).__mro__)
 
 
-def _is_decoder_path(path: str) -> bool:
-    return "decoder" in path.split(".")
-
-
-def stack_token_mask(ctx: CaptureContext, path: str, num_tokens: int) -> torch.Tensor | None:
-    """[T] bool token mask for a block of an encoder-decoder model (None = all valid).
-
-    Encoder blocks (and decoder-only models) use ``ctx.token_mask``; blocks whose path has
-    a ``decoder`` segment use ``ctx.decoder_attention_mask`` (an optional attribute the
-    monitor fills from the top-level ``decoder_attention_mask``) with the same
-    last-S-columns rule, because the encoder's mask has the encoder's length.
-    """
-    if not _is_decoder_path(path):
-        return ctx.token_mask(num_tokens)
-    dec_mask = ctx.decoder_attention_mask
-    if dec_mask is None:
-        return None
-    # Reuse CaptureContext's own slicing rule so encoder and decoder masks agree on KV caches.
-    tmp = CaptureContext()
-    tmp.attention_mask = dec_mask
-    return tmp.token_mask(num_tokens)
+# The rule lives in hf_structure (one for every adapter); kept here under its old name.
+stack_token_mask = block_token_mask
+_is_decoder_path = is_decoder_path
 
 
 def _match_block(

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, LayerInfo
+from moescope.capture.hf_structure import block_token_mask
 from moescope.capture.hooks import CopySafePatch
 
 __all__ = ["NeuronSink", "NeuronTap", "attach_neurons", "neuron_tap"]
@@ -176,7 +177,7 @@ def _attach_fused(
         with torch.no_grad():
             k = idx.shape[-1]
             flat = idx.reshape(-1)
-            mask = ctx.token_mask(flat.shape[0] // k)
+            mask = block_token_mask(ctx, path, flat.shape[0] // k)
             if impl == "grouped_mm":
                 # The very call grouped_mm_experts_forward makes on the same tensor, so
                 # the permutation (ties included) is the model's.

@@ -6,7 +6,8 @@ returns a LayerInfo wins a module. Priorities of the built-ins:
 - ``PRIORITY_USER`` (300): the default of ``register_adapter``, so a user's adapter wins
   over every built-in one;
 - ``PRIORITY_DEDICATED`` (200): family-specific transformers adapters (switch_transformers,
-  nllb_moe, llama4, dbrx) living in ``capture/hf_*.py``;
+  nllb_moe, llama4, dbrx; ParallelExperts blocks: jetmoe; embedding experts: doge;
+  task-indexed experts, which raise: vitpose_backbone) living in ``capture/hf_*.py``;
 - ``PRIORITY_NN`` (100): ``moescope.nn.MoELayer``;
 - ``PRIORITY_GENERIC`` (0): the structural transformers adapter (router + fused experts).
 
@@ -33,6 +34,9 @@ _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_switch",
     "moescope.capture.hf_llama4",
     "moescope.capture.hf_dbrx",
+    "moescope.capture.hf_jetmoe",
+    "moescope.capture.hf_doge",
+    "moescope.capture.hf_vitpose",
 )
 
 _lock = threading.Lock()
