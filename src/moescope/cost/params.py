@@ -44,6 +44,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from moescope.capture.hf_structure import (
+    ROUTER_NAMES,
+    TOP_K_KEYS,
+    find_router,
+    find_top_k,
+    routed_experts,
+)
+
 EmbeddingConvention = Literal["both", "head", "none"]
 EMBEDDING_CONVENTIONS: tuple[str, ...] = ("both", "head", "none")
 
@@ -60,22 +68,11 @@ BREAKDOWN_KEYS: tuple[str, ...] = (
 )
 """Categories of :attr:`ParamReport.breakdown`; they partition the model's parameters."""
 
-# Config attributes that hold K (experts per token), in the order they are tried. The bare
-# ``top_k`` is last because older configs used it for generation sampling.
-TOP_K_CONFIG_KEYS: tuple[str, ...] = (
-    "num_experts_per_tok",
-    "num_experts_per_token",
-    "experts_per_token",
-    "moe_topk",
-    "moe_top_k",
-    "moe_k",
-    "num_selected_experts",
-    "router_topk",
-    "top_k",
-)
+# The names of routers and of the K attributes are the capture's (one list, in
+# moescope.capture.hf_structure), so what the monitor finds and what is counted agree.
+TOP_K_CONFIG_KEYS: tuple[str, ...] = TOP_K_KEYS
 
 _SHARED_PREFIXES = ("shared_expert", "shared_mlp")
-_ROUTER_NAMES = frozenset({"gate", "router", "gating", "router_gate", "switch"})
 _ATTENTION_NAMES = frozenset(
     {"self_attn", "attn", "attention", "self_attention", "cross_attn", "encoder_attn", "linear_attn"}
 )
@@ -352,16 +349,6 @@ def _text_config(config: Any) -> Any:
     return config
 
 
-def _top_k_from(obj: Any) -> int | None:
-    if obj is None:
-        return None
-    for key in TOP_K_CONFIG_KEYS:
-        value = getattr(obj, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return None
-
-
 def _find_top_k(block: nn.Module, config: Any, override: int | None) -> int | None:
     """K of one block: the override, the block's router, the block, the config, then a
     ``Top<k>`` router class name.
@@ -372,14 +359,9 @@ def _find_top_k(block: nn.Module, config: Any, override: int | None) -> int | No
     """
     if override is not None:
         return override
-    for child_name in ("gate", "router"):
-        k = _top_k_from(getattr(block, child_name, None))
-        if k is not None:
-            return k
-    k = _top_k_from(block)
-    if k is not None:
-        return k
-    k = _top_k_from(_text_config(config)) or _top_k_from(config)
+    router = find_router(block)
+    k = find_top_k(block, None if router is None else router[1], _text_config(config))
+    k = k or find_top_k(block, None, config)
     if k is not None:
         return k
     # Capacity-limited routers name K in their class (switch_transformers' Top1Router,
@@ -395,10 +377,17 @@ def _expert_container(experts: nn.Module) -> tuple[int, list[nn.Module] | None] 
     """(E, per-expert modules or None for a fused tensor store) or None if not experts."""
     if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
         members = list(experts.values() if isinstance(experts, nn.ModuleDict) else experts)
-        if len(members) >= 1 and any(True for _ in members[0].parameters()):
-            return len(members), members
-        return None
+        # Parameter-free entries are not experts (nllb_moe's ModuleDict also holds its
+        # token dropout).
+        members = [m for m in members if any(True for _ in m.parameters())]
+        return (len(members), members) if members else None
     direct = list(experts.parameters(recurse=False))
+    num = getattr(experts, "num_experts", None)
+    if not direct and isinstance(num, int) and num >= 1:
+        # One child holding every expert stacked as [E * I, H] matrices (dbrx's mlp).
+        stacked = list(experts.parameters())
+        if stacked and all(p.dim() >= 2 and p.shape[0] % num == 0 for p in stacked):
+            return num, None
     if not direct:
         # A plain container of expert modules (expert_0, expert_1, ...).
         kids = [m for m in experts.children() if any(True for _ in m.parameters())]
@@ -406,7 +395,9 @@ def _expert_container(experts: nn.Module) -> tuple[int, list[nn.Module] | None] 
     leading = {p.shape[0] if p.dim() >= 1 else -1 for p in direct}
     if len(leading) == 1 and all(p.dim() >= 2 for p in direct):
         return next(iter(leading)), None
-    num = getattr(experts, "num_experts", None)
+    routed = routed_experts(experts)  # fused store with zero-compute rows (longcat_flash)
+    if routed is not None:
+        return routed, None
     if isinstance(num, int) and any(p.dim() >= 2 and p.shape[0] == num for p in direct):
         return num, None
     return None
@@ -487,7 +478,7 @@ def analyze_model(
                 block_children[path] = "routed_experts"
             elif child_name.startswith(_SHARED_PREFIXES):
                 block_children[path] = "shared_experts"
-            elif child_name in _ROUTER_NAMES or any(
+            elif child_name in ROUTER_NAMES or any(
                 s in type(child).__name__.lower() for s in ("router", "gate")
             ):
                 block_children[path] = "router"
