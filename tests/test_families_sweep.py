@@ -97,6 +97,20 @@ def test_family(family: str) -> None:
     _check(family)
 
 
+def test_readme_lists_exactly_the_families_of_the_installed_transformers() -> None:
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- families: begin -->(.*?)<!-- families: end -->", readme, re.S)
+    assert block, "README.md lost its family list markers"
+    listed = {name.strip() for name in block.group(1).replace("\n", " ").split(",")}
+    assert listed == set(FAMILIES), (
+        f"README lists {sorted(listed - set(FAMILIES))} that transformers does not have, "
+        f"misses {sorted(set(FAMILIES) - listed)}"
+    )
+
+
 #: Families whose parameters ``count_parameters`` cannot split yet, with the reason.
 PARAMS_EXEMPT: dict[str, str] = {
     "doge": "experts are product-key embeddings, no `experts` child holding E weights",
