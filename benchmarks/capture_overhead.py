@@ -10,7 +10,7 @@ Four questions, each answered by ratios measured in one run:
 2. ``decode``: wall time of ``generate()`` with and without the monitor (batch 1 and 16,
    hidden 256 and 1024), variants interleaved in every repetition.
 3. ``train``: an eager training step (forward, backward, AdamW) with and without the
-   monitor, snapshot every 10 steps.
+   monitor, snapshot every 10 steps, the two alternating step by step.
 4. ``compiled``: the same step under ``torch.compile`` (inductor) with and without the
    monitor attached before compiling.
 
@@ -214,46 +214,54 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def decode_rows(hiddens: Sequence[int], batches: Sequence[int], new: int, reps: int) -> list[dict]:
+    """``generate()`` + snapshot per request; variants alternate inside every repetition
+    (order rotated), wall and process CPU time both recorded."""
     rows = []
     for hidden in hiddens:
         model = build_model(hidden)
         for batch in batches:
             ids, mask = prompts(batch)
-            times: dict[str, list[float]] = {"none": [], "default": [], "counts_only": []}
+            variants = ["none", "default", "counts_only"]
+            wall: dict[str, list[float]] = {v: [] for v in variants}
+            cpu: dict[str, list[float]] = {v: [] for v in variants}
             for rep in range(reps + 1):
-                for variant in times:
+                order = variants[rep % 3 :] + variants[: rep % 3]
+                for variant in order:
                     mon = None if variant == "none" else make_monitor(model, variant)
-
-                    def step() -> None:
-                        generate(model, ids, mask, new)  # noqa: B023
-                        if mon is not None:  # noqa: B023
-                            mon.snapshot()  # noqa: B023
-
-                    t = timed(step)
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    generate(model, ids, mask, new)
+                    if mon is not None:
+                        mon.snapshot()
+                    w, c = time.perf_counter() - w0, time.process_time() - c0
                     if mon is not None:
                         mon.detach()
                     if rep:  # the first round warms up every variant
-                        times[variant].append(t)
-            base = np.array(times["none"])
+                        wall[variant].append(w)
+                        cpu[variant].append(c)
             for variant in ("default", "counts_only"):
-                est, lo, hi = ratio_ci(np.array(times[variant]), base)
+                est, lo, hi = ratio_ci(np.array(wall[variant]), np.array(wall["none"]))
+                paired = np.array(wall[variant]) / np.array(wall["none"])
                 rows.append(
                     {
                         "hidden": hidden,
                         "batch": batch,
                         "variant": variant,
-                        "plain_ms": 1e3 * statistics.median(times["none"]),
-                        "monitored_ms": 1e3 * statistics.median(times[variant]),
+                        "plain_ms": 1e3 * statistics.median(wall["none"]),
+                        "monitored_ms": 1e3 * statistics.median(wall[variant]),
                         "ratio": est,
                         "lo": lo,
                         "hi": hi,
+                        "paired": float(np.median(paired)),
+                        "cpu_ratio": statistics.median(cpu[variant])
+                        / statistics.median(cpu["none"]),
                     }
                 )
     return rows
 
 
-def train_rows(steps: int, reps: int, compiled: bool, hidden: int = 256) -> list[dict]:
-    """Median step time with and without the monitor (snapshot every 10 steps)."""
+def train_rows(steps: int, compiled: bool, hidden: int = 256) -> list[dict]:
+    """Median step time with and without the monitor (snapshot every 10 steps); the two
+    variants alternate step by step so that machine noise hits both alike."""
     ids, mask = prompts(8, length=64)
     out: dict[str, list[float]] = {"none": [], "moescope": []}
     models: dict[str, Any] = {}
@@ -264,22 +272,28 @@ def train_rows(steps: int, reps: int, compiled: bool, hidden: int = 256) -> list
         fwd = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         models[variant] = (fwd, opt, mon)
-    for rep in range(reps + 1):
-        for variant, (fwd, opt, mon) in models.items():
+    warmup = 3 if compiled else 1
+    order = list(models)
+    for i in range(steps + warmup):
+        order.reverse()  # alternate which variant runs first
+        for variant in order:
+            fwd, opt, mon = models[variant]
             t0 = time.perf_counter()
-            for i in range(steps):
-                loss = fwd(input_ids=ids, attention_mask=mask, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if mon is not None and (i + 1) % 10 == 0:
-                    mon.snapshot()
-            if rep:
-                out[variant].append((time.perf_counter() - t0) / steps)
+            loss = fwd(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if mon is not None and (i + 1) % 10 == 0:
+                mon.snapshot()
+            if i >= warmup:
+                out[variant].append(time.perf_counter() - t0)
     est, lo, hi = ratio_ci(np.array(out["moescope"]), np.array(out["none"]))
+    paired = np.array(out["moescope"]) / np.array(out["none"])
     return [
         {
             "compiled": compiled,
+            "steps": steps,
+            "paired": float(np.median(paired)),
             "plain_ms": 1e3 * statistics.median(out["none"]),
             "monitored_ms": 1e3 * statistics.median(out["moescope"]),
             "ratio": est,
@@ -311,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--train-steps", type=int, default=40)
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if "ops" in args.parts:
@@ -330,12 +344,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "decode" in args.parts:
         rows = decode_rows(args.hidden, args.batch, args.new_tokens, args.reps)
         print("\n### generate() decode, monitored / plain\n")
-        print(_table(rows, ["hidden", "batch", "variant", "plain_ms", "monitored_ms", "ratio", "lo", "hi"]))
+        cols = ["hidden", "batch", "variant", "plain_ms", "monitored_ms", "ratio", "lo", "hi"]
+        print(_table(rows, [*cols, "paired", "cpu_ratio"]))
     for part in ("train", "compiled"):
         if part in args.parts:
-            rows = train_rows(args.train_steps, args.reps, compiled=part == "compiled")
+            rows = train_rows(args.train_steps, compiled=part == "compiled")
             print(f"\n### {part} training step, monitored / plain\n")
-            print(_table(rows, ["compiled", "plain_ms", "monitored_ms", "ratio", "lo", "hi"]))
+            print(
+                _table(
+                    rows,
+                    ["compiled", "steps", "plain_ms", "monitored_ms", "ratio", "lo", "hi", "paired"],
+                )
+            )
 
 
 if __name__ == "__main__":
