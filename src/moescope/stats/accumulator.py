@@ -94,19 +94,14 @@ _INT_COLS = (
     "n_weight_tokens",
 )
 _FLOAT_COLS = ("entropy_sum", "top1_sum", "margin_sum", "z_sum")
-_I = {name: i for i, name in enumerate(_INT_COLS)}
 
-#: How each raw (stacked, [L, ...]) tensor of :class:`RoutingSums` combines across ranks.
+#: How each raw (stacked, [L, ...]) tensor of :class:`RoutingSums` combines across ranks:
+#: the per-layer rule of the same key; the packed scalar columns are all sums.
 RAW_REDUCE_OPS: dict[str, str] = {
-    "counts": "sum",
-    "dropped_counts": "sum",
-    "aux_counts": "sum",
-    "prob_sum": "sum",
-    "weight_sums": "sum",
-    "coactivation": "sum",
+    **{k: REDUCE_OPS[k] for k in ("counts", "dropped_counts", "aux_counts", "prob_sum")},
+    **{k: REDUCE_OPS[k] for k in ("weight_sums", "coactivation", "unique_max")},
     "ints": "sum",
     "floats": "sum",
-    "unique_max": "max",
 }
 
 
