@@ -11,7 +11,7 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
   ``clear_window`` to override), so an evaluation in the middle of training never leaks
   into the training window or the other way round. Every forward counts, so with gradient
   accumulation every micro-batch counts. The monitor's history and its own alert rules
-  only ever see train windows (eval snapshots are taken with them detached).
+  only ever see train windows (eval snapshots are taken with ``record=False``).
 - **Cadence.** The train window ends every ``log_every_n_steps`` optimizer steps
   (:meth:`TrainingSession.is_log_step`); the framework adapters also end it at the last step
   so that the tail of training is not lost. The eval window ends when the framework
