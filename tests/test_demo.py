@@ -171,6 +171,12 @@ def test_checkpoint_reloads_and_reproduces_eval_loss(
         assert type(model).__name__ == "TinyMoEForCausalLM"
         assert model.config.aux_loss_coef == r.aux_loss_coef
         assert model.config.num_experts == TINY.num_experts
+        # The saved model generates with its KV cache, and that equals no cache.
+        assert model.config.use_cache and model.generation_config.use_cache
+        prompt = batch["input_ids"][:2, :8]
+        cached = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        plain = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(cached, plain)
         with torch.no_grad():
             loss = model(**batch).loss
         # The Trainer's eval_loss is the model's full loss (LM + router terms) on the

@@ -413,6 +413,9 @@ def train_run(
     trainer.train()
     train_seconds = time.perf_counter() - t0
     writer.close()  # TensorBoardCallback closed it already; idempotent
+    # The Trainer copies TrainingArguments.use_cache (False by default) into the config;
+    # the checkpoint must generate with its KV cache (training never uses it anyway).
+    model.config.use_cache = True
     model.save_pretrained(ckpt_dir)
     # After train(): the callback has detached, so these forwards are not monitored.
     lm_eval = eval_lm_loss(model, eval_ds, settings.batch_size)
