@@ -126,7 +126,6 @@ class CapturePipeline:
         self.budget_bytes = int(budget_bytes)
         self.counts_only = bool(counts_only)
         self.window = "default"
-        self.enabled = True
         self._pending: list[tuple[str, int, RoutingRecord]] = []
         self._pending_bytes = 0
         # Flushes may come from a serving thread's snapshot while forwards stage records.
@@ -190,8 +189,6 @@ class CapturePipeline:
 
     def stage(self, record: RoutingRecord, window: str | None = None) -> None:
         """Keep ``record`` (by reference) for the next flush; flush when over budget."""
-        if not self.enabled:
-            return
         i = self._layer_index(record.layer)
         check_record(record, record.num_experts, None)  # shapes only: errors name the field
         w = window or self.window
@@ -260,14 +257,3 @@ class CapturePipeline:
             token_mask=_cat([r.token_mask for r in recs]),
             dropped=_cat([r.dropped for r in recs]),
         )
-
-    def discard(self) -> None:
-        """Drop staged records without reducing them."""
-        with self.lock:
-            self._pending = []
-            self._pending_bytes = 0
-
-    def close(self) -> None:
-        """Forget staged records and unregister from the compiled-path registry."""
-        self.discard()
-        PIPELINES.pop(self.id, None)
