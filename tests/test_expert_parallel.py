@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from dist_ranks import run_ranks
 from moescope.nn.expert_parallel import ExpertParallelMoELayer, all_to_all_rows
 from moescope.nn.experts import GroupedExperts
 from moescope.nn.layer import MoELayer
@@ -142,35 +141,11 @@ def worker(rank: int, world: int, port: int, failures: Any) -> None:
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_single_process(world: int):
-    # fork avoids re-importing torch in every rank (seconds each on a loaded machine);
-    # the workers set one intra-op thread before any computation.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    failures = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, failures)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.terminate()
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not alive, f"ranks hung: {errors}"
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    # The workers set one intra-op thread before any computation.
+    run_ranks(worker, world)
 
 
 def test_needs_initialised_process_group():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from typing import Any
 
@@ -28,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from dist_ranks import free_port, run_ranks
 from moescope import MoEMonitor
 from moescope.nn.expert_parallel import ExpertParallelMoELayer
 from moescope.nn.experts import GroupedExperts
@@ -176,36 +175,6 @@ def worker(rank: int, world: int, port: int, out_dir: str, failures: Any) -> Non
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(world: int, out_dir: str) -> None:
-    # fork avoids re-importing torch in every rank (as tests/test_expert_parallel.py).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    failures = ctx.SimpleQueue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=worker, args=(r, world, port, out_dir, failures)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.terminate()
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not alive, f"ranks hung: {errors}"
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
 def assert_stats_equal(
     got: LayerStats,
     want: LayerStats,
@@ -239,7 +208,7 @@ def assert_stats_equal(
 def test_expert_parallel_snapshot_equals_single_process(world: int) -> None:
     e = 2 * world
     with tempfile.TemporaryDirectory() as tmp:
-        spawn(world, tmp)
+        run_ranks(worker, world, tmp)
         ranks = []
         for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:
