@@ -705,10 +705,7 @@ class MoEMonitor:
         total = 0
         for win in self._windows.values():
             total += sum(s.nbytes() for s in win.routing.groups.values())
-            total += sum(
-                sum(v.numel() * v.element_size() for v in n.state().values())
-                for n in win.neurons.values()
-            )
+            total += sum(n.state_nbytes() for n in win.neurons.values())
         return total
 
     def _threshold_label(self, path: str) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from moescope.capture.record import RoutingBatch, RoutingRecord, check_record
+from moescope.stats.metrics import router_probs
 
 __all__ = [
     "REDUCE_OPS",
@@ -217,8 +218,7 @@ class RoutingSums:
         zeros_r = torch.zeros(r, **long_kw)
         nonfinite = zeros_r
         if finite is not None:
-            base = finite if valid is None else valid
-            nonfinite = (base & ~finite).sum(-1) if valid is not None else (~finite).sum(-1)
+            nonfinite = (~finite if valid is None else valid & ~finite).sum(-1)
             valid = finite if valid is None else valid & finite
         n_valid = valid.sum(-1) if valid is not None else torch.full((r,), t, **long_kw)
 
@@ -266,7 +266,7 @@ class RoutingSums:
         if has_logits:
             assert logits is not None
             x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-            probs = _probs(x, b.score_fn)
+            probs = router_probs(x, b.score_fn)  # type: ignore[arg-type]
             if valid is not None:
                 probs = torch.where(valid[:, :, None], probs, 0.0)
             s["prob_sum"].index_add_(0, rows, probs[:, :, :e].sum(1).to(fd))
@@ -303,12 +303,6 @@ class RoutingSums:
     def layer_state(self, row: int) -> dict[str, torch.Tensor]:
         """Row ``row`` as the per-layer state dict (device tensors, copies)."""
         return layer_state(self.raw, row, self.num_experts, self.top_k)
-
-
-def _probs(x: torch.Tensor, score_fn: str) -> torch.Tensor:
-    from moescope.stats.metrics import router_probs
-
-    return router_probs(x, score_fn)  # type: ignore[arg-type]
 
 
 def layer_state(raw: Mapping[str, Any], row: int, num_experts: int, top_k: int) -> dict[str, Any]:
