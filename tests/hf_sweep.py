@@ -944,3 +944,117 @@ def _check_neurons(model: nn.Module, b: Built, res: FamilyResult, expected: dict
     if hook_state(model) != before:
         res.problems.append("neurons: hooks or attributes left after detach")
     return "/".join(sorted(set(status)))
+
+
+# ----------------------------------------------------------------------------- active params
+
+
+class _ReadParams(torch.overrides.TorchFunctionMode):
+    """Records which parameters any torch function received (read during the forward)."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        stack: list[Any] = [args, kwargs]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, torch.Tensor):
+                if id(x) in self.ids:
+                    self.read.add(id(x))
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
+            elif isinstance(x, dict):
+                stack.extend(x.values())
+        return func(*args, **kwargs)
+
+
+def _expert_rows(name: str, p: torch.Tensor) -> int | None:
+    """Rows of an expert tensor (one per expert), None for a tensor every token uses.
+
+    By name and shape only: a 3-D [E, out, in] tensor; a tensor under an ``experts``
+    module (not shared experts) or
+    an expert embedding (doge's ``down_embed`` / ``up_embed``) with E leading rows, one
+    row per expert for a 3-D store with more rows (zero-compute experts), or E stacked
+    groups of rows (dbrx's [E * I, H]).
+    """
+    parts = name.split(".")
+    if any("shared" in q for q in parts) or p.dim() < 2:
+        return None
+    if p.dim() == 3 and p.shape[0] == EXPERTS:
+        return EXPERTS  # [E, out, in]: an expert store whatever its name (jetmoe's mlp)
+    if not (any(q.endswith("experts") for q in parts[:-1]) or parts[-1] in ("down_embed", "up_embed")
+            or (len(parts) > 1 and parts[-2] in ("down_embed", "up_embed"))):
+        return None
+    d = p.shape[0]
+    if parts[-1] in ("down_embed", "up_embed") or parts[-2] in ("down_embed", "up_embed"):
+        return d  # one embedding row per expert
+    if d == EXPERTS or (p.dim() >= 3 and d > EXPERTS):
+        return d
+    if d % EXPERTS == 0:
+        return EXPERTS
+    return None
+
+
+def touched_parameters(built: Built) -> tuple[int, list[str]]:
+    """Parameters ONE text token uses, measured on the model, independent of moescope.
+
+    The first token of the batch alone (and one decoder token for seq2seq models) runs
+    forward and backward. A routed expert is used when its rows (or, for a ModuleList of
+    experts, any of its tensors) got a non-zero gradient; any other parameter when a
+    torch function read it during the forward; the input embedding and the output head
+    count whole (the "both" convention). Returns (count, names of unread parameters).
+    """
+    model = built.model
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v[:1, :1] if v.dim() >= 2 else v for k, v in built.inputs.items()}
+    named = {id(p): (n, p) for n, p in model.named_parameters()}
+    mode = _ReadParams(set(named))
+    with mode:
+        out = model(**inputs)
+    y = next(v for v in _float_leaves(out) if v.requires_grad)
+    (y * torch.randn_like(y)).sum().backward()
+
+    whole = {id(p) for p in model.get_input_embeddings().parameters()}
+    head = model.get_output_embeddings()
+    whole |= {id(p) for p in head.parameters()} if head is not None else set()
+    members: dict[int, bool] = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and mname.endswith("experts"):
+            for expert in mod.values() if isinstance(mod, nn.ModuleDict) else mod:
+                ps = list(expert.parameters())
+                hit = any(q.grad is not None and bool(q.grad.any()) for q in ps)
+                members.update((id(q), hit) for q in ps)
+    total, unread = 0, []
+    for pid, (name, p) in named.items():
+        if pid in whole:
+            total += p.numel()
+        elif pid in members:
+            total += p.numel() if members[pid] else 0
+        elif (rows := _expert_rows(name, p)) is not None:
+            g = p.grad
+            used = 0 if g is None else int(g.reshape(rows, -1).ne(0).any(1).sum())
+            total += used * (p.numel() // rows)
+        elif pid in mode.read:
+            total += p.numel()
+        else:
+            unread.append(name)
+    return total, unread
+
+
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    stack = [out]
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point():
+                found.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif hasattr(x, "values"):
+            stack.extend(x.values())
+    return found

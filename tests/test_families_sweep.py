@@ -122,11 +122,28 @@ def test_readme_lists_the_families_of_the_installed_transformers() -> None:
         assert not extra, f"README lists {extra}, which transformers {installed} does not have"
 
 
-#: Families whose parameters ``count_parameters`` cannot split yet, with the reason.
+#: Families whose parameters ``count_parameters`` does not count, with the reason.
 PARAMS_EXEMPT: dict[str, str] = {
-    "doge": "experts are product-key embeddings, no `experts` child holding E weights",
-    "jetmoe": "MLP and attention experts without a fused `experts` child",
     "vitpose_backbone": "task-indexed experts with no router: out of scope for capture too",
+}
+
+#: Families where what ONE token touches in a one-token forward is not what a token of a
+#: real context uses, so the measured count differs from ``active_params`` in a known
+#: direction: {family: ("<" measured below active, or ">" above, reason)}.
+ACTIVE_EXEMPT: dict[str, tuple[str, str]] = {
+    "deepseek_v4": ("<", "the attention's compressor runs only on contexts longer than its "
+                    "block, so a one-token context never reads it; a real context does"),
+    "qwen4_exp": ("<", "the sparse-attention indexer skips its key norm for a one-token "
+                  "context; a real context reads it"),
+    "inkling2_loop": ("<", "message_input.query is read for message inputs only, not for "
+                      "a text token"),
+    "jetmoe": ("<", "mixture-of-attention experts: with one token the attention output "
+               "does not depend on the query, so the query experts get no gradient"),
+    "longcat_flash": ("<", "zero-compute experts: some of the K slots go to experts "
+                      "without weights; active_params counts K experts (measured_cost "
+                      "counts what tokens touched)"),
+    "diffusion_gemma": (">", "block diffusion: the prompt token and the canvas token run "
+                        "through the same MoE layers, so one step touches up to 2K experts"),
 }
 
 
@@ -136,7 +153,8 @@ def test_parameters_counted_exactly_with_the_monitors_layers(family: str) -> Non
     (tied matrices once), and it finds the MoE blocks the monitor finds."""
     from moescope import MoEMonitor, count_parameters
 
-    model = hf_sweep.build_family(family).model
+    built = hf_sweep.build_family(family)
+    model = built.model
     if family in PARAMS_EXEMPT:
         with pytest.raises(ValueError):
             count_parameters(model)
@@ -145,7 +163,43 @@ def test_parameters_counted_exactly_with_the_monitors_layers(family: str) -> Non
     unique = {id(p): p for p in model.parameters()}
     assert report.total_params == sum(p.numel() for p in unique.values())
     assert sum(report.breakdown.values()) == report.total_params
+    assert sum(report.towers.values()) == report.total_params
+    assert sum(report.active_breakdown.values()) == report.active_params
     assert report.num_moe_layers == len(MoEMonitor(model, attach=False).layers)
+    # What `moescope params config.json` counts: the config's dict, built on meta as the
+    # class its `architectures` names.
+    data = {**built.config.to_dict(), "architectures": [type(model).__name__]}
+    from_json = count_parameters(data)
+    assert (from_json.total_params, from_json.active_params) == (
+        report.total_params,
+        report.active_params,
+    )
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in PARAMS_EXEMPT])
+def test_active_parameters_are_what_one_text_token_touches(family: str) -> None:
+    """``active_params`` (embeddings "both") equals the parameters one text token used,
+    measured on the model (``hf_sweep.touched_parameters``: expert rows by their
+    gradients, every other tensor by whether the forward read it). Multimodal models:
+    the towers a text token does not enter are not active, and the report says so."""
+    from moescope import count_parameters
+
+    built = hf_sweep.build_family(family)
+    built.model.eval()
+    report = count_parameters(built.model)
+    measured, _ = hf_sweep.touched_parameters(built)
+    towers = set(report.towers) - {"text"}
+    assert report.active_path == ("text token" if towers else "token")
+    if family in ACTIVE_EXEMPT:
+        direction, reason = ACTIVE_EXEMPT[family]
+        print(f"{family}: measured {measured}, active {report.active_params} ({reason})")
+        assert (measured < report.active_params) if direction == "<" else (
+            measured > report.active_params
+        )
+        return
+    assert measured == report.active_params, (
+        f"{family}: active_params {report.active_params}, one text token touched {measured}"
+    )
 
 
 # ----------------------------------------------------------------------------- details

@@ -261,7 +261,26 @@ class _ListExperts(nn.Module):
 
 
 def test_module_list_experts() -> None:
-    r = count_parameters(_ListExperts(), "none")
+    """A block no built-in adapter captures is not counted either (one detector for the
+    monitor and the counts); the user's adapter for it makes both work."""
+    from moescope.capture import SimpleAdapter
+    from moescope.capture.registry import register_adapter, unregister_adapter
+    from moescope.cost import NoMoEError
+
+    with pytest.raises(NoMoEError, match="register an adapter"):
+        count_parameters(_ListExperts(), "none")
+    adapter = SimpleAdapter(
+        match=lambda path, m: path == "mlp",
+        extract=lambda mod, args, out: {"topk_index": out.topk(2, dim=-1).indices},
+        num_experts=3,
+        top_k=lambda m: m.top_k,
+        target="gate",
+    )
+    register_adapter(adapter)
+    try:
+        r = count_parameters(_ListExperts(), "none")
+    finally:
+        unregister_adapter(adapter)
     per = 8 * 4 + 4 + 4 * 8 + 8
     assert r.routed_expert_params_per_expert == per
     assert r.total_params == 80 + 24 + 3 * per
@@ -323,3 +342,60 @@ def test_meta_build_allocates_nothing() -> None:
 
     model = build_meta_model(_tiny_mixtral(hidden_size=4096, intermediate_size=14336))
     assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_vl_moe", "switch_transformers"])
+def test_every_class_the_architectures_field_names(family: str) -> None:
+    """A checkpoint's ``architectures`` picks the class counted: every class transformers
+    ships for the family (causal LM, sequence classification, conditional generation, the
+    bare model, ...) gives exactly that class's parameters."""
+    import hf_sweep
+
+    cfg = hf_sweep.tiny_config(family)
+    classes = sorted(
+        name
+        for name in dir(transformers)
+        if name.endswith(("Model", "ForCausalLM", "ForConditionalGeneration",
+                          "ForSequenceClassification", "ForTokenClassification",
+                          "ForQuestionAnswering"))
+        and isinstance(cls := getattr(transformers, name, None), type)
+        and issubclass(cls, transformers.PreTrainedModel)
+        and getattr(cls, "config_class", None) is type(cfg)
+    )
+    assert len(classes) >= 2, classes
+    for name in classes:
+        cfg.architectures = [name]
+        with torch.device("meta"):
+            model = getattr(transformers, name)._from_config(cfg)
+        expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        try:
+            report = count_parameters(cfg)
+        except NoMoEError:
+            continue  # a head without the MoE decoder (none today; kept honest)
+        assert report.total_params == expected, name
+
+
+def test_architectures_naming_another_family_is_an_error() -> None:
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        architectures=["Qwen3MoeForCausalLM"],
+    )
+    with pytest.raises(CostConfigError, match="Qwen3MoeConfig"):
+        count_parameters(cfg)
+
+
+def test_multimodal_total_counts_every_tower_and_active_only_the_text_path() -> None:
+    """Qwen3-VL-MoE: the vision tower is in the total and in ``towers``; a text token's
+    active count leaves it out and says so."""
+    import hf_sweep
+
+    model = hf_sweep.build_family("qwen3_vl_moe").model
+    r = count_parameters(model)
+    visual = sum(p.numel() for p in model.model.visual.parameters())
+    assert r.active_path == "text token"
+    assert r.towers["vision"] == visual > 0
+    assert r.towers["text"] == r.total_params - visual
+    text_only = count_parameters(model.model.language_model)
+    lm_head = model.lm_head.weight.numel()
+    assert r.active_params == text_only.active_params + (0 if r.tied_embeddings else lm_head)

@@ -27,6 +27,18 @@ class LayerInfo:
     ``path`` is the module path (``model.layers.3.mlp``), ``adapter`` the adapter's name,
     ``num_experts`` E (routed), ``top_k`` K, ``module`` the block itself, and ``extra``
     whatever the adapter needs to remember (child modules, layout flags).
+
+    Parameter accounting (:mod:`moescope.cost`) reads the same object, so what is
+    monitored and what is counted are one detection:
+
+    - ``expert_modules``: the modules holding the routed experts' weights (a fused
+      ``experts`` module with [E, ...] tensors, a ``ModuleList``/``ModuleDict`` of E
+      experts, or several modules whose tensors all carry E first, e.g. doge's
+      ``down_embed``/``up_embed``). Empty: the block's ``experts`` child.
+    - ``router``: the router module (its parameters are the router's), None when the
+      adapter has none to name.
+    - ``active_top_k``: experts a token uses on average when it differs from the capture
+      slots ``top_k`` (expert-choice routing records E slots per token); None = ``top_k``.
     """
 
     path: str
@@ -35,6 +47,9 @@ class LayerInfo:
     top_k: int
     module: nn.Module
     extra: dict[str, object] = field(default_factory=dict)
+    expert_modules: tuple[nn.Module, ...] = ()
+    router: nn.Module | None = None
+    active_top_k: int | None = None
 
 
 class CaptureContext:

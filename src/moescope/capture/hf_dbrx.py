@@ -50,6 +50,8 @@ class DbrxAdapter:
             num_experts=int(experts.num_experts),
             top_k=int(getattr(module, "top_k", 1)),
             module=module,
+            expert_modules=(experts,),
+            router=router,
             extra={"router": router, "experts": experts},
         )
 

@@ -65,6 +65,8 @@ class EmbeddingExpertsAdapter:
             num_experts=int(down.num_embeddings),
             top_k=top_k,
             module=module,
+            expert_modules=(down, up),
+            router=found[1],
             extra={"router": found[1], "down_embed": down},
         )
 

@@ -106,6 +106,8 @@ class GenericHFAdapter:
             num_experts=num_experts,
             top_k=top_k,
             module=module,
+            expert_modules=(experts,),
+            router=router,
             extra={
                 "router": router,
                 "router_name": router_name,

@@ -82,6 +82,8 @@ class ParallelExpertsAdapter:
             num_experts=e_in,
             top_k=top_k,
             module=module,
+            expert_modules=(module.input_linear, module.output_linear),
+            router=router,
             extra={"router": router},
         )
 

@@ -54,6 +54,8 @@ class Llama4Adapter:
             num_experts=int(router.num_experts),
             top_k=int(router.top_k),
             module=module,
+            expert_modules=(experts,),
+            router=router,
             extra={
                 "router": router,
                 "experts": experts,

@@ -2,8 +2,9 @@
 
 Every adapter in ``capture/`` that needs to know what a router is called, where K (experts
 per token) lives, how many experts are routed or what the router's scores are reads it
-here, so there is one list of each. ``cost/params.py`` keeps its own copy today
-(``_ROUTER_NAMES``, ``TOP_K_CONFIG_KEYS``); the lists below are their union.
+here, so there is one list of each. Parameter accounting (``cost/``) finds MoE blocks
+through the same adapters (their :class:`~moescope.capture.adapter.LayerInfo`), so what is
+monitored and what is counted agree.
 
 - :data:`ROUTER_NAMES`: child names a block's router goes by, most common first.
 - :data:`TOP_K_KEYS`: attribute names holding K, on a router, a block or a config, in the

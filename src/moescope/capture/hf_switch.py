@@ -63,6 +63,8 @@ def _match_block(
         num_experts=int(router.num_experts),
         top_k=top_k,
         module=module,
+        expert_modules=(experts,),
+        router=router,
         extra={"router": router, "experts": experts, "decoder": _is_decoder_path(path)},
     )
 

@@ -66,15 +66,24 @@ class NNAdapter:
         # expert-parallel layer, not num_local_experts): records use global expert ids.
         router = module.router
         top_k = getattr(router, "top_k", None)
+        active: int | None = None
         if not isinstance(top_k, int):
             # Expert choice uses one slot per expert (K = E); Switch is top-1.
             top_k = module.num_experts if isinstance(router, ExpertChoiceRouter) else 1
+        if isinstance(router, ExpertChoiceRouter):
+            # Each expert takes capacity_factor * T / E tokens: a token uses
+            # capacity_factor experts on average, which is what a token costs.
+            active = max(1, min(module.num_experts, round(float(router.capacity_factor))))
+        experts = getattr(module, "experts", None)
         return LayerInfo(
             path=path,
             adapter=self.name,
             num_experts=int(module.num_experts),
             top_k=int(top_k),
             module=module,
+            expert_modules=(experts,) if isinstance(experts, nn.Module) else (),
+            router=router,
+            active_top_k=active,
             extra={"router": router},
         )
 

@@ -21,8 +21,11 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
+from collections.abc import Sequence
 
-from moescope.capture.adapter import MoEAdapter
+from torch import nn
+
+from moescope.capture.adapter import LayerInfo, MoEAdapter
 
 PRIORITY_USER = 300
 PRIORITY_DEDICATED = 200
@@ -104,3 +107,34 @@ def default_adapters() -> list[MoEAdapter]:
     _load_builtins()
     with _lock:
         return [a for _, _, a in sorted(_entries, key=lambda e: (-e[0], e[1]))]
+
+
+def find_moe_layers(
+    model: nn.Module, adapters: Sequence[MoEAdapter] | None = None
+) -> list[tuple[MoEAdapter, LayerInfo]]:
+    """Walk ``model`` in module order; the first adapter that matches a module wins it.
+
+    A matched block is not descended into (its router / experts are not layers of their
+    own). A module reachable by two paths is visited once. The root's path is ``""``.
+    ``adapters`` None: :func:`default_adapters`. The monitor and the parameter counts
+    (:mod:`moescope.cost`) both find layers here.
+    """
+    if adapters is None:
+        adapters = default_adapters()
+    found: list[tuple[MoEAdapter, LayerInfo]] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for adapter in adapters:
+            info = adapter.match(path, module)
+            if info is not None:
+                found.append((adapter, info))
+                return
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return found

@@ -197,7 +197,7 @@ def flops_from_anatomy(
         raise ValueError(f"attention must be 'causal' or 'full', got {attention!r}")
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
     for info in anatomy.params:
-        if not info.is_matmul or info.category == "embeddings":
+        if not info.is_matmul or info.category == "embeddings" or info.tower != "text":
             continue
         if info.category == "head" and embeddings == "none":
             continue
@@ -205,6 +205,8 @@ def flops_from_anatomy(
             continue  # added per layer below: K experts, not E
         breakdown[info.category] += 2 * info.numel
     for layer in anatomy.moe_layers:
+        if layer.tower != "text":
+            continue
         breakdown["routed_experts"] += 2 * layer.top_k * layer.matmul_params_per_expert
     if anatomy.tied_embeddings and embeddings != "none":
         # The tied matrix is registered as the input embedding; as the head it is a matmul.

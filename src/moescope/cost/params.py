@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,13 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from moescope.capture.hf_structure import (
-    ROUTER_NAMES,
-    TOP_K_KEYS,
-    find_router,
-    find_top_k,
-    routed_experts,
-)
+from moescope.capture.adapter import LayerInfo
+from moescope.capture.hf_structure import ROUTER_NAMES
 
 EmbeddingConvention = Literal["both", "head", "none"]
 EMBEDDING_CONVENTIONS: tuple[str, ...] = ("both", "head", "none")
@@ -67,10 +61,6 @@ BREAKDOWN_KEYS: tuple[str, ...] = (
     "other",
 )
 """Categories of :attr:`ParamReport.breakdown`; they partition the model's parameters."""
-
-# The names of routers and of the K attributes are the capture's (one list, in
-# moescope.capture.hf_structure), so what the monitor finds and what is counted agree.
-TOP_K_CONFIG_KEYS: tuple[str, ...] = TOP_K_KEYS
 
 _SHARED_PREFIXES = ("shared_expert", "shared_mlp")
 _ATTENTION_NAMES = frozenset(
@@ -102,6 +92,10 @@ class MoELayerParams:
             any expert-independent tensor stored with them).
         shared_params: shared experts (and their gate), active for every token.
         router_params: the router.
+        inactive_params: routed-expert parameters a token does not use: (E - K) x per
+            expert, plus the rows of zero-compute experts a fused store keeps.
+        tower: the model tower the block is in (``text`` unless a multimodal model has
+            MoE blocks in another tower).
     """
 
     name: str
@@ -112,11 +106,8 @@ class MoELayerParams:
     routed_params: int
     shared_params: int
     router_params: int
-
-    @property
-    def inactive_params(self) -> int:
-        """Routed-expert parameters a token does not use: (E - K) x per expert."""
-        return (self.num_experts - self.top_k) * self.params_per_expert
+    inactive_params: int
+    tower: str = "text"
 
 
 @dataclass
@@ -140,6 +131,11 @@ class ParamReport:
         tied_embeddings: the head shares the input embedding's matrix.
         model_type: transformers ``model_type`` or the model's class name.
         moe_layers: per-block details.
+        towers: total parameters per tower (``{"text": total}`` for a text-only model;
+            a multimodal model adds ``vision`` / ``audio`` / ``connector`` ... ).
+        active_path: whose path ``active_params`` counts: ``"token"``, or ``"text
+            token"`` for a multimodal model (its non-text towers are not active for a
+            text token; they are in ``total_params`` and ``towers``).
     """
 
     total_params: int
@@ -155,6 +151,8 @@ class ParamReport:
     tied_embeddings: bool
     model_type: str
     moe_layers: list[MoELayerParams] = field(default_factory=list)
+    towers: dict[str, int] = field(default_factory=dict)
+    active_path: str = "token"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field (``moe_layers`` as a list of dicts)."""
@@ -244,8 +242,10 @@ def build_meta_model(source: Any) -> nn.Module:
 
     ``source``: anything :func:`load_config_source` accepts, or an ``nn.Module`` (returned
     as is). For a transformers config the class is the config's first ``architectures``
-    entry when transformers has it, else the first auto class that maps the config:
-    causal LM, image-text-to-text, seq2seq, then the bare ``AutoModel``.
+    entry that transformers ships (any head: ``...ForCausalLM``,
+    ``...ForConditionalGeneration``, ``...ForSequenceClassification``, the bare model),
+    so the count is the checkpoint's own; without one, the first auto class that maps the
+    config: causal LM, image-text-to-text, seq2seq, then the bare ``AutoModel``.
 
     Meta tensors have no storage, so weight initialisation is a no-op on them: DeepSeek-V3
     (671B) builds in about 0.1 s after imports, and nothing needs to be switched off.
@@ -291,8 +291,15 @@ def _model_class(config: Any) -> Any:
     transformers = _transformers()
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
-        if cls is not None and getattr(cls, "config_class", None) is type(config):
-            return cls
+        if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+            continue  # remote-code classes transformers does not ship: the auto classes
+        wanted = getattr(cls, "config_class", None)
+        if isinstance(wanted, type) and not isinstance(config, wanted):
+            raise CostConfigError(
+                f"architectures names {arch}, which takes a {wanted.__name__}, but the "
+                f"config is a {type(config).__name__}; fix 'architectures' or 'model_type'"
+            )
+        return cls
     autos = (
         "AutoModelForCausalLM",
         "AutoModelForImageTextToText",
@@ -320,6 +327,7 @@ class _ParamInfo:
     is_matmul: bool
     moe_layer: int | None = None  # index into _Anatomy.moe_layers for routed experts
     per_expert: bool = False  # carries the expert dimension first
+    tower: str = "text"  # multimodal models: the tower the parameter belongs to
 
 
 @dataclass
@@ -347,60 +355,6 @@ def _text_config(config: Any) -> Any:
         except Exception:  # pragma: no cover - malformed composite configs
             return config
     return config
-
-
-def _find_top_k(block: nn.Module, config: Any, override: int | None) -> int | None:
-    """K of one block: the override, the block's router, the block, the config, then a
-    ``Top<k>`` router class name.
-
-    The modules' own attributes come first because they are what the forward uses (set
-    from the config by the model's constructor); the config is the fallback for blocks
-    that do not store K.
-    """
-    if override is not None:
-        return override
-    router = find_router(block)
-    k = find_top_k(block, None if router is None else router[1], _text_config(config))
-    k = k or find_top_k(block, None, config)
-    if k is not None:
-        return k
-    # Capacity-limited routers name K in their class (switch_transformers' Top1Router,
-    # nllb_moe's Top2Router) and store it nowhere else.
-    for child in block.children():
-        match = re.search(r"top(\d+)", type(child).__name__.lower())
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def _expert_container(experts: nn.Module) -> tuple[int, list[nn.Module] | None] | None:
-    """(E, per-expert modules or None for a fused tensor store) or None if not experts."""
-    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
-        members = list(experts.values() if isinstance(experts, nn.ModuleDict) else experts)
-        # Parameter-free entries are not experts (nllb_moe's ModuleDict also holds its
-        # token dropout).
-        members = [m for m in members if any(True for _ in m.parameters())]
-        return (len(members), members) if members else None
-    direct = list(experts.parameters(recurse=False))
-    num = getattr(experts, "num_experts", None)
-    if not direct and isinstance(num, int) and num >= 1:
-        # One child holding every expert stacked as [E * I, H] matrices (dbrx's mlp).
-        stacked = list(experts.parameters())
-        if stacked and all(p.dim() >= 2 and p.shape[0] % num == 0 for p in stacked):
-            return num, None
-    if not direct:
-        # A plain container of expert modules (expert_0, expert_1, ...).
-        kids = [m for m in experts.children() if any(True for _ in m.parameters())]
-        return (len(kids), kids) if len(kids) >= 2 else None
-    leading = {p.shape[0] if p.dim() >= 1 else -1 for p in direct}
-    if len(leading) == 1 and all(p.dim() >= 2 for p in direct):
-        return next(iter(leading)), None
-    routed = routed_experts(experts)  # fused store with zero-compute rows (longcat_flash)
-    if routed is not None:
-        return routed, None
-    if isinstance(num, int) and any(p.dim() >= 2 and p.shape[0] == num for p in direct):
-        return num, None
-    return None
 
 
 def _is_matmul(name: str, param: torch.Tensor, module: nn.Module) -> bool:
@@ -438,10 +392,178 @@ def _embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | 
     return inp, out
 
 
+# Words of a parameter's path that put it on a non-text path of a multimodal model:
+# projectors and embedders outside the sub-models, and modality-specific experts inside
+# the language model (ernie4_5_vl_moe's ``vision_moe``).
+_TOWER_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vision", ("vision", "visual", "image", "video", "patch", "pixel", "view_sep")),
+    ("audio", ("audio", "speech", "sound")),
+    ("connector", ("projector", "multi_modal", "mm_", "merger", "resampler")),
+)
+
+
+def _word_tower(path: str) -> str | None:
+    low = path.lower()
+    return next((name for name, words in _TOWER_WORDS if any(w in low for w in words)), None)
+
+
+def _towers(model: nn.Module, config: Any) -> dict[int, str]:
+    """Tower of every parameter (by id): ``text`` or a non-text tower of a multimodal model.
+
+    Towers are the sub-models built from the config's ``sub_configs`` (a module whose
+    ``config`` is the ``vision_config`` is the ``vision`` tower, ...). Parameters outside
+    every sub-model go by the words of their path (:data:`_TOWER_WORDS`), else ``text``;
+    inside the text tower, a module named for another modality (``vision_moe``) belongs to
+    that modality. A model without non-text sub-configs is all ``text``.
+    """
+    subs = getattr(config, "sub_configs", None) or {}
+    tower_of_cls: list[tuple[type, str]] = []
+    for key, cls in subs.items():
+        if isinstance(cls, type):
+            name = key.removesuffix("_config")
+            tower_of_cls.append((cls, "text" if name in ("text", "language", "llm") else name))
+    if all(t == "text" for _, t in tower_of_cls):
+        return {}
+    tower: dict[int, str] = {}
+    for path, mod in model.named_modules():
+        mcfg = getattr(mod, "config", None)
+        if not path or mcfg is None or mcfg is config:
+            continue
+        for cls, name in tower_of_cls:
+            if isinstance(mcfg, cls):
+                for p in mod.parameters():
+                    tower.setdefault(id(p), name)
+                break
+    for pname, p in model.named_parameters():
+        if tower.get(id(p), "text") != "text":
+            continue
+        if id(p) not in tower:
+            tower[id(p)] = _word_tower(pname) or "text"
+            continue
+        # Inside the text tower: only a module named for its modality, e.g. vision_moe.
+        parts = pname.split(".")[:-1]
+        hit = next((t for part in parts if part.endswith(("_moe", "_experts", "_mlp"))
+                    and (t := _word_tower(part)) is not None), None)
+        if hit is not None:
+            tower[id(p)] = hit
+    return tower
+
+
+@dataclass
+class _Block:
+    """One MoE block as the monitor's adapter found it, with its parameters' roles."""
+
+    info: LayerInfo
+    experts: tuple[nn.Module, ...]
+    roles: dict[int, str]  # id(param) -> routed_experts / router / shared_experts / moe_other
+
+
+def _moe_blocks(model: nn.Module) -> list[_Block]:
+    """The MoE blocks of ``model``, found by the monitor's own adapters."""
+    from moescope.capture.registry import find_moe_layers
+
+    blocks: list[_Block] = []
+    for _, info in find_moe_layers(model):
+        block = info.module
+        experts = info.expert_modules
+        if not experts and isinstance(getattr(block, "experts", None), nn.Module):
+            experts = (block.experts,)
+        if not experts:
+            raise CostConfigError(
+                f"{info.path}: its adapter {info.adapter!r} names no expert modules, so its "
+                f"parameters cannot be split; set LayerInfo.expert_modules in match()"
+            )
+        roles: dict[int, str] = {}
+        for m in experts:
+            for p in m.parameters():
+                roles.setdefault(id(p), "routed_experts")
+        routers = [info.router] if info.router is not None else [
+            c for n, c in block.named_children()
+            if n in ROUTER_NAMES or any(s in type(c).__name__.lower() for s in ("router", "gate"))
+        ]
+        for r in routers:
+            for p in r.parameters():
+                roles.setdefault(id(p), "router")
+        for n, c in block.named_children():
+            if n.startswith(_SHARED_PREFIXES):
+                for p in c.parameters():
+                    roles.setdefault(id(p), "shared_experts")
+        for p in block.parameters():
+            roles.setdefault(id(p), "moe_other")
+        blocks.append(_Block(info, experts, roles))
+    return blocks
+
+
+def _expert_split(
+    block: _Block, named: dict[int, tuple[str, torch.Tensor]]
+) -> tuple[int, int, set[int]]:
+    """(params per expert, matmul params per expert, ids of tensors carrying E first).
+
+    A ``ModuleList`` / ``ModuleDict`` of experts: one member (members must agree; entries
+    without parameters, such as nllb_moe's token dropout, are not experts). Fused stores:
+    a tensor with E leading rows holds 1/E per expert; a 3-D tensor with more rows than
+    E holds zero-compute experts' rows too (longcat_flash: E + Z), one row per expert; a
+    2-D tensor of E x n rows holds experts stacked (dbrx's [E * I, H]). Any other tensor
+    of the experts is used by every token.
+    """
+    e = block.info.num_experts
+    path = block.info.path
+    if len(block.experts) == 1 and isinstance(block.experts[0], (nn.ModuleList, nn.ModuleDict)):
+        box = block.experts[0]
+        members = list(box.values() if isinstance(box, nn.ModuleDict) else box)
+        members = [m for m in members if any(True for _ in m.parameters())]
+        sizes = {sum(q.numel() for q in m.parameters()) for m in members}
+        if len(members) != e:
+            raise CostConfigError(f"{path}: {len(members)} expert modules for E={e} experts")
+        if len(sizes) > 1:
+            raise CostConfigError(
+                f"{path}: experts have different sizes {sorted(sizes)}; active parameters "
+                f"per token are not defined by E and K alone"
+            )
+        first = members[0]
+        mm = sum(
+            q.numel()
+            for n, q in first.named_parameters()
+            if q.dim() >= 2 and not n.endswith("bias")
+        )
+        carrying = {id(q) for m in members for q in m.parameters()}
+        return next(iter(sizes)), mm, carrying
+    pe = mpe = 0
+    carrying: set[int] = set()
+    for pid, role in block.roles.items():
+        if role != "routed_experts":
+            continue
+        name, p = named[pid]
+        d = p.shape[0] if p.dim() >= 1 else 0
+        if d == e or (p.dim() >= 3 and d > e):
+            piece, rows = p.numel() // d, d
+        elif p.dim() == 2 and d > e and d % e == 0:
+            piece, rows = p.numel() // e, e
+        else:
+            continue
+        if piece * rows != p.numel():
+            raise CostConfigError(f"{path}: {name} of shape {tuple(p.shape)} does not split by E")
+        carrying.add(pid)
+        pe += piece
+        if p.dim() >= 2 and not name.endswith("bias"):
+            mpe += piece
+    if not carrying:
+        raise CostConfigError(
+            f"{path}: no expert tensor carries E={e} in its first dimension; cannot split "
+            f"the routed experts' parameters"
+        )
+    return pe, mpe, carrying
+
+
 def analyze_model(
     model: nn.Module, *, top_k: int | None = None, require_moe: bool = True
 ) -> _Anatomy:
-    """Classify every parameter of ``model`` (see the module docstring for the rules)."""
+    """Classify every parameter of ``model`` (see the module docstring for the rules).
+
+    MoE blocks, E and K are what the monitor finds (:func:`moescope.capture.registry.
+    find_moe_layers` and the adapters' :class:`~moescope.capture.adapter.LayerInfo`), so
+    every family the monitor supports is counted; ``top_k`` overrides K everywhere.
+    """
     config = _config_of(model)
     model_type = str(getattr(config, "model_type", "") or type(model).__name__)
 
@@ -449,59 +571,22 @@ def analyze_model(
     inp_ids = {id(p) for p in inp_mod.parameters()} if inp_mod is not None else set()
     head_ids = {id(p) for p in head_mod.parameters()} if head_mod is not None else set()
     tied = bool(inp_ids & head_ids)
+    tower = _towers(model, config)
 
-    # Module roles: explicit roles for MoE sub-trees, inherited down the tree.
+    blocks = _moe_blocks(model)
+    moe_role: dict[int, tuple[str, int]] = {}
+    for idx, b in enumerate(blocks):
+        for pid, r in b.roles.items():
+            moe_role.setdefault(pid, (r, idx))
+
+    # Roles of modules, inherited down the tree: what a parameter that is not a routed
+    # expert, router or shared expert is (also inside an MoE block, which may be a whole
+    # decoder layer: gemma4).
     role: dict[str, str | None] = {}
-    moe_of_module: dict[str, int] = {}
-    moe_blocks: list[tuple[str, nn.Module, int, list[nn.Module] | None]] = []
-    claimed: list[str] = []
-    named = list(model.named_modules())
-    for name, mod in named:
-        if any(name == c or name.startswith(c + ".") for c in claimed):
-            continue
-        experts = getattr(mod, "experts", None)
-        if not isinstance(experts, nn.Module) or experts is mod:
-            continue
-        found = _expert_container(experts)
-        if found is None:
-            continue
-        num_experts, members = found
-        moe_blocks.append((name, mod, num_experts, members))
-        claimed.append(name)
-
-    block_children: dict[str, str] = {}
-    for idx, (bname, block, _, _) in enumerate(moe_blocks):
-        prefix = f"{bname}." if bname else ""
-        for child_name, child in block.named_children():
-            path = prefix + child_name
-            if child_name == "experts":
-                block_children[path] = "routed_experts"
-            elif child_name.startswith(_SHARED_PREFIXES):
-                block_children[path] = "shared_experts"
-            elif child_name in ROUTER_NAMES or any(
-                s in type(child).__name__.lower() for s in ("router", "gate")
-            ):
-                block_children[path] = "router"
-            else:
-                block_children[path] = "moe_other"
-            moe_of_module[path] = idx
-        role[bname] = "moe_block"
-        moe_of_module[bname] = idx
-
-    moe_roles = ("routed_experts", "shared_experts", "router", "moe_other", "moe_block")
-    for name, mod in named:
-        if name in role:
-            continue
-        if name in block_children:
-            role[name] = block_children[name]
-            continue
+    named_modules = list(model.named_modules())
+    for name, mod in named_modules:
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         inherited = role.get(parent) if name else None
-        if inherited in moe_roles:
-            # Everything under a routed/shared/router child shares its role and layer.
-            role[name] = "moe_other" if inherited == "moe_block" else inherited
-            moe_of_module[name] = moe_of_module[parent]
-            continue
         short = name.rsplit(".", 1)[-1]
         if _is_norm(mod):
             role[name] = "norms"
@@ -516,72 +601,62 @@ def analyze_model(
         else:
             role[name] = inherited
 
-    modules = dict(named)
-    params: list[_ParamInfo] = []
-    per_expert: list[int] = [0] * len(moe_blocks)
-    matmul_per_expert: list[int] = [0] * len(moe_blocks)
-    routed: list[int] = [0] * len(moe_blocks)
-    shared: list[int] = [0] * len(moe_blocks)
-    router: list[int] = [0] * len(moe_blocks)
-    member_sizes: list[set[int]] = [set() for _ in moe_blocks]
+    modules = dict(named_modules)
+    named: dict[int, tuple[str, torch.Tensor]] = {}
     for pname, p in model.named_parameters():
+        named.setdefault(id(p), (pname, p))
+
+    splits = [_expert_split(b, named) for b in blocks]
+    params: list[_ParamInfo] = []
+    routed = [0] * len(blocks)
+    shared = [0] * len(blocks)
+    router = [0] * len(blocks)
+    for pid, (pname, p) in named.items():
         owner = pname.rsplit(".", 1)[0] if "." in pname else ""
         module = modules.get(owner, model)
         matmul = _is_matmul(pname, p, module)
         n = p.numel()
-        if id(p) in inp_ids:
-            params.append(_ParamInfo(pname, n, "embeddings", False))
+        t = tower.get(pid, "text")
+        if pid in inp_ids:
+            params.append(_ParamInfo(pname, n, "embeddings", False, tower=t))
             continue
-        if id(p) in head_ids:
-            params.append(_ParamInfo(pname, n, "head", matmul))
+        if pid in head_ids:
+            params.append(_ParamInfo(pname, n, "head", matmul, tower=t))
             continue
-        r = role.get(owner)
-        idx = moe_of_module.get(owner)
-        if r == "routed_experts" and idx is not None:
-            e = moe_blocks[idx][2]
-            members = moe_blocks[idx][3]
-            carries = members is not None or (p.dim() >= 1 and p.shape[0] == e)
-            routed[idx] += n
-            if carries:
-                per_expert[idx] += n
-                if matmul:
-                    matmul_per_expert[idx] += n
-            params.append(_ParamInfo(pname, n, "routed_experts", matmul, idx, carries))
-            continue
-        if r == "shared_experts" and idx is not None:
-            shared[idx] += n
-        elif r == "router" and idx is not None:
-            router[idx] += n
-        category = r if r in BREAKDOWN_KEYS else "other"
-        params.append(_ParamInfo(pname, n, category, matmul))
+        if pid in moe_role:
+            r, idx = moe_role[pid]
+            if r == "routed_experts":
+                routed[idx] += n
+                carries = pid in splits[idx][2]
+                params.append(
+                    _ParamInfo(pname, n, r, p.dim() >= 2 and not pname.endswith("bias"),
+                               idx, carries, tower=t)
+                )
+                continue
+            if r == "shared_experts":
+                shared[idx] += n
+            elif r == "router":
+                router[idx] += n
+            if r in BREAKDOWN_KEYS:
+                params.append(_ParamInfo(pname, n, r, matmul, tower=t))
+                continue
+        r2 = role.get(owner)
+        category = r2 if r2 in BREAKDOWN_KEYS else "other"
+        params.append(_ParamInfo(pname, n, category, matmul, tower=t))
 
     moe_layers: list[MoELayerParams] = []
-    for idx, (bname, block, e, members) in enumerate(moe_blocks):
-        k = _find_top_k(block, config, top_k)
-        if k is None:
-            raise CostConfigError(
-                f"cannot find the number of experts per token for {bname!r} (no "
-                f"num_experts_per_tok / top_k on its router or in the config); pass top_k="
-            )
+    for idx, b in enumerate(blocks):
+        info = b.info
+        e = info.num_experts
+        k = top_k if top_k is not None else (info.active_top_k or info.top_k)
         if not 1 <= k <= e:
-            raise CostConfigError(f"{bname}: top_k={k} is outside [1, E={e}]")
-        if members is not None:
-            for member in members:
-                member_sizes[idx].add(sum(q.numel() for q in member.parameters()))
-            if len(member_sizes[idx]) > 1:
-                raise CostConfigError(
-                    f"{bname}: experts have different sizes {sorted(member_sizes[idx])}; "
-                    f"active parameters per token are not defined by E and K alone"
-                )
-            # A ModuleList's members sum to the routed total; per expert = one member.
-            pe, mpe = per_expert[idx] // e, matmul_per_expert[idx] // e
-        else:
-            if per_expert[idx] % e or matmul_per_expert[idx] % e:
-                raise CostConfigError(f"{bname}: expert tensors are not divisible by E={e}")
-            pe, mpe = per_expert[idx] // e, matmul_per_expert[idx] // e
+            raise CostConfigError(f"{info.path}: top_k={k} is outside [1, E={e}]")
+        pe, mpe, carrying = splits[idx]
+        carried = sum(named[pid][1].numel() for pid in carrying)
+        block_tower = {tower.get(pid, "text") for pid in carrying}
         moe_layers.append(
             MoELayerParams(
-                name=bname,
+                name=info.path,
                 num_experts=e,
                 top_k=k,
                 params_per_expert=pe,
@@ -589,12 +664,15 @@ def analyze_model(
                 routed_params=routed[idx],
                 shared_params=shared[idx],
                 router_params=router[idx],
+                inactive_params=carried - k * pe,
+                tower=next(iter(block_tower)) if len(block_tower) == 1 else "text",
             )
         )
     if require_moe and not moe_layers:
         raise NoMoEError(
-            f"no Mixture-of-Experts layer found in {model_type} (no block with an 'experts' "
-            f"child holding E expert weights); pass an MoE model or config"
+            f"no Mixture-of-Experts layer found in {model_type} (no block a moescope "
+            f"adapter recognises); pass an MoE model or config, or register an adapter "
+            f"(docs/custom_adapter.md)"
         )
     return _Anatomy(params, moe_layers, tied, model_type, config)
 
@@ -614,12 +692,18 @@ def report_from_anatomy(anatomy: _Anatomy, embeddings: str = "both") -> ParamRep
     """Build a :class:`ParamReport` from an analysed model (see :func:`count_parameters`)."""
     _check_convention(embeddings)
     breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    active = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    towers: dict[str, int] = {}
     for info in anatomy.params:
         breakdown[info.category] += info.numel
+        towers[info.tower] = towers.get(info.tower, 0) + info.numel
+        if info.tower == "text":
+            active[info.category] += info.numel
     total = sum(breakdown.values())
 
-    active = dict(breakdown)
-    active["routed_experts"] -= sum(layer.inactive_params for layer in anatomy.moe_layers)
+    active["routed_experts"] -= sum(
+        layer.inactive_params for layer in anatomy.moe_layers if layer.tower == "text"
+    )
     # A tied matrix sits in "embeddings" (registered once); it is the head when counted.
     if embeddings in ("head", "none") and not anatomy.tied_embeddings:
         active["embeddings"] = 0
@@ -646,6 +730,8 @@ def report_from_anatomy(anatomy: _Anatomy, embeddings: str = "both") -> ParamRep
         tied_embeddings=anatomy.tied_embeddings,
         model_type=anatomy.model_type,
         moe_layers=list(layers),
+        towers=dict(sorted(towers.items(), key=lambda kv: (kv[0] != "text", kv[0]))),
+        active_path="text token" if set(towers) - {"text"} else "token",
     )
 
 
