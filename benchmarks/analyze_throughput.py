@@ -12,7 +12,7 @@ Each measurement runs in a fresh subprocess so that its peak RSS (``ru_maxrss``)
 
 - ``bare``: the same batches (``iter_batches`` of the same stream) through the model under
   ``no_grad``, nothing attached;
-- ``analyze``: ``moescope.report.analyze.analyze()`` (monitor + token recorder + streaming),
+- ``analyze``: ``moescope.analysis.analyze()`` (monitor + token recorder + streaming),
   without and with ``--neurons``; the report writing (plots, HTML) is timed apart since it
   does not grow with the data.
 
@@ -71,14 +71,9 @@ def _peak_rss_mb() -> float:
 def run_one(mode: str, ckpt: str, data: str, threads: int, batch: int, seq: int) -> dict:
     """One measurement in this process (called in a subprocess by main)."""
     torch.set_num_threads(threads)
-    from moescope.report.analyze import (
-        AnalyzeOptions,
-        analyze,
-        iter_batches,
-        iter_token_chunks,
-        load_model,
-        write_outputs,
-    )
+    from moescope.analysis import AnalyzeOptions, analyze, iter_batches, write_outputs
+    from moescope.analysis.loading import load_model
+    from moescope.analysis.sources import open_data
 
     if mode == "bare":
         loaded = load_model(ckpt, device="cpu")
@@ -86,7 +81,7 @@ def run_one(mode: str, ckpt: str, data: str, threads: int, batch: int, seq: int)
         n = 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            for ids in iter_batches(iter_token_chunks(data), batch, seq):
+            for ids in iter_batches(open_data(data).token_chunks(), batch, seq):
                 model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
                 n += ids.numel()
         secs = time.perf_counter() - t0

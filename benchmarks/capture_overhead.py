@@ -353,7 +353,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(
                 _table(
                     rows,
-                    ["compiled", "steps", "plain_ms", "monitored_ms", "ratio", "lo", "hi", "paired"],
+                    [
+                        "compiled",
+                        "steps",
+                        "plain_ms",
+                        "monitored_ms",
+                        "ratio",
+                        "lo",
+                        "hi",
+                        "paired",
+                    ],
                 )
             )
 

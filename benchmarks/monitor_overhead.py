@@ -152,9 +152,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
     return getattr(transformers, model_name)(cfg).train()
 
 
-def make_batches(
-    spec: ModelSpec, n: int, seed: int = 0
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(spec: ModelSpec, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of ``(input_ids [B, S], attention_mask [B, S])``, the same for all variants."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -472,8 +470,16 @@ def summarize(mt: ModelTiming, boot: int = 2000, seed: int = 0) -> list[dict[str
             "amortised_ms": 1e3 * amort,
         }
         nan = float("nan")
-        row.update(ratio=nan, ci_lo=nan, ci_hi=nan, paired=nan, max_loss_diff=nan,
-                   cpu_ratio=nan, cpu_lo=nan, cpu_hi=nan)
+        row.update(
+            ratio=nan,
+            ci_lo=nan,
+            ci_hi=nan,
+            paired=nan,
+            max_loss_diff=nan,
+            cpu_ratio=nan,
+            cpu_lo=nan,
+            cpu_hi=nan,
+        )
         if base is not None:
             bwall = (np.asarray(base.train), np.asarray(base.post))
             bcpu = (np.asarray(base.cpu_train), np.asarray(base.cpu_post))
@@ -519,8 +525,15 @@ def timing_table(mt: ModelTiming, rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- part 2: memory
 
 TINY_MEMORY_SPEC = ModelSpec(
-    "mixtral", hidden=32, intermediate=64, num_experts=8, top_k=2, layers=2, vocab=128,
-    batch=2, seq=32,
+    "mixtral",
+    hidden=32,
+    intermediate=64,
+    num_experts=8,
+    top_k=2,
+    layers=2,
+    vocab=128,
+    batch=2,
+    seq=32,
 )
 
 
@@ -580,9 +593,18 @@ def run_memory_subprocess(
 ) -> list[dict[str, int]]:
     """:func:`run_memory` in a fresh interpreter, so that RSS belongs to one variant only."""
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--memory-worker", variant, "--models", "",
-        "--memory-steps", str(steps), "--memory-log-every", str(log_every),
-        "--threads", str(threads),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-worker",
+        variant,
+        "--models",
+        "",
+        "--memory-steps",
+        str(steps),
+        "--memory-log-every",
+        str(log_every),
+        "--threads",
+        str(threads),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -594,9 +616,13 @@ def run_memory_subprocess(
 def memory_table(results: dict[str, list[dict[str, int]]], log_every: int) -> str:
     """Markdown: state bytes and RSS (MiB) per variant at each checkpoint step."""
     steps = sorted({r["step"] for rows in results.values() for r in rows})
-    head = "| variant | " + " | ".join(f"state @ {s:,}" for s in steps) + " | " + " | ".join(
-        f"RSS MiB @ {s:,}" for s in steps
-    ) + " |"
+    head = (
+        "| variant | "
+        + " | ".join(f"state @ {s:,}" for s in steps)
+        + " | "
+        + " | ".join(f"RSS MiB @ {s:,}" for s in steps)
+        + " |"
+    )
     sep = "|---|" + "---:|" * (2 * len(steps))
     lines = [
         f"Tiny Mixtral ({TINY_MEMORY_SPEC.describe()}), no-grad forwards, log every "
@@ -686,19 +712,34 @@ def _conditions(threads: int) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="tiny batches and few steps: checks that the script runs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny batches and few steps: checks that the script runs",
+    )
     p.add_argument("--steps", type=int, default=None, help="measured rounds (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="discarded rounds (default 2)")
-    p.add_argument("--log-every", type=int, default=None,
-                   help="snapshot every N training steps (default 10; 2 with --quick)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="snapshot every N training steps (default 10; 2 with --quick)",
+    )
     p.add_argument("--models", default="mixtral,olmoe", help="comma list of: mixtral, olmoe")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
-    p.add_argument("--memory-steps", type=int, default=None,
-                   help="monitor updates of the memory test (default 10000; 0 = skip)")
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=None,
+        help="monitor updates of the memory test (default 10000; 0 = skip)",
+    )
     p.add_argument("--memory-log-every", type=int, default=100)
-    p.add_argument("--memory-threads", type=int, default=1,
-                   help="torch threads of the memory workers (tiny forwards: 1 is fastest)")
+    p.add_argument(
+        "--memory-threads",
+        type=int,
+        default=1,
+        help="torch threads of the memory workers (tiny forwards: 1 is fastest)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile moescope on each model")
@@ -736,7 +777,12 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
             spec = ModelSpec(**{**spec.__dict__, "batch": 1, "seq": 32})
         if args.steps > 0:
             mt = time_model(
-                spec, variants, args.steps, args.warmup, args.log_every, args.seed,
+                spec,
+                variants,
+                args.steps,
+                args.warmup,
+                args.log_every,
+                args.seed,
                 progress=True,
             )
             table = timing_table(mt, summarize(mt, seed=args.seed))
@@ -749,7 +795,8 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
             emit(report)
     if args.memory_steps > 0:
         mem_variants = [
-            v for v in MEMORY_VARIANTS
+            v
+            for v in MEMORY_VARIANTS
             if v in variants or (v == "moescope_h50" and "moescope" in variants)
         ]
         results = {

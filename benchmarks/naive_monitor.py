@@ -80,7 +80,9 @@ class NaiveMonitor:
         """Register one forward hook per router (idempotent)."""
         if not self._handles:
             for path, (router, num_experts) in self.routers.items():
-                self._handles.append(router.register_forward_hook(self._make_hook(path, num_experts)))
+                self._handles.append(
+                    router.register_forward_hook(self._make_hook(path, num_experts))
+                )
         return self
 
     def detach(self) -> None:

@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 
 from moescope import MoEMonitor
-from moescope.stats.neurons import NeuronThreshold
+from moescope.stats.neurons import NeuronOptions, NeuronThreshold
 
 
 def build(family: str, layers: int, hidden: int, inter: int) -> torch.nn.Module:
@@ -88,8 +88,8 @@ def run(
         "routing": MoEMonitor(model, attach=False, history=0),
         "neurons": MoEMonitor(model, attach=False, history=0, neurons=True),
         "neurons, relative p=0.9": MoEMonitor(
-            model, attach=False, history=0, neurons=True,
-            neuron_threshold=NeuronThreshold.relative(0.9),
+            model, attach=False, history=0,
+            neurons=NeuronOptions(threshold=NeuronThreshold.relative(0.9)),
         ),
     }  # fmt: skip
 

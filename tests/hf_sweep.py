@@ -986,8 +986,11 @@ def _expert_rows(name: str, p: torch.Tensor) -> int | None:
         return None
     if p.dim() == 3 and p.shape[0] == EXPERTS:
         return EXPERTS  # [E, out, in]: an expert store whatever its name (jetmoe's mlp)
-    if not (any(q.endswith("experts") for q in parts[:-1]) or parts[-1] in ("down_embed", "up_embed")
-            or (len(parts) > 1 and parts[-2] in ("down_embed", "up_embed"))):
+    if not (
+        any(q.endswith("experts") for q in parts[:-1])
+        or parts[-1] in ("down_embed", "up_embed")
+        or (len(parts) > 1 and parts[-2] in ("down_embed", "up_embed"))
+    ):
         return None
     d = p.shape[0]
     if parts[-1] in ("down_embed", "up_embed") or parts[-2] in ("down_embed", "up_embed"):

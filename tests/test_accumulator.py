@@ -233,7 +233,9 @@ def test_every_metric_matches_float64_reference(case: dict) -> None:
     assert s.usage_counts.tolist() == ref.counts
     assert s.dropped_counts is not None and s.dropped_counts.tolist() == ref.dropped_counts
     assert s.coactivation is not None and s.coactivation.tolist() == ref.coact
-    np.testing.assert_allclose(s.usage_fraction, [x / sum(ref.counts) for x in ref.counts], rtol=1e-12)
+    np.testing.assert_allclose(
+        s.usage_fraction, [x / sum(ref.counts) for x in ref.counts], rtol=1e-12
+    )
     np.testing.assert_allclose(s.weight_sums, ref.weight_sums, rtol=1e-5, atol=1e-6)
     assert s.num_slots == ref.n_slots
     assert s.num_updates == 3
@@ -261,9 +263,7 @@ def test_records_without_logits_or_weights_give_nan_for_those_metrics() -> None:
     for name in ("routing_entropy", "aux_loss", "z_loss", "top1_prob", "top1_margin"):
         assert math.isnan(getattr(s, name)), name
     assert np.isnan(s.weight_sums).all()
-    assert s.cv == pytest.approx(
-        statistics.pstdev(ref.counts) / (sum(ref.counts) / 8), rel=1e-12
-    )
+    assert s.cv == pytest.approx(statistics.pstdev(ref.counts) / (sum(ref.counts) / 8), rel=1e-12)
 
 
 def test_low_precision_logits_and_int32_ids() -> None:
@@ -293,7 +293,10 @@ def test_aux_loss_equals_transformers_load_balancing_loss(k: int, masked: bool) 
     acc = LayerAccumulator(e, k)
     acc.update(
         RoutingRecord(
-            layer="l", num_experts=e, topk_index=idx, logits=logits,
+            layer="l",
+            num_experts=e,
+            topk_index=idx,
+            logits=logits,
             token_mask=attn.reshape(-1).bool() if masked else None,
         )
     )
@@ -443,9 +446,10 @@ def test_reduce_ops_cover_state_keys() -> None:
     assert {v for k, v in REDUCE_OPS.items() if k != "unique_max"} == {"sum"}
     no_coact = LayerAccumulator(4, 2, coactivation=False).state()
     assert "coactivation" not in no_coact
-    assert layer_stats_from_state(
-        {k: v.numpy() for k, v in no_coact.items()}, 4, 2
-    ).coactivation is None
+    assert (
+        layer_stats_from_state({k: v.numpy() for k, v in no_coact.items()}, 4, 2).coactivation
+        is None
+    )
 
 
 def test_states_to_numpy_keeps_values_shapes_and_dtypes() -> None:
@@ -466,8 +470,15 @@ def test_zero_token_window_gives_nan_metrics() -> None:
     s = stats_of(run_acc([rec], 8, 2))
     assert s.num_tokens == 0
     assert s.usage_counts.tolist() == [0] * 8
-    for name in ("cv", "max_over_mean", "unused_experts", "routing_entropy", "aux_loss",
-                 "dropped_fraction", "load_entropy_norm"):
+    for name in (
+        "cv",
+        "max_over_mean",
+        "unused_experts",
+        "routing_entropy",
+        "aux_loss",
+        "dropped_fraction",
+        "load_entropy_norm",
+    ):
         assert math.isnan(getattr(s, name)), name
 
 
@@ -519,8 +530,7 @@ def test_router_scoring_extra_experts_uses_first_e_columns_for_aux() -> None:
 def test_long_window_sums_keep_float64_precision() -> None:
     # 2000 calls of the same record: a float32 running sum would drift by ~1e-5 relative;
     # the float64 window sums stay exact to ~1e-12 of N x (one call's sum).
-    rec = make_record(99, t=8, e=4, k=1, nan_rows=False, mask=False, dropped=False,
-                      extra=False)
+    rec = make_record(99, t=8, e=4, k=1, nan_rows=False, mask=False, dropped=False, extra=False)
     one = run_acc([rec], 4, 1).state()
     acc = LayerAccumulator(4, 1, coactivation=False)
     n = 2_000
@@ -535,12 +545,25 @@ def test_long_window_sums_keep_float64_precision() -> None:
 
 def test_empty_call_and_top1_vector_index() -> None:
     acc = LayerAccumulator(4, 2)
-    acc.update(RoutingRecord(layer="l", num_experts=4, topk_index=torch.zeros(0, 2, dtype=torch.long),
-                             logits=torch.zeros(0, 4), topk_weight=torch.zeros(0, 2)))
+    acc.update(
+        RoutingRecord(
+            layer="l",
+            num_experts=4,
+            topk_index=torch.zeros(0, 2, dtype=torch.long),
+            logits=torch.zeros(0, 4),
+            topk_weight=torch.zeros(0, 2),
+        )
+    )
     s = stats_of(acc)
     assert s.num_tokens == 0 and s.num_updates == 1 and s.unique_experts_per_batch == 0.0
     top1 = LayerAccumulator(4, 1)
-    top1.update(RoutingRecord(layer="l", num_experts=4, topk_index=torch.tensor([0, 1, 1, 9]),
-                              logits=torch.randn(2, 2, 4)))  # [T] ids, [B, S, E] logits
+    top1.update(
+        RoutingRecord(
+            layer="l",
+            num_experts=4,
+            topk_index=torch.tensor([0, 1, 1, 9]),
+            logits=torch.randn(2, 2, 4),
+        )
+    )  # [T] ids, [B, S, E] logits
     s = stats_of(top1)
     assert s.usage_counts.tolist() == [1, 2, 0, 0] and s.extra_slots == 1

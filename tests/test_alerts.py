@@ -1,14 +1,24 @@
-"""Alert rules: exact console lines (seed 001 format), thresholds, callback."""
+"""Alert rules: exact console lines (seed 001 format), thresholds, remediation, trend rules,
+grouping across windows, callback."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from moescope.alerts import Alert, AlertRules, format_alert, print_alert
+from moescope.alerts import (
+    RULES,
+    Alert,
+    AlertRules,
+    AlertTracker,
+    format_alert,
+    format_update,
+    print_alert,
+)
 from moescope.capture.record import RoutingRecord
 from moescope.stats import LayerAccumulator, Snapshot, layer_stats_from_state, states_to_numpy
 
@@ -46,7 +56,9 @@ def test_seed_lines_exactly() -> None:
     rules = AlertRules()
     s1 = Snapshot(step=1500, layers={"model.layers.0.mlp": _stats(IMBALANCED)})
     lines = [format_alert(a) for a in rules.check(s1)]
-    assert lines == ["⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)"]
+    assert lines == [
+        "⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)"
+    ]
 
     s2 = Snapshot(step=2300, layers={"layers.4.mlp": _stats([10, 10, 10, 10, 10, 0, 0, 0])})
     lines = [format_alert(a) for a in rules.check(s2)]
@@ -55,15 +67,61 @@ def test_seed_lines_exactly() -> None:
 
 def test_alert_fields() -> None:
     (a,) = AlertRules().check(Snapshot(step=7, layers={"l": _stats(IMBALANCED)}))
-    assert a == Alert(level="warning", layer="l", rule="imbalance", value=pytest.approx(4.52),
-                      step=7, message="Severe expert imbalance (ratio: 4.52)")
+    assert a == Alert(
+        level="warning",
+        layer="l",
+        rule="imbalance",
+        value=pytest.approx(4.52),
+        step=7,
+        message="Severe expert imbalance (ratio: 4.52)",
+        threshold=4.0,
+        detail="max/mean load 4.52 > 4.0 threshold",
+    )
+    assert a.remediation == RULES["imbalance"].remediation
+    assert "aux" in a.remediation and "router learning rate" in a.remediation
+
+
+def test_every_rule_states_metric_threshold_and_remediation() -> None:
+    snap = Snapshot(
+        step=5,
+        layers={
+            "imb": _stats(IMBALANCED),
+            "unused": _stats([10, 10, 10, 10, 10, 0, 0, 0]),
+            "low": _stats([5, 5, 5, 5], entropy=0.05),
+            "nan": _stats([5, 5, 5, 5], entropy=1.2, nonfinite=12),
+            "drop": _stats([5, 5, 5, 5], k=1, dropped=5),
+        },
+    )
+    got = {a.rule: a for a in AlertRules().check(snap)}
+    assert {r: a.detail for r, a in got.items()} == {
+        "imbalance": "max/mean load 4.52 > 4.0 threshold",
+        "unused_experts": "unused experts 3/8 = 38% >= 25% threshold",
+        "entropy_collapse": "routing entropy 0.0500 nats < 0.1 threshold",
+        "nonfinite_scores": "12 router rows with NaN/inf scores > 0 allowed",
+        "dropped_fraction": "dropped slots 20.0% > 10.0% threshold",
+    }
+    assert {r: a.threshold for r, a in got.items()} == {
+        "imbalance": 4.0,
+        "unused_experts": 0.25,
+        "entropy_collapse": 0.1,
+        "nonfinite_scores": 0.0,
+        "dropped_fraction": 0.1,
+    }
+    for spec in RULES.values():
+        assert spec.remediation and spec.metric
+        assert hasattr(AlertRules(), spec.option)  # the threshold is configurable there
 
 
 def test_thresholds_edges() -> None:
     rules = AlertRules()
     # max / mean exactly 4.0 is not "above 4x"; 2/8 unused is exactly 25 % and fires.
-    s = Snapshot(step=1, layers={"a": _stats([8, 0, 1, 1, 1, 1, 1, 3]),  # ratio 4.0
-                                 "b": _stats([3, 3, 3, 3, 3, 3, 0, 0])})  # 2/8 unused
+    s = Snapshot(
+        step=1,
+        layers={
+            "a": _stats([8, 0, 1, 1, 1, 1, 1, 3]),  # ratio 4.0
+            "b": _stats([3, 3, 3, 3, 3, 3, 0, 0]),
+        },
+    )  # 2/8 unused
     rules_fired = {(a.layer, a.rule) for a in rules.check(s)}
     assert ("a", "imbalance") not in rules_fired
     assert ("b", "unused_experts") in rules_fired
@@ -119,9 +177,12 @@ def test_callback_receives_alerts_and_can_stop_training() -> None:
 
 
 def test_print_alert(capsys: pytest.CaptureFixture[str]) -> None:
-    AlertRules(on_alert=print_alert).check(Snapshot(step=2300, layers={
-        "layers.4.mlp": _stats([10, 10, 10, 10, 10, 0, 0, 0])}))
-    assert capsys.readouterr().out == "⚠️  MoE Alert at step 2300: layers.4.mlp: 3/8 experts unused\n"
+    AlertRules(on_alert=print_alert).check(
+        Snapshot(step=2300, layers={"layers.4.mlp": _stats([10, 10, 10, 10, 10, 0, 0, 0])})
+    )
+    assert (
+        capsys.readouterr().out == "⚠️  MoE Alert at step 2300: layers.4.mlp: 3/8 experts unused\n"
+    )
 
 
 def test_collapsed_router_end_to_end() -> None:
@@ -133,14 +194,160 @@ def test_collapsed_router_end_to_end() -> None:
     logits[5] = float("nan")
     idx = torch.zeros(t, 1, dtype=torch.long)
     acc = LayerAccumulator(e, 1)
-    acc.update(RoutingRecord(layer="model.layers.3.mlp", num_experts=e, topk_index=idx,
-                             logits=logits))
+    acc.update(
+        RoutingRecord(layer="model.layers.3.mlp", num_experts=e, topk_index=idx, logits=logits)
+    )
     stats = layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, 1)
-    lines = [format_alert(a) for a in AlertRules().check(Snapshot(step=100, layers={
-        "model.layers.3.mlp": stats}))]
+    lines = [
+        format_alert(a)
+        for a in AlertRules().check(Snapshot(step=100, layers={"model.layers.3.mlp": stats}))
+    ]
     assert lines == [
         "⚠️  MoE Alert at step 100: model.layers.3.mlp: 1 tokens with non-finite router scores (excluded from metrics)",
         "⚠️  MoE Alert at step 100: model.layers.3.mlp: Severe expert imbalance (ratio: 8.00)",
         "⚠️  MoE Alert at step 100: model.layers.3.mlp: 7/8 experts unused",
         "⚠️  MoE Alert at step 100: model.layers.3.mlp: Routing entropy collapse (entropy: 0.0000)",
+    ]
+
+
+# ------------------------------------------------------------------ trend rules
+
+
+def _entropy_window(h_norm: float, e: int = 8) -> Snapshot:
+    """One layer whose routing entropy is ``h_norm`` x log E (balanced usage)."""
+    return Snapshot(step=None, layers={"l": _stats([10] * e, entropy=h_norm * math.log(e))})
+
+
+def test_entropy_falling_for_n_windows() -> None:
+    rules = AlertRules(entropy_falling_windows=3, entropy_falling_min_drop=0.05)
+    # 0.90 -> 0.88 -> 0.86 -> 0.84: falling 3 windows in a row by 0.06 in total.
+    fired = [
+        [a for a in rules.check(_entropy_window(h)) if a.rule == "entropy_falling"]
+        for h in (0.90, 0.88, 0.86, 0.84)
+    ]
+    assert [len(f) for f in fired] == [0, 0, 0, 1]
+    (a,) = fired[3]
+    assert a.value == pytest.approx(0.06) and a.threshold == 0.05
+    assert a.message == "Routing entropy falling for 3 windows (normalised: 0.900 -> 0.840)"
+    assert a.detail == "normalised routing entropy fell 0.060 over 3 windows >= 0.05 threshold"
+    # One window going up breaks the run; a small total drop does not fire either.
+    assert not [a for a in rules.check(_entropy_window(0.85)) if a.rule == "entropy_falling"]
+    slow = AlertRules(entropy_falling_windows=3, entropy_falling_min_drop=0.05)
+    for h in (0.90, 0.89, 0.88, 0.87):
+        assert not [a for a in slow.check(_entropy_window(h)) if a.rule == "entropy_falling"]
+    assert AlertRules(entropy_falling_windows=None).entropy_falling_windows is None
+
+
+def test_cold_experts_for_n_windows() -> None:
+    rules = AlertRules(cold_expert_load=0.1, cold_expert_windows=3, unused_fraction_threshold=None)
+    # Expert 7 below 0.1 x mean in every window, expert 6 from window 2 on; expert 5 at
+    # 2 in windows 2-3 stays above 0.1 x mean (12.9 -> 1.29).
+    windows = [
+        [20, 20, 20, 20, 20, 20, 20, 1],
+        [20, 20, 20, 20, 20, 2, 0, 1],
+        [20, 20, 20, 20, 20, 2, 0, 1],
+        [20, 20, 20, 20, 20, 20, 0, 1],
+    ]
+    # Reference streaks, plain Python.
+    streak = [0] * 8
+    ref = []
+    for counts in windows:
+        mean = sum(counts) / 8
+        streak = [s + 1 if c < 0.1 * mean else 0 for s, c in zip(streak, counts, strict=True)]
+        ref.append([e for e in range(8) if streak[e] >= 3])
+    assert ref == [[], [], [7], [6, 7]]
+    fired = []
+    for counts in windows:
+        fired.append(
+            [
+                a
+                for a in rules.check(Snapshot(step=None, layers={"l": _stats(counts)}))
+                if a.rule == "cold_experts"
+            ]
+        )
+    assert [len(f) for f in fired] == [0, 0, 1, 1]
+    assert fired[2][0].message == "1/8 experts cold for 3 windows"
+    assert fired[2][0].detail == "experts 7 below 0.1 x mean load in each of the last 3 windows"
+    assert fired[3][0].detail.startswith("experts 6, 7 below")
+    rules.reset_trends()
+    assert not [
+        a
+        for a in rules.check(Snapshot(step=None, layers={"l": _stats(windows[3])}))
+        if a.rule == "cold_experts"
+    ]
+
+
+def test_trend_settings_are_validated_and_copies_start_fresh() -> None:
+    with pytest.raises(ValueError, match="cold_expert_windows must be an int >= 1"):
+        AlertRules(cold_expert_windows=0)
+    with pytest.raises(ValueError, match=r"cold_expert_load must be in \(0, 1\)"):
+        AlertRules(cold_expert_load=2.0)
+    rules = AlertRules(entropy_falling_windows=1, entropy_falling_min_drop=0.0)
+    rules.check(_entropy_window(0.9))
+    twin = copy.copy(rules)
+    assert twin.entropy_falling_windows == 1
+    # The original has one window of history, the copy none.
+    assert [a.rule for a in rules.check(_entropy_window(0.8))] == ["entropy_falling"]
+    assert twin.check(_entropy_window(0.8)) == []
+
+
+# ------------------------------------------------------------------ grouping
+
+
+def _imb(step: int, layer: str = "l") -> Alert:
+    return Alert(
+        "warning",
+        layer,
+        "imbalance",
+        4.5,
+        step,
+        "Severe expert imbalance (ratio: 4.50)",
+        4.0,
+        "max/mean load 4.50 > 4.0 threshold",
+    )
+
+
+def test_tracker_groups_repeats_resolves_and_reminds() -> None:
+    tr = AlertTracker(resolve_after=1, remind_every=2)
+    u = tr.update([_imb(150), _imb(150, "m")], 150)
+    assert [a.layer for a in u.new] == ["l", "m"] and not u.ongoing and not u.remind
+    u = tr.update([_imb(175)], 175)  # l still firing, m quiet once -> resolved
+    assert not u.new and [s.layer for s in u.ongoing] == ["l"]
+    assert [(s.layer, s.since) for s in u.resolved] == [("m", 150)]
+    assert u.remind is False
+    u = tr.update([_imb(200)], 200)  # the second window in which l kept firing: reminder
+    assert u.remind and u.ongoing[0].since == 150 and u.ongoing[0].windows == 3
+    lines = format_update(u, set())
+    assert lines == ["    MoE alerts still firing at step 200: imbalance on l since step 150"]
+    assert tr.update([_imb(225)], 225).remind is False  # counted again from there
+    assert [s.layer for s in tr.active] == ["l"]
+
+
+def test_format_update_shows_fix_once_per_rule() -> None:
+    hinted: set[str] = set()
+    tr = AlertTracker()
+    first = format_update(tr.update([_imb(10)], 10), hinted)
+    assert first == [
+        "⚠️  MoE Alert at step 10: l: Severe expert imbalance (ratio: 4.50)",
+        "    max/mean load 4.50 > 4.0 threshold",
+        f"    fix: {RULES['imbalance'].remediation}",
+    ]
+    again = format_update(tr.update([_imb(20), _imb(20, "m")], 20), hinted)
+    assert again == [
+        "⚠️  MoE Alert at step 20: m: Severe expert imbalance (ratio: 4.50)",
+        "    max/mean load 4.50 > 4.0 threshold",
+    ]
+
+
+def test_seed_lines_survive_grouping() -> None:
+    """The two seed lines are printed byte-exact by the grouped console path."""
+    rules = AlertRules()
+    tr = AlertTracker()
+    s1 = Snapshot(step=1500, layers={"model.layers.0.mlp": _stats(IMBALANCED)})
+    s2 = Snapshot(step=2300, layers={"layers.4.mlp": _stats([10, 10, 10, 10, 10, 0, 0, 0])})
+    out = format_update(tr.update(rules.check(s1), 1500), set())
+    out += format_update(tr.update(rules.check(s2), 2300), set())
+    assert [ln for ln in out if not ln.startswith(" ")] == [
+        "⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)",
+        "⚠️  MoE Alert at step 2300: layers.4.mlp: 3/8 experts unused",
     ]

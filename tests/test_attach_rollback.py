@@ -33,14 +33,20 @@ def _hook_count(model: nn.Module) -> int:
     )
 
 
-@pytest.mark.parametrize("make", [
-    lambda model, adapter: moescope.MoEMonitor(model, adapters=[adapter], attach=False),
-    lambda model, adapter: RoutingRecorder(model, adapters=[adapter]),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model, adapter: moescope.MoEMonitor(model, adapters=[adapter], attach=False),
+        lambda model, adapter: RoutingRecorder(model, adapters=[adapter]),
+    ],
+)
 def test_failed_attach_rolls_back_every_hook(make) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = TinyMoELM(TinyMoEConfig(hidden_size=16, num_layers=2, num_heads=2,
-                                    intermediate_size=16, num_experts=4, top_k=2))
+    model = TinyMoELM(
+        TinyMoEConfig(
+            hidden_size=16, num_layers=2, num_heads=2, intermediate_size=16, num_experts=4, top_k=2
+        )
+    )
     before = _hook_count(model)
     adapter = _FailsOnSecondLayer()
     watcher = make(model, adapter)

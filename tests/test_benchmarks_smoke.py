@@ -16,18 +16,36 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 
 import monitor_overhead as mo
 from naive_monitor import NaiveMonitor, find_routers
 
 TINY = mo.ModelSpec(
-    "mixtral", hidden=32, intermediate=64, num_experts=8, top_k=2, layers=2, heads=4,
-    vocab=128, batch=2, seq=16,
+    "mixtral",
+    hidden=32,
+    intermediate=64,
+    num_experts=8,
+    top_k=2,
+    layers=2,
+    heads=4,
+    vocab=128,
+    batch=2,
+    seq=16,
 )
 TINY_OLMOE = mo.ModelSpec(
-    "olmoe", hidden=32, intermediate=16, num_experts=16, top_k=4, layers=2, heads=4,
-    vocab=128, batch=2, seq=16,
+    "olmoe",
+    hidden=32,
+    intermediate=16,
+    num_experts=16,
+    top_k=4,
+    layers=2,
+    heads=4,
+    vocab=128,
+    batch=2,
+    seq=16,
 )
 
 
@@ -146,14 +164,33 @@ def test_memory_table_and_main_quick(tmp_path: object) -> None:
     )
     assert "| moescope | 10 | 1.0 |" in table
     table = mo.memory_table(
-        {"moescope": [{"step": 100, "state_bytes": 10, "rss_bytes": 2**20, "accumulator_bytes": 7}]},
+        {
+            "moescope": [
+                {"step": 100, "state_bytes": 10, "rss_bytes": 2**20, "accumulator_bytes": 7}
+            ]
+        },
         100,
     )
     assert "| moescope: accumulators only | 7 | |" in table
     out = os.path.join(str(tmp_path), "out.md")
     text = mo.main(
-        ["--quick", "--models", "mixtral", "--variants", "none,moescope", "--steps", "1",
-         "--warmup", "0", "--log-every", "1", "--memory-steps", "0", "--markdown-out", out],
+        [
+            "--quick",
+            "--models",
+            "mixtral",
+            "--variants",
+            "none,moescope",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--log-every",
+            "1",
+            "--memory-steps",
+            "0",
+            "--markdown-out",
+            out,
+        ],
         emit=lambda s: None,
     )
     assert "| moescope |" in text and "| none |" in text

@@ -30,8 +30,9 @@ from moescope import MoEMonitor
 AUX_FAMILIES = {
     f
     for f in FAMILIES
-    if hasattr(importlib.import_module(f"transformers.models.{f}.modeling_{f}"),
-               "load_balancing_loss_func")
+    if hasattr(
+        importlib.import_module(f"transformers.models.{f}.modeling_{f}"), "load_balancing_loss_func"
+    )
 }
 
 _CACHE: dict[str, dict[str, Any]] = {}
@@ -58,8 +59,9 @@ def _run(family: str) -> dict[str, Any]:
     mon.detach()
     for h in handles:
         h.remove()
-    res = dict(model=model, cfg=cfg, ids=ids, mask=mask, out=out, snap=snap, mon=mon,
-               received=received)
+    res = dict(
+        model=model, cfg=cfg, ids=ids, mask=mask, out=out, snap=snap, mon=mon, received=received
+    )
     _CACHE[family] = res
     return res
 
@@ -154,8 +156,9 @@ def test_aux_loss_enters_loss_times_coefficient() -> None:
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask, labels=labels)
-        with_aux = model(input_ids=ids, attention_mask=mask, labels=labels,
-                         output_router_logits=True)
+        with_aux = model(
+            input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True
+        )
     assert ((with_aux.loss - plain.loss) / cfg.router_aux_loss_coef).item() == pytest.approx(
         with_aux.aux_loss.item(), rel=1e-5
     )
@@ -169,8 +172,14 @@ def test_generate_with_kv_cache_counts_each_real_position_once() -> None:
     h = experts.register_forward_pre_hook(lambda m, a: calls.append(a[1].shape[0]))
     new = 4
     with MoEMonitor(model) as mon:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
     h.remove()
     assert out.shape[1] == ids.shape[1] + new
     # Prefill over all B x S positions, then one position per row per decode step.

@@ -29,8 +29,15 @@ def _bincount(idx: torch.Tensor, keep: torch.Tensor) -> list[int]:
 
 def test_tiny_lm_counts_entropy_and_mask() -> None:
     torch.manual_seed(0)
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                        intermediate_size=32, num_experts=E, top_k=2)
+    cfg = TinyMoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=32,
+        num_experts=E,
+        top_k=2,
+    )
     model = TinyMoELM(cfg).eval()
     ids = torch.randint(0, 64, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
@@ -121,8 +128,15 @@ def test_expert_choice_uses_k_equal_e() -> None:
 
 
 def test_tiny_lm_gradient_checkpointing_counted_once() -> None:
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                        intermediate_size=32, num_experts=E, top_k=2)
+    cfg = TinyMoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=32,
+        num_experts=E,
+        top_k=2,
+    )
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
     snaps = []
     for ckpt in (False, True):

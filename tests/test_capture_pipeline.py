@@ -234,9 +234,7 @@ def test_model_compiled_before_moescope_turned_hook_guards_on(tmp_path: Path) ->
             """
         )
     )
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     _, mask = padded_batch()
     assert f"TOKENS {int(mask.sum())}" in out.stdout

@@ -80,7 +80,9 @@ def test_reference_file_json_in_process(name: str, capsys: pytest.CaptureFixture
 
 
 def test_seq_len_adds_flops(tiny_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["params", str(tiny_config), "--json", "--seq-len", "24", "--attention", "full"]) == 0
+    assert (
+        main(["params", str(tiny_config), "--json", "--seq-len", "24", "--attention", "full"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     want = flops_per_token(tiny_config, seq_len=24, embeddings="both", attention="full")
     assert out["flops"] == _json_roundtrip(want.to_dict())
@@ -115,8 +117,14 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     dense = tmp / "dense.json"
     dense.write_text(
         json.dumps(
-            {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
-             "num_hidden_layers": 1, "num_attention_heads": 2}
+            {
+                "model_type": "llama",
+                "vocab_size": 32,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
         )
     )
     no_type = tmp / "notype.json"
@@ -133,7 +141,9 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize(
     "case", ["missing", "invalid_json", "unknown_model_type", "no_moe", "no_model_type"]
 )
-def test_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_in_process(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, needle = _bad_inputs(tmp_path)[case]
     assert main(["params", str(path)]) == 2
     captured = capsys.readouterr()
@@ -161,3 +171,28 @@ def test_bad_option_values(tiny_config: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown convention
         main(["params", str(tiny_config), "--embeddings", "input"])
     assert exc.value.code == 2
+
+
+def test_multimodal_config_reports_towers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A multimodal config.json: the table says the active count is a text token's and
+    lists every tower; --json carries the same numbers as the API."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_sweep
+
+    built = hf_sweep.build_family("qwen3_vl_moe")
+    data = {**built.config.to_dict(), "architectures": [type(built.model).__name__]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    api = count_parameters(data)
+    assert main(["params", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "active = the path of a text token: the vision tower(s)" in table
+    assert f"towers: text {api.towers['text']:,}, vision {api.towers['vision']:,}" in table
+    assert main(["params", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["towers"] == api.towers and out["active_path"] == "text token"
+    assert (
+        out["total_params"] == api.total_params == sum(p.numel() for p in built.model.parameters())
+    )

@@ -8,7 +8,7 @@ import torch
 import moescope
 from moescope.cost.measured import measured_cost, measured_cost_from_reports
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
-from moescope.stats.neurons import NeuronThreshold
+from moescope.stats.neurons import NeuronOptions, NeuronThreshold
 
 
 def _model(router: str = "topk", **router_kwargs: float) -> TinyMoELM:
@@ -90,7 +90,7 @@ def test_neuron_term_equals_float64_recompute() -> None:
         )
         for path, layer in model.moe_layers().items()
     ]
-    mon = moescope.MoEMonitor(model, neurons=True, neuron_threshold=NeuronThreshold.absolute(tau))
+    mon = moescope.MoEMonitor(model, neurons=NeuronOptions(threshold=NeuronThreshold.absolute(tau)))
     with mon:
         out = model(ids, attention_mask=mask)
     for h in handles:

@@ -133,8 +133,16 @@ class ProtocolAdapter:
         def hook(mod: nn.Module, args: tuple, out: tuple) -> None:
             if ctx.counting:
                 logits = F.linear(args[0], mod.proj.weight)  # recomputed only for the test
-                emit(RoutingRecord(info.path, info.num_experts, out[1], logits=logits,
-                                   topk_weight=out[0], token_mask=ctx.token_mask(out[1].shape[0])))
+                emit(
+                    RoutingRecord(
+                        info.path,
+                        info.num_experts,
+                        out[1],
+                        logits=logits,
+                        topk_weight=out[0],
+                        token_mask=ctx.token_mask(out[1].shape[0]),
+                    )
+                )
 
         return router.register_forward_hook(hook).remove
 
@@ -155,8 +163,13 @@ def test_protocol_adapter_passed_explicitly() -> None:
 
 def test_simple_adapter_rejects_unknown_fields() -> None:
     net = Net()
-    bad = SimpleAdapter(match=lambda p, m: isinstance(m, G3MoE), target="router", num_experts=6,
-                        top_k=2, extract=lambda m, a, o: {"topk_index": o[1], "indices": o[1]})
+    bad = SimpleAdapter(
+        match=lambda p, m: isinstance(m, G3MoE),
+        target="router",
+        num_experts=6,
+        top_k=2,
+        extract=lambda m, a, o: {"topk_index": o[1], "indices": o[1]},
+    )
     MoEMonitor(net, adapters=[bad])
     with pytest.raises(KeyError, match="unknown fields"):
         net(torch.randn(2, 8))
@@ -187,9 +200,7 @@ def test_registry_order_and_protocol_check() -> None:
 def test_missing_dedicated_module_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_entries", [])
     monkeypatch.setattr(registry, "_builtins_loaded", False)
-    monkeypatch.setattr(
-        registry, "_DEDICATED_MODULES", ("moescope.capture.hf_not_written_yet",)
-    )
+    monkeypatch.setattr(registry, "_DEDICATED_MODULES", ("moescope.capture.hf_not_written_yet",))
     names = [a.name for a in default_adapters()]
     assert names == ["moescope.nn", "transformers.generic"]
 

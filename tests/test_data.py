@@ -52,7 +52,13 @@ def test_file_order_skips_and_exact_bytes(tmp_path: Path) -> None:
     listed = [p.relative_to(tmp_path).as_posix() for p in iter_stdlib_files(tmp_path)]
     # Empty files are listed but contribute no bytes.
     assert listed == [
-        "a.py", "aa/x.py", "b.py", "empty.py", "pkg/__init__.py", "pkg/sub/m.py", "pkg/z.py"
+        "a.py",
+        "aa/x.py",
+        "b.py",
+        "empty.py",
+        "pkg/__init__.py",
+        "pkg/sub/m.py",
+        "pkg/z.py",
     ]
     full = reference_bytes(tmp_path, files)
     assert stdlib_bytes(10_000, root=tmp_path) == full

@@ -59,8 +59,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RunResult
     out = tmp_path_factory.mktemp("demo")
     train_ds, eval_ds = demo.load_data(TINY)
     results = [
-        demo.train_run(name, out / name, TINY, coef, train_ds, eval_ds)
-        for name, coef in demo.RUNS
+        demo.train_run(name, out / name, TINY, coef, train_ds, eval_ds) for name, coef in demo.RUNS
     ]
     summary = demo.summarise(results, out, TINY, wall_seconds=1.0, cpu_seconds=0.5)
     return out, results, summary
@@ -94,7 +93,9 @@ def test_jsonl_lines_parse_and_match_the_run(runs: tuple[Path, list[RunResult], 
         snaps = [o for o in objs if o["kind"] == "snapshot"]
         assert [o["step"] for o in snaps] == [2, 4, 6]
         # Alerts embedded in the JSONL are the ones the on_alert collector counted.
-        n_alerts = sum(len(o.get("alerts", [])) for o in objs if o["kind"] in ("snapshot", "alerts"))
+        n_alerts = sum(
+            len(o.get("alerts", [])) for o in objs if o["kind"] in ("snapshot", "alerts")
+        )
         assert n_alerts == r.num_alerts
         # Last window's average CV, recomputed in float64 from the raw usage counts.
         layers = snaps[-1]["snapshot"]["layers"]
@@ -122,9 +123,14 @@ def test_tensorboard_has_moe_scalars_images_and_trainer_loss(
         acc.Reload()
         tags = acc.Tags()
         scalars = set(tags["scalars"])
-        for tag in ("moe/avg_expert_cv", "moe/total_unused_experts",
-                    "moe/model.layers.0.mlp/max_over_mean", "moe/eval/avg_expert_cv",
-                    "train/loss", "eval/loss"):
+        for tag in (
+            "moe/avg_expert_cv",
+            "moe/total_unused_experts",
+            "moe/model.layers.0.mlp/max_over_mean",
+            "moe/eval/avg_expert_cv",
+            "train/loss",
+            "eval/loss",
+        ):
             assert tag in scalars, f"{tag} missing from {sorted(scalars)[:20]}..."
         cv = acc.Scalars("moe/avg_expert_cv")
         assert [e.step for e in cv] == [2, 4, 6]
@@ -222,8 +228,9 @@ def test_router_param_groups_partition_the_parameters() -> None:
 
 
 def test_cli_flags(tmp_path: Path) -> None:
-    args = demo.parse_args(["--out", str(tmp_path), "--steps", "9", "--seed", "3",
-                            "--threads", "2"])
+    args = demo.parse_args(
+        ["--out", str(tmp_path), "--steps", "9", "--seed", "3", "--threads", "2"]
+    )
     s = demo.settings_from_args(args)
     assert (s.steps, s.seed, s.threads) == (9, 3, 2)
     assert s.eval_every == 3 and s.heatmap_every == 3
@@ -233,9 +240,25 @@ def test_cli_flags(tmp_path: Path) -> None:
 
 def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The `make demo` entry point at its real model size, cut to two steps per run.
-    rc = demo.main(["--out", str(tmp_path), "--steps", "2", "--log-every", "1",
-                    "--max-bytes", "100000", "--seq-len", "32", "--batch-size", "2", "--quiet",
-                    "--analyze-tokens", "96"])
+    rc = demo.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--log-every",
+            "1",
+            "--max-bytes",
+            "100000",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--quiet",
+            "--analyze-tokens",
+            "96",
+        ]
+    )
     assert rc == 0
     summary = _strict_json((tmp_path / "summary.json").read_text())
     assert list(summary["runs"]) == ["balanced", "no_balance"]
@@ -255,11 +278,26 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     agreement = analysis["routing_analysis"]["router_agreement"]  # balanced vs no_balance
     assert set(agreement) == set(analysis["layers"]) and len(agreement) == 4
     assert all(0.0 <= v <= 1.0 for v in agreement.values())
+    # Then `moescope compare` of the two training logs: collapsed (no_balance) vs balanced.
+    cmp_report = tmp_path / "compare" / "report.html"
+    assert f"comparison: {cmp_report}" in printed and cmp_report.is_file()
+    comparison = _strict_json((tmp_path / "compare" / "comparison.json").read_text())
+    assert (comparison["a"]["label"], comparison["b"]["label"]) == ("no_balance", "balanced")
+    assert comparison["a"]["kind"] == "training" and comparison["a"]["steps"] == [1, 2]
+    for side, run in (("a", "no_balance"), ("b", "balanced")):
+        lines = [
+            _strict_json(x) for x in Path(summary["runs"][run]["jsonl"]).read_text().splitlines()
+        ]
+        last = [x for x in lines if x["kind"] == "snapshot"][-1]["snapshot"]["layers"]
+        for layer in comparison["layers"]:
+            counts = np.asarray(last[layer["layer"]]["usage_counts"], dtype=np.float64)
+            np.testing.assert_allclose(layer[f"usage_{side}"], counts / counts.sum(), atol=1e-12)
 
 
 def test_rerun_into_same_folder_replaces_the_old_outputs(tmp_path: Path) -> None:
-    settings = DemoSettings(**{**TINY.__dict__, "steps": 2, "log_every": 1, "eval_every": 2,
-                               "heatmap_every": 2})
+    settings = DemoSettings(
+        **{**TINY.__dict__, "steps": 2, "log_every": 1, "eval_every": 2, "heatmap_every": 2}
+    )
     train_ds, eval_ds = demo.load_data(settings)
     for _ in range(2):
         r = demo.train_run("no_balance", tmp_path / "run", settings, 0.0, train_ds, eval_ds)

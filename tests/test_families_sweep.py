@@ -131,19 +131,36 @@ PARAMS_EXEMPT: dict[str, str] = {
 #: real context uses, so the measured count differs from ``active_params`` in a known
 #: direction: {family: ("<" measured below active, or ">" above, reason)}.
 ACTIVE_EXEMPT: dict[str, tuple[str, str]] = {
-    "deepseek_v4": ("<", "the attention's compressor runs only on contexts longer than its "
-                    "block, so a one-token context never reads it; a real context does"),
-    "qwen4_exp": ("<", "the sparse-attention indexer skips its key norm for a one-token "
-                  "context; a real context reads it"),
-    "inkling2_loop": ("<", "message_input.query is read for message inputs only, not for "
-                      "a text token"),
-    "jetmoe": ("<", "mixture-of-attention experts: with one token the attention output "
-               "does not depend on the query, so the query experts get no gradient"),
-    "longcat_flash": ("<", "zero-compute experts: some of the K slots go to experts "
-                      "without weights; active_params counts K experts (measured_cost "
-                      "counts what tokens touched)"),
-    "diffusion_gemma": (">", "block diffusion: the prompt token and the canvas token run "
-                        "through the same MoE layers, so one step touches up to 2K experts"),
+    "deepseek_v4": (
+        "<",
+        "the attention's compressor runs only on contexts longer than its "
+        "block, so a one-token context never reads it; a real context does",
+    ),
+    "qwen4_exp": (
+        "<",
+        "the sparse-attention indexer skips its key norm for a one-token "
+        "context; a real context reads it",
+    ),
+    "inkling2_loop": (
+        "<",
+        "message_input.query is read for message inputs only, not for a text token",
+    ),
+    "jetmoe": (
+        "<",
+        "mixture-of-attention experts: with one token the attention output "
+        "does not depend on the query, so the query experts get no gradient",
+    ),
+    "longcat_flash": (
+        "<",
+        "zero-compute experts: some of the K slots go to experts "
+        "without weights; active_params counts K experts (measured_cost "
+        "counts what tokens touched)",
+    ),
+    "diffusion_gemma": (
+        ">",
+        "block diffusion: the prompt token and the canvas token run "
+        "through the same MoE layers, so one step touches up to 2K experts",
+    ),
 }
 
 
@@ -193,8 +210,10 @@ def test_active_parameters_are_what_one_text_token_touches(family: str) -> None:
     if family in ACTIVE_EXEMPT:
         direction, reason = ACTIVE_EXEMPT[family]
         print(f"{family}: measured {measured}, active {report.active_params} ({reason})")
-        assert (measured < report.active_params) if direction == "<" else (
-            measured > report.active_params
+        assert (
+            (measured < report.active_params)
+            if direction == "<"
+            else (measured > report.active_params)
         )
         return
     assert measured == report.active_params, (

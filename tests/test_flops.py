@@ -20,9 +20,18 @@ masking = pytest.importorskip("transformers.masking_utils")
 MODELS_DIR = Path(__file__).parents[1].parent / "shared" / "reference" / "models"
 
 _COMMON: dict[str, Any] = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts_per_tok=2,
-    max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
     eos_token_id=2,
 )
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -30,14 +39,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmoe": dict(num_experts=8),
     # shared expert with its sigmoid gate (Linear H -> 1), q/k/v biases (addmm)
     "qwen2_moe": dict(
-        num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-        decoder_sparse_step=1, mlp_only_layers=[],
+        num_experts=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
     ),
     # MLA (d_qk = 8 + 8 != d_v = 12), one dense layer, shared expert, group-limited top-k
     "deepseek_v3": dict(
-        n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16,
-        first_k_dense_replace=1, num_key_value_heads=4, n_group=2, topk_group=1,
-        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        num_key_value_heads=4,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
         v_head_dim=12,
     ),
 }
@@ -57,7 +77,9 @@ def _build(model_type: str, **kw: Any) -> Any:
 def _measure(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, dict[str, int]]:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(ids)
-    return {mod: {str(op): int(n) for op, n in ops.items()} for mod, ops in fc.get_flop_counts().items()}
+    return {
+        mod: {str(op): int(n) for op, n in ops.items()} for mod, ops in fc.get_flop_counts().items()
+    }
 
 
 def _matmul(counts: dict[str, int]) -> int:
@@ -66,9 +88,7 @@ def _matmul(counts: dict[str, int]) -> int:
 
 def _attention_bmm(flops: dict[str, dict[str, int]]) -> int:
     # Only the score/value bmm of the attention modules (RoPE tables may use matmuls too).
-    return sum(
-        ops.get("aten.bmm", 0) for mod, ops in flops.items() if mod.endswith("self_attn")
-    )
+    return sum(ops.get("aten.bmm", 0) for mod, ops in flops.items() if mod.endswith("self_attn"))
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -104,8 +124,15 @@ def test_routed_expert_flops_scale_with_k(k: int) -> None:
 def test_tiny_moe_lm_matmul_flops() -> None:
     model_mod = pytest.importorskip("moescope.nn.model")
     cfg = model_mod.TinyMoEConfig(
-        vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=8,
-        num_experts=4, top_k=2, moe_every=2, num_shared_experts=1,
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=8,
+        num_experts=4,
+        top_k=2,
+        moe_every=2,
+        num_shared_experts=1,
     )
     torch.manual_seed(0)
     model = model_mod.TinyMoELM(cfg).eval()
@@ -175,7 +202,9 @@ def test_gpt_oss_sliding_layers() -> None:
     n_full = c["layer_types"].count("full_attention")
     n_slide = c["layer_types"].count("sliding_attention")
     slide_keys = sum(min(i, w) for i in range(1, s + 1)) / s
-    assert rep.attention_flops == pytest.approx(per_key * (n_full * (s + 1) / 2 + n_slide * slide_keys))
+    assert rep.attention_flops == pytest.approx(
+        per_key * (n_full * (s + 1) / 2 + n_slide * slide_keys)
+    )
     assert [spec.kind for spec in rep.attention_layers].count("sliding") == n_slide
 
 

@@ -28,10 +28,18 @@ class _LitTiny(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = TinyMoELM(TinyMoEConfig(
-            vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=16,
-            num_experts=E, top_k=K, max_seq_len=32,
-        ))
+        self.model = TinyMoELM(
+            TinyMoEConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_layers=2,
+                num_heads=2,
+                intermediate_size=16,
+                num_experts=E,
+                top_k=K,
+                max_seq_len=32,
+            )
+        )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
@@ -66,8 +74,13 @@ class _Recorder:
 
 
 def _hooks(model: nn.Module) -> int:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-             "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    names = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
     return sum(len(getattr(m, n)) for m in model.modules() for n in names)
 
 
@@ -97,17 +110,29 @@ def test_fit_with_validation_and_grad_accumulation(tmp_path) -> None:
     lit = _LitTiny()
     hooks_before = _hooks(lit)
     mem = _MemLogger()
-    cb = MoELightningCallback(log_every_n_steps=2, log_to_console=False, log_heatmap_every=None,
-                              save_detailed_logs=True)
+    cb = MoELightningCallback(
+        log_every_n_steps=2, log_to_console=False, log_heatmap_every=None, save_detailed_logs=True
+    )
     train, val = _data(12, 0, pad=False), _data(5, 1, pad=True)
     trainer = pl.Trainer(
-        max_steps=5, accumulate_grad_batches=2, val_check_interval=4, num_sanity_val_steps=1,
-        callbacks=[cb], logger=mem, default_root_dir=str(tmp_path), accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        val_check_interval=4,
+        num_sanity_val_steps=1,
+        callbacks=[cb],
+        logger=mem,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         log_every_n_steps=1,
     )
-    trainer.fit(lit, torch.utils.data.DataLoader(train, batch_size=BATCH),
-                torch.utils.data.DataLoader(val, batch_size=BATCH))
+    trainer.fit(
+        lit,
+        torch.utils.data.DataLoader(train, batch_size=BATCH),
+        torch.utils.data.DataLoader(val, batch_size=BATCH),
+    )
     assert trainer.global_step == 5
     assert _hooks(lit) == hooks_before and not cb.session.attached
 
@@ -151,13 +176,24 @@ def test_fit_with_validation_and_grad_accumulation(tmp_path) -> None:
 def test_stop_on_alert_and_external_logger(tmp_path) -> None:
     lit = _LitTiny()
     rec = _Recorder()
-    cb = MoELightningCallback(log_every_n_steps=1, logger=rec, log_to_console=False,
-                              log_heatmap_every=None, entropy_threshold=100.0,
-                              stop_on_alert=True)
+    cb = MoELightningCallback(
+        log_every_n_steps=1,
+        logger=rec,
+        log_to_console=False,
+        log_heatmap_every=None,
+        entropy_threshold=100.0,
+        stop_on_alert=True,
+    )
     trainer = pl.Trainer(
-        max_steps=10, callbacks=[cb], logger=False, default_root_dir=str(tmp_path),
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0,
+        max_steps=10,
+        callbacks=[cb],
+        logger=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
     )
     trainer.fit(lit, torch.utils.data.DataLoader(_data(12, 0, pad=False), batch_size=BATCH))
     assert trainer.global_step == 1  # stopped after the first window alerted
@@ -173,13 +209,20 @@ def test_tensorboard_logger_gets_scalars_images_and_alerts(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     lit = _LitTiny()
-    cb = MoELightningCallback(log_every_n_steps=2, log_to_console=False, log_heatmap_every=2,
-                              entropy_threshold=100.0)
+    cb = MoELightningCallback(
+        log_every_n_steps=2, log_to_console=False, log_heatmap_every=2, entropy_threshold=100.0
+    )
     tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(
-        max_steps=2, callbacks=[cb], logger=tb, default_root_dir=str(tmp_path),
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, limit_val_batches=0,
+        max_steps=2,
+        callbacks=[cb],
+        logger=tb,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
     )
     trainer.fit(lit, torch.utils.data.DataLoader(_data(8, 0, pad=False), batch_size=BATCH))
     files = glob.glob(str(tmp_path / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
@@ -210,8 +253,9 @@ class _LitMixtral(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         ids, mask = batch
-        return self.net(input_ids=ids, attention_mask=mask,
-                        labels=ids.masked_fill(mask == 0, -100)).loss
+        return self.net(
+            input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+        ).loss
 
     def validation_step(self, batch, batch_idx):
         ids, mask = batch
@@ -228,16 +272,26 @@ def test_hf_model_inside_lightning_module_excludes_padding(tmp_path) -> None:
     cb = MoELightningCallback(log_every_n_steps=2, log_to_console=False, log_heatmap_every=None)
     train, val = _data(4, 5, pad=True), _data(3, 6, pad=True)
     trainer = pl.Trainer(
-        max_steps=2, callbacks=[cb], logger=mem, default_root_dir=str(tmp_path),
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, val_check_interval=2,
+        max_steps=2,
+        callbacks=[cb],
+        logger=mem,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        val_check_interval=2,
     )
-    trainer.fit(lit, torch.utils.data.DataLoader(train, batch_size=BATCH),
-                torch.utils.data.DataLoader(val, batch_size=BATCH))
+    trainer.fit(
+        lit,
+        torch.utils.data.DataLoader(train, batch_size=BATCH),
+        torch.utils.data.DataLoader(val, batch_size=BATCH),
+    )
     assert cb.session.model is lit.net  # found via its forward's attention_mask
-    (step, m), = [(s, m) for s, m in mem.rows if "moe/avg_expert_cv" in m]
+    ((step, m),) = [(s, m) for s, m in mem.rows if "moe/avg_expert_cv" in m]
     assert step == 2
-    (_, ev), = [(s, m) for s, m in mem.rows if "moe/eval/avg_expert_cv" in m]
+    ((_, ev),) = [(s, m) for s, m in mem.rows if "moe/eval/avg_expert_cv" in m]
     for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):
         assert m[f"moe/{layer}/num_tokens"] == int(train.tensors[1].sum())  # padding excluded
         assert ev[f"moe/eval/{layer}/num_tokens"] == int(val.tensors[1].sum())

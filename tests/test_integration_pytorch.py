@@ -26,8 +26,16 @@ E, K, LAYERS, VOCAB, SEQ, BATCH = 4, 2, 2, 64, 6, 3
 
 def _model(seed: int = 0) -> TinyMoELM:
     torch.manual_seed(seed)
-    cfg = TinyMoEConfig(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, num_heads=2,
-                        intermediate_size=16, num_experts=E, top_k=K, max_seq_len=32)
+    cfg = TinyMoEConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=LAYERS,
+        num_heads=2,
+        intermediate_size=16,
+        num_experts=E,
+        top_k=K,
+        max_seq_len=32,
+    )
     return TinyMoELM(cfg)
 
 
@@ -73,8 +81,13 @@ class _Ref:
 
 
 def _hooks(model: nn.Module) -> int:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-             "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    names = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
     return sum(len(getattr(m, n)) for m in model.modules() for n in names)
 
 
@@ -82,8 +95,9 @@ def test_plain_loop_windows_match_router_outputs_and_a_hand_monitor() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = _Recorder()
-    cb = create_moe_callback_for_pytorch(model, log_every_n_steps=3, logger=rec,
-                                         log_to_console=False, log_heatmap_every=None)
+    cb = create_moe_callback_for_pytorch(
+        model, log_every_n_steps=3, logger=rec, log_to_console=False, log_heatmap_every=None
+    )
     hand = MoEMonitor(model)
     ref, gen = _Ref(), torch.Generator().manual_seed(0)
     layers = [f"model.layers.{i}.mlp" for i in range(LAYERS)]
@@ -145,23 +159,42 @@ def test_plain_loop_windows_match_router_outputs_and_a_hand_monitor() -> None:
     # The by-hand monitor saw the eval forward too (it has no train/eval split); the
     # callback's last window must equal the hand monitor's last window (no eval there).
     for layer in layers:
-        assert hand_last.layers[layer].usage_counts.tolist() == expected[7][0][
-            layers.index(layer)].tolist()
-        assert hand_snap.layers[layer].usage_counts.tolist() == expected[6][0][
-            layers.index(layer)].tolist()
+        assert (
+            hand_last.layers[layer].usage_counts.tolist()
+            == expected[7][0][layers.index(layer)].tolist()
+        )
+        assert (
+            hand_snap.layers[layer].usage_counts.tolist()
+            == expected[6][0][layers.index(layer)].tolist()
+        )
 
 
 class _ImageSink(Sink):
+    """Keeps what each event carried: figure keys and pixel sizes (figures are not kept:
+    the event owns them), alerts, mode."""
+
+    wants_figures = True
+
     def __init__(self) -> None:
-        self.images: list[tuple[int, dict[str, Path]]] = []
+        self.images: list[tuple[int, dict[str, tuple[int, int]]]] = []
         self.alerts: list[tuple[int, list]] = []
+        self.modes: list[tuple[int, str]] = []
         self.closed = False
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        self.images.append((step, dict(images)))
-
-    def log_alerts(self, alerts: list, step: int) -> None:
-        self.alerts.append((step, list(alerts)))
+    def write(self, event) -> None:
+        self.modes.append((event.step, event.mode))
+        if event.figures:
+            self.images.append(
+                (
+                    event.step,
+                    {
+                        k: tuple(int(x) for x in f.canvas.get_width_height())
+                        for k, f in event.figures.items()
+                    },
+                )
+            )
+        if event.alerts:
+            self.alerts.append((event.step, list(event.alerts)))
 
     def close(self) -> None:
         self.closed = True
@@ -181,8 +214,13 @@ def test_context_manager_heatmaps_and_detailed_logs(tmp_path) -> None:
     sink = _ImageSink()
     gen = torch.Generator().manual_seed(1)
     with create_moe_callback_for_pytorch(
-        model, log_every_n_steps=2, logger=sink, log_to_console=False, log_heatmap_every=4,
-        save_detailed_logs=True, log_dir=tmp_path,
+        model,
+        log_every_n_steps=2,
+        logger=sink,
+        log_to_console=False,
+        log_heatmap_every=4,
+        save_detailed_logs=True,
+        log_dir=tmp_path,
     ) as cb:
         _train_steps(model, cb, 8, gen)
         with cb.evaluation():  # forced eval window although the model is in train mode
@@ -192,13 +230,23 @@ def test_context_manager_heatmaps_and_detailed_logs(tmp_path) -> None:
     assert _hooks(model) == 0
     assert not sink.closed  # the user's own Sink is not closed for them
 
+    # One event per window (train at 2, 4, 6, 8; the forced eval window at 8).
+    assert sink.modes == [(2, "train"), (4, "train"), (6, "train"), (8, "train"), (8, "eval")]
     assert [s for s, _ in sink.images] == [4, 8]
-    for _, imgs in sink.images:
-        assert set(imgs) == {"moe/usage_heatmap", "moe/model.layers.0.mlp/usage_heatmap",
-                             "moe/model.layers.1.mlp/usage_heatmap"}
-        for p in imgs.values():
-            assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            assert Path(p).parent == tmp_path / "heatmaps"
+    names = {
+        "moe/usage_heatmap": "all_layers",
+        "moe/model.layers.0.mlp/usage_heatmap": "model.layers.0.mlp",
+        "moe/model.layers.1.mlp/usage_heatmap": "model.layers.1.mlp",
+    }
+    from matplotlib.image import imread
+
+    for step, imgs in sink.images:
+        assert set(imgs) == set(names)
+        for key, (w, h) in imgs.items():
+            # The same figure, saved once as a PNG by the session's FigureDirSink.
+            png = tmp_path / "heatmaps" / f"{names[key]}_step{step}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert imread(png).shape[:2] == (h, w)
 
     lines = (tmp_path / "moe_detailed.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]  # every line strict JSON
@@ -207,7 +255,8 @@ def test_context_manager_heatmaps_and_detailed_logs(tmp_path) -> None:
     for r in snaps:
         for st in r["snapshot"]["layers"].values():
             assert sum(st["usage_counts"]) == st["num_tokens"] * K
-    assert [r["step"] for r in records if r["kind"] == "images"] == [4, 8]
+    assert [r["step"] for r in snaps if r.get("figures")] == [4, 8]
+    assert all(set(r["figures"]) == set(names) for r in snaps if r.get("figures"))
 
 
 def test_alerts_stop_flag_on_alert_raise_and_errors(tmp_path, capsys) -> None:
@@ -215,8 +264,12 @@ def test_alerts_stop_flag_on_alert_raise_and_errors(tmp_path, capsys) -> None:
     gen = torch.Generator().manual_seed(2)
     seen = []
     cb = create_moe_callback_for_pytorch(
-        model, log_every_n_steps=2, log_heatmap_every=None, entropy_threshold=100.0,
-        stop_on_alert=True, on_alert=seen.append,
+        model,
+        log_every_n_steps=2,
+        log_heatmap_every=None,
+        entropy_threshold=100.0,
+        stop_on_alert=True,
+        on_alert=seen.append,
     )
     _train_steps(model, cb, 1, gen)
     assert not cb.should_stop
@@ -235,9 +288,14 @@ def test_alerts_stop_flag_on_alert_raise_and_errors(tmp_path, capsys) -> None:
     def boom(alert) -> None:
         raise KeyboardInterrupt(alert.message)
 
-    cb2 = create_moe_callback_for_pytorch(model, log_every_n_steps=1, log_to_console=False,
-                                          log_heatmap_every=None, entropy_threshold=100.0,
-                                          on_alert=boom)
+    cb2 = create_moe_callback_for_pytorch(
+        model,
+        log_every_n_steps=1,
+        log_to_console=False,
+        log_heatmap_every=None,
+        entropy_threshold=100.0,
+        on_alert=boom,
+    )
     with pytest.raises(KeyboardInterrupt):
         _train_steps(model, cb2, 1, gen)
     assert _hooks(model) == 0
@@ -255,8 +313,12 @@ def test_layer_metric_selection_and_logger_list() -> None:
     a, b = _Recorder(), _Recorder()
     gen = torch.Generator().manual_seed(3)
     with create_moe_callback_for_pytorch(
-        model, log_every_n_steps=1, logger=[a, b], log_to_console=False,
-        log_heatmap_every=None, layer_metrics=["cv"],
+        model,
+        log_every_n_steps=1,
+        logger=[a, b],
+        log_to_console=False,
+        log_heatmap_every=None,
+        layer_metrics=["cv"],
     ) as cb:
         _train_steps(model, cb, 2, gen)
     assert [s for s, _ in a.rows] == [1, 2] and a.rows == b.rows
@@ -273,8 +335,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _model(5)  # same weights on every rank, different data
         rec = _Recorder()
@@ -282,8 +343,13 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         gen = torch.Generator().manual_seed(10 + rank)
         log_dir = Path(out_dir) / f"logs{rank}"
         with create_moe_callback_for_pytorch(
-            model, log_every_n_steps=2, logger=rec, log_to_console=False,
-            log_heatmap_every=None, save_detailed_logs=True, log_dir=log_dir,
+            model,
+            log_every_n_steps=2,
+            logger=rec,
+            log_to_console=False,
+            log_heatmap_every=None,
+            save_detailed_logs=True,
+            log_dir=log_dir,
         ) as cb:
             for _ in range(2):
                 cb.on_step_begin()
@@ -294,8 +360,15 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 cb.on_step_end()
             reduced = cb.monitor.history.as_array("model.layers.0.mlp")[1][-1].tolist()
         with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
-            json.dump({"rows": rec.rows, "ref": ref.counts.tolist(), "reduced": reduced,
-                       "jsonl": (log_dir / "moe_detailed.jsonl").exists()}, f)
+            json.dump(
+                {
+                    "rows": rec.rows,
+                    "ref": ref.counts.tolist(),
+                    "reduced": reduced,
+                    "jsonl": (log_dir / "moe_detailed.jsonl").exists(),
+                },
+                f,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -304,8 +377,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_ranks_reduce_counts_and_only_rank0_logs(tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     total = np.array(r0["ref"]) + np.array(r1["ref"])  # [layers, E] summed over ranks
@@ -326,8 +398,9 @@ def test_summary_writer_as_logger(tmp_path) -> None:
     model = _model(4)
     writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
     gen = torch.Generator().manual_seed(4)
-    with create_moe_callback_for_pytorch(model, log_every_n_steps=2, logger=writer,
-                                         log_to_console=False, log_heatmap_every=None) as cb:
+    with create_moe_callback_for_pytorch(
+        model, log_every_n_steps=2, logger=writer, log_to_console=False, log_heatmap_every=None
+    ) as cb:
         _train_steps(model, cb, 4, gen)
         logged = [dict(cb.last_metrics)]
     writer.close()

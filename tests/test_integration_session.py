@@ -21,25 +21,41 @@ from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
 E, K, LAYERS, VOCAB, SEQ, BATCH = 4, 2, 2, 64, 6, 3
 NAMES = [f"model.layers.{i}.mlp" for i in range(LAYERS)]
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_backward_hooks", "_backward_pre_hooks")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def _model(seed: int = 0) -> TinyMoELM:
     torch.manual_seed(seed)
-    cfg = TinyMoEConfig(vocab_size=VOCAB, hidden_size=32, num_layers=LAYERS, num_heads=2,
-                        intermediate_size=16, num_experts=E, top_k=K, max_seq_len=32)
+    cfg = TinyMoEConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=LAYERS,
+        num_heads=2,
+        intermediate_size=16,
+        num_experts=E,
+        top_k=K,
+        max_seq_len=32,
+    )
     return TinyMoELM(cfg)
 
 
 def _hook_table(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(len(getattr(m, d)) for d in _HOOK_DICTS)
-            for name, m in model.named_modules()}
+    return {
+        name: tuple(len(getattr(m, d)) for d in _HOOK_DICTS) for name, m in model.named_modules()
+    }
 
 
-def _delta(after: dict[str, tuple[int, ...]], before: dict[str, tuple[int, ...]]
-           ) -> dict[str, tuple[int, ...]]:
+def _delta(
+    after: dict[str, tuple[int, ...]], before: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
     out = {}
     for name, counts in after.items():
         d = tuple(a - b for a, b in zip(counts, before[name], strict=True))
@@ -56,8 +72,7 @@ class _ExpertCounter:
         self.bucket = "train"
         self.counts: dict[str, np.ndarray] = {}
         self.handles = [
-            model.get_submodule(f"{name}.experts").register_forward_pre_hook(
-                self._hook(i))
+            model.get_submodule(f"{name}.experts").register_forward_pre_hook(self._hook(i))
             for i, name in enumerate(NAMES)
         ]
 
@@ -66,6 +81,7 @@ class _ExpertCounter:
             topk_index = args[1]
             c = self.counts.setdefault(self.bucket, np.zeros((LAYERS, E), dtype=np.int64))
             c[layer] += np.bincount(topk_index.detach().reshape(-1).numpy(), minlength=E)
+
         return hook
 
     def take(self, bucket: str) -> np.ndarray:
@@ -106,8 +122,7 @@ def test_session_hooks_every_module_exactly_like_one_monitor(track_eval: bool) -
     for name in NAMES:  # the MoE blocks are hooked (else the comparison says nothing)
         assert name in one_monitor
 
-    session = TrainingSession(log_to_console=False, log_heatmap_every=None,
-                              track_eval=track_eval)
+    session = TrainingSession(log_to_console=False, log_heatmap_every=None, track_eval=track_eval)
     session.attach(model)
     session.attach(model)  # idempotent
     assert _delta(_hook_table(model), before) == one_monitor
@@ -141,13 +156,18 @@ def test_train_and_eval_windows_stay_separate() -> None:
     rec = _Recorder()
     # Monitor-level alert rules that fire on every window with a token: they must see the
     # train windows only (as the old separate eval monitor had none of the train's).
-    rules = AlertRules(imbalance_threshold=None, unused_fraction_threshold=None,
-                       entropy_threshold=100.0)
+    rules = AlertRules(
+        imbalance_threshold=None, unused_fraction_threshold=None, entropy_threshold=100.0
+    )
     cb = create_moe_callback_for_pytorch(
-        model, log_every_n_steps=2, logger=rec, log_to_console=False,
-        log_heatmap_every=None, alert_rules=AlertRules(imbalance_threshold=None,
-                                                       unused_fraction_threshold=None,
-                                                       entropy_threshold=None),
+        model,
+        log_every_n_steps=2,
+        logger=rec,
+        log_to_console=False,
+        log_heatmap_every=None,
+        alert_rules=AlertRules(
+            imbalance_threshold=None, unused_fraction_threshold=None, entropy_threshold=None
+        ),
         monitor_kwargs={"alert_rules": rules},
     )
     gen = torch.Generator().manual_seed(1)
@@ -214,9 +234,14 @@ def test_track_eval_false_keeps_eval_forwards_out_of_the_train_window() -> None:
     model = _model(2)
     ref = _ExpertCounter(model)
     rec = _Recorder()
-    cb = create_moe_callback_for_pytorch(model, log_every_n_steps=2, logger=rec,
-                                         log_to_console=False, log_heatmap_every=None,
-                                         track_eval=False)
+    cb = create_moe_callback_for_pytorch(
+        model,
+        log_every_n_steps=2,
+        logger=rec,
+        log_to_console=False,
+        log_heatmap_every=None,
+        track_eval=False,
+    )
     gen = torch.Generator().manual_seed(2)
     expected: dict[int, np.ndarray] = {}
     for step in range(1, 5):
@@ -271,12 +296,24 @@ def test_lightning_track_eval_false_keeps_validation_out_of_the_train_window(tmp
         return torch.utils.data.DataLoader(ds, batch_size=BATCH)
 
     rec = _Recorder()
-    cb = MoELightningCallback(log_every_n_steps=2, logger=rec, log_to_console=False,
-                              log_heatmap_every=None, track_eval=False)
+    cb = MoELightningCallback(
+        log_every_n_steps=2,
+        logger=rec,
+        log_to_console=False,
+        log_heatmap_every=None,
+        track_eval=False,
+    )
     trainer = pl.Trainer(
-        max_steps=4, val_check_interval=2, num_sanity_val_steps=1, callbacks=[cb],
-        logger=False, default_root_dir=str(tmp_path), accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=4,
+        val_check_interval=2,
+        num_sanity_val_steps=1,
+        callbacks=[cb],
+        logger=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.fit(Lit(), data(4 * BATCH, 0), data(2 * BATCH, 1))
     assert trainer.global_step == 4

@@ -139,9 +139,7 @@ def test_importance_loss_matches_loop() -> None:
     torch.manual_seed(4)
     gates = torch.softmax(torch.randn(12, 5), dim=-1)
     mask = torch.rand(12) > 0.4
-    imp = [
-        sum(gates[t, e].item() for t in range(12) if mask[t]) for e in range(5)
-    ]
+    imp = [sum(gates[t, e].item() for t in range(12) if mask[t]) for e in range(5)]
     assert importance_loss(gates, mask).item() == pytest.approx(ref_cv2(imp), rel=1e-5)
     imp_all = [sum(gates[t, e].item() for t in range(12)) for e in range(5)]
     assert importance_loss(gates).item() == pytest.approx(ref_cv2(imp_all), rel=1e-5)
@@ -176,7 +174,9 @@ def test_noisy_topk_load_matches_loop(top_k: int) -> None:
             thr = others[top_k - 1]  # k-th highest noisy logit excluding j
             z = (clean[i, j].item() - thr) / std[i, j].item()
             want[j] += 0.5 * (1 + math.erf(z / math.sqrt(2)))
-    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_noisy_topk_load_rejects_k_equal_e() -> None:
@@ -212,7 +212,9 @@ def test_sequence_aux_loss_balanced_is_one_and_single_sequence_is_switch_over_k(
     probs = torch.softmax(logits, -1)
     topk = probs.topk(2, -1).indices
     theirs = mixtral.load_balancing_loss_func((logits,), num_experts=6, top_k=2)
-    assert sequence_aux_loss(probs, topk, 1, 10).item() == pytest.approx(theirs.item() / 2, rel=1e-5)
+    assert sequence_aux_loss(probs, topk, 1, 10).item() == pytest.approx(
+        theirs.item() / 2, rel=1e-5
+    )
 
 
 def test_sequence_aux_loss_bad_shape_message() -> None:

@@ -133,8 +133,9 @@ def test_snapshot_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch, neurons:
 def test_windows_reset_history_and_alerts() -> None:
     model, _ = build_tiny("mixtral")
     fired = []
-    mon = MoEMonitor(model, history=10, alert_rules=AlertRules(imbalance_threshold=1.0,
-                                                                on_alert=fired.append))
+    mon = MoEMonitor(
+        model, history=10, alert_rules=AlertRules(imbalance_threshold=1.0, on_alert=fired.append)
+    )
     ids, mask = padded_batch(batch=2, seq=6, seed=7)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
@@ -191,8 +192,15 @@ def _tiny_lm() -> nn.Module:
     from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
     torch.manual_seed(0)
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                        intermediate_size=32, num_experts=8, top_k=2)
+    cfg = TinyMoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=32,
+        num_experts=8,
+        top_k=2,
+    )
     return TinyMoELM(cfg).eval()
 
 
@@ -205,8 +213,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _tiny_lm()
         mon = MoEMonitor(model)
@@ -250,3 +257,53 @@ def test_two_rank_gloo_snapshot_equals_single_process() -> None:
         for m in ("routing_entropy", "z_loss", "aux_loss", "cv", "top1_prob"):
             assert getattr(d, m) == pytest.approx(getattr(st, m), rel=1e-6), m
         assert rank1.layers[path].usage_counts.tolist() == st.usage_counts.tolist()
+
+
+def test_neuron_options_reach_the_statistics() -> None:
+    """NeuronOptions' four settings change what a real snapshot holds, checked against the
+    same window counted with other settings and a numpy ranking of its firing counts."""
+    from moescope import NeuronOptions, NeuronThreshold
+
+    model, _ = build_tiny("olmoe")
+    ids, mask = padded_batch()
+    tau = NeuronThreshold.absolute(0.05)
+    full = MoEMonitor(model, neurons=NeuronOptions(threshold=tau, hist_bins=4, hot_neurons=3))
+    lean = MoEMonitor(model, neurons=NeuronOptions(threshold=0.05, per_neuron=False))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    a = full.snapshot().layers["model.layers.0.mlp"]
+    b = lean.snapshot().layers["model.layers.0.mlp"]
+    full.detach()
+    lean.detach()
+    # A float threshold is absolute(tau): both monitors counted the very same neurons.
+    assert a.neuron_threshold == b.neuron_threshold == "absolute(tau=0.05)"
+    assert a.neuron_rows == b.neuron_rows > 0
+    assert a.activated_neurons_mean == b.activated_neurons_mean
+    # hist_bins=4: four bins holding every row; lean keeps the default 32 (capped at I + 1).
+    assert a.activated_hist.shape == (4,) and int(a.activated_hist.sum()) == a.neuron_rows
+    assert b.activated_hist.shape == (min(32, a.intermediate_size + 1),)
+    # hot_neurons=3: the 3 most-firing neuron ids per expert (ties: lower id first).
+    fire = np.asarray(a.firing_counts)
+    ref = np.argsort(-fire, axis=1, kind="stable")[:, :3]
+    ref = np.where(np.take_along_axis(fire, ref, axis=1) > 0, ref, -1)
+    assert a.hot_neurons.shape == (fire.shape[0], 3)
+    assert np.array_equal(a.hot_neurons, ref)
+    # per_neuron=False: no [E, I] counts, so no dead / hot neurons either.
+    assert b.firing_counts is None and b.hot_neurons is None
+
+
+def test_old_neuron_arguments_name_their_neuron_options_field() -> None:
+    from moescope import NeuronOptions
+
+    model, _ = build_tiny("olmoe")
+    with pytest.raises(TypeError, match=r"neuron_threshold.*NeuronOptions\(threshold=0\.1\)"):
+        MoEMonitor(model, neurons=True, neuron_threshold=0.1)
+    with pytest.raises(TypeError, match=r"NeuronOptions\(per_neuron=False, hot_neurons=2\)"):
+        MoEMonitor(model, per_neuron=False, hot_neurons=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        MoEMonitor(model, nuerons=True)
+    with pytest.raises(TypeError, match="NeuronOptions"):
+        MoEMonitor(model, neurons="yes")  # type: ignore[arg-type]
+    mon = MoEMonitor(model, neurons=True, attach=False)
+    assert mon.neuron_options == NeuronOptions()
+    assert MoEMonitor(model, attach=False).neuron_options is None

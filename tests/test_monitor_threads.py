@@ -13,8 +13,15 @@ from moescope.nn.model import TinyMoEConfig, TinyMoELM
 def test_concurrent_snapshots_lose_nothing() -> None:
     torch.manual_seed(0)
     model = TinyMoELM(
-        TinyMoEConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32,
-                      num_experts=8, top_k=2, max_seq_len=16)
+        TinyMoEConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=32,
+            num_experts=8,
+            top_k=2,
+            max_seq_len=16,
+        )
     ).eval()
     ids = torch.randint(0, 256, (4, 16))
     n_forwards = 60

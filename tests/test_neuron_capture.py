@@ -22,7 +22,7 @@ from torch import nn
 
 from moescope import MoEMonitor
 from moescope.nn import GroupedExperts, MoELayer, TopKRouter
-from moescope.stats.neurons import NeuronThreshold
+from moescope.stats.neurons import NeuronOptions, NeuronThreshold
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +80,7 @@ def _check_layer(st: Any, ref: dict[str, np.ndarray]) -> None:
     assert np.array_equal(st.expert_rows, ref["rows"])
     assert st.neuron_rows == ref["rows"].sum() > 0
     assert np.all(np.abs(st.firing_counts - ref["fire"]) <= ref["ambig"])
-    s1 = (st.expert_activated_mean * ref["rows"])
+    s1 = st.expert_activated_mean * ref["rows"]
     ok = ref["rows"] > 0
     assert np.all(np.abs(np.round(s1[ok]) - ref["s1"][ok]) <= ambig_e[ok])
     if ref["ambig"].sum() == 0:
@@ -100,6 +100,7 @@ def _collect_inputs(model: nn.Module) -> tuple[dict[str, list], Callable[[], Non
     seen: dict[str, list] = {}
     handles = []
     for path, ex in experts_modules(model).items():
+
         def pre(mod: nn.Module, args: tuple, path: str = path) -> None:
             seen.setdefault(path, []).append((args[0].detach().clone(), args[1].clone()))
 
@@ -151,19 +152,25 @@ def test_fused_counts_match_float64_recompute(family: str) -> None:
         # The clamp is exercised: some gate pre-activations exceed `limit`.
         exps = experts_modules(model)
         assert any(
-            bool(((x.double() @ exps[p].gate_up_proj[0].detach().double())[:, ::2]
-                  > exps[p].limit).any())
-            for p in seen for x, _ in seen[p]
+            bool(
+                (
+                    (x.double() @ exps[p].gate_up_proj[0].detach().double())[:, ::2] > exps[p].limit
+                ).any()
+            )
+            for p in seen
+            for x, _ in seen[p]
         )
     all_h = torch.cat([h.abs().reshape(-1) for r in rows.values() for _, h in r])
     tau = float(all_h.median())
-    mon = MoEMonitor(model, neurons=True, neuron_threshold=tau)
+    mon = MoEMonitor(model, neurons=NeuronOptions(threshold=tau))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits, ref_logits)  # grouped_mm (default): bit-identical
     snap = mon.snapshot()
     mon.detach()
-    i = next(iter(experts_modules(model).values())).down_proj.shape[-1 if family != "gpt_oss" else 1]
+    i = next(iter(experts_modules(model).values())).down_proj.shape[
+        -1 if family != "gpt_oss" else 1
+    ]
     for path, r in rows.items():
         st = snap.layers[path]
         assert st.intermediate_size == i
@@ -185,7 +192,7 @@ def test_relative_and_magnitude_thresholds_in_a_model() -> None:
     from moescope.stats.neurons import activated_mask
 
     for thr in (NeuronThreshold.relative(0.8), NeuronThreshold.magnitude(0.3)):
-        mon = MoEMonitor(model, neurons=True, neuron_threshold=thr)
+        mon = MoEMonitor(model, neurons=NeuronOptions(threshold=thr))
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         snap = mon.snapshot()
@@ -315,22 +322,30 @@ def test_switch_transformers_counts_match_float64_recompute(tau: float) -> None:
     dec = torch.randint(3, 64, (3, 5), generator=g)
     dam = torch.ones(3, 5, dtype=torch.long)
     dam[2, 2:] = 0
-    inputs = dict(input_ids=ids, attention_mask=am, decoder_input_ids=dec, decoder_attention_mask=dam)
+    inputs = dict(
+        input_ids=ids, attention_mask=am, decoder_input_ids=dec, decoder_attention_mask=dam
+    )
     blocks = {
         n: m for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersSparseMLP"
     }
     seen: dict[str, Any] = {}
     handles = []
     for path, blk in blocks.items():
-        handles.append(blk.register_forward_pre_hook(
-            lambda m, a, p=path: seen.setdefault(p, {}).update(x=a[0].detach().clone())))
-        handles.append(blk.router.register_forward_hook(
-            lambda m, a, o, p=path: seen.setdefault(p, {}).update(mask=o[0].detach().clone())))
+        handles.append(
+            blk.register_forward_pre_hook(
+                lambda m, a, p=path: seen.setdefault(p, {}).update(x=a[0].detach().clone())
+            )
+        )
+        handles.append(
+            blk.router.register_forward_hook(
+                lambda m, a, o, p=path: seen.setdefault(p, {}).update(mask=o[0].detach().clone())
+            )
+        )
     with torch.no_grad():
         ref_out = model(**inputs).logits
     for h in handles:
         h.remove()
-    mon = MoEMonitor(model, neurons=True, neuron_threshold=tau)
+    mon = MoEMonitor(model, neurons=NeuronOptions(threshold=tau))
     with torch.no_grad():
         out = model(**inputs).logits
     assert torch.equal(out, ref_out)
@@ -370,7 +385,7 @@ def test_moescope_nn_layer_counts_match_float64_recompute() -> None:
     layer.experts.register_forward_pre_hook(
         lambda m, a: seen.update(x=a[0].detach().clone(), idx=a[1].clone())
     )
-    mon = MoEMonitor(model, neurons=True, neuron_threshold=0.1)
+    mon = MoEMonitor(model, neurons=NeuronOptions(threshold=0.1))
     with torch.no_grad():
         out = layer(x, token_mask=tmask)
     snap = mon.snapshot()
@@ -410,15 +425,13 @@ def test_nllb_moe_counts_match_the_models_dispatch() -> None:
     am[1, 4:] = 0
     dec = torch.randint(3, 64, (2, 5), generator=g)
     inputs = dict(input_ids=ids, attention_mask=am, decoder_input_ids=dec)
-    experts = {
-        n: m for n, m in model.named_modules() if type(m).__name__ == "NllbMoeExperts"
-    }
+    experts = {n: m for n, m in model.named_modules() if type(m).__name__ == "NllbMoeExperts"}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path, ex in experts.items():
         ex.register_forward_pre_hook(
             lambda m, a, p=path: seen.update({p: (a[0].detach().clone(), a[1].clone())})
         )
-    mon = MoEMonitor(model, neurons=True, neuron_threshold=1e-6)
+    mon = MoEMonitor(model, neurons=NeuronOptions(threshold=1e-6))
     with torch.no_grad():
         model(**inputs)
     snap = mon.snapshot()
@@ -436,7 +449,9 @@ def test_nllb_moe_counts_match_the_models_dispatch() -> None:
             tok = tok[valid[tok]]
             if tok.numel():
                 fc1 = ex[f"expert_{v}"].fc1
-                pre = x[tok].double() @ fc1.weight.detach().double().t() + fc1.bias.detach().double()
+                pre = (
+                    x[tok].double() @ fc1.weight.detach().double().t() + fc1.bias.detach().double()
+                )
                 rows.append((v, torch.relu(pre)))
         st = snap.layers[path.rsplit(".experts", 1)[0]]
         _check_layer(st, _reference(rows, 4, 48, 1e-6))

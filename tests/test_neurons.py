@@ -251,3 +251,28 @@ def test_layerstats_neuron_fields_roundtrip_json_and_to_dict() -> None:
     assert back.neuron_rows == 20 and back.neuron_threshold == "absolute(tau=0.3)"
     assert back.neuron_sparsity == st.neuron_sparsity
     assert Snapshot.from_json(plain.to_json()).layers["l0"].neuron_rows is None
+
+
+def test_neuron_options_defaults_normalisation_and_errors() -> None:
+    from dataclasses import FrozenInstanceError
+
+    from moescope.stats.neurons import NeuronOptions
+
+    d = NeuronOptions()
+    assert d.threshold == NeuronThreshold.magnitude(0.1)
+    assert (d.hist_bins, d.per_neuron, d.hot_neurons) == (32, True, 8)
+    assert NeuronOptions(threshold=1e-6).threshold == NeuronThreshold.absolute(1e-6)
+    rel = NeuronThreshold.relative(0.9)
+    assert NeuronOptions(threshold=rel).threshold is rel
+    assert NeuronOptions(hot_neurons=0).hot_neurons == 0
+    with pytest.raises(FrozenInstanceError):
+        d.hist_bins = 4  # type: ignore[misc]
+    for bad in ({"hist_bins": 0}, {"hist_bins": 2.5}, {"hot_neurons": -1}, {"hot_neurons": True}):
+        with pytest.raises(ValueError, match=f"NeuronOptions.{next(iter(bad))}"):
+            NeuronOptions(**bad)
+    with pytest.raises(TypeError, match="per_neuron"):
+        NeuronOptions(per_neuron="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="NeuronThreshold"):
+        NeuronOptions(threshold="magnitude")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        NeuronOptions(threshold=-1.0)

@@ -140,9 +140,17 @@ def test_deepseek_breakdown_categories() -> None:
 
 def _tiny_mixtral(**kw: Any) -> Any:
     base: dict[str, Any] = dict(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
     )
     base.update(kw)
     return transformers.MixtralConfig(**base)
@@ -166,8 +174,16 @@ def test_tied_matrix_counts_once() -> None:
 
 
 def _tiny_lm_hand_count(
-    v: int, h: int, layers: int, i: int, e: int, k: int, moe_every: int, shared: int,
-    dense: int, tied: bool,
+    v: int,
+    h: int,
+    layers: int,
+    i: int,
+    e: int,
+    k: int,
+    moe_every: int,
+    shared: int,
+    dense: int,
+    tied: bool,
 ) -> dict[str, int]:
     n_moe = sum(1 for li in range(layers) if (li + 1) % moe_every == 0)
     n_dense = layers - n_moe
@@ -194,8 +210,16 @@ def _tiny_lm_hand_count(
 def test_tiny_moe_lm_hand_count(tied: bool) -> None:
     model_mod = pytest.importorskip("moescope.nn.model")
     cfg = model_mod.TinyMoEConfig(
-        vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=8,
-        num_experts=4, top_k=2, moe_every=2, num_shared_experts=1, tie_embeddings=tied,
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=8,
+        num_experts=4,
+        top_k=2,
+        moe_every=2,
+        num_shared_experts=1,
+        tie_embeddings=tied,
     )
     model = model_mod.TinyMoELM(cfg)
     want = _tiny_lm_hand_count(64, 16, 3, 8, 4, 2, 2, 1, cfg.dense_size, tied)
@@ -256,7 +280,9 @@ class _ListExperts(nn.Module):
         self.embed_tokens = nn.Embedding(10, 8)
         self.mlp = nn.Module()
         self.mlp.gate = nn.Linear(8, 3, bias=False)
-        self.mlp.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8)) for _ in range(3))
+        self.mlp.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8)) for _ in range(3)
+        )
         self.mlp.top_k = 2
 
 
@@ -290,8 +316,15 @@ def test_module_list_experts() -> None:
 
 def test_switch_transformers_seq2seq_top1() -> None:
     cfg = transformers.SwitchTransformersConfig(
-        vocab_size=64, d_model=16, d_ff=32, d_kv=4, num_heads=2, num_layers=2,
-        num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        vocab_size=64,
+        d_model=16,
+        d_ff=32,
+        d_kv=4,
+        num_heads=2,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
         num_experts=4,
     )
     r = count_parameters(cfg, "both")
@@ -326,7 +359,10 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(CostConfigError, match="no 'model_type'"):
         count_parameters({"hidden_size": 8})
     dense = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
         num_attention_heads=2,
     )
     with pytest.raises(NoMoEError, match="no Mixture-of-Experts layer"):
@@ -355,9 +391,16 @@ def test_every_class_the_architectures_field_names(family: str) -> None:
     classes = sorted(
         name
         for name in dir(transformers)
-        if name.endswith(("Model", "ForCausalLM", "ForConditionalGeneration",
-                          "ForSequenceClassification", "ForTokenClassification",
-                          "ForQuestionAnswering"))
+        if name.endswith(
+            (
+                "Model",
+                "ForCausalLM",
+                "ForConditionalGeneration",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+                "ForQuestionAnswering",
+            )
+        )
         and isinstance(cls := getattr(transformers, name, None), type)
         and issubclass(cls, transformers.PreTrainedModel)
         and getattr(cls, "config_class", None) is type(cfg)
@@ -377,8 +420,13 @@ def test_every_class_the_architectures_field_names(family: str) -> None:
 
 def test_architectures_naming_another_family_is_an_error() -> None:
     cfg = transformers.MixtralConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
         architectures=["Qwen3MoeForCausalLM"],
     )
     with pytest.raises(CostConfigError, match="Qwen3MoeConfig"):

@@ -37,33 +37,42 @@ from moescope.stats import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _layer(seed: int, e: int, k: int, t: int = 64, skew: float = 0.0,
-           empty: bool = False) -> LayerStats:
+def _layer(
+    seed: int, e: int, k: int, t: int = 64, skew: float = 0.0, empty: bool = False
+) -> LayerStats:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(t, e, generator=gen) - skew * torch.arange(e) / e
     idx = torch.topk(logits, k, -1).indices
     mask = torch.zeros(t, dtype=torch.bool) if empty else None
     acc = LayerAccumulator(e, k, coactivation=False)
-    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits,
-                             token_mask=mask))
+    acc.update(
+        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
+    )
     return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
 
 
 def _snapshot(step: int, n_layers: int, e: int, k: int, pool: int | None = None) -> Snapshot:
     # ``pool``: reuse a few routings across steps (cheap) while still changing per step.
-    return Snapshot(step=step, layers={
-        f"model.layers.{i}.mlp": _layer((i * 7 + step) % pool if pool else i * 1000 + step,
-                                        e, k, skew=0.05 * i)
-        for i in range(n_layers)
-    })
+    return Snapshot(
+        step=step,
+        layers={
+            f"model.layers.{i}.mlp": _layer(
+                (i * 7 + step) % pool if pool else i * 1000 + step, e, k, skew=0.05 * i
+            )
+            for i in range(n_layers)
+        },
+    )
 
 
 def _visible_ticks(ax, axis: str) -> list[str]:
     ax.figure.canvas.draw()
     labels = ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()
     lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
-    return [t.get_text() for t, v in zip(labels, ax.get_xticks() if axis == "x" else ax.get_yticks(),
-                                         strict=True) if t.get_text() and lo <= v <= hi]
+    return [
+        t.get_text()
+        for t, v in zip(labels, ax.get_xticks() if axis == "x" else ax.get_yticks(), strict=True)
+        if t.get_text() and lo <= v <= hi
+    ]
 
 
 def _labels_do_not_overlap(ax, axis: str) -> bool:
@@ -90,12 +99,15 @@ def _main_ax(fig):
 
 
 def test_usage_heatmap_small_draws_the_fractions(tmp_path) -> None:
-    snap = Snapshot(step=1500, layers={
-        "model.layers.0.mlp": _layer(1, 8, 2, skew=5.0),
-        "model.layers.1.mlp": _layer(2, 8, 2),
-        "model.layers.2.mlp": _layer(3, 6, 2),  # fewer experts: padded
-        "model.layers.3.mlp": _layer(4, 8, 2, empty=True),  # no token: grey row
-    })
+    snap = Snapshot(
+        step=1500,
+        layers={
+            "model.layers.0.mlp": _layer(1, 8, 2, skew=5.0),
+            "model.layers.1.mlp": _layer(2, 8, 2),
+            "model.layers.2.mlp": _layer(3, 6, 2),  # fewer experts: padded
+            "model.layers.3.mlp": _layer(4, 8, 2, empty=True),  # no token: grey row
+        },
+    )
     fig = usage_heatmap(snap)
     ax = _main_ax(fig)
     assert len(fig.axes) == 2  # heatmap + colour bar
@@ -223,8 +235,9 @@ def test_entropy_over_time_lines(tmp_path) -> None:
     assert "nats" in ax.get_ylabel()
     assert _png_shape(save_png(fig, tmp_path / "e.png"))[0] >= 300
     fig_cv = entropy_over_time(hist, ["model.layers.2.mlp"], metric="cv")
-    np.testing.assert_allclose(_main_ax(fig_cv).get_lines()[0].get_ydata(),
-                               hist.series("model.layers.2.mlp", "cv")[1])
+    np.testing.assert_allclose(
+        _main_ax(fig_cv).get_lines()[0].get_ydata(), hist.series("model.layers.2.mlp", "cv")[1]
+    )
     with pytest.raises(KeyError, match="not recorded"):
         entropy_over_time(hist, metric="aux_loss")
 
@@ -236,8 +249,7 @@ def test_entropy_over_time_heatmap_for_60_layers(tmp_path) -> None:
     fig = entropy_over_time(hist)
     ax = _main_ax(fig)
     (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
-    ref = np.stack([hist.series(f"model.layers.{i}.mlp", "routing_entropy")[1]
-                    for i in range(60)])
+    ref = np.stack([hist.series(f"model.layers.{i}.mlp", "routing_entropy")[1] for i in range(60)])
     np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(ref.shape), ref)
     yt = _visible_ticks(ax, "y")
     assert 4 <= len(yt) <= 20 and yt[0] == "0"
@@ -248,3 +260,71 @@ def test_entropy_over_time_heatmap_for_60_layers(tmp_path) -> None:
     h, w = _png_shape(save_png(fig, tmp_path / "eh.png"))
     assert w <= 1400 and h <= 1000
     assert ax.get_legend() is None
+
+
+# ------------------------------------------------------------------------- report polish
+
+
+def test_fmt_number_one_format_without_exponents() -> None:
+    from moescope.report.fmt import fmt_number
+
+    cases = [
+        (533632.0, "533,632"),
+        (533632, "533,632"),
+        (np.int64(7), "7"),
+        (1.132e6 + 0.5, "1,132,000"),
+        (352000.0, "352,000"),
+        (0.021346, "0.02135"),
+        (1.5, "1.500"),
+        (-2.71828, "-2.718"),
+        (1.2345e-7, "0.0000001235"),
+        (0.0, "0"),
+        (float("nan"), "-"),
+        (None, "-"),
+        (float("inf"), "-"),
+        (True, "yes"),
+    ]
+    for value, want in cases:
+        got = fmt_number(value)
+        assert got == want, (value, got)
+        assert "e+" not in got and "e-" not in got
+        if want not in ("-", "yes"):
+            # Reads back as the value to 4 significant digits.
+            assert float(got.replace(",", "")) == pytest.approx(float(value), rel=5e-4)
+
+
+def test_divergence_axis_is_scaled_to_the_data() -> None:
+    from moescope.report.routing_analysis import divergence_figure
+    from moescope.stats.routing import DomainDivergence
+
+    layers = [f"model.layers.{i}.mlp" for i in range(4)]
+    vals = {lay: 0.01 + 0.004 * i for i, lay in enumerate(layers)}
+    div = DomainDivergence(["a", "b"], layers, {}, vals, vals)
+    ax = divergence_figure(div).axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo == 0 and max(vals.values()) < hi <= 1.25 * max(vals.values())
+
+
+def test_entropy_legend_does_not_cover_the_bars() -> None:
+    from moescope.report.analysis_plots import entropy_cv_figure
+
+    fig = entropy_cv_figure(_snapshot(1, 6, 8, 2))
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(r)
+    bars = [p.get_window_extent(r) for p in ax.patches if p.get_height() > 0]
+    assert bars and not any(legend.overlaps(b) for b in bars)
+
+
+def test_top_tokens_are_escaped_once() -> None:
+    from moescope.report.analysis_report import _token_cell
+    from moescope.stats.routing import TopToken
+
+    cell = _token_cell(
+        [TopToken("\\xfc", 3, 252, 0.5), TopToken(" <b>", 2, 9, 0.25), TopToken("\n", 1, 10, 1.0)]
+    )
+    assert "<code>\\xfc</code> 3 (50%)" in cell  # the 4 visible characters, one backslash
+    assert "<code>\u2423&lt;b&gt;</code>" in cell  # space made visible, HTML escaped once
+    assert "<code>\\n</code>" in cell
+    assert "'" not in cell and "\\\\" not in cell and "&amp;" not in cell

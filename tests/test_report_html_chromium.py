@@ -72,11 +72,13 @@ class CDPPage:
         # Chromium reads commands on fd 3 and writes replies on fd 4. A tiny Python
         # trampoline maps the pipes there (via fds >= 10, so that a pipe already numbered
         # 3 or 4 is not clobbered) and execs the browser.
-        cmd = [sys.executable, "-c", _TRAMPOLINE, str(to_chrome_r), str(from_chrome_w),
-               exe, *flags]
+        cmd = [sys.executable, "-c", _TRAMPOLINE, str(to_chrome_r), str(from_chrome_w), exe, *flags]
         self.proc = subprocess.Popen(
-            cmd, pass_fds=(to_chrome_r, from_chrome_w), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cmd,
+            pass_fds=(to_chrome_r, from_chrome_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -85,8 +87,7 @@ class CDPPage:
         self.events: list[dict[str, Any]] = []
         self.session: str | None = None
 
-    def _send(self, method: str, params: dict[str, Any] | None = None,
-              session: bool = True) -> int:
+    def _send(self, method: str, params: dict[str, Any] | None = None, session: bool = True) -> int:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session and self.session:
@@ -108,8 +109,9 @@ class CDPPage:
         raw, _, self._buf = self._buf.partition(b"\0")
         return json.loads(raw)
 
-    def call(self, method: str, params: dict[str, Any] | None = None,
-             session: bool = True) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, session: bool = True
+    ) -> dict[str, Any]:
         mid = self._send(method, params, session)
         deadline = time.monotonic() + self.timeout
         while True:
@@ -135,8 +137,11 @@ class CDPPage:
 
     def open(self, url: str) -> None:
         target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)
-        att = self.call("Target.attachToTarget",
-                        {"targetId": target["targetId"], "flatten": True}, session=False)
+        att = self.call(
+            "Target.attachToTarget",
+            {"targetId": target["targetId"], "flatten": True},
+            session=False,
+        )
         self.session = att["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
@@ -167,8 +172,10 @@ class CDPPage:
         for ev in self.events:
             p = ev.get("params", {})
             if ev["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append("console: " + " ".join(str(a.get("value", a.get("description")))
-                                                   for a in p.get("args", [])))
+                out.append(
+                    "console: "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif ev["method"] == "Runtime.exceptionThrown":
                 out.append("exception: " + json.dumps(p.get("exceptionDetails", {}))[:300])
             elif ev["method"] == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
@@ -213,8 +220,14 @@ def inspect_page(exe: str, html_path: Path, tmp: Path) -> dict[str, Any]:
         errors = page.errors()
     finally:
         page.close()
-    return {"images": images, "resources": resources, "text": text, "title": title,
-            "scripts": scripts, "errors": errors}
+    return {
+        "images": images,
+        "resources": resources,
+        "text": text,
+        "title": title,
+        "scripts": scripts,
+        "errors": errors,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -230,24 +243,40 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from moescope.analysis import run_analyze
     from moescope.nn.hf import TinyMoEForCausalLM
-    from moescope.report.analyze import run_analyze
 
     tmp = tmp_path_factory.mktemp("chromium-report")
     torch.manual_seed(0)
-    cfg = TinyMoEConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=32, num_experts=4, top_k=2, max_seq_len=128)
+    cfg = TinyMoEConfig(
+        vocab_size=256,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        num_experts=4,
+        top_k=2,
+        max_seq_len=128,
+    )
     ckpt = tmp / "ckpt"
     TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(ckpt)
     other = tmp / "other.py"
     other.write_bytes((stdlib_dir() / "colorsys.py").read_bytes())
-    return run_analyze(model=str(ckpt), data=[str(DATA), str(other)], neurons=True,
-                       max_tokens=600, batch_size=4, seq_len=64, out=str(tmp / "out"),
-                       progress=False)
+    return run_analyze(
+        model=str(ckpt),
+        data=[str(DATA), str(other)],
+        neurons=True,
+        max_tokens=600,
+        batch_size=4,
+        seq_len=64,
+        out=str(tmp / "out"),
+        progress=False,
+    )
 
 
-def test_report_renders_with_every_image_loaded(chromium: str, report: Path,
-                                                tmp_path: Path) -> None:
+def test_report_renders_with_every_image_loaded(
+    chromium: str, report: Path, tmp_path: Path
+) -> None:
     res = inspect_page(chromium, report, tmp_path)
     pngs = sorted(report.parent.glob("*.png"))
     # Every written figure is embedded once, and every embedded image decoded.
@@ -259,19 +288,44 @@ def test_report_renders_with_every_image_loaded(chromium: str, report: Path,
     assert res["resources"] == [], res["resources"]  # nothing fetched: fully self-contained
     assert res["scripts"] == 0
     assert res["title"].startswith("moescope analysis")
-    for heading in ("Expert usage", "Co-activation", "Neurons", "Parameters and FLOPs",
-                    "Routing per domain", "Expert specialisation"):
+    for heading in (
+        "Expert usage",
+        "Co-activation",
+        "Neurons",
+        "Parameters and FLOPs",
+        "Routing per domain",
+        "Expert specialisation",
+    ):
         assert heading in res["text"], heading
+
+
+def test_compare_report_renders(chromium: str, report: Path, tmp_path: Path) -> None:
+    from moescope.analysis.compare import compare_sources, write_comparison
+
+    cmp = compare_sources(report.parent, report.parent / "summary.json", labels=["x", "y"])
+    page = write_comparison(cmp, tmp_path / "cmp")
+    res = inspect_page(chromium, page, tmp_path)
+    pngs = sorted(page.parent.glob("*.png"))
+    assert len(res["images"]) == len(pngs) == 3, (res["images"], pngs)  # no series: no log
+    assert all(img["complete"] and img["w"] > 0 for img in res["images"]), res["images"]
+    assert res["errors"] == [] and res["resources"] == [] and res["scripts"] == 0
+    assert res["title"] == "moescope compare: x vs y"
+    assert "0 nats" in res["text"]  # a run against itself: no divergence
 
 
 def test_checker_catches_broken_and_external_images(chromium: str, tmp_path: Path) -> None:
     # Negative control: the same checker must flag what a broken report would contain.
     from moescope.report import html as H
 
-    doc = H.page("broken", [H.Section("s", "S").add(
-        '<img src="data:image/png;base64,AAAA" alt="broken">',
-        '<img src="http://198.51.100.1/x.png" alt="external">',
-    )])
+    doc = H.page(
+        "broken",
+        [
+            H.Section("s", "S").add(
+                '<img src="data:image/png;base64,AAAA" alt="broken">',
+                '<img src="http://198.51.100.1/x.png" alt="external">',
+            )
+        ],
+    )
     path = tmp_path / "broken.html"
     path.write_text(doc)
     res = inspect_page(chromium, path, tmp_path)

@@ -150,7 +150,9 @@ def test_topk_router_matches_reference(normalize: bool) -> None:
     probs = [ref_softmax(row) for row in ref_logits(x, r.weight)]
     idx, w = ref_topk(probs, 2, normalize)
     assert out.topk_index.tolist() == idx
-    torch.testing.assert_close(out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     assert out.dropped is None
 
 
@@ -198,7 +200,12 @@ def test_switch_router_matches_reference(overflow: str, cf: float, n_pad: int) -
     chosen, w, dropped, cap = ref_switch(probs, mask.tolist(), cf, overflow)
     assert out.topk_index.squeeze(-1).tolist() == chosen
     assert out.dropped is not None and out.dropped.squeeze(-1).tolist() == dropped
-    torch.testing.assert_close(out.topk_weight.squeeze(-1).double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.topk_weight.squeeze(-1).double(),
+        torch.tensor(w, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     assert r.capacity(int(mask.sum())).item() == cap
     assert any(dropped[t] for t in range(24) if mask[t]) or overflow == "next"
 
@@ -351,7 +358,9 @@ def test_expert_choice_matches_reference(cf: float, tpe: int | None, n_pad: int)
     assert out.dropped is not None
     assert (~out.dropped).tolist() == picked
     w = [[probs[t][e] if picked[t][e] else 0.0 for e in range(4)] for t in range(18)]
-    torch.testing.assert_close(out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     unrouted = [bool(mask[t]) and not any(picked[t]) for t in range(18)]
     assert out.unrouted is not None and out.unrouted.tolist() == unrouted
     assert r.capacity(int(mask.sum())).item() == cap
@@ -467,11 +476,17 @@ def test_noisy_topk_matches_reference(train: bool, top_k: int) -> None:
     out = r(x, mask, noise=noise)
     idx, w, importance, load = ref_noisy(x, r, noise if train else None, mask)
     assert out.topk_index.tolist() == idx
-    torch.testing.assert_close(out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0)
-    assert out.losses["importance_loss"].item() == pytest.approx(_cv2(importance), rel=1e-4, abs=1e-7)
+    torch.testing.assert_close(
+        out.topk_weight.double(), torch.tensor(w, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    assert out.losses["importance_loss"].item() == pytest.approx(
+        _cv2(importance), rel=1e-4, abs=1e-7
+    )
     assert out.losses["load_loss"].item() == pytest.approx(_cv2(load), rel=1e-4, abs=1e-7)
     clean_probs = [ref_softmax(row) for row in ref_logits(x, r.weight)]
-    torch.testing.assert_close(out.probs.double(), torch.tensor(clean_probs, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.probs.double(), torch.tensor(clean_probs, dtype=torch.float64), atol=1e-6, rtol=0
+    )
 
 
 def test_noisy_topk_eval_deterministic_train_noisy() -> None:
@@ -527,8 +542,13 @@ def test_group_limited_matches_reference(
     x = torch.randn(20, 8, generator=gen)
     out = r(x)
     idx, w = ref_group_limited(
-        ref_logits(x, r.weight), r.e_score_correction_bias.double().tolist(),
-        top_k, n_group, topk_group, rsf, norm,
+        ref_logits(x, r.weight),
+        r.e_score_correction_bias.double().tolist(),
+        top_k,
+        n_group,
+        topk_group,
+        rsf,
+        norm,
     )
     got_i, got_w = by_index(out.topk_index, out.topk_weight)
     want_i, want_w = by_index(torch.tensor(idx), torch.tensor(w, dtype=torch.float64))
@@ -543,8 +563,14 @@ def test_group_limited_equals_transformers_deepseek_v3(norm: bool) -> None:
     from transformers import DeepseekV3Config
 
     cfg = DeepseekV3Config(
-        hidden_size=16, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5, norm_topk_prob=norm, num_hidden_layers=1,
+        hidden_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=norm,
+        num_hidden_layers=1,
     )
     torch.manual_seed(41)
     hf = ds.DeepseekV3TopkRouter(cfg)
@@ -591,9 +617,7 @@ def test_group_limited_bias_changes_selection_not_weights() -> None:
 def test_group_limited_update_bias() -> None:
     r = GroupLimitedRouter(8, 4, 1, bias_update_rate=0.01)
     r.update_bias(torch.tensor([10.0, 0.0, 5.0, 6.0]))  # mean 5.25
-    torch.testing.assert_close(
-        r.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, -0.01])
-    )
+    torch.testing.assert_close(r.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, -0.01]))
     with pytest.raises(ValueError, match="load must be"):
         r.update_bias(torch.ones(3))
 

@@ -5,10 +5,7 @@ token view and the figures, each against an independent plain recomputation."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-from collections import Counter
 from html.parser import HTMLParser
 from itertools import pairwise
 
@@ -29,7 +26,6 @@ from moescope.report.routing_analysis import (
     decode_bytes,
     domain_divergence,
     expert_distribution,
-    expert_top_tokens,
     record_routing,
     router_agreement,
     same_expert_rate,
@@ -39,8 +35,15 @@ E, K = 8, 2
 
 
 def _tiny_lm(seed: int = 0) -> TinyMoELM:
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=32, num_experts=E, top_k=K)
+    cfg = TinyMoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        num_experts=E,
+        top_k=K,
+    )
     torch.manual_seed(seed)
     model = TinyMoELM(cfg).eval()
     with torch.no_grad():  # larger router weights: less uniform, more informative routing
@@ -49,8 +52,9 @@ def _tiny_lm(seed: int = 0) -> TinyMoELM:
     return model
 
 
-def _batch(seed: int, lo: int = 0, hi: int = 64, b: int = 3, s: int = 12
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    seed: int, lo: int = 0, hi: int = 64, b: int = 3, s: int = 12
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, S] ids and mask: row 1 right-padded by 3, row 2 left-padded by 4."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(lo, hi, (b, s), generator=gen)
@@ -65,10 +69,17 @@ def _experts_spy(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict,
     got: dict[str, list[torch.Tensor]] = {p: [] for p in modules}
     handles = []
     for path, mod in modules.items():
+
         def hook(m: nn.Module, args: tuple, path: str = path) -> None:
             got[path].append(args[1].detach().reshape(-1, args[1].shape[-1]).clone())
+
         handles.append(mod.register_forward_pre_hook(hook))
     return got, handles
+
+
+def _recorded(seed_count: int = 3) -> TokenRouting:
+    model = _tiny_lm()
+    return record_routing(model, [_batch(s) for s in range(seed_count)])
 
 
 # ---------------------------------------------------------------------------- capture
@@ -94,8 +105,12 @@ def test_recorded_topk_is_what_tinylm_experts_received_valid_tokens_only() -> No
     want_ids = torch.cat([i.reshape(-1)[m] for (i, _), m in zip(batches, masks, strict=True)])
     np.testing.assert_array_equal(tr.token_ids, want_ids.numpy())
     # Sequences: one per row; positions are mask columns (left padding starts at 4).
-    rows = np.concatenate([np.repeat(np.arange(3) + 3 * k, m.reshape(3, -1).sum(1).numpy())
-                           for k, m in enumerate(masks)])
+    rows = np.concatenate(
+        [
+            np.repeat(np.arange(3) + 3 * k, m.reshape(3, -1).sum(1).numpy())
+            for k, m in enumerate(masks)
+        ]
+    )
     np.testing.assert_array_equal(tr.seq_id, rows)
     assert tr.position[tr.seq_id == 2].tolist() == list(range(4, 12))
     assert tr.position[tr.seq_id == 1].tolist() == list(range(9))
@@ -115,8 +130,9 @@ def test_recorded_topk_mixtral_padded_and_kv_cache_step() -> None:
     rec = RoutingRecorder(model)
     with rec, torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        model(input_ids=nxt, attention_mask=mask2, past_key_values=out.past_key_values,
-              use_cache=True)
+        model(
+            input_ids=nxt, attention_mask=mask2, past_key_values=out.past_key_values, use_cache=True
+        )
     for h in handles:
         h.remove()
     tr = rec.result()
@@ -137,15 +153,20 @@ def test_unsorted_router_output_is_ordered_by_combine_weight() -> None:
     model = _tiny_lm()
     flips = []
     for layer in model.model.layers:
+
         def reverse(m: nn.Module, a: tuple, out: RouterOutput) -> RouterOutput:
-            return dataclasses.replace(out, topk_index=out.topk_index.flip(-1),
-                                       topk_weight=out.topk_weight.flip(-1))
+            return dataclasses.replace(
+                out, topk_index=out.topk_index.flip(-1), topk_weight=out.topk_weight.flip(-1)
+            )
+
         flips.append(layer.mlp.router.register_forward_hook(reverse))
     mods = {n[: -len(".experts")]: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
     got: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in mods}
     for path, mod in mods.items():
+
         def spy(m: nn.Module, a: tuple, path: str = path) -> None:
             got[path].append((a[1].clone(), a[2].clone()))
+
         flips.append(mod.register_forward_pre_hook(spy))
     ids, mask = _batch(7)
     tr = record_routing(model, [(ids, mask)])
@@ -164,9 +185,19 @@ def test_unsorted_router_output_is_ordered_by_combine_weight() -> None:
 def test_encoder_decoder_records_the_encoder_layers() -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.SwitchTransformersConfig(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-        num_heads=2, num_experts=4, expert_capacity=2, encoder_sparse_step=1,
-        decoder_sparse_step=1, relative_attention_num_buckets=8, pad_token_id=0,
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        num_experts=4,
+        expert_capacity=2,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
         decoder_start_token_id=0,
     )
     torch.manual_seed(0)
@@ -279,204 +310,6 @@ def test_sources_errors_and_detach() -> None:
     assert rec.num_recorded("code") == 29 and set(rec.results()) == {"code", "prose"}
 
 
-# ---------------------------------------------------------------------------- distributions
-
-
-def test_expert_distribution_equals_monitor_usage_fraction() -> None:
-    model = _tiny_lm()
-    mon = MoEMonitor(model)
-    rec = RoutingRecorder(model)
-    with rec, torch.no_grad():
-        for seed in range(3):
-            model(*_batch(seed))
-    snap = mon.snapshot()
-    mon.detach()
-    dist = expert_distribution(rec.result())
-    assert list(dist) == list(snap.layers)
-    for path, frac in dist.items():
-        np.testing.assert_allclose(frac, snap.layers[path].usage_fraction, rtol=0, atol=1e-12)
-        assert abs(frac.sum() - 1.0) < 1e-12
-
-
-@pytest.mark.parametrize(
-    ("router", "kwargs"), [("switch", {"capacity_factor": 0.5}), ("expert_choice", {})]
-)
-def test_dropped_slots_excluded_like_the_monitor(router: str, kwargs: dict) -> None:
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=32, num_experts=E, top_k=K, router=router,
-                        router_kwargs=kwargs)
-    torch.manual_seed(0)
-    model = TinyMoELM(cfg).eval()
-    mon = MoEMonitor(model)
-    with RoutingRecorder(model) as rec, torch.no_grad():
-        model(*_batch(0))
-        model(*_batch(1))
-    snap = mon.snapshot()
-    mon.detach()
-    tr = rec.result()
-    for path, frac in expert_distribution(tr).items():
-        assert tr.dropped[path].any()  # the capacity limit dropped slots
-        np.testing.assert_allclose(frac, snap.layers[path].usage_fraction, rtol=0, atol=1e-12)
-        counts = RA.expert_counts(tr)[path]
-        np.testing.assert_array_equal(counts, snap.layers[path].usage_counts)
-
-
-def test_token_routing_save_load_round_trip(tmp_path: object) -> None:
-    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=32, num_experts=E, router="switch",
-                        router_kwargs={"capacity_factor": 0.5})
-    model = TinyMoELM(cfg).eval()
-    trs = RA.record_domains(model, {"a": [_batch(0)], "b": [_batch(1), _batch(2)]},
-                            max_tokens=40)
-    assert trs["a"].num_tokens == 29 and trs["b"].num_tokens == 40 and trs["b"].truncated
-    tr = trs["b"]
-    back = TokenRouting.load(tr.save(tmp_path / "sub" / "b.npz"))  # type: ignore[operator]
-    assert back.layers == tr.layers and back.num_experts == tr.num_experts
-    assert back.truncated and set(back.dropped) == set(tr.dropped)
-    for name in ("token_ids", "seq_id", "position"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
-    for layer in tr.layers:
-        np.testing.assert_array_equal(back.topk[layer], tr.topk[layer])
-        np.testing.assert_array_equal(back.dropped[layer], tr.dropped[layer])
-
-
-def _js_ref(p: np.ndarray, q: np.ndarray) -> float:
-    p = np.asarray(p, np.float64)
-    q = np.asarray(q, np.float64)
-    total = 0.0
-    for a in (p, q):
-        for i in range(len(p)):
-            m = (p[i] + q[i]) / 2
-            if a[i] > 0:
-                total += 0.5 * a[i] * math.log(a[i] / m)
-    return total
-
-
-def test_domain_divergence_against_float64_loop() -> None:
-    model = _tiny_lm()
-    rec = RoutingRecorder(model)
-    with rec, torch.no_grad():
-        for name, lo, hi in (("code", 0, 16), ("prose", 24, 40), ("other", 48, 64)):
-            with rec.source(name):
-                for seed in range(2):
-                    model(*_batch(seed, lo=lo, hi=hi))
-    dists = {d: expert_distribution(tr) for d, tr in rec.results().items()}
-    dists["code again"] = dists["code"]
-    div = domain_divergence(dists)
-    assert div.domains == ["code", "prose", "other", "code again"]
-    for layer in div.layers:
-        m = div.matrix[layer]
-        for i, a in enumerate(div.domains):
-            for j, b in enumerate(div.domains):
-                assert m[i, j] == pytest.approx(_js_ref(dists[a][layer], dists[b][layer]),
-                                                abs=1e-12)
-        np.testing.assert_array_equal(m, m.T)
-        assert m[0, 3] == 0.0 and np.all(np.diag(m) == 0) and m.max() <= math.log(2)
-        assert m[0, 1] > 0
-        iu = np.triu_indices(4, 1)
-        assert div.mean[layer] == pytest.approx(m[iu].mean()) and div.max[layer] == m[iu].max()
-    # Disjoint supports reach the bound ln 2.
-    assert RA.js_divergence(np.array([1.0, 0, 0]), np.array([0, 0.5, 0.5])) == pytest.approx(
-        math.log(2), abs=1e-15)
-
-
-# ---------------------------------------------------------------------------- consecutive
-
-
-def _recorded(seed_count: int = 3) -> TokenRouting:
-    model = _tiny_lm()
-    return record_routing(model, [_batch(s) for s in range(seed_count)])
-
-
-def test_same_expert_rate_against_plain_loops() -> None:
-    tr = _recorded()
-    n = tr.num_tokens
-    for layer in tr.layers:
-        idx = tr.topk[layer].tolist()
-        pairs = [(i, i + 1) for i in range(n - 1)
-                 if tr.seq_id[i] == tr.seq_id[i + 1] and tr.position[i + 1] == tr.position[i] + 1]
-        # 6 sequences of lengths 12, 9, 8 per batch x 3 batches.
-        assert len(pairs) == 3 * (11 + 8 + 7)
-        r1 = same_expert_rate(tr, layer)
-        assert r1.pairs == len(pairs)
-        assert r1.rate == pytest.approx(sum(idx[i][0] == idx[j][0] for i, j in pairs) / len(pairs))
-        chance1 = sum(idx[i][0] == idx[j][0] for i in range(n) for j in range(n)) / n**2
-        assert r1.chance == pytest.approx(chance1, abs=1e-12) and r1.uniform == 1 / E
-        rk = same_expert_rate(tr, layer, mode="topk")
-        assert rk.rate == pytest.approx(
-            sum(bool(set(idx[i]) & set(idx[j])) for i, j in pairs) / len(pairs))
-        chancek = sum(bool(set(idx[i]) & set(idx[j])) for i in range(n) for j in range(n)) / n**2
-        assert rk.chance == pytest.approx(chancek, abs=1e-12)
-        assert rk.uniform == pytest.approx(1 - 15 / 28)  # Mixtral's 46 % for E = 8, K = 2
-
-
-def test_set_overlap_chance_exact_multiword_and_monte_carlo(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # 160 ids: the bit sets span 3 uint64 words; a few hot ids make overlaps frequent.
-    rng = np.random.default_rng(1)
-    p = np.r_[[0.2, 0.1], np.full(157, 0.6 / 157), [0.1]]
-    idx = np.stack([rng.choice(160, 3, replace=False, p=p) for _ in range(150)])
-    n = len(idx)
-    rows = [set(r) for r in idx.tolist()]
-    loop = sum(bool(a & b) for a in rows for b in rows) / n**2
-    exact = RA._set_overlap_chance(idx)
-    assert exact == pytest.approx(loop, abs=1e-12)
-    monkeypatch.setattr(RA, "_EXACT_SETS", 1)
-    assert RA._set_overlap_chance(idx) == pytest.approx(exact, abs=5e-3)
-
-
-# ---------------------------------------------------------------------------- agreement
-
-
-def test_router_agreement_same_perturbed_and_loop() -> None:
-    batches = [_batch(s) for s in range(2)]
-    model = _tiny_lm()
-    a = record_routing(model, batches)
-    same = router_agreement(a, record_routing(model, batches))
-    assert same == dict.fromkeys(a.layers, 1.0)
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        w = other.model.layers[1].mlp.router.weight
-        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std())
-    b = record_routing(other, batches)
-    agree = router_agreement(a, b)
-    top1 = router_agreement(a, b, top1=True)
-    assert agree["model.layers.0.mlp"] == 1.0  # upstream of the perturbed router
-    assert agree["model.layers.1.mlp"] < 1.0
-    for layer in a.layers:
-        ia, ib = a.topk[layer].tolist(), b.topk[layer].tolist()
-        ref = sum(len(set(x) & set(y)) / K for x, y in zip(ia, ib, strict=True)) / len(ia)
-        assert agree[layer] == pytest.approx(ref, abs=1e-12)
-        ref1 = sum(x[0] == y[0] for x, y in zip(ia, ib, strict=True)) / len(ia)
-        assert top1[layer] == pytest.approx(ref1, abs=1e-12)
-    with pytest.raises(ValueError, match="same tokens"):
-        router_agreement(a, record_routing(model, batches[:1]))
-    assert RA.agreement_chance(K, E) == 0.25
-
-
-# ---------------------------------------------------------------------------- specialisation
-
-
-def test_expert_top_tokens_against_counter() -> None:
-    tr = _recorded()
-    for layer in tr.layers:
-        tops = expert_top_tokens(tr, layer, top_n=4, decode=decode_bytes)
-        assert sorted(tops) == list(range(E))
-        occ = Counter(tr.token_ids.tolist())
-        for e in range(E):
-            c = Counter(t for t, row in zip(tr.token_ids.tolist(), tr.topk[layer].tolist(),
-                                            strict=True) if e in row)
-            want = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-            assert [(t.token_id, t.count) for t in tops[e]] == want
-            assert [t.token for t in tops[e]] == [decode_bytes(t) for t, _ in want]
-            assert [t.share for t in tops[e]] == [n / occ[t] for t, n in want]
-    no_ids = copy.copy(tr)
-    no_ids.token_ids = np.full_like(tr.token_ids, -1)
-    with pytest.raises(ValueError, match="no token ids"):
-        expert_top_tokens(no_ids, tr.layers[0])
-
-
 def test_make_decoder_restores_word_start_spaces() -> None:
     class Tok:
         def __init__(self) -> None:
@@ -502,8 +335,14 @@ def test_make_decoder_with_a_real_byte_level_bpe_tokenizer() -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = ["def f(x):\n    return x + 1", "the cat sat on the mat <b>"] * 20
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
     dec = RA.make_decoder(hf)
     assert dec is not None
@@ -604,3 +443,52 @@ def test_recorded_sequences_have_consecutive_positions() -> None:
     for s in np.unique(tr.seq_id):
         pos = tr.position[tr.seq_id == s].tolist()
         assert all(b == a + 1 for a, b in pairwise(pos))
+
+
+def test_token_routing_save_load_round_trip(tmp_path: object) -> None:
+    cfg = TinyMoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        num_experts=E,
+        router="switch",
+        router_kwargs={"capacity_factor": 0.5},
+    )
+    model = TinyMoELM(cfg).eval()
+    trs = RA.record_domains(model, {"a": [_batch(0)], "b": [_batch(1), _batch(2)]}, max_tokens=40)
+    assert trs["a"].num_tokens == 29 and trs["b"].num_tokens == 40 and trs["b"].truncated
+    tr = trs["b"]
+    back = TokenRouting.load(tr.save(tmp_path / "sub" / "b.npz"))  # type: ignore[operator]
+    assert back.layers == tr.layers and back.num_experts == tr.num_experts
+    assert back.truncated and set(back.dropped) == set(tr.dropped)
+    for name in ("token_ids", "seq_id", "position"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tr, name))
+    for layer in tr.layers:
+        np.testing.assert_array_equal(back.topk[layer], tr.topk[layer])
+        np.testing.assert_array_equal(back.dropped[layer], tr.dropped[layer])
+
+
+def _lab(hex_colour: str) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB hex colour, written out from the standard formulas."""
+    rgb = np.array([int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = (
+        np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        @ lin
+        / np.array([0.95047, 1.0, 1.08883])
+    )
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+@pytest.mark.parametrize("e", [8, 12, 16, 20])
+def test_expert_palette_colours_are_told_apart(e: int) -> None:
+    pal = RA.expert_palette(e)
+    assert len(pal) == len(set(pal)) == e
+    labs = [_lab(c) for c in pal]
+    # CIE76 distance (~2.3 = just noticeable). tab20, used before for 11-20 experts, has
+    # a closest pair at 16.6 (light blue / light purple) from 12 experts on.
+    closest = min(np.linalg.norm(a - b) for i, a in enumerate(labs) for b in labs[i + 1 :])
+    assert closest > (20 if e <= 16 else 15), (e, closest)

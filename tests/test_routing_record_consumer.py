@@ -65,8 +65,7 @@ def _batch(seed: int, b: int = 3, s: int = 10) -> tuple[torch.Tensor, torch.Tens
 
 def _hooks(model: nn.Module) -> dict[str, int]:
     return {
-        name: len(m._forward_hooks) + len(m._forward_pre_hooks)
-        for name, m in model.named_modules()
+        name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()
     }
 
 
@@ -75,6 +74,7 @@ def _spy(model: _TwoShapes) -> tuple[dict[str, list[torch.Tensor]], list]:
     got: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     handles = []
     for path in got:
+
         def hook(m: nn.Module, args: tuple, path: str = path) -> None:
             idx, w = args[1].detach(), args[2].detach()
             order = w.float().argsort(dim=1, descending=True, stable=True)
@@ -190,8 +190,11 @@ def test_monitor_attach_ownership_and_errors() -> None:
     rec2.detach()  # idempotent
     assert rec2 not in mon.pipeline.listeners and mon.attached
     mon.detach()
-    other = TinyMoELM(TinyMoEConfig(hidden_size=16, num_layers=1, num_heads=2,
-                                    intermediate_size=16, num_experts=4, top_k=2))
+    other = TinyMoELM(
+        TinyMoEConfig(
+            hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16, num_experts=4, top_k=2
+        )
+    )
     with pytest.raises(ValueError, match="not the recorded model"):
         RoutingRecorder(other, monitor=mon)
     with pytest.raises(ValueError, match="adapters"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -20,16 +21,16 @@ from torch.utils.tensorboard import SummaryWriter
 from moescope import MoEMonitor
 from moescope.alerts import AlertRules, format_alert
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
-from moescope.report.plots import save_png, usage_heatmap
-from moescope.sinks import TensorBoardSink, resolve_loggers
-from moescope.sinks.tb_sink import read_png_rgb
+from moescope.report.plots import usage_heatmap
+from moescope.sinks import LogEvent, TensorBoardSink, resolve_loggers
 from moescope.stats import Snapshot
 
 
 def _snapshots(n: int = 2) -> tuple[list[Snapshot], list[list]]:
     torch.manual_seed(1)
-    cfg = TinyMoEConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32,
-                        num_experts=8, top_k=2)
+    cfg = TinyMoEConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32, num_experts=8, top_k=2
+    )
     model = TinyMoELM(cfg).eval()
     mon = MoEMonitor(model, alert_rules=AlertRules(imbalance_threshold=1.2))
     snaps, alerts = [], []
@@ -43,8 +44,9 @@ def _snapshots(n: int = 2) -> tuple[list[Snapshot], list[list]]:
 
 
 def _read(log_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={
-        "scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
     acc.Reload()
     return acc
 
@@ -53,15 +55,32 @@ def test_tensorboard_event_file_round_trip(tmp_path: Path) -> None:
     snaps, alerts = _snapshots()
     log_dir = tmp_path / "tb"
     sink = TensorBoardSink(log_dir=log_dir)
-    pngs = {}
+    assert sink.wants_figures
+    pixels = {}
     for snap, al in zip(snaps, alerts, strict=True):
         step = snap.step
-        sink.log_metrics(snap.to_dict(), step)
-        sink.log_snapshot(snap, step)
-        png = save_png(usage_heatmap(snap), tmp_path / f"heat_{step}.png")
-        pngs[step] = png
-        sink.log_images({"moe/usage_heatmap": png}, step)
-        sink.log_alerts(al, step)
+        fig = usage_heatmap(snap)
+        fig.canvas.draw()
+        # The figure's own rendering, the reference for what TensorBoard stores.
+        pixels[step] = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()
+        sink.write(
+            LogEvent(
+                step=step,
+                snapshot=snap,
+                metrics=snap.to_dict(),
+                alerts=al,
+                figures={"moe/usage_heatmap": fig},
+            )
+        )
+        # An eval event: scalars only (no histogram, image or alert under eval).
+        sink.write(
+            LogEvent(
+                step=step,
+                snapshot=snap,
+                mode="eval",
+                metrics={"moe/eval/avg_expert_cv": snap.avg_expert_cv},
+            )
+        )
     sink.close()
     sink.close()  # idempotent
 
@@ -92,12 +111,22 @@ def test_tensorboard_event_file_round_trip(tmp_path: Path) -> None:
             uf = {e.step: e.histogram_value for e in acc.Histograms(f"moe/{name}/usage_fraction")}
             assert uf[snap.step].num == 8
             assert uf[snap.step].max == pytest.approx(s.usage_fraction.max())
-    # Images: present at both steps with the PNG's pixel size.
+    assert [e.step for e in acc.Scalars("moe/eval/avg_expert_cv")] == [10, 20]
+    assert [e.step for e in acc.Histograms("moe/model.layers.0.mlp/expert_load")] == [10, 20]
+    # Images: add_figure at both steps, decoded back to the figure's own pixels.
+    from matplotlib.image import imread
+
     imgs = acc.Images("moe/usage_heatmap")
     assert [e.step for e in imgs] == [10, 20]
     for e in imgs:
-        h, w, c = read_png_rgb(pngs[e.step]).shape
-        assert (e.height, e.width) == (h, w) and c == 3
+        ref = pixels[e.step]
+        assert (e.height, e.width) == ref.shape[:2]
+        got = imread(io.BytesIO(e.encoded_image_string), format="png")
+        got = np.clip(np.rint(np.asarray(got)[:, :, :3] * 255), 0, 255).astype(np.uint8)
+        # Re-drawn by add_figure: anti-aliasing may move a few edge pixels by a few levels.
+        diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+        assert diff.max() <= 8 and (diff > 0).mean() < 0.02
+        assert (ref < 200).mean() > 0.05  # the reference is a real drawing, not blank
     # Alerts as text.
     assert any(alerts)
     texts = acc.Tensors("moe/alerts/text_summary")
@@ -112,12 +141,14 @@ def test_users_writer_is_resolved_flushed_not_closed(tmp_path: Path) -> None:
     writer = SummaryWriter(log_dir=str(tmp_path / "user"))
     (sink,) = resolve_loggers(writer)
     assert isinstance(sink, TensorBoardSink) and sink.writer is writer
-    sink.log_metrics({"moe/avg_expert_cv": snaps[0].avg_expert_cv}, 3)
+    sink.write(LogEvent(step=3, metrics={"moe/avg_expert_cv": snaps[0].avg_expert_cv}))
     sink.close()  # must not close the user's writer
     writer.add_scalar("user/loss", 1.25, 4)
     writer.close()
     acc = _read(tmp_path / "user")
-    assert acc.Scalars("moe/avg_expert_cv")[0].value == pytest.approx(snaps[0].avg_expert_cv, rel=1e-6)
+    assert acc.Scalars("moe/avg_expert_cv")[0].value == pytest.approx(
+        snaps[0].avg_expert_cv, rel=1e-6
+    )
     assert acc.Scalars("user/loss")[0].step == 4
 
 
@@ -129,25 +160,14 @@ def test_layer_without_tokens_gets_no_histogram(tmp_path: Path) -> None:
 
     acc = LayerAccumulator(8, 2)
     empty.layers["model.layers.0.mlp"] = layer_stats_from_state(
-        states_to_numpy({"x": acc.state()})["x"], 8, 2)
+        states_to_numpy({"x": acc.state()})["x"], 8, 2
+    )
     with TensorBoardSink(log_dir=tmp_path / "e") as sink:
-        sink.log_snapshot(empty, 5)
-        sink.log_snapshot(snaps[0], 6)
+        sink.write(LogEvent(step=5, snapshot=empty))
+        sink.write(LogEvent(step=6, snapshot=snaps[0]))
     ea = _read(tmp_path / "e")
     steps = [e.step for e in ea.Histograms("moe/model.layers.0.mlp/expert_load")]
     assert steps == [6]
-
-
-def test_read_png_rgb_composites_alpha(tmp_path: Path) -> None:
-    from matplotlib.image import imsave
-
-    rgba = np.zeros((4, 5, 4), dtype=np.float32)
-    rgba[..., 0] = 1.0  # red
-    rgba[..., 3] = 0.5  # half transparent over white -> (255, 128, 128)
-    imsave(tmp_path / "a.png", rgba)
-    img = read_png_rgb(tmp_path / "a.png")
-    assert img.shape == (4, 5, 3) and img.dtype == np.uint8
-    np.testing.assert_allclose(img[0, 0], [255, 128, 128], atol=1)
 
 
 def test_needs_exactly_one_of_log_dir_and_writer(tmp_path: Path) -> None:

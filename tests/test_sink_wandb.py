@@ -28,7 +28,7 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 from moescope.alerts import AlertRules, format_alert  # noqa: E402
 from moescope.capture.record import RoutingRecord  # noqa: E402
 from moescope.report.plots import save_png, usage_heatmap  # noqa: E402
-from moescope.sinks import WandbSink, resolve_loggers  # noqa: E402
+from moescope.sinks import LogEvent, WandbSink, resolve_loggers  # noqa: E402
 from moescope.sinks.wandb_sink import LAYER_TABLE_COLUMNS  # noqa: E402
 from moescope.stats import (  # noqa: E402
     LayerAccumulator,
@@ -104,37 +104,56 @@ def _layer(seed: int, e: int, k: int, t: int = 96, skew: float = 0.0, empty: boo
     idx = torch.topk(logits, k, -1).indices
     mask = torch.zeros(t, dtype=torch.bool) if empty else None
     acc = LayerAccumulator(e, k, coactivation=False)
-    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits,
-                             token_mask=mask))
+    acc.update(
+        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
+    )
     return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
 
 
 def _snapshot(step: int) -> Snapshot:
-    return Snapshot(step=step, layers={
-        "model.layers.0.mlp": _layer(step, 8, 2, skew=6.0),
-        "model.layers.1.mlp": _layer(step + 1, 16, 4),
-        "model.layers.2.mlp": _layer(step + 2, 8, 2, empty=True),  # all padding: NaN metrics
-    })
+    return Snapshot(
+        step=step,
+        layers={
+            "model.layers.0.mlp": _layer(step, 8, 2, skew=6.0),
+            "model.layers.1.mlp": _layer(step + 1, 16, 4),
+            "model.layers.2.mlp": _layer(step + 2, 8, 2, empty=True),  # all padding: NaN metrics
+        },
+    )
 
 
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path: Path) -> Path:
     for k, v in {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off", "WANDB_DIR": str(tmp_path),
-        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_ERROR_REPORTING": "false",
-        "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_META": "true",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_X_DISABLE_STATS": "true",
+        "WANDB_X_DISABLE_META": "true",
     }.items():
         monkeypatch.setenv(k, v)
     return tmp_path
 
 
 def _init(tmp_path: Path) -> Any:
-    return wandb.init(mode="offline", dir=str(tmp_path), project="moescope-test",
-                      settings=wandb.Settings(console="off", x_disable_stats=True,
-                                              x_disable_meta=True, disable_git=True,
-                                              disable_code=True))
+    return wandb.init(
+        mode="offline",
+        dir=str(tmp_path),
+        project="moescope-test",
+        settings=wandb.Settings(
+            console="off",
+            x_disable_stats=True,
+            x_disable_meta=True,
+            disable_git=True,
+            disable_code=True,
+        ),
+    )
 
 
 def test_wandb_offline_run_round_trip(offline_env: Path) -> None:
@@ -145,14 +164,29 @@ def test_wandb_offline_run_round_trip(offline_env: Path) -> None:
     rules = AlertRules()
     snaps = [_snapshot(10), _snapshot(20)]
     sent_alerts = {}
+    assert sink.wants_figures
     for snap in snaps:
         step = snap.step
-        sink.log_metrics(snap.to_dict(), step)
-        sink.log_snapshot(snap, step)
-        png = save_png(usage_heatmap(snap), tmp_path / f"heat_{step}.png")
-        sink.log_images({"moe/usage_heatmap": png}, step)
+        fig = usage_heatmap(snap)
+        save_png(fig, tmp_path / f"heat_{step}.png")  # the reference pixel size
         sent_alerts[step] = rules.check(snap)
-        sink.log_alerts(sent_alerts[step], step)
+        sink.write(
+            LogEvent(
+                step=step,
+                snapshot=snap,
+                metrics=snap.to_dict(),
+                alerts=sent_alerts[step],
+                figures={"moe/usage_heatmap": fig},
+            )
+        )
+        sink.write(
+            LogEvent(
+                step=step,
+                snapshot=snap,
+                mode="eval",
+                metrics={"moe/eval/avg_expert_cv": snap.avg_expert_cv},
+            )
+        )
     run_dir = Path(run.dir).parent
     run.finish()
 
@@ -169,6 +203,15 @@ def test_wandb_offline_run_round_trip(offline_env: Path) -> None:
                 assert isinstance(got, float) and math.isnan(got), key
             else:
                 assert got == pytest.approx(val, rel=1e-12), key
+    # One row per event: the train event's row holds every part, the eval row scalars only.
+    for snap in snaps:
+        rows = [h for h in hist if h.get("moe/step") == snap.step]
+        assert len(rows) == 2
+        assert "moe/layer_stats/path" in rows[0] and "moe/usage_heatmap/path" in rows[0]
+        assert rows[1]["moe/eval/avg_expert_cv"] == pytest.approx(snap.avg_expert_cv, rel=1e-12)
+        assert not any(
+            k.startswith(("moe/layer_stats", "moe/usage_heatmap", "moe/alerts")) for k in rows[1]
+        )
     # moe/step is the x axis of every moe/* key.
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "moe/*" and m.step_metric == "moe/step" for m in metrics)
@@ -191,16 +234,21 @@ def test_wandb_offline_run_round_trip(offline_env: Path) -> None:
             if s.num_tokens == 0:
                 assert not any(f"moe/{name}/expert_load/values" in h for h in hist)
                 continue
-            hrow = next(h for h in hist if h.get("moe/step") == snap.step
-                        and f"moe/{name}/expert_load/values" in h)
+            hrow = next(
+                h
+                for h in hist
+                if h.get("moe/step") == snap.step and f"moe/{name}/expert_load/values" in h
+            )
             assert hrow[f"moe/{name}/expert_load/_type"] == "histogram"
             np.testing.assert_array_equal(hrow[f"moe/{name}/expert_load/values"], s.usage_counts)
-            np.testing.assert_array_equal(hrow[f"moe/{name}/expert_load/bins"],
-                                          np.arange(s.num_experts + 1))
+            np.testing.assert_array_equal(
+                hrow[f"moe/{name}/expert_load/bins"], np.arange(s.num_experts + 1)
+            )
     # Images: written as media files of the PNG's size.
     for snap in snaps:
-        irow = next(h for h in hist if h.get("moe/step") == snap.step
-                    and "moe/usage_heatmap/path" in h)
+        irow = next(
+            h for h in hist if h.get("moe/step") == snap.step and "moe/usage_heatmap/path" in h
+        )
         assert irow["moe/usage_heatmap/_type"] == "image-file"
         path = irow["moe/usage_heatmap/path"]
         media = run_dir / "files" / path
@@ -229,8 +277,8 @@ def test_wandb_run_object_and_use_wandb_step(offline_env: Path) -> None:
     assert isinstance(sink, WandbSink)
     direct = WandbSink(run, use_wandb_step=True, table=False, histograms=False)
     snap = _snapshot(3)
-    direct.log_metrics({"moe/avg_expert_cv": snap.avg_expert_cv}, 7)
-    direct.log_metrics({"moe/avg_expert_cv": 0.25}, 9)
+    direct.write(LogEvent(step=7, snapshot=snap, metrics={"moe/avg_expert_cv": snap.avg_expert_cv}))
+    direct.write(LogEvent(step=9, metrics={"moe/avg_expert_cv": 0.25}))
     run_dir = Path(run.dir).parent
     run.finish()
     hist = _history(_finished_records(run_dir))
@@ -242,4 +290,4 @@ def test_wandb_module_without_run_says_init_first(offline_env: Path) -> None:
     assert wandb.run is None
     sink = WandbSink(wandb)
     with pytest.raises(RuntimeError, match=r"wandb.init"):
-        sink.log_metrics({"moe/x": 1.0}, 1)
+        sink.write(LogEvent(step=1, metrics={"moe/x": 1.0}))

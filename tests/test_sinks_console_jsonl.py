@@ -2,7 +2,7 @@
 
 Snapshots come from the real pipeline: MoEMonitor on a TinyMoELM, or LayerAccumulator
 fed random RoutingRecords; expected numbers are recomputed here in float64 from the
-usage counts.
+usage counts (co-activation from the routed ids themselves).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from moescope.alerts import Alert, AlertRules, format_alert
 from moescope.capture.record import RoutingRecord
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 from moescope.sinks import (
+    SCHEMA_VERSION,
     CallableLoggerSink,
     ConsoleSink,
     JsonlSink,
+    LogEvent,
     LogMetricsSink,
     Sink,
+    coactivation_of,
     load_snapshots,
     read_jsonl,
     resolve_loggers,
@@ -51,8 +54,7 @@ def _layer(seed: int, e: int, k: int, t: int = 128, skew: float = 0.0):
 
 
 def _big_snapshot(n_layers: int = 60, e: int = 128, k: int = 8) -> Snapshot:
-    layers = {f"model.layers.{i}.mlp": _layer(i, e, k, t=64, skew=0.1 * i)
-              for i in range(n_layers)}
+    layers = {f"model.layers.{i}.mlp": _layer(i, e, k, t=64, skew=0.1 * i) for i in range(n_layers)}
     return Snapshot(step=1500, layers=layers, time=1.7e9)
 
 
@@ -60,8 +62,9 @@ def _big_snapshot(n_layers: int = 60, e: int = 128, k: int = 8) -> Snapshot:
 def monitor_run() -> tuple[Snapshot, list[Alert]]:
     """A real monitor over a tiny model, 3 windows; alerts with a low imbalance bar."""
     torch.manual_seed(0)
-    cfg = TinyMoEConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=32,
-                        num_experts=8, top_k=2)
+    cfg = TinyMoEConfig(
+        hidden_size=32, num_layers=3, num_heads=2, intermediate_size=32, num_experts=8, top_k=2
+    )
     model = TinyMoELM(cfg).eval()
     mon = MoEMonitor(model, alert_rules=AlertRules(imbalance_threshold=1.2))
     snap = None
@@ -77,7 +80,11 @@ def monitor_run() -> tuple[Snapshot, list[Alert]]:
 def _ref_row(counts: np.ndarray) -> tuple[float, float, int]:
     c = counts.astype(np.float64)
     mean = c.mean()
-    return float(np.sqrt(((c - mean) ** 2).mean()) / mean), float(c.max() / mean), int((c == 0).sum())
+    return (
+        float(np.sqrt(((c - mean) ** 2).mean()) / mean),
+        float(c.max() / mean),
+        int((c == 0).sum()),
+    )
 
 
 # ---------------------------------------------------------------------------- console
@@ -86,7 +93,7 @@ def _ref_row(counts: np.ndarray) -> tuple[float, float, int]:
 def test_console_plain_table_matches_counts(monitor_run) -> None:
     snap, _ = monitor_run
     buf = io.StringIO()
-    ConsoleSink(rich=False, stream=buf).log_snapshot(snap, 30)
+    ConsoleSink(rich=False, stream=buf).write(LogEvent(step=30, snapshot=snap))
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("MoE step 30 | 3 layers | ")
     assert f"{snap.total_tokens:,} tokens" in lines[0]
@@ -112,19 +119,60 @@ def test_console_plain_table_matches_counts(monitor_run) -> None:
 def test_console_alert_lines_exact_seed_format(monitor_run) -> None:
     snap, alerts = monitor_run
     buf = io.StringIO()
-    sink = ConsoleSink(rich=True, stream=buf)
-    sink.log_alerts(alerts, 30)
+    sink = ConsoleSink(rich=True, stream=buf, table=False)
+    sink.write(LogEvent(step=30, snapshot=snap, alerts=alerts))
     got = buf.getvalue().splitlines()
     want = []
-    for a in alerts:
+    fix = "    fix: raise the load-balancing (aux) loss coefficient"
+    for i, a in enumerate(alerts):
         assert a.rule == "imbalance"
         counts = snap.layers[a.layer].usage_counts.astype(np.float64)
         ratio = counts.max() / counts.mean()
-        want.append(f"⚠️  MoE Alert at step 30: {a.layer}: Severe expert imbalance (ratio: {ratio:.2f})")
+        want.append(
+            f"⚠️  MoE Alert at step 30: {a.layer}: Severe expert imbalance (ratio: {ratio:.2f})"
+        )
+        # The metric against its threshold, then (once per rule) what to do.
+        want.append(f"    max/mean load {ratio:.2f} > 1.2 threshold")
+        if i == 0:
+            want.append(next(ln for ln in got if ln.startswith(fix)))
     assert got == want
     buf2 = io.StringIO()
-    ConsoleSink(rich=False, stream=buf2).log_alerts([], 30)
+    ConsoleSink(rich=False, stream=buf2).write(LogEvent(step=30))
     assert buf2.getvalue() == ""
+
+
+def test_console_groups_repeated_alerts(monitor_run) -> None:
+    """Three windows with the same alerts, then two without: full lines once, then
+    nothing (no reminder due), then one "resolved" line per (layer, rule)."""
+    snap, alerts = monitor_run
+    buf = io.StringIO()
+    sink = ConsoleSink(rich=False, stream=buf, table=False, remind_every=2)
+    per_step = {}
+    for step, al in ((30, alerts), (40, alerts), (50, alerts), (60, []), (70, [])):
+        start = len(buf.getvalue())
+        sink.write(LogEvent(step=step, snapshot=snap, alerts=al))
+        per_step[step] = buf.getvalue()[start:].splitlines()
+    n = len(alerts)
+    assert sum(ln.startswith("⚠️  MoE Alert") for ln in per_step[30]) == n
+    assert per_step[40] == []  # still firing: not reprinted
+    # Two windows without change: one summary line naming the rule and its start.
+    (summary,) = per_step[50]
+    where = f"{n} layers" if n > 1 else alerts[0].layer
+    assert summary.startswith(
+        f"    MoE alerts still firing at step 50: imbalance on {where} since step 30"
+    )
+    assert per_step[60] == []  # one quiet window is not yet "resolved" (resolve_after=2)
+    assert per_step[70] == [
+        f"    MoE alert resolved at step 70: {a.layer}: imbalance (firing since step 30)"
+        for a in alerts
+    ]
+    # Ungrouped: every alert of every window, as before.
+    buf2 = io.StringIO()
+    flat = ConsoleSink(rich=False, stream=buf2, table=False, group_alerts=False)
+    for step in (30, 40):
+        flat.write(LogEvent(step=step, alerts=alerts))
+    lines = [ln for ln in buf2.getvalue().splitlines() if ln.startswith("⚠️")]
+    assert lines == [format_alert(a) for _ in (30, 40) for a in alerts]
 
 
 def test_console_rich_has_same_numbers(monitor_run) -> None:
@@ -133,7 +181,7 @@ def test_console_rich_has_same_numbers(monitor_run) -> None:
     buf = io.StringIO()
     sink = ConsoleSink(rich=True, stream=buf)
     assert sink.use_rich
-    sink.log_snapshot(snap, 30)
+    sink.write(LogEvent(step=30, snapshot=snap))
     text = buf.getvalue()
     assert "\x1b[" not in text  # not a terminal: no escape codes
     first = text.splitlines()[0]
@@ -150,7 +198,7 @@ def test_console_compact_for_60_layers_128_experts(use_rich: bool) -> None:
         pytest.importorskip("rich")
     snap = _big_snapshot()
     buf = io.StringIO()
-    ConsoleSink(rich=use_rich, stream=buf, max_layers=12).log_snapshot(snap, 1500)
+    ConsoleSink(rich=use_rich, stream=buf, max_layers=12).write(LogEvent(step=1500, snapshot=snap))
     lines = buf.getvalue().splitlines()
     assert len(lines) <= 12 + 5
     assert max(len(ln) for ln in lines[1:]) <= 120
@@ -165,7 +213,9 @@ def test_console_compact_for_60_layers_128_experts(use_rich: bool) -> None:
 
 def test_shorten_layer_names() -> None:
     assert shorten_layer_names(["model.layers.0.mlp", "model.layers.11.mlp"]) == (
-        ["0", "11"], "model.layers.*.mlp")
+        ["0", "11"],
+        "model.layers.*.mlp",
+    )
     assert shorten_layer_names(["a.mlp"]) == (["a.mlp"], "")
     # Stripping would leave an empty name: keep the names whole.
     assert shorten_layer_names(["x.mlp", "x.mlp.inner"])[1] == ""
@@ -178,38 +228,105 @@ def test_shorten_layer_names() -> None:
 def test_jsonl_round_trip_and_alert_embedding(tmp_path: Path, monitor_run) -> None:
     snap, alerts = monitor_run
     path = tmp_path / "logs" / "moe.jsonl"
-    sink = JsonlSink(path)
-    sink.log_alerts(alerts, 30)  # before its snapshot: embedded in the snapshot line
-    sink.log_snapshot(snap, 30)
-    sink.log_snapshot(snap, 40)
-    sink.log_alerts(alerts[:1], 40)  # after: its own line
-    sink.log_metrics({"moe/avg_expert_cv": 0.5}, 40)  # metrics=False: not written
-    sink.log_images({"moe/usage_heatmap": tmp_path / "h.png"}, 40)
+    sink = JsonlSink(path, coactivation_full_every=40)
+    sink.write(LogEvent(step=30, snapshot=snap, alerts=alerts, metrics=snap.to_dict()))
+    sink.write(LogEvent(step=40, snapshot=snap, figures={"moe/usage_heatmap": object()}))
+    sink.write(LogEvent(step=40, alerts=alerts[:1]))  # alerts without a snapshot
+    sink.write(LogEvent(step=45, metrics={"moe/eval/avg_expert_cv": 0.5}, mode="eval"))
     sink.close()
     recs = read_jsonl(path, strict=True)
-    assert [r["kind"] for r in recs] == ["snapshot", "snapshot", "alerts", "images"]
-    assert [r["step"] for r in recs] == [30, 40, 40, 40]
-    assert recs[3]["images"] == {"moe/usage_heatmap": str((tmp_path / "h.png").resolve())}
+    assert [r["kind"] for r in recs] == ["snapshot", "snapshot", "alerts"]  # metrics=False
+    assert [r["step"] for r in recs] == [30, 40, 40]
+    assert all(r["schema"] == SCHEMA_VERSION == 2 for r in recs)
     assert [a["text"] for a in recs[0]["alerts"]] == [format_alert(a) for a in alerts]
-    assert recs[1]["alerts"] == []
+    assert recs[0]["alerts"][0]["detail"] == alerts[0].detail
+    assert recs[0]["alerts"][0]["threshold"] == 1.2
+    assert recs[1]["alerts"] == [] and recs[1]["figures"] == ["moe/usage_heatmap"]
+    assert "figures" not in recs[0]
     assert recs[2]["alerts"][0]["layer"] == alerts[0].layer
     assert recs[2]["alerts"][0]["value"] == pytest.approx(alerts[0].value)
+    # Step 30: sparse co-activation (8 experts: every non-zero pair fits in the top 128);
+    # step 40: the full matrices (coactivation_full_every=40).
+    assert "coactivation_sparse" in recs[0] and "coactivation_sparse" not in recs[1]
+    for name, s in snap.layers.items():
+        assert recs[0]["snapshot"]["layers"][name]["coactivation"] is None
+        np.testing.assert_array_equal(coactivation_of(recs[0], name), s.coactivation)
+        np.testing.assert_array_equal(coactivation_of(recs[1], name), s.coactivation)
     back = load_snapshots(path)
     assert len(back) == 2
     for name, s in snap.layers.items():
         np.testing.assert_array_equal(back[0].layers[name].usage_counts, s.usage_counts)
         np.testing.assert_allclose(back[0].layers[name].usage_fraction, s.usage_fraction)
         assert back[0].layers[name].cv == s.cv
-        assert back[0].layers[name].coactivation.shape == (8, 8)
+        for b in back:
+            np.testing.assert_array_equal(b.layers[name].coactivation, s.coactivation)
+
+
+def _coact_layer(seed: int, e: int, k: int, t: int) -> tuple[object, np.ndarray]:
+    """(LayerStats with co-activation, the [E, E] matrix recomputed from the ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(t, e, generator=gen) - 3.0 * torch.arange(e) / e
+    idx = torch.topk(logits, k, -1).indices
+    acc = LayerAccumulator(e, k, coactivation=True)
+    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits))
+    stats = layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
+    ref = np.zeros((e, e), dtype=np.int64)
+    for row in idx.numpy():
+        for a in row:
+            for b in row:
+                ref[a, b] += 1  # a == b: the usage count on the diagonal
+    return stats, ref
+
+
+def test_jsonl_line_size_is_bounded_at_256_experts(tmp_path: Path) -> None:
+    e, k = 256, 8
+    layers, refs = {}, {}
+    for i in range(2):
+        layers[f"model.layers.{i}.mlp"], refs[f"model.layers.{i}.mlp"] = _coact_layer(i, e, k, 512)
+    snap = Snapshot(step=0, layers=layers, time=1.7e9)
+    path = tmp_path / "big.jsonl"
+    with JsonlSink(path, coactivation_top=128, coactivation_full_every=1000) as sink:
+        for step in (500, 1000, 1500):
+            sink.write(LogEvent(step=step, snapshot=snap))
+    raw = path.read_text(encoding="utf-8").splitlines()
+    sizes = [len(line.encode()) for line in raw]
+    # Sparse lines: O(L x (E + top)) — under 40 KB; the full line (step 1000) holds the
+    # 2 x 256 x 256 matrices (> 128 K numbers).
+    assert sizes[0] < 40_000 and sizes[2] < 40_000
+    assert sizes[1] > 5 * sizes[0]
+    recs = [json.loads(line) for line in raw]
+    for name, ref in refs.items():
+        sp = recs[0]["coactivation_sparse"][name]
+        upper = ref[np.triu_indices(e, 1)]
+        assert sp["pairs"] == int((upper > 0).sum())
+        assert len(sp["n"]) == 128 < sp["pairs"]
+        # The kept counts are the 128 largest off-diagonal counts, each at its (i, j).
+        assert sp["n"] == sorted(upper.tolist(), reverse=True)[:128]
+        assert all(
+            i < j and ref[i, j] == n for i, j, n in zip(sp["i"], sp["j"], sp["n"], strict=True)
+        )
+        assert coactivation_of(recs[0], name) is None  # incomplete: not a matrix by default
+        part = coactivation_of(recs[0], name, partial=True)
+        assert part is not None and int(part.sum() - np.trace(part)) == 2 * sum(sp["n"])
+        np.testing.assert_array_equal(coactivation_of(recs[1], name), ref)
+    back = load_snapshots(path)
+    assert back[0].layers["model.layers.0.mlp"].coactivation is None
+    np.testing.assert_array_equal(
+        back[1].layers["model.layers.0.mlp"].coactivation, refs["model.layers.0.mlp"]
+    )
 
 
 def test_jsonl_metrics_lines_and_nan(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     with JsonlSink(path, metrics=True, fsync=True) as sink:
-        sink.log_metrics({"moe/a": 1.5, "moe/b": float("nan")}, 7)
-    (rec,) = read_jsonl(path, strict=True)
-    assert rec["kind"] == "metrics" and rec["step"] == 7
-    assert rec["metrics"] == {"moe/a": 1.5, "moe/b": None}
+        sink.write(LogEvent(step=7, metrics={"moe/a": 1.5, "moe/b": float("nan")}))
+        sink.write(LogEvent(step=8, metrics={"moe/eval/a": 2.0}, mode="eval"))
+    recs = read_jsonl(path, strict=True)
+    assert [(r["kind"], r["step"], r["mode"]) for r in recs] == [
+        ("metrics", 7, "train"),
+        ("metrics", 8, "eval"),
+    ]
+    assert recs[0]["metrics"] == {"moe/a": 1.5, "moe/b": None}
 
 
 _CRASH_SCRIPT = textwrap.dedent(
@@ -217,12 +334,12 @@ _CRASH_SCRIPT = textwrap.dedent(
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from test_sinks_console_jsonl import _layer
-    from moescope.sinks import JsonlSink
+    from moescope.sinks import JsonlSink, LogEvent
     from moescope.stats import Snapshot
     sink = JsonlSink({path!r}, fsync={fsync})
     for i in range({n}):
         snap = Snapshot(step=i, layers={{"model.layers.0.mlp": _layer(i, 16, 2)}})
-        sink.log_snapshot(snap, i)
+        sink.write(LogEvent(step=i, snapshot=snap))
     if {how!r} == "exit":
         os._exit(1)  # no close, no atexit, no buffer flush by the interpreter
     raise RuntimeError("boom")
@@ -234,10 +351,16 @@ _CRASH_SCRIPT = textwrap.dedent(
 def test_jsonl_crash_leaves_every_line_valid(tmp_path: Path, how: str, fsync: bool) -> None:
     path = tmp_path / "crash.jsonl"
     n = 5
-    script = _CRASH_SCRIPT.format(tests=str(ROOT / "tests"), path=str(path), n=n,
-                                  how=how, fsync=fsync)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    script = _CRASH_SCRIPT.format(
+        tests=str(ROOT / "tests"), path=str(path), n=n, how=how, fsync=fsync
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 1, proc.stderr
     if how == "raise":
         assert "boom" in proc.stderr
@@ -247,7 +370,10 @@ def test_jsonl_crash_leaves_every_line_valid(tmp_path: Path, how: str, fsync: bo
     assert [r["step"] for r in recs] == list(range(n))
     for i, r in enumerate(recs):
         ref = _layer(i, 16, 2)
-        assert r["snapshot"]["layers"]["model.layers.0.mlp"]["usage_counts"] == ref.usage_counts.tolist()
+        assert (
+            r["snapshot"]["layers"]["model.layers.0.mlp"]["usage_counts"]
+            == ref.usage_counts.tolist()
+        )
 
 
 def test_jsonl_restart_appends_and_repairs_torn_tail(tmp_path: Path) -> None:
@@ -255,18 +381,20 @@ def test_jsonl_restart_appends_and_repairs_torn_tail(tmp_path: Path) -> None:
     s1 = Snapshot(step=1, layers={"l": _layer(1, 8, 2)})
     s2 = Snapshot(step=2, layers={"l": _layer(2, 8, 2)})
     with JsonlSink(path) as sink:
-        sink.log_snapshot(s1, 1)
+        sink.write(LogEvent(step=1, snapshot=s1))
     # The previous run died in the middle of a line.
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"kind": "snapshot", "st')
     with JsonlSink(path) as sink:  # a restarted run
-        sink.log_snapshot(s2, 2)
+        sink.write(LogEvent(step=2, snapshot=s2))
     recs = read_jsonl(path)
     assert [r["step"] for r in recs] == [1, 2]
     with pytest.raises(ValueError, match=r"run.jsonl:2: not a JSON object"):
         read_jsonl(path, strict=True)
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["step"] == 1 and json.loads(lines[2])["step"] == 2
+    assert (
+        len(lines) == 3 and json.loads(lines[0])["step"] == 1 and json.loads(lines[2])["step"] == 2
+    )
 
 
 # --------------------------------------------------------------------- resolve_loggers
@@ -290,10 +418,10 @@ def test_resolve_generic_and_lists(monitor_run) -> None:
     assert isinstance(sinks[0], CallableLoggerSink) and sinks[1] is console
     metrics = snap.to_dict()
     for s in sinks:
-        s.log_metrics(metrics, 30)
+        s.write(LogEvent(step=30, snapshot=snap, metrics=metrics))
     assert user.calls == [(metrics, 30)]
     finite = CallableLoggerSink(user, finite_only=True)
-    finite.log_metrics({"a": 1.0, "b": float("nan")}, 31)
+    finite.write(LogEvent(step=31, metrics={"a": 1.0, "b": float("nan")}))
     assert user.calls[-1] == ({"a": 1.0}, 31)
 
 
@@ -316,26 +444,36 @@ def test_resolve_log_metrics_objects(monitor_run) -> None:
     lg = _LightningLikeLogger()
     (sink,) = resolve_loggers(lg)
     assert isinstance(sink, LogMetricsSink)
-    sink.log_metrics(snap.to_dict(), 12)
+    sink.write(LogEvent(step=12, metrics=snap.to_dict(), mode="eval"))
     sink.flush()
     assert lg.calls == [(snap.to_dict(), 12)] and lg.saved == 1
 
 
 @pytest.mark.parametrize("bad", [object(), 3, "wandb", {"log": 1}])
 def test_resolve_unknown_raises_naming_accepted(bad: object) -> None:
-    with pytest.raises(TypeError, match=r"SummaryWriter.*mlflow module.*\.log\(dict, step=\.\.\.\).*Lightning"):
+    with pytest.raises(
+        TypeError, match=r"SummaryWriter.*mlflow module.*\.log\(dict, step=\.\.\.\).*Lightning"
+    ):
         resolve_loggers(bad)
 
 
-def test_base_sink_is_a_noop(monitor_run) -> None:
+def test_base_sink_is_a_noop_and_old_methods_are_deprecated_shims(
+    tmp_path: Path, monitor_run
+) -> None:
     snap, alerts = monitor_run
     s = Sink()
-    s.log_metrics(snap.to_dict(), 1)
-    s.log_snapshot(snap, 1)
-    s.log_alerts(alerts, 1)
-    s.log_images({}, 1)
+    s.write(LogEvent(step=1, snapshot=snap, metrics=snap.to_dict(), alerts=alerts))
     s.flush()
     s.close()
+    assert not s.wants_figures
+    # The pre-LogEvent methods still work, each as an event with one part, and warn.
+    path = tmp_path / "shim.jsonl"
+    with JsonlSink(path) as sink:
+        with pytest.warns(DeprecationWarning, match=r"sink\.write\(LogEvent"):
+            sink.log_snapshot(snap, 5)
+        with pytest.warns(DeprecationWarning):
+            sink.log_alerts(alerts, 5)
+    assert [(r["kind"], r["step"]) for r in read_jsonl(path)] == [("snapshot", 5), ("alerts", 5)]
 
 
 @pytest.mark.parametrize(
@@ -346,8 +484,9 @@ def test_base_sink_is_a_noop(monitor_run) -> None:
         ("tensorboard", "moescope.sinks.tb_sink:TensorBoardSink", "tensorboard"),
     ],
 )
-def test_missing_extra_names_it(monkeypatch, tmp_path: Path, module: str, build: str,
-                                extra: str) -> None:
+def test_missing_extra_names_it(
+    monkeypatch, tmp_path: Path, module: str, build: str, extra: str
+) -> None:
     import importlib
 
     mod_name, cls_name = build.split(":")
@@ -370,10 +509,10 @@ def test_missing_matplotlib_names_plots_extra(monkeypatch) -> None:
 def test_console_default_stream_is_stdout_at_call_time(capsys, monitor_run) -> None:
     snap, alerts = monitor_run
     sink = ConsoleSink(rich=False)
-    sink.log_snapshot(snap, 30)
-    sink.log_alerts(alerts[:1], 30)
+    sink.write(LogEvent(step=30, snapshot=snap, alerts=alerts[:1]))
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("MoE step 30 |") and out[-1] == format_alert(alerts[0])
+    assert out[0].startswith("MoE step 30 |")
+    assert format_alert(alerts[0]) in out and out[-1].startswith("    fix: ")
 
 
 def test_importing_sinks_and_report_pulls_no_optional_package() -> None:
@@ -382,8 +521,13 @@ def test_importing_sinks_and_report_pulls_no_optional_package() -> None:
         "print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard', 'matplotlib', 'rich') "
         "if m in sys.modules))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
@@ -396,11 +540,12 @@ def test_real_lightning_csv_logger(tmp_path: Path, monitor_run) -> None:
     lg = loggers.CSVLogger(save_dir=str(tmp_path), name="run")
     (sink,) = resolve_loggers(lg)
     assert isinstance(sink, LogMetricsSink)
-    sink.log_metrics(snap.to_dict(), 30)
+    sink.write(LogEvent(step=30, snapshot=snap, metrics=snap.to_dict()))
     sink.flush()
     with open(Path(lg.log_dir) / "metrics.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert int(row["step"]) == 30
     assert float(row["moe/avg_expert_cv"]) == pytest.approx(snap.avg_expert_cv, rel=1e-9)
     assert float(row["moe/model.layers.1.mlp/aux_loss"]) == pytest.approx(
-        snap.layers["model.layers.1.mlp"].aux_loss, rel=1e-9)
+        snap.layers["model.layers.1.mlp"].aux_loss, rel=1e-9
+    )

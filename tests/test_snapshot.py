@@ -27,8 +27,9 @@ def _layer(seed: int, e: int, k: int, t: int = 64, masked_out: bool = False) -> 
     idx = torch.topk(logits, k, -1).indices
     mask = torch.zeros(t, dtype=torch.bool) if masked_out else torch.rand(t, generator=gen) > 0.2
     acc = LayerAccumulator(e, k)
-    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits,
-                             token_mask=mask))
+    acc.update(
+        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
+    )
     return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
 
 

@@ -7,8 +7,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "MoECallbackOptions",
     "MoELightningCallback",
     "MoEMonitor",
+    "NeuronOptions",
     "NeuronThreshold",
     "UnsupportedModelError",
     "__version__",
@@ -28,6 +30,8 @@ _LAZY = {
     "flops_per_token": ("moescope.cost.flops", "flops_per_token"),
     "measured_cost": ("moescope.cost.measured", "measured_cost"),
     "NeuronThreshold": ("moescope.stats.neurons", "NeuronThreshold"),
+    "NeuronOptions": ("moescope.stats.neurons", "NeuronOptions"),
+    "MoECallbackOptions": ("moescope.integrations.options", "MoECallbackOptions"),
     "create_moe_callback_for_transformers": (
         "moescope.integrations.transformers",
         "create_moe_callback_for_transformers",

@@ -60,9 +60,7 @@ def iter_stdlib_files(root: str | os.PathLike[str] | None = None) -> Iterator[Pa
     yield from walk(base)
 
 
-def stdlib_bytes(
-    max_bytes: int = 2_000_000, root: str | os.PathLike[str] | None = None
-) -> bytes:
+def stdlib_bytes(max_bytes: int = 2_000_000, root: str | os.PathLike[str] | None = None) -> bytes:
     """Concatenated source bytes of the standard library, at most ``max_bytes`` long.
 
     Files are separated by a blank line and read in :func:`iter_stdlib_files` order; the

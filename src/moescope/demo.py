@@ -21,8 +21,9 @@ TensorBoard event files (Trainer scalars ``train/loss``, ``eval/loss``; moescope
 and the alerts as text), the detailed JSONL log, heatmap PNGs and a ``save_pretrained``
 (safetensors) checkpoint. :func:`summarise` then prints a comparison and writes
 ``<out>/summary.json``. The structure is ``main`` -> :func:`train_run` (twice) ->
-:func:`summarise`, so a later step (``moescope analyze`` on the checkpoints) slots in
-after the runs.
+:func:`summarise` -> :func:`analyze_run` (``moescope analyze`` of the balanced checkpoint,
+``<out>/analysis/``) -> :func:`compare_runs` (``moescope compare`` of the two training
+logs, collapsed vs balanced, ``<out>/compare/report.html``).
 
 Why this setup collapses (measured, not forced)
 -----------------------------------------------
@@ -191,10 +192,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--router-lr-mult", type=float, default=d.router_lr_mult,
-                   help="router learning rate = lr x this (both runs)")
-    p.add_argument("--log-every", type=int, default=d.log_every,
-                   help="steps per moescope window")
+    p.add_argument(
+        "--router-lr-mult",
+        type=float,
+        default=d.router_lr_mult,
+        help="router learning rate = lr x this (both runs)",
+    )
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps per moescope window")
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="stdlib bytes to read")
     p.add_argument(
         "--threads",
@@ -301,8 +305,16 @@ def eval_lm_loss(model: nn.Module, eval_ds: Dataset, batch_size: int) -> float:
 
 
 def _history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    keep = ("step", "loss", "eval_loss", "moe/avg_expert_cv", "moe/max_max_over_mean",
-            "moe/total_unused_experts", "moe/avg_routing_entropy", "moe/eval/avg_expert_cv")
+    keep = (
+        "step",
+        "loss",
+        "eval_loss",
+        "moe/avg_expert_cv",
+        "moe/max_max_over_mean",
+        "moe/total_unused_experts",
+        "moe/avg_routing_entropy",
+        "moe/eval/avg_expert_cv",
+    )
     rows = []
     for entry in log_history:
         row = {k: float(entry[k]) for k in keep if k in entry}
@@ -352,8 +364,11 @@ def train_run(
     ckpt_dir = run_dir / "checkpoint"
     # A fresh run in a reused --out: the JSONL sink appends and every SummaryWriter adds
     # its own event file, so leftovers of an earlier demo would mix with this one.
-    stale = [log_dir / "moe_detailed.jsonl", *tb_dir.glob("events.out.tfevents.*"),
-             *(log_dir / "heatmaps").glob("*.png")]
+    stale = [
+        log_dir / "moe_detailed.jsonl",
+        *tb_dir.glob("events.out.tfevents.*"),
+        *(log_dir / "heatmaps").glob("*.png"),
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
 
@@ -499,14 +514,20 @@ def summarise(
         row("avg cv, last window", [f(r.final_avg_cv) for r in results]),
         row("avg cv, mean over windows", [f(r.mean_avg_cv) for r in results]),
         row("max max/mean (any layer, window)", [f(r.max_max_over_mean, 2) for r in results]),
-        row("unused experts, last window",
-            [f"{r.final_unused_experts}/{r.total_experts}" for r in results]),
-        row("unused experts, worst window",
-            [f"{r.max_unused_experts}/{r.total_experts}" for r in results]),
+        row(
+            "unused experts, last window",
+            [f"{r.final_unused_experts}/{r.total_experts}" for r in results],
+        ),
+        row(
+            "unused experts, worst window",
+            [f"{r.max_unused_experts}/{r.total_experts}" for r in results],
+        ),
         row("avg routing entropy, last (nats)", [f(r.final_avg_entropy) for r in results]),
         row("alerts", [str(r.num_alerts) for r in results]),
-        row("first alert at step",
-            [str(r.first_alert_step) if r.first_alert_step is not None else "-" for r in results]),
+        row(
+            "first alert at step",
+            [str(r.first_alert_step) if r.first_alert_step is not None else "-" for r in results],
+        ),
         row("train seconds", [f"{r.train_seconds:.1f}" for r in results]),
     ]
     for r in results:
@@ -535,8 +556,7 @@ def summarise(
         "cpu_seconds": cpu_seconds,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(_finite_json(summary), indent=2,
-                                                 allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(_finite_json(summary), indent=2, allow_nan=False))
     return summary
 
 
@@ -574,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.analyze_tokens > 0:
         report = analyze_run(results, args.out, args.analyze_tokens, settings.seq_len)
         print(f"\nreport: {report}", flush=True)
+    compared = compare_runs(results, args.out)
+    print(f"\ncomparison: {compared}", flush=True)
     return 0
 
 
@@ -589,7 +611,7 @@ def analyze_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_le
     """``moescope analyze`` on the balanced run's checkpoint, neurons on, with the
     no-balance checkpoint as ``--compare`` (router agreement between the two runs, which
     started from the same weights). Returns the path of ``<out>/analysis/report.html``."""
-    from moescope.report.analyze import run_analyze
+    from moescope.analysis import run_analyze
 
     by_name = {r.name: r for r in results}
     main_run = by_name.get("balanced", results[0])
@@ -603,7 +625,20 @@ def analyze_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_le
         max_tokens=max_tokens,
         seq_len=seq_len,
         compare=other.checkpoint if other is not None else None,
+        overwrite=True,
     )
+
+
+def compare_runs(results: Sequence[RunResult], out: Path) -> Path:
+    """``moescope compare`` of the two training logs (collapsed vs balanced): usage side
+    by side, divergence, alerts and metrics over steps in ``<out>/compare/report.html``."""
+    from moescope.analysis.compare import compare_sources, write_comparison
+
+    by_name = {r.name: r for r in results}
+    a, b = by_name.get("no_balance", results[0]), by_name.get("balanced", results[-1])
+    print(f"\n--- moescope compare {a.name} {b.name} ---", flush=True)
+    cmp = compare_sources(a.jsonl, b.jsonl, labels=[a.name, b.name])
+    return write_comparison(cmp, out / "compare", overwrite=True)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,16 @@ from moescope.capture.hooks import hook_keys, wrap_new_hooks
 from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
 from moescope.capture.pipeline import DEFAULT_BUDGET_BYTES, CapturePipeline
 from moescope.capture.record import RoutingRecord
+from moescope.capture.registry import default_adapters, find_moe_layers
 from moescope.errors import UnsupportedModelError
 from moescope.stats.accumulator import RoutingStats
 from moescope.stats.history import UsageHistory
 from moescope.stats.neurons import (
     NeuronAccumulator,
     NeuronCalibrator,
+    NeuronOptions,
     NeuronThreshold,
+    as_threshold,
     neuron_stats_from_state,
     tau_for_sparsity,
 )
@@ -56,31 +59,24 @@ from moescope.stats.snapshot import Snapshot, layer_stats_from_state
 __all__ = ["MoEMonitor", "find_moe_layers"]
 
 
-def find_moe_layers(
-    model: nn.Module, adapters: Sequence[MoEAdapter]
-) -> list[tuple[MoEAdapter, LayerInfo]]:
-    """Walk ``model`` in module order; the first adapter that matches a module wins it.
+# MoEMonitor arguments folded into NeuronOptions: named in the error an old call gets.
+_NEURON_ARGUMENTS = {
+    "neuron_threshold": "threshold",
+    "neuron_hist_bins": "hist_bins",
+    "per_neuron": "per_neuron",
+    "hot_neurons": "hot_neurons",
+}
 
-    A matched block is not descended into (its router / experts are not layers of their
-    own). A module reachable by two paths is visited once. The root's path is ``""``.
-    """
-    found: list[tuple[MoEAdapter, LayerInfo]] = []
-    seen: set[int] = set()
 
-    def visit(module: nn.Module, path: str) -> None:
-        if id(module) in seen:
-            return
-        seen.add(id(module))
-        for adapter in adapters:
-            info = adapter.match(path, module)
-            if info is not None:
-                found.append((adapter, info))
-                return
-        for name, child in module.named_children():
-            visit(child, f"{path}.{name}" if path else name)
-
-    visit(model, "")
-    return found
+def _reject_removed_arguments(removed: dict[str, Any]) -> None:
+    old = [k for k in removed if k in _NEURON_ARGUMENTS]
+    if old:
+        fields = ", ".join(f"{_NEURON_ARGUMENTS[k]}={removed[k]!r}" for k in old)
+        raise TypeError(
+            f"MoEMonitor no longer takes {', '.join(old)}: pass "
+            f"neurons=moescope.NeuronOptions({fields}) instead"
+        )
+    raise TypeError(f"MoEMonitor got unexpected keyword argument(s) {sorted(removed)}")
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -118,15 +114,10 @@ class MoEMonitor:
             (default: the world, when initialised with more than one rank).
         neurons: also count the activated neurons inside every chosen expert (see
             ``moescope.stats.neurons``): h = act(gate(x)) * up(x) of every kept
-            (token, slot), counted as it passes and never stored.
-        neuron_threshold: which neurons count as activated: a float = absolute tau, a
-            ``NeuronThreshold``, or None = ``NeuronThreshold.magnitude(0.1)``
-            (``|h_i| > 0.1 * mean_j |h_j|`` of the row; why: see ``moescope.stats.neurons``).
-        neuron_hist_bins: bins of the per-layer histogram of activated counts over [0, I].
-        per_neuron: keep per-neuron firing counts [E, I] int32 per layer (dead and hot
-            neurons, firing frequency); 4 E I bytes per layer, also moved to the host at
-            each snapshot. False keeps O(E) per layer.
-        hot_neurons: how many most-frequently-firing neurons per expert the snapshot lists.
+            (token, slot), counted as it passes and never stored. ``True`` uses the
+            default :class:`~moescope.stats.neurons.NeuronOptions` (threshold
+            ``magnitude(0.1)``, 32 histogram bins, per-neuron firing counts, 8 hot
+            neurons); a ``NeuronOptions(...)`` chooses them. False: routing only.
         counts_only: stage only the chosen experts (serving): usage counts, balance,
             dropped and unique experts per forward; no router-probability metrics
             (entropy, aux/z loss, top-1 are NaN). Fewer ops and bytes per layer call.
@@ -179,20 +170,17 @@ class MoEMonitor:
         alert_rules: Any | None = None,
         attach: bool = True,
         process_group: Any | None = None,
-        neurons: bool = False,
-        neuron_threshold: float | NeuronThreshold | None = None,
-        neuron_hist_bins: int = 32,
-        per_neuron: bool = True,
-        hot_neurons: int = 8,
+        neurons: bool | NeuronOptions = False,
         counts_only: bool = False,
         split_by_mode: bool = False,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        **removed: Any,
     ) -> None:
+        if removed:
+            _reject_removed_arguments(removed)
         if not isinstance(model, nn.Module):
             raise TypeError(f"MoEMonitor needs a torch.nn.Module, got {type(model).__name__}")
         if adapters is None:
-            from moescope.capture.registry import default_adapters
-
             adapters = default_adapters()
         self.model = model
         self.adapters: list[MoEAdapter] = list(adapters)
@@ -242,11 +230,20 @@ class MoEMonitor:
         # with the pipeline makes staging, flushes (also those a forward triggers) and the
         # flush-copy-reset of snapshot() atomic to each other.
         self._lock = self.pipeline.lock
-        self.neurons = bool(neurons)
-        self.neuron_hist_bins = int(neuron_hist_bins)
-        self.per_neuron = bool(per_neuron)
-        self.hot_neurons = int(hot_neurons)
-        self.neuron_threshold = self._as_threshold(neuron_threshold)
+        if isinstance(neurons, NeuronOptions):
+            options: NeuronOptions | None = neurons
+        elif isinstance(neurons, bool):
+            options = NeuronOptions() if neurons else None
+        else:
+            raise TypeError(
+                "neurons must be True, False or a moescope.NeuronOptions(threshold=..., "
+                f"hist_bins=..., per_neuron=..., hot_neurons=...), got {neurons!r}"
+            )
+        self.neurons = options is not None
+        #: The neuron settings (None without neuron monitoring).
+        self.neuron_options = options
+        # The rule in force; set_neuron_threshold replaces it (e.g. after calibration).
+        self.neuron_threshold = as_threshold(None if options is None else options.threshold)
         self._taps: dict[str, NeuronTap] = {}
         self._calibrators: dict[str, NeuronCalibrator] = {}
         self._calibrating = False
@@ -433,19 +430,6 @@ class MoEMonitor:
 
     # ------------------------------------------------------------------ neurons
 
-    @staticmethod
-    def _as_threshold(threshold: float | NeuronThreshold | None) -> NeuronThreshold:
-        if threshold is None:
-            return NeuronThreshold.magnitude()
-        if isinstance(threshold, NeuronThreshold):
-            return threshold
-        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-            return NeuronThreshold.absolute(float(threshold))
-        raise TypeError(
-            "neuron_threshold must be a float (absolute tau), a NeuronThreshold "
-            f"(NeuronThreshold.absolute/magnitude/relative/calibrated) or None, got {threshold!r}"
-        )
-
     def _setup_taps(self) -> None:
         unsupported = []
         for info in self.layers:
@@ -469,6 +453,11 @@ class MoEMonitor:
                 stacklevel=3,
             )
 
+    def _neuron_opts(self) -> NeuronOptions:
+        # Only reached with neuron taps, which exist only when neurons were asked for.
+        assert self.neuron_options is not None
+        return self.neuron_options
+
     def _notify(self, message: str) -> None:
         if not self._switch_warned:
             self._switch_warned = True
@@ -480,8 +469,8 @@ class MoEMonitor:
             self._taps[path].intermediate_size,
             device=device,
             threshold=self.neuron_threshold.for_layer(path),
-            hist_bins=self.neuron_hist_bins,
-            per_neuron=self.per_neuron,
+            hist_bins=self._neuron_opts().hist_bins,
+            per_neuron=self._neuron_opts().per_neuron,
         )
         win.neurons[path] = nacc
         return nacc
@@ -569,7 +558,7 @@ class MoEMonitor:
                 raise ValueError("pass either a threshold or calibrated=..., not both")
             new = self.calibrate_neurons(calibrated)
         else:
-            new = self._as_threshold(threshold)
+            new = as_threshold(threshold)
         self.neuron_threshold = new
         for win in self._windows.values():
             for path, nacc in win.neurons.items():
@@ -678,11 +667,9 @@ class MoEMonitor:
                     nstate,
                     info.num_experts,
                     self._taps[info.path].intermediate_size,
-                    hot_k=self.hot_neurons,
+                    hot_k=self._neuron_opts().hot_neurons,
                 )
-                stats = replace(
-                    stats, **fields, neuron_threshold=self._threshold_label(info.path)
-                )
+                stats = replace(stats, **fields, neuron_threshold=self._threshold_label(info.path))
             layers[info.path] = stats
         snap = Snapshot(
             step=step if step is not None else self._num_snapshots,

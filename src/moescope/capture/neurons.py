@@ -277,8 +277,8 @@ def _attach_moduledict(
         if not ctx.counting:
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
-        disp = args[1] if len(args) > 1 else kwargs.get(
-            "router_mask" if nllb else "selected_experts"
+        disp = (
+            args[1] if len(args) > 1 else kwargs.get("router_mask" if nllb else "selected_experts")
         )
         if not isinstance(hidden, torch.Tensor) or not isinstance(disp, torch.Tensor):
             return
@@ -287,7 +287,9 @@ def _attach_moduledict(
         pending["mask"] = stack_token_mask(ctx, path, t)
         pending["t"] = t
 
-    def experts_post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def experts_post(
+        mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
         pending.clear()
 
     def make_hook(e: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:

@@ -93,9 +93,7 @@ class NNAdapter:
         # The layer's own token_mask argument of the current call, flattened to [T].
         slot: dict[str, torch.Tensor | None] = {"mask": None}
 
-        def pre_hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> None:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)
             slot["mask"] = mask.reshape(-1) if isinstance(mask, torch.Tensor) else None
 

@@ -64,7 +64,15 @@ BREAKDOWN_KEYS: tuple[str, ...] = (
 
 _SHARED_PREFIXES = ("shared_expert", "shared_mlp")
 _ATTENTION_NAMES = frozenset(
-    {"self_attn", "attn", "attention", "self_attention", "cross_attn", "encoder_attn", "linear_attn"}
+    {
+        "self_attn",
+        "attn",
+        "attention",
+        "self_attention",
+        "cross_attn",
+        "encoder_attn",
+        "linear_attn",
+    }
 )
 _FFN_NAMES = frozenset({"mlp", "feed_forward", "ffn", "block_sparse_moe", "dense_relu_dense"})
 
@@ -220,7 +228,7 @@ def _config_from_dict(data: dict[str, Any]) -> Any:
     if not isinstance(model_type, str) or not model_type:
         raise CostConfigError(
             "the config has no 'model_type' field; pass a transformers config.json "
-            "(it names the architecture, e.g. \"model_type\": \"mixtral\")"
+            '(it names the architecture, e.g. "model_type": "mixtral")'
         )
     transformers = _transformers()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -442,8 +450,15 @@ def _towers(model: nn.Module, config: Any) -> dict[int, str]:
             continue
         # Inside the text tower: only a module named for its modality, e.g. vision_moe.
         parts = pname.split(".")[:-1]
-        hit = next((t for part in parts if part.endswith(("_moe", "_experts", "_mlp"))
-                    and (t := _word_tower(part)) is not None), None)
+        hit = next(
+            (
+                t
+                for part in parts
+                if part.endswith(("_moe", "_experts", "_mlp"))
+                and (t := _word_tower(part)) is not None
+            ),
+            None,
+        )
         if hit is not None:
             tower[id(p)] = hit
     return tower
@@ -477,10 +492,16 @@ def _moe_blocks(model: nn.Module) -> list[_Block]:
         for m in experts:
             for p in m.parameters():
                 roles.setdefault(id(p), "routed_experts")
-        routers = [info.router] if info.router is not None else [
-            c for n, c in block.named_children()
-            if n in ROUTER_NAMES or any(s in type(c).__name__.lower() for s in ("router", "gate"))
-        ]
+        routers = (
+            [info.router]
+            if info.router is not None
+            else [
+                c
+                for n, c in block.named_children()
+                if n in ROUTER_NAMES
+                or any(s in type(c).__name__.lower() for s in ("router", "gate"))
+            ]
+        )
         for r in routers:
             for p in r.parameters():
                 roles.setdefault(id(p), "router")
@@ -629,8 +650,15 @@ def analyze_model(
                 routed[idx] += n
                 carries = pid in splits[idx][2]
                 params.append(
-                    _ParamInfo(pname, n, r, p.dim() >= 2 and not pname.endswith("bias"),
-                               idx, carries, tower=t)
+                    _ParamInfo(
+                        pname,
+                        n,
+                        r,
+                        p.dim() >= 2 and not pname.endswith("bias"),
+                        idx,
+                        carries,
+                        tower=t,
+                    )
                 )
                 continue
             if r == "shared_experts":

@@ -5,6 +5,9 @@ math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per 
 - :func:`create_moe_callback_for_pytorch` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
 
+All of them take the same frozen :class:`MoECallbackOptions` (one docstring lists every
+setting); the factories keep the seeds' signatures and build it from their arguments.
+
 Framework modules are imported lazily, so importing this package needs torch only.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "MoECallbackOptions",
     "MoELightningCallback",
     "MoEPyTorchCallback",
     "MoETrainerCallback",
@@ -22,6 +26,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "MoECallbackOptions": ("moescope.integrations.options", "MoECallbackOptions"),
     "TrainingSession": ("moescope.integrations.core", "TrainingSession"),
     "MoEPyTorchCallback": ("moescope.integrations.pytorch", "MoEPyTorchCallback"),
     "create_moe_callback_for_pytorch": (

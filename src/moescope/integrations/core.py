@@ -22,34 +22,45 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
   ``moe/eval/...`` for evaluation windows), optionally restricted to some per-layer
   metrics. No metric is computed here.
 - **Sinks, rank 0 only.** ``resolve_loggers(logger)``, plus a ``ConsoleSink`` when
-  ``log_to_console`` and a ``JsonlSink`` at ``<log_dir>/moe_detailed.jsonl`` when
-  ``save_detailed_logs`` (train windows: full snapshot + alerts per line). Every
-  ``log_heatmap_every`` steps, PNGs go to ``<log_dir>/heatmaps/`` and to the sinks'
-  ``log_images``: ``moe/<layer>/usage_heatmap`` (experts x steps, the layer's usage over
-  the run so far, from the monitor's bounded history) and ``moe/usage_heatmap`` (layers x
-  experts for the current window).
+  ``log_to_console``, a ``JsonlSink`` at ``<log_dir>/moe_detailed.jsonl`` when
+  ``save_detailed_logs`` (train windows: snapshot + alerts per line, bounded size) and a
+  ``FigureDirSink`` writing PNGs to ``<log_dir>/heatmaps/`` when heatmaps are on. Each
+  window becomes ONE :class:`~moescope.sinks.event.LogEvent` (step, snapshot, metrics,
+  alerts, figures) and every sink gets ``write(event)`` then ``flush()``
+  (:meth:`TrainingSession._publish`). Every ``log_heatmap_every`` steps, if some sink
+  ``wants_figures``, the event carries matplotlib figures built once:
+  ``moe/<layer>/usage_heatmap`` (experts x steps, the layer's usage over the run so far,
+  from the monitor's bounded history) and ``moe/usage_heatmap`` (layers x experts for the
+  current window); the event owns them and they are dropped with it.
 - **Alerts.** :class:`~moescope.alerts.AlertRules` built from the thresholds run on every
-  train window (on every rank, so an ``on_alert`` that raises stops all ranks alike); the
-  sinks get them first (console lines in the seeds' format), then ``on_alert`` is called
-  per alert, and ``stop_on_alert`` sets :attr:`TrainingSession.should_stop`, which the
-  framework adapters turn into their own stop signal.
+  train window (on every rank, so an ``on_alert`` that raises stops all ranks alike); an
+  :class:`~moescope.alerts.AlertTracker` groups repeats across windows (the event's
+  ``alert_update``: new / still firing / resolved; the console prints a firing alert once,
+  in the seeds' format, with its threshold and a remediation). The sinks get them first,
+  then ``on_alert`` is called per alert (repeats included), and ``stop_on_alert`` sets
+  :attr:`TrainingSession.should_stop`, which the framework adapters turn into their own
+  stop signal.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from moescope.alerts import Alert, AlertRules, format_alert
+from moescope.alerts import Alert, AlertRules, AlertTracker, format_update
+from moescope.integrations.options import MoECallbackOptions, options_from
 from moescope.monitor import MoEMonitor
+from moescope.sinks import resolve_loggers
 from moescope.sinks.base import Sink
-from moescope.stats.snapshot import LAYER_SCALAR_METRICS, Snapshot
+from moescope.sinks.event import LogEvent
+from moescope.sinks.figures import FigureDirSink
+from moescope.stats.snapshot import Snapshot
 
 __all__ = [
     "DETAILED_LOG_NAME",
@@ -63,8 +74,6 @@ _log = logging.getLogger("moescope")
 #: File name of the detailed JSONL log inside ``log_dir``.
 DETAILED_LOG_NAME = "moe_detailed.jsonl"
 
-AlertCallback = Callable[[Alert], None]
-
 
 def is_rank_zero() -> bool:
     """True unless ``torch.distributed`` is initialised and this is not global rank 0."""
@@ -75,117 +84,63 @@ def is_rank_zero() -> bool:
     return True
 
 
-def _positive_or_none(name: str, value: int | None) -> int | None:
-    if value is None or value == 0:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a positive int (or None/0 to disable), got {value!r}")
-    return value
-
-
-def _safe_file_name(layer: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer) or "layer"
-
-
 class TrainingSession:
     """Monitors, cadence, sinks and alerts of one training run (framework independent).
 
     Args:
-        log_every_n_steps: end the train window every this many optimizer steps (>= 1).
-        logger: anything :func:`moescope.sinks.resolve_loggers` accepts (wandb module or
-            run, ``SummaryWriter``, the mlflow module, an object with
-            ``log(dict, step=...)``, a ``Sink``, or a list of them), or None.
-        log_to_console: print a per-layer table per train window and the alert lines.
-        log_heatmap_every: write one expert-usage heatmap per layer every this many
-            steps (at the first train window ending at or after each multiple); None or 0
-            disables. Needs matplotlib (extra ``plots``); without it heatmaps are skipped
-            with one warning.
-        alert_threshold_imbalance: ``max_over_mean`` above this alerts (None disables).
-        unused_expert_threshold: a fraction of unused experts at or above this alerts.
-        entropy_threshold: routing entropy (nats) below this alerts.
-        save_detailed_logs: also write every window as JSON lines to
-            ``<log_dir>/moe_detailed.jsonl``.
-        log_dir: where heatmaps and detailed logs go; the framework adapters fill a
-            default (e.g. ``<output_dir>/moe_logs``) when None.
-        alert_rules: a ready :class:`AlertRules` instead of the three thresholds.
-        on_alert: called with every :class:`Alert` of a train window, after the sinks;
-            it may raise to stop training.
-        stop_on_alert: set :attr:`should_stop` when any alert fires.
-        track_eval: keep a separate eval window (forwards in eval mode); else eval-mode
-            forwards are not logged (they still land in the monitor's ``"eval"`` window,
-            which is discarded at every train window, never in the train window).
-        per_layer: include ``moe/<layer>/<metric>`` keys (else model-level keys only).
-        layer_metrics: which per-layer metrics (names of ``LAYER_SCALAR_METRICS``);
-            None = all.
-        prefix: first key component (``"moe"``).
-        monitor_kwargs: extra keyword arguments for the :class:`MoEMonitor`
-            (``adapters``, ``history``, ``coactivation``, ``process_group``, ...);
-            ``split_by_mode`` and ``attach`` are the session's.
+        options: a :class:`~moescope.integrations.options.MoECallbackOptions` (every
+            setting is documented there once); None = its defaults.
+        **overrides: fields of ``MoECallbackOptions`` applied on top of ``options``
+            (``TrainingSession(log_every_n_steps=10)`` is
+            ``TrainingSession(MoECallbackOptions(log_every_n_steps=10))``).
+
+    Raises:
+        TypeError / ValueError: a bad option (at construction), or a ``logger`` that
+            :func:`moescope.sinks.resolve_loggers` does not accept.
 
     Attributes:
+        options: the frozen options this session was built from.
         monitor: the one :class:`MoEMonitor` (None before :meth:`attach`); its window
             ``"train"`` holds the train counts, ``"eval"`` the eval counts, and its
             ``history`` the train snapshots only.
         train_monitor, eval_monitor: backward-compatible names; both are :attr:`monitor`
             (``eval_monitor`` is None when ``track_eval=False``). Not two monitors.
+
+    The options are also readable as attributes (``session.log_every_n_steps``, ...);
+    ``log_dir`` is the one a framework adapter may fill in at train start.
     """
 
-    def __init__(
-        self,
-        log_every_n_steps: int = 50,
-        logger: Any = None,
-        log_to_console: bool = True,
-        log_heatmap_every: int | None = 500,
-        alert_threshold_imbalance: float | None = 4.0,
-        unused_expert_threshold: float | None = 0.25,
-        entropy_threshold: float | None = 0.1,
-        save_detailed_logs: bool = False,
-        log_dir: str | Path | None = None,
-        alert_rules: AlertRules | None = None,
-        on_alert: AlertCallback | None = None,
-        stop_on_alert: bool = False,
-        track_eval: bool = True,
-        per_layer: bool = True,
-        layer_metrics: Sequence[str] | None = None,
-        prefix: str = "moe",
-        monitor_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or (
-            log_every_n_steps < 1
-        ):
-            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
-        if layer_metrics is not None:
-            unknown = sorted(set(layer_metrics) - set(LAYER_SCALAR_METRICS))
-            if unknown:
-                raise ValueError(
-                    f"unknown layer_metrics {unknown}; choose from {list(LAYER_SCALAR_METRICS)}"
-                )
-        if on_alert is not None and not callable(on_alert):
-            raise TypeError(f"on_alert must be callable(Alert) or None, got {on_alert!r}")
-        self.log_every_n_steps = log_every_n_steps
-        self.log_heatmap_every = _positive_or_none("log_heatmap_every", log_heatmap_every)
-        self.logger = logger
-        self.log_to_console = bool(log_to_console)
-        self.save_detailed_logs = bool(save_detailed_logs)
-        self.log_dir: Path | None = Path(log_dir) if log_dir is not None else None
-        self.alert_rules = alert_rules if alert_rules is not None else AlertRules(
-            imbalance_threshold=alert_threshold_imbalance,
-            unused_fraction_threshold=unused_expert_threshold,
-            entropy_threshold=entropy_threshold,
-        )
-        if self.alert_rules.on_alert is not None and on_alert is None:
-            # A ready AlertRules carrying its own callback: call it after the sinks too.
-            on_alert, self.alert_rules.on_alert = self.alert_rules.on_alert, None
+    def __init__(self, options: MoECallbackOptions | None = None, **overrides: Any) -> None:
+        opts = options_from(options, overrides)
+        self.options = opts
+        self.log_every_n_steps = opts.log_every_n_steps
+        self.log_heatmap_every = opts.log_heatmap_every
+        self.logger = opts.logger
+        self.log_to_console = opts.log_to_console
+        self.save_detailed_logs = opts.save_detailed_logs
+        self.log_dir: Path | None = Path(opts.log_dir) if opts.log_dir is not None else None
+        on_alert = opts.on_alert
+        if opts.alert_rules is not None:
+            # A copy: the session moves a ready AlertRules' own callback after the sinks,
+            # and the (frozen, reusable) options must keep theirs.
+            self.alert_rules = copy.copy(opts.alert_rules)
+            if self.alert_rules.on_alert is not None and on_alert is None:
+                on_alert, self.alert_rules.on_alert = self.alert_rules.on_alert, None
+        else:
+            self.alert_rules = AlertRules(
+                imbalance_threshold=opts.alert_threshold_imbalance,
+                unused_fraction_threshold=opts.unused_expert_threshold,
+                entropy_threshold=opts.entropy_threshold,
+            )
         self.on_alert = on_alert
-        self.stop_on_alert = bool(stop_on_alert)
-        self.track_eval = bool(track_eval)
-        self.per_layer = bool(per_layer)
-        self.layer_metrics = None if layer_metrics is None else tuple(layer_metrics)
-        self.prefix = prefix
-        self.monitor_kwargs = dict(monitor_kwargs or {})
+        self.stop_on_alert = opts.stop_on_alert
+        self.track_eval = opts.track_eval
+        self.per_layer = opts.per_layer
+        self.layer_metrics = opts.layer_metrics
+        self.prefix = opts.prefix
+        self.monitor_kwargs = dict(opts.monitor_kwargs)
+        logger = opts.logger
         # Resolve now so a bad ``logger=`` fails at construction, not at the first log step.
-        from moescope.sinks import resolve_loggers
-
         self._user_sinks = resolve_loggers(logger)
         # Sink objects the user passed in themselves: flushed at the end, never closed.
         self._user_owned = {id(x) for x in _flatten(logger)}
@@ -284,8 +239,12 @@ class TrainingSession:
     # ------------------------------------------------------------------ cadence
 
     def is_log_step(self, step: int) -> bool:
-        """Whether the train window ends at optimizer step ``step`` (1-based count)."""
-        return step > 0 and step % self.log_every_n_steps == 0 and step != self.last_train_step
+        """Whether the train window ends at optimizer step ``step`` (1-based count);
+        always False with ``log_every_n_steps=None`` (the framework decides)."""
+        every = self.log_every_n_steps
+        if every is None:
+            return False
+        return step > 0 and step % every == 0 and step != self.last_train_step
 
     def has_unlogged_steps(self, step: int) -> bool:
         """Whether steps after the last train window are waiting (for a final window)."""
@@ -303,7 +262,7 @@ class TrainingSession:
         head = f"{prefix}/" if prefix else ""
         out: dict[str, float] = {}
         for key, value in flat.items():
-            rest = key[len(head):]
+            rest = key[len(head) :]
             if "/" not in rest:
                 out[key] = value  # model-level aggregate
             elif self.per_layer and rest.rsplit("/", 1)[1] in keep_layer:
@@ -322,23 +281,30 @@ class TrainingSession:
         self.last_metrics = metrics
         alerts = self.alert_rules.check(snap)
         self.last_alerts = alerts
+        tracker = self._tracker()
+        update = tracker.update(alerts, step)
         rank_zero = is_rank_zero() if rank_zero is None else rank_zero
-        images: dict[str, Path] = {}
         if rank_zero:
-            images = self._maybe_heatmaps(snap, step)
-            self.last_images = images
-            for sink in self._get_sinks():
-                sink.log_metrics(metrics, step)
-                # Alerts before the snapshot: the JSONL sink then embeds them in its line.
-                if alerts:
-                    sink.log_alerts(alerts, step)
-                sink.log_snapshot(snap, step)
-                if images:
-                    sink.log_images(images, step)
-                sink.flush()
-            if alerts and not self.log_to_console:
-                for a in alerts:
-                    _log.warning(format_alert(a))
+            sinks = self._get_sinks()
+            event = LogEvent(
+                step=step,
+                snapshot=snap,
+                metrics=metrics,
+                alerts=tuple(alerts),
+                alert_update=update,
+                figures=self._maybe_heatmaps(snap, step, sinks),
+            )
+            self._publish(sinks, event)
+            self.last_images = (
+                dict(self._figure_dir.last_paths)
+                if (self._figure_dir is not None and event.figures)
+                else {}
+            )
+            del event  # the figures go with it (Agg canvases, no pyplot registry)
+            if not self.log_to_console:
+                # Grouped like the console: new alerts in full, then "still firing".
+                for line in format_update(update, tracker.hinted):
+                    _log.warning(line)
         if alerts and self.stop_on_alert:
             self.should_stop = True
         if self.on_alert is not None:
@@ -364,9 +330,9 @@ class TrainingSession:
         self.last_eval_metrics = metrics
         rank_zero = is_rank_zero() if rank_zero is None else rank_zero
         if rank_zero:
-            for sink in self._get_sinks():
-                sink.log_metrics(metrics, step)
-                sink.flush()
+            self._publish(
+                self._get_sinks(), LogEvent(step=step, snapshot=snap, metrics=metrics, mode="eval")
+            )
         return metrics
 
     def discard_eval_window(self) -> None:
@@ -384,6 +350,23 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ sinks
 
+    # Per-session alert grouping and the PNG folder sink, created on first use (class
+    # defaults keep them out of __init__).
+    _alert_tracker: AlertTracker | None = None
+    _figure_dir: FigureDirSink | None = None
+
+    def _tracker(self) -> AlertTracker:
+        if self._alert_tracker is None:
+            self._alert_tracker = AlertTracker()
+        return self._alert_tracker
+
+    @staticmethod
+    def _publish(sinks: Sequence[Sink], event: LogEvent) -> None:
+        """The one place events reach the sinks: ``write`` then ``flush``, in order."""
+        for sink in sinks:
+            sink.write(event)
+            sink.flush()
+
     def _get_sinks(self) -> list[Any]:
         # Built lazily, on rank 0 only: other ranks never open files.
         if self._sinks is None:
@@ -396,6 +379,9 @@ class TrainingSession:
                 path = self._dir() / DETAILED_LOG_NAME
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sinks.append(JsonlSink(path))
+            if self.log_heatmap_every is not None:
+                self._figure_dir = FigureDirSink(self._dir() / "heatmaps")
+                sinks.append(self._figure_dir)
             self._sinks = sinks
         return self._sinks
 
@@ -413,37 +399,37 @@ class TrainingSession:
         """``<log_dir>/moe_detailed.jsonl``."""
         return self._dir() / DETAILED_LOG_NAME
 
-    def _maybe_heatmaps(self, snap: Snapshot, step: int) -> dict[str, Path]:
+    def _maybe_heatmaps(self, snap: Snapshot, step: int, sinks: Sequence[Sink]) -> dict[str, Any]:
+        """The event's figures when the heatmap cadence is due and a sink wants them:
+        ``<prefix>/usage_heatmap`` (layers x experts of this window) and
+        ``<prefix>/<layer>/usage_heatmap`` (experts x steps from the monitor's history)."""
         if self._next_heatmap is None or step < self._next_heatmap:
             return {}
         every = self.log_heatmap_every
         assert every is not None
         self._next_heatmap = (step // every + 1) * every
-        mon = self.monitor
+        if not any(getattr(s, "wants_figures", False) for s in sinks):
+            return {}
         try:
-            from moescope.report.plots import save_png, usage_heatmap, usage_over_time
+            from moescope.report.plots import usage_heatmap, usage_over_time
         except ImportError as err:
             if not self._plots_missing_warned:
                 _log.warning(
                     "moescope: usage heatmaps skipped (%s); install the 'plots' extra: "
-                    "pip install 'moescope[plots]'", err,
+                    "pip install 'moescope[plots]'",
+                    err,
                 )
                 self._plots_missing_warned = True
             return {}
-        out_dir = self._dir() / "heatmaps"
         head = f"{self.prefix}/" if self.prefix else ""
-        images: dict[str, Path] = {}
-        # The figures live on their own Agg canvas (no pyplot registry): dropping the
-        # reference frees them.
-        images[f"{head}usage_heatmap"] = save_png(
-            usage_heatmap(snap), out_dir / f"all_layers_step{step}.png"
-        )
+        figures: dict[str, Any] = {f"{head}usage_heatmap": usage_heatmap(snap)}
+        mon = self.monitor
         if mon is not None and mon.history is not None:
             for layer in mon.history.layers:
-                fig = usage_over_time(mon.history, layer, kind="heatmap")
-                path = out_dir / f"{_safe_file_name(layer)}_step{step}.png"
-                images[f"{head}{layer}/usage_heatmap"] = save_png(fig, path)
-        return images
+                figures[f"{head}{layer}/usage_heatmap"] = usage_over_time(
+                    mon.history, layer, kind="heatmap"
+                )
+        return figures
 
     def close(self) -> None:
         """Detach and flush/close the sinks this session opened (idempotent)."""
@@ -461,23 +447,19 @@ class TrainingSession:
 
 
 class ExtrasOnlySink(Sink):
-    """Forwards images and alerts only, for a destination that already receives the
-    scalars another way (e.g. through transformers' ``report_to`` callbacks)."""
+    """Forwards figures and alerts only (no metrics, no snapshot), for a destination that
+    already receives the scalars another way (e.g. through transformers' ``report_to``
+    callbacks)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
+    @property
+    def wants_figures(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "wants_figures", False))
 
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
-        pass
-
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
-        self.inner.log_alerts(alerts, step)
-
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        self.inner.log_images(images, step)
+    def write(self, event: LogEvent) -> None:
+        self.inner.write(event.without("snapshot", "metrics"))
 
     def flush(self) -> None:
         self.inner.flush()

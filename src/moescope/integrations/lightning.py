@@ -31,12 +31,9 @@ from typing import Any
 from torch import nn
 
 from moescope._optional import require
-from moescope.integrations.core import (
-    AlertCallback,
-    ExtrasOnlySink,
-    TrainingSession,
-    finite_only,
-)
+from moescope.integrations.core import ExtrasOnlySink, TrainingSession, finite_only
+from moescope.integrations.options import MoECallbackOptions
+from moescope.sinks import resolve_loggers
 
 try:  # the unified package first, then the standalone one
     import lightning.pytorch as pl
@@ -49,73 +46,46 @@ __all__ = ["MoELightningCallback"]
 class MoELightningCallback(pl.Callback):
     """Monitors the MoE layers of a ``LightningModule`` during ``trainer.fit``.
 
+    ``MoELightningCallback(MoECallbackOptions(log_every_n_steps=50, ...))`` or, the same,
+    ``MoELightningCallback(log_every_n_steps=50, ...)``: keyword arguments other than the
+    two below are :class:`~moescope.integrations.options.MoECallbackOptions` fields
+    (documented there once), applied on top of ``options``. Positional settings are not
+    accepted (the first positional argument is ``options``).
+
     Args:
-        log_every_n_steps: optimizer steps (``trainer.global_step``) per train window.
-        logger: extra destinations (wandb module/run, ``SummaryWriter``, mlflow module,
-            object with ``log(dict, step=...)``, ``Sink``, or a list).
-        log_to_console: per-layer table per window and the seeds' alert lines.
-        log_heatmap_every: steps between usage heatmaps (PNGs in
-            ``<log_dir>/heatmaps``); None/0 disables.
-        alert_threshold_imbalance, unused_expert_threshold, entropy_threshold: alert
-            thresholds (see :class:`~moescope.alerts.AlertRules`).
-        save_detailed_logs: JSON lines in ``<log_dir>/moe_detailed.jsonl``.
-        log_dir: default ``<trainer.log_dir or default_root_dir>/moe_logs``.
-        on_alert: called per Alert (may raise to stop training; hooks are removed first).
-        stop_on_alert: set ``trainer.should_stop`` when an alert fires.
+        options: the shared options (None = defaults). ``log_every_n_steps`` counts
+            optimizer steps (``trainer.global_step``) and must be an int here;
+            ``stop_on_alert`` sets ``trainer.should_stop``; ``log_dir`` defaults to
+            ``<trainer.log_dir or default_root_dir>/moe_logs``.
         use_trainer_loggers: send the metrics to ``trainer.loggers``; default True when
             ``logger`` is None.
-        track_eval, per_layer, layer_metrics, alert_rules, monitor_kwargs: see
-            :class:`~moescope.integrations.core.TrainingSession`.
         module: the sub-module to monitor (an attribute path such as ``"model"`` or the
             module itself); default: the shallowest sub-module whose ``forward`` takes
             ``attention_mask``, else the whole LightningModule. Layer names in the keys
             are relative to it.
+        **overrides: ``MoECallbackOptions`` fields.
     """
 
     def __init__(
         self,
-        log_every_n_steps: int = 50,
-        logger: Any = None,
-        log_to_console: bool = True,
-        log_heatmap_every: int | None = 500,
-        alert_threshold_imbalance: float | None = 4.0,
-        unused_expert_threshold: float | None = 0.25,
-        entropy_threshold: float | None = 0.1,
-        save_detailed_logs: bool = False,
+        options: MoECallbackOptions | None = None,
         *,
-        log_dir: str | Path | None = None,
-        on_alert: AlertCallback | None = None,
-        stop_on_alert: bool = False,
         use_trainer_loggers: bool | None = None,
-        track_eval: bool = True,
-        per_layer: bool = True,
-        layer_metrics: list[str] | tuple[str, ...] | None = None,
-        alert_rules: Any = None,
-        monitor_kwargs: dict[str, Any] | None = None,
         module: str | nn.Module | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
         self.module = module
-        self.session = TrainingSession(
-            log_every_n_steps=log_every_n_steps,
-            logger=logger,
-            log_to_console=log_to_console,
-            log_heatmap_every=log_heatmap_every,
-            alert_threshold_imbalance=alert_threshold_imbalance,
-            unused_expert_threshold=unused_expert_threshold,
-            entropy_threshold=entropy_threshold,
-            save_detailed_logs=save_detailed_logs,
-            log_dir=log_dir,
-            alert_rules=alert_rules,
-            on_alert=on_alert,
-            stop_on_alert=stop_on_alert,
-            track_eval=track_eval,
-            per_layer=per_layer,
-            layer_metrics=layer_metrics,
-            monitor_kwargs=monitor_kwargs,
-        )
+        self.session = TrainingSession(options, **overrides)
+        if self.session.log_every_n_steps is None:
+            raise ValueError(
+                "log_every_n_steps=None is not supported by the Lightning callback; pass "
+                "an int >= 1 (optimizer steps per window)"
+            )
         self.use_trainer_loggers = (
-            logger is None if use_trainer_loggers is None else bool(use_trainer_loggers)
+            self.session.logger is None
+            if use_trainer_loggers is None
+            else bool(use_trainer_loggers)
         )
 
     # ------------------------------------------------------------------ helpers
@@ -176,12 +146,11 @@ class MoELightningCallback(pl.Callback):
     def _adopt_logger_experiments(self, trainer: Any) -> None:
         """Images and alerts to the trainer's loggers' own backends (a TensorBoard
         ``SummaryWriter``, a W&B run): Lightning's ``log_metrics`` carries scalars only."""
-        from moescope.sinks import resolve_loggers
-
         found: list[Any] = []
+        # Lightning's public logger classes; ``experiment`` is their public backend handle.
+        kinds = (pl.loggers.TensorBoardLogger, pl.loggers.WandbLogger)
         for lg in trainer.loggers:
-            name = type(lg).__name__
-            if name not in ("TensorBoardLogger", "WandbLogger"):
+            if not isinstance(lg, kinds):
                 continue
             try:
                 found.extend(ExtrasOnlySink(x) for x in resolve_loggers(lg.experiment))
@@ -193,7 +162,9 @@ class MoELightningCallback(pl.Callback):
     # flags: Lightning >= 2.2 keeps sub-modules that were in eval mode at fit start (e.g. a
     # transformers model from ``from_pretrained``) in eval mode during training.
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.session.attached:
             self.session.force_window("train")
 

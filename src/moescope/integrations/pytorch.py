@@ -24,7 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from moescope.integrations.core import AlertCallback, TrainingSession
+from moescope.integrations.core import TrainingSession
+from moescope.integrations.options import AlertCallback, MoECallbackOptions, factory_options
 
 __all__ = ["MoEPyTorchCallback", "create_moe_callback_for_pytorch"]
 
@@ -32,7 +33,11 @@ __all__ = ["MoEPyTorchCallback", "create_moe_callback_for_pytorch"]
 class MoEPyTorchCallback:
     """Step-driven MoE monitoring for a hand-written training loop.
 
-    Attached to ``model`` on construction. ``on_step_end()`` counts one optimizer step
+    Attached to ``model`` on construction. Built by :func:`create_moe_callback_for_pytorch`
+    or directly: ``MoEPyTorchCallback(model, MoECallbackOptions(...))``,
+    ``MoEPyTorchCallback(model, log_every_n_steps=10)`` (keywords: the fields of
+    :class:`~moescope.integrations.options.MoECallbackOptions`), or with a ready
+    :class:`~moescope.integrations.core.TrainingSession`. ``on_step_end()`` counts one optimizer step
     and, every ``log_every_n_steps`` steps, snapshots the window (all forwards in train
     mode since the last one, every micro-batch included), logs it, checks the alerts.
 
@@ -42,7 +47,21 @@ class MoEPyTorchCallback:
             ``step=`` last passed).
     """
 
-    def __init__(self, model: nn.Module, session: TrainingSession) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        session: TrainingSession | MoECallbackOptions | None = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(session, TrainingSession):
+            session = TrainingSession(session, **overrides)
+        elif overrides:
+            raise TypeError("pass options either as a TrainingSession or as keywords, not both")
+        if session.log_every_n_steps is None:
+            raise ValueError(
+                "log_every_n_steps=None (follow the framework's logging) has no meaning in a "
+                "plain loop; pass an int >= 1"
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"create_moe_callback_for_pytorch needs the model (a torch.nn.Module), got "
@@ -163,37 +182,16 @@ def create_moe_callback_for_pytorch(
 
     Args:
         model: the MoE model (any ``nn.Module`` a moescope adapter recognises).
-        log_every_n_steps: ``on_step_end`` calls per window.
-        logger: wandb module/run, ``SummaryWriter``, mlflow module, object with
-            ``log(dict, step=...)``, ``Sink``, or a list of them.
-        log_to_console: per-layer table per window and the seeds' alert lines.
-        log_heatmap_every: steps between usage heatmaps (PNGs in ``<log_dir>/heatmaps``);
-            None/0 disables.
-        alert_threshold_imbalance, unused_expert_threshold, entropy_threshold: alert
-            thresholds (see :class:`~moescope.alerts.AlertRules`).
-        save_detailed_logs: JSON lines in ``<log_dir>/moe_detailed.jsonl``.
-        log_dir: folder for heatmaps and detailed logs (created on first write).
-        on_alert: called per Alert (may raise to stop; the hooks are removed first).
+        log_every_n_steps: ``on_step_end`` calls per window (an int here: a plain loop
+            has no logging cadence of its own to follow).
+        log_dir: folder for heatmaps and detailed logs (default ``moe_logs``).
         stop_on_alert: set :attr:`MoEPyTorchCallback.should_stop` when an alert fires.
-        track_eval, per_layer, layer_metrics, alert_rules, monitor_kwargs: see
-            :class:`~moescope.integrations.core.TrainingSession`.
+
+    Every other argument is the :class:`~moescope.integrations.options.MoECallbackOptions`
+    field of the same name (documented there), with the seeds' defaults.
+
+    Returns:
+        A :class:`MoEPyTorchCallback`, attached to ``model``.
     """
-    session = TrainingSession(
-        log_every_n_steps=log_every_n_steps,
-        logger=logger,
-        log_to_console=log_to_console,
-        log_heatmap_every=log_heatmap_every,
-        alert_threshold_imbalance=alert_threshold_imbalance,
-        unused_expert_threshold=unused_expert_threshold,
-        entropy_threshold=entropy_threshold,
-        save_detailed_logs=save_detailed_logs,
-        log_dir=log_dir,
-        alert_rules=alert_rules,
-        on_alert=on_alert,
-        stop_on_alert=stop_on_alert,
-        track_eval=track_eval,
-        per_layer=per_layer,
-        layer_metrics=layer_metrics,
-        monitor_kwargs=monitor_kwargs,
-    )
-    return MoEPyTorchCallback(model, session)
+    options = factory_options(locals())
+    return MoEPyTorchCallback(model, options)

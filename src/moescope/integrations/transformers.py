@@ -1,42 +1,44 @@
-"""transformers ``Trainer`` integration: :func:`create_moe_callback_for_transformers`.
+"""transformers ``Trainer`` integration: :class:`MoETrainerCallback` and the seed factory
+:func:`create_moe_callback_for_transformers`. Public transformers API only.
 
-How the metrics reach the Trainer's own logging (checked against transformers 5.23's
-``trainer.py`` / ``trainer_callback.py``):
+How the metrics reach the Trainer's own logging (read off transformers 5.24's
+``trainer.py`` / ``trainer_callback.py``; user guide: ``docs/transformers.md``):
 
 - ``Trainer.log(logs)`` appends a *copy* ``{**logs, "step": global_step}`` to
-  ``state.log_history`` and then calls ``on_log(logs)`` on every callback in list order:
-  ``DefaultFlowCallback``, then the ``report_to`` integrations (TensorBoard, W&B, MLflow,
-  ...), then the user's callbacks. A user callback that adds keys to ``logs`` in ``on_log``
-  is therefore too late for the ``report_to`` destinations. So, at ``on_init_end`` /
-  ``on_train_begin``, this callback moves itself right after ``DefaultFlowCallback`` in the
-  Trainer's ``CallbackHandler`` (found from the call stack; callbacks are given no
-  reference to the trainer). Its ``on_log`` then adds the ``moe/...`` keys to ``logs``
-  before any reporting callback sees them, and to the ``state.log_history`` entry just
-  written. The reporting integrations apply their own renaming (TensorBoard and W&B write
-  ``train/moe/avg_expert_cv``).
+  ``state.log_history``, then calls every callback's ``on_log`` in list order with the
+  *same* ``logs`` dict. The list is ``DefaultFlowCallback``, the ``report_to``
+  integrations (TensorBoard, W&B, MLflow, ...), the user's ``callbacks=[...]`` in their
+  order, and last the console printer (``PrinterCallback`` with ``disable_tqdm=True``,
+  else ``ProgressCallback``, which prints the whole ``logs`` dict).
+- So keys this callback adds to ``logs`` in ``on_log`` reach the ``report_to``
+  integrations only if it runs before them. :meth:`MoETrainerCallback.attach_to_trainer`
+  puts it there with the Trainer's public ``pop_callback`` / ``add_callback``; without it
+  (plain ``callbacks=[cb]``) the metrics still reach ``state.log_history``, the printer and
+  moescope's own sinks, and a warning at train start says that the ``report_to``
+  destinations will not get them.
+- What goes into ``logs`` (so to ``report_to`` and the console printer): by default only
+  the seeds' three headline keys (:data:`TRAINER_SUMMARY_METRICS`, e.g.
+  ``moe/avg_expert_cv``; ``moe/eval/...`` for evaluations), so the printed line stays short;
+  ``trainer_logs="all"`` puts every key there. ``state.log_history`` always gets the full
+  set (``moe/<layer>/<metric>`` included), and so does every ``logger=`` sink.
 - The train window ends in ``on_step_end`` every ``log_every_n_steps`` optimizer steps
-  (and at the last step); the callback then sets ``control.should_log`` so the Trainer
-  calls ``log`` at that very step, where the metrics are added. Snapshots are taken on
-  every rank at the same steps (the all-reduce is collective); sinks write on rank 0 only.
-- Evaluation: forwards in eval mode go to a separate window. ``Trainer.evaluate`` logs
-  its metrics (``eval_loss``, ``eval_runtime``, ...) before calling ``on_evaluate``; the
-  ``on_log`` that carries ``<prefix>_runtime`` and no training ``loss`` ends the eval window
-  and adds ``moe/eval/...`` keys (``moe/<prefix>/...`` for other metric prefixes, e.g.
-  ``eval_valid2`` with several eval datasets); ``on_evaluate`` adds them to the dict
-  ``trainer.evaluate()`` returns as well.
-- Gradient accumulation: every micro-batch's forward counts in the window.
-- ``Trainer.predict`` (no log call): its window is returned in the prediction metrics as
-  ``moe/test/...`` (``moe/<prefix>/...``) and sent to the sinks.
-- Images and alerts: the ``report_to`` integrations only forward scalars, so at the first
-  window the callback also writes heatmaps and alert text straight to their backends
-  (TensorBoard's ``SummaryWriter``, the W&B run, the MLflow run) through moescope's sinks.
-- Detailed logs (``save_detailed_logs=True``): ``<output_dir>/moe_logs/moe_detailed.jsonl``
-  (``log_dir=`` to change the folder; heatmap PNGs go to ``<log_dir>/heatmaps``).
-- Key naming in ``report_to`` destinations: transformers prefixes every non-``eval_`` key
-  with ``train/``, so TensorBoard shows ``train/moe/avg_expert_cv`` and
-  ``train/moe/eval/avg_expert_cv``; ``state.log_history`` and the ``logs`` dict hold the
-  plain ``moe/...`` names. Non-finite values (e.g. a metric with no token in the window)
-  are left out of the Trainer's logs so that ``trainer_state.json`` stays strict JSON.
+  (``None``: at the Trainer's own logging steps), and at the last step; the callback then
+  sets ``control.should_log`` so the Trainer calls ``log`` at that very step. Snapshots
+  are taken on every rank at the same steps (the all-reduce is collective); sinks write on
+  rank 0 only.
+- Evaluation: forwards in eval mode go to a separate window. ``Trainer.evaluate`` logs its
+  metrics before calling ``on_evaluate``; the ``on_log`` that carries ``<prefix>_runtime``
+  and no training ``loss`` ends the eval window as ``moe/eval/...`` (``moe/<prefix>/...``
+  for other metric prefixes); ``on_evaluate`` adds the full set to the dict
+  ``trainer.evaluate()`` returns. ``Trainer.predict`` (no log call): its window goes to
+  the sinks and the prediction metrics as ``moe/test/...``.
+- Images and alerts: ``report_to`` integrations forward scalars only. When
+  ``report_to`` includes ``wandb`` / ``mlflow`` and ``logger`` is None, heatmaps and alert
+  tables go to the active run found through public module state (``wandb.run``,
+  ``mlflow.active_run()``), never through another callback's attributes. TensorBoard has
+  no such public handle: pass ``logger=SummaryWriter(...)`` for images there.
+- Non-finite values (a metric with no token in the window) are left out of the Trainer's
+  logs so that ``trainer_state.json`` stays strict JSON.
 """
 
 from __future__ import annotations
@@ -44,128 +46,157 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from moescope._optional import require
-from moescope.integrations.core import (
-    AlertCallback,
-    ExtrasOnlySink,
-    TrainingSession,
-    finite_only,
-)
+from moescope.integrations.core import ExtrasOnlySink, TrainingSession, finite_only
+from moescope.integrations.options import AlertCallback, MoECallbackOptions, factory_options
+from moescope.sinks import resolve_loggers
 
 require("transformers", "hf")
 
 from transformers import (  # noqa: E402
+    DefaultFlowCallback,
     TrainerCallback,
     TrainerControl,
     TrainerState,
     TrainingArguments,
 )
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback  # noqa: E402
 
-__all__ = ["MoETrainerCallback", "create_moe_callback_for_transformers"]
+__all__ = [
+    "TRAINER_SUMMARY_METRICS",
+    "MoETrainerCallback",
+    "create_moe_callback_for_transformers",
+]
 
 _log = logging.getLogger("moescope")
+
+#: Model-level metrics put into the Trainer's ``logs`` with ``trainer_logs="summary"``:
+#: the seeds' three dashboard keys.
+TRAINER_SUMMARY_METRICS: tuple[str, ...] = (
+    "avg_expert_cv",
+    "avg_routing_entropy",
+    "total_unused_experts",
+)
+
+TrainerLogs = Literal["summary", "all"]
 
 
 class MoETrainerCallback(TrainerCallback):
     """A ``TrainerCallback`` that monitors every MoE layer of the Trainer's model.
 
-    Attaches at ``on_train_begin``, detaches at ``on_train_end``. Build it with
-    :func:`create_moe_callback_for_transformers`.
+    Attaches at ``on_train_begin``, detaches at ``on_train_end``. For the ``report_to``
+    integrations to receive the metrics, call :meth:`attach_to_trainer` once the Trainer
+    is built (see the module docstring)::
+
+        cb = MoETrainerCallback(MoECallbackOptions(log_every_n_steps=50))
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        cb.attach_to_trainer(trainer)
+        trainer.train()
+
+    Args:
+        options: the shared :class:`~moescope.integrations.options.MoECallbackOptions`
+            (every setting documented there), or a ready
+            :class:`~moescope.integrations.core.TrainingSession`; None = defaults.
+            ``log_every_n_steps=None`` ends the train window at the Trainer's own
+            logging steps; ``log_dir`` defaults to ``<output_dir>/moe_logs``.
+        report_to_trainer: add the metrics to the Trainer's ``logs`` (what ``report_to``
+            integrations and the console printer receive); default: True when
+            ``logger`` is None (else they would reach the same destination twice).
+            ``state.log_history`` gets them either way.
+        trainer_logs: which keys go into ``logs``: ``"summary"`` (default,
+            :data:`TRAINER_SUMMARY_METRICS`) or ``"all"``.
+        **overrides: ``MoECallbackOptions`` fields applied on top of ``options``.
 
     Attributes:
-        session: the shared :class:`~moescope.integrations.core.TrainingSession`
-            (one monitor in ``session.monitor``, with windows ``"train"`` and ``"eval"``;
-            usage history of the train windows in ``session.monitor.history``;
-            ``session.train_monitor`` / ``session.eval_monitor`` are the same monitor).
-        report_to_trainer: whether the metrics are added to the ``logs`` dict the
-            ``report_to`` integrations receive (they always go to ``state.log_history``).
-        follow_trainer_logging: when True the train window ends at the Trainer's own
-            logging steps instead of every ``log_every_n_steps``.
+        session: the shared :class:`~moescope.integrations.core.TrainingSession` (one
+            monitor in ``session.monitor``, with windows ``"train"`` and ``"eval"``;
+            usage history of the train windows in ``session.monitor.history``).
+        ordered: whether :meth:`attach_to_trainer` placed it ahead of ``report_to``.
     """
 
     def __init__(
         self,
-        session: TrainingSession,
-        report_to_trainer: bool = True,
-        follow_trainer_logging: bool = False,
+        options: MoECallbackOptions | TrainingSession | None = None,
+        *,
+        report_to_trainer: bool | None = None,
+        trainer_logs: TrainerLogs = "summary",
+        **overrides: Any,
     ) -> None:
-        self.session = session
-        self.report_to_trainer = report_to_trainer
-        self.follow_trainer_logging = follow_trainer_logging
+        if isinstance(options, TrainingSession):
+            if overrides:
+                raise TypeError("pass options either as a TrainingSession or as keywords, not both")
+            self.session = options
+        else:
+            self.session = TrainingSession(options, **overrides)
+        if trainer_logs not in ("summary", "all"):
+            raise ValueError(f"trainer_logs must be 'summary' or 'all', got {trainer_logs!r}")
+        self.report_to_trainer = (
+            self.session.logger is None if report_to_trainer is None else bool(report_to_trainer)
+        )
+        self.trainer_logs: TrainerLogs = trainer_logs
+        self.ordered = False
         self._pending: tuple[int, dict[str, float]] | None = None
         self._last_eval: dict[str, float] = {}
-        self._handler: CallbackHandler | None = None
         self._adopted = False
-        self.reordered = False
+
+    @property
+    def follow_trainer_logging(self) -> bool:
+        """True when ``log_every_n_steps`` is None: windows end at the Trainer's own
+        logging steps (``logging_steps`` / ``logging_strategy``)."""
+        return self.session.log_every_n_steps is None
 
     # ------------------------------------------------------------------ ordering
 
-    def _move_before_reporting(self) -> None:
-        """Put this callback right after DefaultFlowCallback in the running handler
-        (idempotent; a callback reused by a second Trainer is moved in that one too)."""
-        handler: CallbackHandler | None = None
-        frame = sys._getframe(1)
-        for _ in range(10):
-            if frame is None:
-                break
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, CallbackHandler) and any(cb is self for cb in obj.callbacks):
-                handler = obj
-                break
-            frame = frame.f_back
-        if handler is None:
-            if not self.reordered:
-                _log.warning(
-                    "moescope: could not find the Trainer's CallbackHandler; MoE metrics go "
-                    "to state.log_history and moescope's own sinks, but the report_to "
-                    "integrations may not receive them (pass logger=... instead)."
-                )
-            return
-        self._handler = handler
-        others = [cb for cb in handler.callbacks if cb is not self]
-        pos = 0
-        for i, cb in enumerate(others):
-            if isinstance(cb, DefaultFlowCallback):
-                pos = i + 1
-        # A new list, not an in-place edit: call_event is iterating the old one right now.
-        handler.callbacks = [*others[:pos], self, *others[pos:]]
-        self.reordered = True
+    def attach_to_trainer(self, trainer: Any) -> MoETrainerCallback:
+        """Place this callback right after ``DefaultFlowCallback``, ahead of the
+        ``report_to`` integrations and every other callback, so that the keys its
+        ``on_log`` adds reach them. Adds it if the Trainer does not have it yet.
 
-    def _adopt_report_to(self) -> None:
-        """Images and alerts to the ``report_to`` destinations (their scalars arrive
-        through ``logs``): TensorBoard's writer, the W&B run, the MLflow run."""
+        Uses the Trainer's public ``pop_callback`` / ``add_callback``: every callback
+        after ``DefaultFlowCallback`` is popped and re-added in its original order behind
+        this one. Call it after building the Trainer and before ``train()`` (again after
+        adding callbacks later with ``trainer.add_callback``).
+
+        Returns:
+            ``self``, for ``trainer.train()`` chaining.
+        """
+        current = list(trainer.callback_handler.callbacks)
+        after = [cb for cb in current if cb is not self and not isinstance(cb, DefaultFlowCallback)]
+        for cb in after:
+            trainer.pop_callback(cb)
+        if any(cb is self for cb in current):
+            trainer.pop_callback(self)
+        trainer.add_callback(self)
+        for cb in after:
+            trainer.add_callback(cb)
+        self.ordered = True
+        return self
+
+    def _adopt_report_to(self, args: TrainingArguments) -> None:
+        """Images and alerts to the active W&B / MLflow run of the ``report_to``
+        integrations (their scalars arrive through ``logs``), found through public
+        module state. A module not imported yet has no active run: nothing to adopt."""
         self._adopted = True
-        if self._handler is None or not self.report_to_trainer:
+        if not self.report_to_trainer:
             return
-        from moescope.sinks import resolve_loggers
-
+        report_to = set(args.report_to or [])
         found: list[Any] = []
-        for cb in self._handler.callbacks:
-            name = type(cb).__name__
-            obj: Any = None
-            if name == "TensorBoardCallback":
-                obj = getattr(cb, "tb_writer", None)
-            elif name == "WandbCallback" and getattr(cb, "_initialized", False):
-                obj = getattr(cb, "_wandb", None)
-            elif name == "MLflowCallback" and getattr(cb, "_initialized", False):
-                obj = getattr(cb, "_ml_flow", None)
-            if obj is None:
-                continue
+        wandb = sys.modules.get("wandb") if "wandb" in report_to else None
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            found.append(wandb.run)
+        mlflow = sys.modules.get("mlflow") if "mlflow" in report_to else None
+        if mlflow is not None and mlflow.active_run() is not None:
+            found.append(mlflow)
+        sinks: list[Any] = []
+        for obj in found:
             try:
-                found.extend(ExtrasOnlySink(s) for s in resolve_loggers(obj))
+                sinks.extend(ExtrasOnlySink(s) for s in resolve_loggers(obj))
             except (TypeError, ImportError):
-                continue  # an integration object moescope cannot write to: scalars only
-        self.session.add_sinks(found)
+                continue  # a backend moescope cannot write to: scalars only
+        self.session.add_sinks(sinks)
 
     # ------------------------------------------------------------------ events
-
-    def on_init_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._move_before_reporting()
 
     def on_train_begin(
         self,
@@ -175,9 +206,16 @@ class MoETrainerCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self._move_before_reporting()
         if model is None:
             raise RuntimeError("the Trainer passed no model to on_train_begin; cannot attach")
+        if self.report_to_trainer and not self.ordered and args.report_to:
+            _log.warning(
+                "moescope: the Trainer's report_to integrations (%s) run before this "
+                "callback, so they will not receive the moe/* metrics; call "
+                "callback.attach_to_trainer(trainer) before trainer.train(), or pass "
+                "logger=... to the callback (docs/transformers.md).",
+                ", ".join(args.report_to),
+            )
         s = self.session
         if s.log_dir is None:
             s.log_dir = Path(args.output_dir or ".") / "moe_logs"
@@ -196,7 +234,7 @@ class MoETrainerCallback(TrainerCallback):
         else:
             due = s.is_log_step(step)
         if s.attached and (due or (final and s.has_unlogged_steps(step))):
-            self._end_window(state, control)
+            self._end_window(args, state, control)
         if s.should_stop:
             control.should_training_stop = True
         return control
@@ -212,19 +250,28 @@ class MoETrainerCallback(TrainerCallback):
             and control.should_log
             and s.has_unlogged_steps(state.global_step)
         ):
-            self._end_window(state, control)
+            self._end_window(args, state, control)
         if s.should_stop:
             control.should_training_stop = True
         return control
 
-    def _end_window(self, state: TrainerState, control: TrainerControl) -> None:
+    def _end_window(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl
+    ) -> None:
         if not self._adopted and state.is_world_process_zero:
-            self._adopt_report_to()
+            self._adopt_report_to(args)
         step = state.global_step
         metrics = self.session.end_train_window(step, rank_zero=state.is_world_process_zero)
         self._pending = (step, metrics)
         # Make the Trainer log at this step, where on_log adds the metrics.
         control.should_log = True
+
+    def _for_logs(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The part of ``metrics`` that goes into the Trainer's ``logs``."""
+        if self.trainer_logs == "all":
+            return metrics
+        # Per-layer keys end with a layer metric name, never with an aggregate's name.
+        return {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] in TRAINER_SUMMARY_METRICS}
 
     def on_log(
         self,
@@ -250,13 +297,17 @@ class MoETrainerCallback(TrainerCallback):
         if not extra:
             return
         extra = finite_only(extra)  # keeps trainer_state.json strict JSON
+        # Trainer.log appended {**logs, "step": ...} just before calling on_log: that entry
+        # gets the full set.
         entry = state.log_history[-1] if state.log_history else None
-        if entry is not None and entry.get("step") == state.global_step and all(
-            k in entry for k in logs
+        if (
+            entry is not None
+            and entry.get("step") == state.global_step
+            and all(k in entry for k in logs)
         ):
             entry.update(extra)
         if self.report_to_trainer:
-            logs.update(extra)
+            logs.update(self._for_logs(extra))
 
     def on_evaluate(
         self,
@@ -284,8 +335,9 @@ class MoETrainerCallback(TrainerCallback):
         if metrics is None or not s.attached or not s.track_eval:
             return
         name = _eval_name(metrics) or "test"
-        extra = s.end_eval_window(state.global_step, name=name,
-                                  rank_zero=state.is_world_process_zero)
+        extra = s.end_eval_window(
+            state.global_step, name=name, rank_zero=state.is_world_process_zero
+        )
         metrics.update(finite_only(extra))
 
     def on_train_end(
@@ -347,59 +399,26 @@ def create_moe_callback_for_transformers(
     Usage::
 
         cb = create_moe_callback_for_transformers(log_every_n_steps=50)
-        Trainer(model=model, args=TrainingArguments(..., report_to="tensorboard"),
-                train_dataset=ds, callbacks=[cb]).train()
+        trainer = Trainer(model=model, args=TrainingArguments(..., report_to="tensorboard"),
+                          train_dataset=ds, callbacks=[cb])
+        cb.attach_to_trainer(trainer)   # ahead of report_to, so it gets the moe/* keys
+        trainer.train()
 
     Args:
         log_every_n_steps: optimizer steps per train window; None = the Trainer's
             ``logging_steps``. With gradient accumulation every micro-batch counts.
-        logger: extra destinations (wandb module/run, ``SummaryWriter``, mlflow module,
-            object with ``log(dict, step=...)``, ``Sink``, or a list). With None the
-            metrics go to the Trainer's logs and so to its ``report_to`` destinations.
-        log_to_console: per-layer table at each window and the seeds' alert lines.
-        log_heatmap_every: steps between usage heatmaps (PNG per layer in
-            ``<log_dir>/heatmaps``, sent to the sinks as ``moe/<layer>/usage_heatmap``);
-            None/0 disables.
-        alert_threshold_imbalance: alert when an expert's load exceeds this x the mean.
-        unused_expert_threshold: alert when this fraction of experts (or more) is unused.
-        entropy_threshold: alert when routing entropy (nats) falls below this.
-        save_detailed_logs: write each window's full snapshot as JSON lines to
-            ``<log_dir>/moe_detailed.jsonl``.
+        logger: extra destinations; with None the metrics go to the Trainer's logs (and,
+            after :meth:`MoETrainerCallback.attach_to_trainer`, to its ``report_to``
+            destinations).
         log_dir: default ``<TrainingArguments.output_dir>/moe_logs``.
-        on_alert: called per Alert after logging (may raise to stop training; the hooks
-            are removed first).
         stop_on_alert: set ``control.should_training_stop`` when an alert fires.
-        track_eval: separate ``moe/eval/...`` window for evaluation forwards.
-        per_layer / layer_metrics: which ``moe/<layer>/<metric>`` keys to log.
-        report_to_trainer: add the metrics to the logs the ``report_to`` integrations
-            receive; default: True when ``logger`` is None (else they would reach the
-            same destination twice). ``state.log_history`` gets them either way.
-        alert_rules: a ready ``AlertRules`` instead of the three thresholds.
-        monitor_kwargs: passed to :class:`~moescope.monitor.MoEMonitor`.
+        report_to_trainer: see :class:`MoETrainerCallback` (default: ``logger is None``).
+
+    Every other argument is the :class:`~moescope.integrations.options.MoECallbackOptions`
+    field of the same name (documented there), with the seeds' defaults.
 
     Returns:
         A :class:`MoETrainerCallback` for ``Trainer(callbacks=[...])``.
     """
-    session = TrainingSession(
-        log_every_n_steps=log_every_n_steps if log_every_n_steps is not None else 1,
-        logger=logger,
-        log_to_console=log_to_console,
-        log_heatmap_every=log_heatmap_every,
-        alert_threshold_imbalance=alert_threshold_imbalance,
-        unused_expert_threshold=unused_expert_threshold,
-        entropy_threshold=entropy_threshold,
-        save_detailed_logs=save_detailed_logs,
-        log_dir=log_dir,
-        alert_rules=alert_rules,
-        on_alert=on_alert,
-        stop_on_alert=stop_on_alert,
-        track_eval=track_eval,
-        per_layer=per_layer,
-        layer_metrics=layer_metrics,
-        monitor_kwargs=monitor_kwargs,
-    )
-    return MoETrainerCallback(
-        session,
-        report_to_trainer=(logger is None) if report_to_trainer is None else report_to_trainer,
-        follow_trainer_logging=log_every_n_steps is None,
-    )
+    options = factory_options(locals())
+    return MoETrainerCallback(options, report_to_trainer=report_to_trainer)

@@ -52,9 +52,7 @@ from moescope.nn.model import (  # noqa: E402
 MODEL_TYPE = "moescope_tiny_moe"
 
 _CACHE_FIELD = (
-    "cache"
-    if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)}
-    else "past_key_values"
+    "cache" if "cache" in {f.name for f in fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 )
 
 # TinyMoEConfig field -> TinyMoEHFConfig field where the names differ.

@@ -211,9 +211,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [B, nh, S, D] by the RoPE tables ``cos``/``sin`` [B, S, D]."""
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
@@ -425,7 +423,9 @@ class TinyMoEModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=device).unsqueeze(0).expand(b, s)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, x.dtype
+        )
 
         token_mask: torch.Tensor | None = None
         mask: torch.Tensor | None = None

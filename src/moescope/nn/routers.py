@@ -72,7 +72,9 @@ def _ceil_capacity(
     return torch.ceil(n_tokens.to(dt) * capacity_factor / num_experts).long()
 
 
-def _rank_within_expert(expert: torch.Tensor, active: torch.Tensor, num_experts: int) -> torch.Tensor:
+def _rank_within_expert(
+    expert: torch.Tensor, active: torch.Tensor, num_experts: int
+) -> torch.Tensor:
     """[T] int64: rank (0-based, in token order) of each active token among the active
     tokens sent to the same expert. Values at inactive positions are meaningless.
 
@@ -359,9 +361,7 @@ class NoisyTopKRouter(nn.Module):
     - ``aux_loss`` (Switch/transformers load balancing on ``probs``) and ``z_loss``.
     """
 
-    def __init__(
-        self, hidden_size: int, num_experts: int, top_k: int, noise_epsilon: float = 1e-2
-    ):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise_epsilon: float = 1e-2):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -388,7 +388,9 @@ class NoisyTopKRouter(nn.Module):
             if noise is None:
                 noise = torch.randn_like(clean)
             elif noise.shape != clean.shape:
-                raise ValueError(f"noise must be [T, E]={tuple(clean.shape)}, got {tuple(noise.shape)}")
+                raise ValueError(
+                    f"noise must be [T, E]={tuple(clean.shape)}, got {tuple(noise.shape)}"
+                )
             h = clean + noise.to(clean.dtype) * std
         else:
             h = clean

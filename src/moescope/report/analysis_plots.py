@@ -1,6 +1,6 @@
 """Figures of one analysis window (a single :class:`~moescope.stats.snapshot.Snapshot`).
 
-Used by ``moescope analyze`` (:mod:`moescope.report.analyze`) beside the heatmap of
+Used by ``moescope analyze`` (:mod:`moescope.report.analysis_report`) beside the heatmap of
 :mod:`moescope.report.plots`: the usage distribution of every layer, entropy and CV per
 layer, one layer's co-activation matrix, neuron sparsity and dead neurons, and the
 parameter counts. Every function returns a ``matplotlib.figure.Figure`` drawn on the Agg
@@ -64,14 +64,25 @@ def usage_distribution_figure(snapshot: Snapshot, dpi: int = 100, max_lines: int
         ax.xaxis.set_major_locator(MaxNLocator(nbins=min(e_max, 16), integer=True))
         ax.set_xlabel("expert rank (busiest first)")
         ax.set_ylabel("load (usage fraction x E)")
-        ax.legend(title=pattern or None, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  fontsize="small", frameon=False)
+        ax.legend(
+            title=pattern or None,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize="small",
+            frameon=False,
+        )
     else:
-        fig = _new_figure(_clip(6.0 + 0.05 * e_max, 7.0, 16.0),
-                          _clip(2.0 + 0.15 * len(names), 3.5, 12.0), dpi)
+        fig = _new_figure(
+            _clip(6.0 + 0.05 * e_max, 7.0, 16.0), _clip(2.0 + 0.15 * len(names), 3.5, 12.0), dpi
+        )
         ax = fig.add_subplot()
-        im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", interpolation="nearest",
-                       cmap=_cmap("viridis"), vmin=0.0)
+        im = ax.imshow(
+            np.ma.masked_invalid(m),
+            aspect="auto",
+            interpolation="nearest",
+            cmap=_cmap("viridis"),
+            vmin=0.0,
+        )
         _set_ticks(ax, "y", len(names), short, 20)
         ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
         ax.set_xlabel("expert rank (busiest first)")
@@ -80,8 +91,15 @@ def usage_distribution_figure(snapshot: Snapshot, dpi: int = 100, max_lines: int
     return fig
 
 
-def _bar_panel(ax: Any, x: np.ndarray, values: np.ndarray, labels: list[str],
-               ylabel: str, title: str, colour: str) -> None:
+def _bar_panel(
+    ax: Any,
+    x: np.ndarray,
+    values: np.ndarray,
+    labels: list[str],
+    ylabel: str,
+    title: str,
+    colour: str,
+) -> None:
     ax.bar(x, np.nan_to_num(values, nan=0.0), color=colour)
     _set_ticks(ax, "x", len(labels), labels, 30)
     ax.set_ylabel(ylabel)
@@ -104,11 +122,12 @@ def entropy_cv_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
     ax1.bar(x + w / 2, np.nan_to_num(l_ent), width=w, label="load entropy / log E")
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("normalised entropy")
-    ax1.legend(fontsize="small", loc="lower right")
-    ax1.set_title("Routing entropy (per token) and load entropy (over the window)",
-                  fontsize="medium")
-    _bar_panel(ax2, x, cv, short, "CV of usage counts", "Usage imbalance (std / mean)",
-               "#d95f02")
+    # Outside the axes: inside, the legend covered the bars of balanced layers (~1).
+    ax1.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax1.set_title(
+        "Routing entropy (per token) and load entropy (over the window)", fontsize="medium"
+    )
+    _bar_panel(ax2, x, cv, short, "CV of usage counts", "Usage imbalance (std / mean)", "#d95f02")
     ax2.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     return fig
 
@@ -118,7 +137,9 @@ def coactivation_figure(snapshot: Snapshot, layer: str, dpi: int = 100) -> Figur
     e and f, divided by the tokens of the window (diagonal: tokens that chose e)."""
     s = snapshot.layers[layer]
     if s.coactivation is None:
-        raise ValueError(f"layer {layer!r} has no co-activation matrix (monitor coactivation=False)")
+        raise ValueError(
+            f"layer {layer!r} has no co-activation matrix (monitor coactivation=False)"
+        )
     e = s.num_experts
     m = np.asarray(s.coactivation, dtype=np.float64) / max(s.num_tokens, 1)
     side = _clip(3.0 + 0.08 * e, 5.0, 12.0)
@@ -152,8 +173,9 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         v = snapshot.layers[n].expert_sparsity
         if v is not None:
             m[i, : len(v)] = np.asarray(v, dtype=np.float64)
-    fig = _new_figure(_clip(6.0 + 0.1 * e_max, 9.0, 16.0),
-                      _clip(2.5 + 0.22 * len(names), 4.0, 12.0), dpi)
+    fig = _new_figure(
+        _clip(6.0 + 0.1 * e_max, 9.0, 16.0), _clip(2.5 + 0.22 * len(names), 4.0, 12.0), dpi
+    )
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
     ax1.barh(np.arange(len(names)), np.nan_to_num(per_layer), color="#1b9e77")
     ax1.set_ylim(len(names) - 0.5, -0.5)
@@ -162,8 +184,14 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
     ax1.set_xlabel("neuron sparsity")
     ax1.set_ylabel(f"layer ({pattern})" if pattern else "layer")
     ax1.set_title("per layer", fontsize="medium")
-    im = ax2.imshow(np.ma.masked_invalid(m), aspect="auto", interpolation="nearest",
-                    cmap=_cmap("viridis"), vmin=0.0, vmax=1.0)
+    im = ax2.imshow(
+        np.ma.masked_invalid(m),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=_cmap("viridis"),
+        vmin=0.0,
+        vmax=1.0,
+    )
     _set_ticks(ax2, "x", e_max, None, 20)
     _set_ticks(ax2, "y", len(names), short, 20)
     ax2.set_xlabel("expert")
@@ -176,10 +204,13 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
 def dead_neurons_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
     """Share of each expert's neurons that never fired in the window (layers x experts;
     grey = expert without tokens, whose neurons cannot be judged)."""
-    names = [n for n in _neuron_layers(snapshot)
-             if snapshot.layers[n].expert_dead_neurons is not None]
+    names = [
+        n for n in _neuron_layers(snapshot) if snapshot.layers[n].expert_dead_neurons is not None
+    ]
     if not names:
-        raise ValueError("no dead-neuron statistics in the snapshot (neurons=True, per_neuron=True)")
+        raise ValueError(
+            "no dead-neuron statistics in the snapshot (neurons=True, per_neuron=True)"
+        )
     short, pattern = _short_names(names)
     e_max = max(snapshot.layers[n].num_experts for n in names)
     m = np.full((len(names), e_max), np.nan)
@@ -187,13 +218,20 @@ def dead_neurons_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         s = snapshot.layers[n]
         v = np.asarray(s.expert_dead_neurons, dtype=np.float64)
         m[i, : len(v)] = v / float(s.intermediate_size or 1)
-    fig = _new_figure(_clip(3.5 + 0.09 * e_max, 6.0, 16.0),
-                      _clip(1.8 + 0.22 * len(names), 3.0, 12.0), dpi)
+    fig = _new_figure(
+        _clip(3.5 + 0.09 * e_max, 6.0, 16.0), _clip(1.8 + 0.22 * len(names), 3.0, 12.0), dpi
+    )
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     vmax = max(float(finite.max()) if finite.size else 0.0, 1e-3)
-    im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", interpolation="nearest",
-                   cmap=_cmap("Reds"), vmin=0.0, vmax=vmax)
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=_cmap("Reds"),
+        vmin=0.0,
+        vmax=vmax,
+    )
     _set_ticks(ax, "x", e_max, None, 20)
     _set_ticks(ax, "y", len(names), short, 20)
     ax.set_xlabel("expert")
@@ -211,7 +249,9 @@ def params_figure(values: Mapping[str, float], title: str, dpi: int = 100) -> Fi
     fig = _new_figure(8.0, _clip(1.2 + 0.5 * len(labels), 2.5, 6.0), dpi)
     ax = fig.add_subplot()
     y = np.arange(len(labels))
-    ax.barh(y, np.nan_to_num(vals), color=["#7570b3", "#1b9e77", "#d95f02", "#e7298a"][: len(labels)])
+    ax.barh(
+        y, np.nan_to_num(vals), color=["#7570b3", "#1b9e77", "#d95f02", "#e7298a"][: len(labels)]
+    )
     ax.set_yticks(y, labels)
     ax.set_ylim(len(labels) - 0.5, -0.5)
     top = float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0

@@ -64,6 +64,10 @@ dl.kv dt { color: var(--muted); }
 dl.kv dd { margin: 0; }
 .banner { border-radius: 6px; padding: .6rem 1rem; margin: 1rem 0; font-weight: 600; }
 .banner.random { background: #fef7e0; border: 1px solid #f9ab00; }
+.banner.partial { background: #fce8e6; border: 1px solid var(--crit); }
+span.tok { white-space: nowrap; margin-right: .7em; }
+span.tok code { background: var(--bg2); border: 1px solid var(--line); border-radius: 3px;
+                padding: 0 .25em; }
 .banner.note { background: var(--bg2); border: 1px solid var(--line); font-weight: 400; }
 .alert-warning { color: var(--warn); }
 .alert-critical { color: var(--crit); font-weight: 600; }
@@ -153,7 +157,9 @@ class Section:
 
     def render(self) -> str:
         body = "\n".join(self.blocks)
-        return f'<section id="{escape(self.id)}">\n<h2>{escape(self.title)}</h2>\n{body}\n</section>'
+        return (
+            f'<section id="{escape(self.id)}">\n<h2>{escape(self.title)}</h2>\n{body}\n</section>'
+        )
 
 
 def page(

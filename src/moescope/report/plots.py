@@ -103,8 +103,9 @@ def usage_matrix(snapshot: Snapshot, value: str = "fraction") -> tuple[list[str]
     return names, m
 
 
-def _set_ticks(ax: Axes, axis: str, n: int, labels: Sequence[str] | None,
-               max_ticks: int, offset: float = 0.0) -> None:
+def _set_ticks(
+    ax: Axes, axis: str, n: int, labels: Sequence[str] | None, max_ticks: int, offset: float = 0.0
+) -> None:
     idx = _tick_positions(n, max_ticks)
     lab = [str(i) for i in idx] if labels is None else [labels[i] for i in idx]
     if axis == "x":
@@ -147,8 +148,14 @@ def usage_heatmap(
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     vmax = float(finite.max()) if finite.size else 1.0
-    im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", interpolation="nearest",
-                   cmap=_cmap(cmap), vmin=0.0, vmax=max(vmax, 1e-12))
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=_cmap(cmap),
+        vmin=0.0,
+        vmax=max(vmax, 1e-12),
+    )
     short, pattern = _short_names(names)
     _set_ticks(ax, "x", n_exp, None, max_ticks)
     _set_ticks(ax, "y", n_layers, short, max_ticks)
@@ -205,22 +212,37 @@ def usage_over_time(
     if kind == "auto":
         kind = "area" if n_exp <= max_area_experts else "heatmap"
     w = _clip(7.0 + 0.02 * n_steps, 8.0, max_size[0])
-    h = _clip(2.0 + 0.06 * n_exp, 3.5, max_size[1]) if kind == "heatmap" else _clip(4.0, 3.0, max_size[1])
+    h = (
+        _clip(2.0 + 0.06 * n_exp, 3.5, max_size[1])
+        if kind == "heatmap"
+        else _clip(4.0, 3.0, max_size[1])
+    )
     fig = _new_figure(w, h, dpi)
     ax = fig.add_subplot()
     if kind == "area":
         colours = _cmap("tab20" if n_exp <= 20 else cmap)(np.linspace(0, 1, max(n_exp, 2))[:n_exp])
-        ax.stackplot(steps, np.nan_to_num(frac.T), colors=colours,
-                     labels=[f"e{e}" for e in range(n_exp)])
+        ax.stackplot(
+            steps, np.nan_to_num(frac.T), colors=colours, labels=[f"e{e}" for e in range(n_exp)]
+        )
         ax.set_ylim(0, 1)
         ax.set_ylabel("usage fraction")
         if n_exp <= max_area_experts:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                      ncol=1 if n_exp <= 12 else 2, frameon=False)
+            ax.legend(
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                fontsize="small",
+                ncol=1 if n_exp <= 12 else 2,
+                frameon=False,
+            )
     else:
-        mesh = ax.pcolormesh(_edges(steps), np.arange(n_exp + 1) - 0.5,
-                             np.ma.masked_invalid(frac.T), cmap=_cmap(cmap), vmin=0.0,
-                             shading="flat")
+        mesh = ax.pcolormesh(
+            _edges(steps),
+            np.arange(n_exp + 1) - 0.5,
+            np.ma.masked_invalid(frac.T),
+            cmap=_cmap(cmap),
+            vmin=0.0,
+            shading="flat",
+        )
         ax.set_ylim(n_exp - 0.5, -0.5)  # expert 0 on top, like the layer heatmap
         _set_ticks(ax, "y", n_exp, None, max_ticks)
         ax.set_ylabel("expert")
@@ -287,13 +309,23 @@ def entropy_over_time(
             ax.plot(all_steps, m[i], marker="." if all_steps.size < 50 else None, label=n)
         ax.set_ylabel(f"{metric}{unit}")
         if len(names) > 1 or pattern:
-            ax.legend(title=pattern or None, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      fontsize="small", frameon=False)
+            ax.legend(
+                title=pattern or None,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                fontsize="small",
+                frameon=False,
+            )
     else:
         fig = _new_figure(w, _clip(2.0 + 0.12 * len(names), 3.5, max_size[1]), dpi)
         ax = fig.add_subplot()
-        mesh = ax.pcolormesh(_edges(all_steps), np.arange(len(names) + 1) - 0.5,
-                             np.ma.masked_invalid(m), cmap=_cmap(cmap), shading="flat")
+        mesh = ax.pcolormesh(
+            _edges(all_steps),
+            np.arange(len(names) + 1) - 0.5,
+            np.ma.masked_invalid(m),
+            cmap=_cmap(cmap),
+            shading="flat",
+        )
         ax.set_ylim(len(names) - 0.5, -0.5)
         _set_ticks(ax, "y", len(names), short, max_ticks)
         ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")

@@ -1,56 +1,67 @@
-"""The :class:`Sink` protocol every logging destination implements, and
-:func:`resolve_loggers`, which turns whatever the user passed as ``logger=`` into sinks.
+"""The :class:`Sink` protocol every logging destination implements.
 
-A sink receives, once per log step (rank 0 only; the integrations decide when):
-
-- ``log_metrics(metrics, step)``: the flat ``{key: float}`` of ``Snapshot.to_dict()``
-  (``moe/avg_expert_cv``, ``moe/<layer>/cv``, ...), possibly with extra keys;
-- ``log_snapshot(snapshot, step)``: the whole :class:`~moescope.stats.snapshot.Snapshot`
-  (per-expert vectors: histograms, per-layer tables, detailed records);
-- ``log_alerts(alerts, step)``: the :class:`~moescope.alerts.Alert` list that fired;
-- ``log_images(images, step)``: ``{key: PNG path}``, e.g.
-  ``moe/model.layers.0.mlp/usage_heatmap``.
-
-Every method is a no-op by default, so a sink implements only what its destination can
-show. Optional packages (wandb, tensorboard, mlflow) are imported only when a sink for
-them is built, and :func:`resolve_loggers` recognises their objects by module name
-without importing them.
+A sink receives one :class:`~moescope.sinks.event.LogEvent` per log step through
+:meth:`Sink.write` (rank 0 only; the integrations decide when) and logs the parts its
+destination can show: the flat metrics, the snapshot (per-expert vectors for histograms
+and tables), the alerts, the figures. This module imports no concrete sink;
+:func:`moescope.sinks.resolve.resolve_loggers` turns a user's ``logger=`` into sinks.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from moescope.alerts import Alert
+    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import Snapshot
 
-__all__ = ["CallableLoggerSink", "LogMetricsSink", "Sink", "resolve_loggers"]
+__all__ = ["Sink"]
 
 
 class Sink:
-    """A logging destination; every method is a no-op unless overridden.
+    """A logging destination.
 
-    Subclasses must tolerate any call order (the integrations call ``log_metrics``,
-    ``log_snapshot``, ``log_alerts`` and ``log_images`` for one step in no promised
-    order) and repeated ``flush``/``close`` calls.
+    Subclasses override :meth:`write` (the base one does nothing) and, when they buffer
+    or open something, :meth:`flush` / :meth:`close`; both must tolerate repeated calls.
+
+    Attributes:
+        wants_figures: True when the sink logs ``event.figures``; the session renders
+            figures only at heatmap steps and only if some sink wants them.
     """
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Scalars of one log step, flat keys such as ``moe/<layer>/cv``."""
+    wants_figures: bool = False
+
+    def write(self, event: LogEvent) -> None:
+        """Log one event (train or eval window; see :class:`LogEvent` for its parts)."""
+
+    # Deprecated shims of the pre-LogEvent protocol (one part per call); they build an
+    # event with that part only. Use ``write(LogEvent(...))``.
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Deprecated: ``write(LogEvent(step=step, metrics=metrics))``."""
+        self._shim("log_metrics", step, metrics=metrics)
 
     def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
-        """The whole snapshot: per-expert vectors for histograms, tables, records."""
+        """Deprecated: ``write(LogEvent(step=step, snapshot=snapshot))``."""
+        self._shim("log_snapshot", step, snapshot=snapshot)
 
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
-        """Alerts that fired at ``step`` (possibly an empty list)."""
+    def log_alerts(self, alerts: Sequence[Alert], step: int) -> None:
+        """Deprecated: ``write(LogEvent(step=step, alerts=alerts))``."""
+        self._shim("log_alerts", step, alerts=tuple(alerts))
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        """``{key: path of a PNG file}`` written by :mod:`moescope.report.plots`."""
+    def _shim(self, name: str, step: int, **part: object) -> None:
+        from moescope.sinks.event import LogEvent
+
+        warnings.warn(
+            f"Sink.{name}() is deprecated; call sink.write(LogEvent(step=..., "
+            f"{next(iter(part))}=...)) instead.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        self.write(LogEvent(step=step, **part))  # type: ignore[arg-type]
 
     def flush(self) -> None:
         """Push buffered data to the destination."""
@@ -63,139 +74,3 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class CallableLoggerSink(Sink):
-    """Metrics to any object with a ``.log(dict, step=...)`` method.
-
-    Covers custom loggers and e.g. ``accelerate``'s ``Accelerator.log(values, step=...)``.
-
-    Args:
-        logger: the object; ``logger.log(metrics, step=step)`` is called per log step.
-        finite_only: drop NaN/inf values first (some loggers reject them).
-    """
-
-    def __init__(self, logger: Any, finite_only: bool = False) -> None:
-        if not callable(getattr(logger, "log", None)):
-            raise TypeError(
-                f"{type(logger).__name__} has no callable .log(dict, step=...) method."
-            )
-        self.logger = logger
-        self.finite_only = finite_only
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        m = dict(metrics)
-        if self.finite_only:
-            m = {k: v for k, v in m.items() if math.isfinite(v)}
-        self.logger.log(m, step=step)
-
-    def flush(self) -> None:
-        fl = getattr(self.logger, "flush", None)
-        if callable(fl):
-            fl()
-
-    def __repr__(self) -> str:
-        return f"CallableLoggerSink({type(self.logger).__name__})"
-
-
-class LogMetricsSink(Sink):
-    """Metrics to any object with ``.log_metrics(dict, step=...)``: Lightning loggers
-    (``TensorBoardLogger``, ``WandbLogger``, ``CSVLogger``, ...) and look-alikes.
-
-    Args:
-        logger: the object; ``logger.log_metrics(metrics, step=step)`` per log step.
-    """
-
-    def __init__(self, logger: Any) -> None:
-        if not callable(getattr(logger, "log_metrics", None)):
-            raise TypeError(
-                f"{type(logger).__name__} has no callable .log_metrics(dict, step=...) method."
-            )
-        self.logger = logger
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.logger.log_metrics(dict(metrics), step=step)
-
-    def flush(self) -> None:
-        save = getattr(self.logger, "save", None)  # Lightning's Logger.save() flushes
-        if callable(save):
-            save()
-
-    def __repr__(self) -> str:
-        return f"LogMetricsSink({type(self.logger).__name__})"
-
-
-_ACCEPTED = (
-    "None, a moescope Sink, the wandb module (uses wandb.run) or a wandb Run, a "
-    "torch.utils.tensorboard / tensorboardX SummaryWriter, the mlflow module, any object "
-    "with a .log(dict, step=...) method, any object with a .log_metrics(dict, step=...) "
-    "method (Lightning loggers), or a list/tuple of these"
-)
-
-
-def _root_module(obj: Any) -> str:
-    """Top-level package an object's class (or a module itself) comes from."""
-    if isinstance(obj, ModuleType):
-        name = obj.__name__
-    else:
-        name = type(obj).__module__ or ""
-    return name.split(".", 1)[0]
-
-
-def _is_summary_writer(obj: Any) -> bool:
-    root = _root_module(obj)
-    mod = type(obj).__module__ or ""
-    if root == "tensorboardX" or mod.startswith("torch.utils.tensorboard"):
-        return True
-    # Duck typing for wrappers (e.g. Lightning's experiment objects) around a writer.
-    return all(callable(getattr(obj, m, None)) for m in ("add_scalar", "add_histogram", "add_image"))
-
-
-def resolve_loggers(logger: Any) -> list[Sink]:
-    """Turn ``logger=`` arguments into a list of sinks.
-
-    Accepted: None (no sink), a :class:`Sink` (as is), the ``wandb`` module (logs to
-    ``wandb.run`` at each call) or a ``wandb`` Run, a ``torch.utils.tensorboard`` or
-    ``tensorboardX`` ``SummaryWriter`` (the user's writer: flushed, never closed), the
-    ``mlflow`` module (its active run), any object with ``.log(dict, step=...)``
-    (metrics only), any object with ``.log_metrics(dict, step=...)`` such as a Lightning
-    logger (metrics only; pass ``logger.experiment`` instead to get histograms and
-    images from a TensorBoard writer or W&B run), or a list/tuple of these (nested lists
-    are flattened).
-
-    Raises:
-        TypeError: for anything else, naming what is accepted.
-    """
-    if logger is None:
-        return []
-    if isinstance(logger, Sink):
-        return [logger]
-    if isinstance(logger, (list, tuple)):
-        out: list[Sink] = []
-        for item in logger:
-            out.extend(resolve_loggers(item))
-        return out
-    root = _root_module(logger)
-    if root == "wandb":
-        from moescope.sinks.wandb_sink import WandbSink
-
-        return [WandbSink(logger)]
-    if root == "mlflow" and isinstance(logger, ModuleType):
-        from moescope.sinks.mlflow_sink import MLflowSink
-
-        return [MLflowSink()]
-    if _is_summary_writer(logger):
-        from moescope.sinks.tb_sink import TensorBoardSink
-
-        return [TensorBoardSink(writer=logger)]
-    if isinstance(logger, (str, bytes, Mapping)):
-        pass  # strings and dicts have no logging methods worth duck-typing
-    elif callable(getattr(logger, "log", None)):
-        return [CallableLoggerSink(logger)]
-    elif callable(getattr(logger, "log_metrics", None)):
-        return [LogMetricsSink(logger)]
-    raise TypeError(
-        f"Cannot log to {type(logger).__module__}.{type(logger).__qualname__} "
-        f"({logger!r:.80}). logger= accepts {_ACCEPTED}. For files use "
-        "moescope.sinks.JsonlSink(path) or TensorBoardSink(log_dir=...)."
-    )

@@ -1,4 +1,4 @@
-"""Console sink: one compact per-layer table per log step, and the seeds' alert lines.
+"""Console sink: one compact per-layer table per train window, and grouped alert lines.
 
 Layout (plain text; with ``rich`` installed the same columns in a rich table)::
 
@@ -7,10 +7,18 @@ Layout (plain text; with ``rich`` installed the same columns in a rich table)::
     0                            4,096  0.51      4.52     3/8    1.791  0.412  1.102
     ...
     ⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)
+        max/mean load 4.52 > 4.0 threshold
+        fix: raise the load-balancing (aux) loss coefficient ...
 
 With many layers (60) only the ``max_layers`` most imbalanced ones are listed (in model
 order) plus one summary line for the rest, so a log step never floods the terminal; with
 many experts (128) nothing grows, since the table shows per-layer scalars only.
+
+Alerts are grouped across windows (:class:`~moescope.alerts.AlertTracker`): a (layer,
+rule) that starts firing gets its seed-format line, the metric against its threshold and
+(once per rule) a remediation; while it keeps firing nothing is reprinted except one
+``still firing since step ...`` summary every ``remind_every`` windows; a line says when
+it resolves. Eval events print nothing (their scalars go to the other sinks).
 """
 
 from __future__ import annotations
@@ -21,11 +29,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from moescope.alerts import format_alert
+from moescope.alerts import AlertTracker, AlertUpdate, format_update
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
-    from moescope.alerts import Alert
+    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import LayerStats, Snapshot
 
 __all__ = ["ConsoleSink", "format_model_line", "format_table", "shorten_layer_names"]
@@ -135,8 +143,11 @@ def format_table(snapshot: Snapshot, max_layers: int = 16) -> str:
     """The per-layer table as plain text (right-aligned numbers, one row per layer)."""
     header, rows, _, footer = _table_parts(snapshot, max_layers)
     head = [header, *COLUMNS]
-    widths = [max(len(head[j]), *(len(r[j]) for r in rows)) if rows else len(head[j])
-              for j in range(len(head))]
+    widths = [
+        max(len(head[j]), *(len(r[j]) for r in rows)) if rows else len(head[j])
+        for j in range(len(head))
+    ]
+
     def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
         rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
@@ -149,7 +160,7 @@ def format_table(snapshot: Snapshot, max_layers: int = 16) -> str:
 
 
 class ConsoleSink(Sink):
-    """Prints a compact per-layer table per snapshot and the alert lines.
+    """Prints a compact per-layer table per train event and the grouped alert lines.
 
     Args:
         rich: use ``rich`` tables when the package is installed (extra ``console``);
@@ -160,10 +171,17 @@ class ConsoleSink(Sink):
             and the rest summarised in one line.
         highlight_ratio: with rich, max/mean values above it are shown in red.
         width: console width for rich (None: the terminal's, 120 when not a terminal).
+        table: print the per-layer table (False: alert lines only).
+        group_alerts: print a firing alert once and then only "still firing" summaries
+            and "resolved" lines (False: every alert line of every window, as before).
+        remind_every: with grouping and an event without ``alert_update``, windows
+            between two "still firing" summaries (the session's tracker decides
+            otherwise).
 
-    ``log_metrics`` prints nothing (the table comes from ``log_snapshot``, which carries
-    the same numbers); alerts are printed exactly as :func:`moescope.alerts.format_alert`,
-    e.g. ``⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)``.
+    Alert lines are plain text even with rich (the format is a contract, grep-able):
+    exactly :func:`moescope.alerts.format_alert`, e.g.
+    ``⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)``,
+    followed by indented detail lines.
     """
 
     def __init__(
@@ -173,6 +191,9 @@ class ConsoleSink(Sink):
         max_layers: int = 16,
         highlight_ratio: float = 4.0,
         width: int | None = None,
+        table: bool = True,
+        group_alerts: bool = True,
+        remind_every: int | None = 10,
     ) -> None:
         if max_layers < 1:
             raise ValueError(f"max_layers must be >= 1, got {max_layers}.")
@@ -180,13 +201,36 @@ class ConsoleSink(Sink):
         self.max_layers = int(max_layers)
         self.highlight_ratio = highlight_ratio
         self.width = width
+        self.table = bool(table)
+        self.group_alerts = bool(group_alerts)
         # find_spec, not import: the parameter is named like the package.
         self.use_rich = bool(rich) and importlib.util.find_spec("rich") is not None
+        self._tracker = AlertTracker(remind_every=remind_every)
+        self._hinted: set[str] = set()  # rules whose remediation was printed
 
     def _out(self) -> TextIO:
         return self.stream if self.stream is not None else sys.stdout
 
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
+    def write(self, event: LogEvent) -> None:
+        if event.mode != "train":
+            return
+        if self.table and event.snapshot is not None:
+            self.print_table(event.snapshot, event.step)
+        lines = format_update(self._alert_update(event), self._hinted)
+        if lines:
+            out = self._out()
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+
+    def _alert_update(self, event: LogEvent) -> AlertUpdate:
+        if not self.group_alerts:
+            return AlertUpdate(event.step, new=tuple(event.alerts))
+        if event.alert_update is not None:
+            return event.alert_update
+        return self._tracker.update(event.alerts, event.step)
+
+    def print_table(self, snapshot: Snapshot, step: int | None = None) -> None:
+        """The model line and the per-layer table of one snapshot."""
         out = self._out()
         if not self.use_rich:
             out.write(format_model_line(snapshot, step) + "\n")
@@ -195,7 +239,7 @@ class ConsoleSink(Sink):
             return
         self._rich_table(snapshot, step, out)
 
-    def _rich_table(self, snapshot: Snapshot, step: int, out: TextIO) -> None:
+    def _rich_table(self, snapshot: Snapshot, step: int | None, out: TextIO) -> None:
         from rich import box
         from rich.console import Console
         from rich.markup import escape
@@ -204,11 +248,15 @@ class ConsoleSink(Sink):
         width = self.width
         if width is None and not (hasattr(out, "isatty") and out.isatty()):
             width = 120
-        console = Console(file=out, width=width, highlight=False, soft_wrap=False,
-                          emoji=False)
+        console = Console(file=out, width=width, highlight=False, soft_wrap=False, emoji=False)
         header, rows, shown, footer = _table_parts(snapshot, self.max_layers)
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                      caption=escape(footer) if footer else None, caption_justify="left")
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+            caption=escape(footer) if footer else None,
+            caption_justify="left",
+        )
         table.add_column(escape(header), no_wrap=True)
         for c in COLUMNS:
             table.add_column(c, justify="right", no_wrap=True)
@@ -222,15 +270,6 @@ class ConsoleSink(Sink):
         # The model line is printed on its own (a table title would wrap at table width).
         console.print(escape(format_model_line(snapshot, step)), soft_wrap=True)
         console.print(table)
-        out.flush()
-
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
-        if not alerts:
-            return
-        out = self._out()
-        # Written as plain text even with rich: the line format is a contract (grep-able).
-        for a in alerts:
-            out.write(format_alert(a) + "\n")
         out.flush()
 
     def flush(self) -> None:

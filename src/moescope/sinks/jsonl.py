@@ -1,4 +1,4 @@
-"""Detailed logs: one JSON object per line, crash-safe and append-only.
+"""Detailed logs: one JSON object per line, crash-safe, append-only, bounded in size.
 
 Every line is a complete strict-JSON object (non-finite floats as ``null``) written with
 one ``write`` and flushed at once (``fsync=True`` also forces it to the disk), so a crash
@@ -6,82 +6,113 @@ or a kill leaves every earlier line valid. The file is opened in append mode: a 
 run adds lines after the old ones and never truncates them; if the previous run died in
 the middle of a line, a newline is written first so the torn line stays the only bad one.
 
-Line kinds (field ``kind``):
+Schema (field ``schema``: :data:`SCHEMA_VERSION` = 2; lines without it are version 1,
+which had the full co-activation matrix on every line and ``"images"`` lines). Line kinds
+(field ``kind``):
 
-- ``"snapshot"``: ``{"kind", "step", "time", "snapshot": <Snapshot.to_json() object with
-  per-layer usage vectors>, "alerts": [...]}``, one per ``log_snapshot`` call. Alerts
-  given by ``log_alerts`` *before* the snapshot of the same step are embedded here.
-- ``"alerts"``: ``{"kind", "step", "time", "alerts": [...]}`` for alerts that arrive after
-  their step's snapshot line was written (or with no snapshot at all).
-- ``"metrics"``: ``{"kind", "step", "time", "metrics": {...}}``, only with
-  ``metrics=True`` (the snapshot line already holds every metric).
-- ``"images"``: ``{"kind", "step", "time", "images": {key: absolute PNG path}}`` (the
-  files themselves stay where the caller wrote them).
+- ``"snapshot"``, one per train event: ``{"kind", "schema", "step", "time", "mode":
+  "train", "snapshot": <Snapshot.to_json() object: per-layer scalars and vectors>,
+  "alerts": [...], "figures": [keys]}`` (``figures`` only when the event had some; the
+  figures themselves go to the figure sinks, e.g. PNG files in ``<log_dir>/heatmaps``).
+  Co-activation ([E, E] per layer, O(E^2): 281 KB per line at E=256 with 2 layers) is
+  stored in full (``snapshot.layers.<layer>.coactivation``) only on the first line at or
+  after every ``coactivation_full_every`` steps (default 1000); every other line has
+  ``coactivation: null`` there and, under ``"coactivation_sparse": {layer: {"i": [...],
+  "j": [...], "n": [...], "pairs": P}}``, the ``coactivation_top`` (default 128) largest
+  off-diagonal pairs i < j (n = tokens that chose both; the matrix is symmetric and its
+  diagonal is ``usage_counts``), ``pairs`` = how many pairs were non-zero in all. A line
+  is thus O(L x (E + coactivation_top)) whatever E^2.
+- ``"alerts"``: ``{"kind", "schema", "step", "time", "alerts": [...]}`` for alerts of an
+  event without a snapshot.
+- ``"metrics"``: ``{"kind", "schema", "step", "time", "mode", "metrics": {...}}``, only
+  with ``metrics=True``, for train and eval events (the snapshot line already holds
+  every train metric).
 
-Each alert is ``{"level", "layer", "rule", "value", "step", "message", "text"}`` where
-``text`` is the console line of :func:`moescope.alerts.format_alert`.
-:func:`read_jsonl` reads a file back (skipping a torn last line); :func:`load_snapshots`
-rebuilds the :class:`~moescope.stats.snapshot.Snapshot` objects.
+Each alert is ``{"level", "layer", "rule", "value", "step", "message", "threshold",
+"detail", "text"}`` where ``text`` is the console line of
+:func:`moescope.alerts.format_alert`. :func:`read_jsonl` reads a file back (skipping a
+torn last line); :func:`load_snapshots` rebuilds the
+:class:`~moescope.stats.snapshot.Snapshot` objects; :func:`coactivation_of` gives a
+line's co-activation matrix, full or sparse.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from moescope._json import json_safe
 from moescope.alerts import format_alert
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
     from moescope.alerts import Alert
+    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import Snapshot
 
-__all__ = ["JsonlSink", "load_snapshots", "read_jsonl"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "JsonlSink",
+    "coactivation_of",
+    "load_snapshots",
+    "read_jsonl",
+    "sparse_pairs",
+]
 
-
-def _clean(v: Any) -> Any:
-    """Strict-JSON-able copy: non-finite floats -> None, numpy scalars -> Python."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
-        return _clean(v.item())
-    return v
+#: Version of the line layout written by :class:`JsonlSink` (field ``schema``).
+SCHEMA_VERSION = 2
 
 
 def _alert_dict(a: Alert) -> dict[str, Any]:
-    d = _clean(asdict(a))
+    d = json_safe(asdict(a))
     d["text"] = format_alert(a)
     return d
 
 
 class JsonlSink(Sink):
-    """Appends one JSON object per snapshot to ``path`` (see the module docstring).
+    """Appends one JSON object per train event to ``path`` (see the module docstring).
 
     Args:
         path: the ``.jsonl`` file; parent folders are created.
         fsync: ``os.fsync`` after every line (survives power loss, costs a disk sync
             per log step); without it a line survives a process crash once written.
-        metrics: also write a ``"metrics"`` line per ``log_metrics`` call.
+        metrics: also write a ``"metrics"`` line per event (train and eval).
+        coactivation_top: off-diagonal co-activation pairs kept per layer on the sparse
+            lines (0 keeps none).
+        coactivation_full_every: write the full [E, E] matrices on the first line at or
+            after every multiple of this many steps; None or 0: never.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fsync: bool = False,
-                 metrics: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fsync: bool = False,
+        metrics: bool = False,
+        coactivation_top: int = 128,
+        coactivation_full_every: int | None = 1000,
+    ) -> None:
+        if coactivation_top < 0:
+            raise ValueError(f"coactivation_top must be >= 0, got {coactivation_top}.")
+        if coactivation_full_every is not None and coactivation_full_every < 0:
+            raise ValueError(
+                "coactivation_full_every must be a positive number of steps, or None/0 "
+                f"for never, got {coactivation_full_every}."
+            )
         self.path = Path(path)
         self.fsync = fsync
         self.metrics = metrics
+        self.coactivation_top = int(coactivation_top)
+        self.coactivation_full_every = coactivation_full_every or None
+        self._next_full = self.coactivation_full_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: Any = None
-        self._last_snapshot_step: int | None = None
-        self._pending_alerts: tuple[int, list[Alert]] | None = None
 
     def _open(self) -> Any:
         if self._file is None:
@@ -112,53 +143,68 @@ class JsonlSink(Sink):
         if self.fsync:
             os.fsync(f.fileno())
 
-    def _write_pending_alerts(self) -> None:
-        if self._pending_alerts is not None:
-            step, alerts = self._pending_alerts
-            self._pending_alerts = None
-            self._write({"kind": "alerts", "step": step, "time": time.time(),
-                         "alerts": [_alert_dict(a) for a in alerts]})
+    def _full_due(self, step: int) -> bool:
+        every = self._next_full
+        if every is None or step < every:
+            return False
+        assert self.coactivation_full_every is not None
+        self._next_full = (step // self.coactivation_full_every + 1) * self.coactivation_full_every
+        return True
 
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
-        alerts: list[Alert] = []
-        if self._pending_alerts is not None and self._pending_alerts[0] == step:
-            alerts = self._pending_alerts[1]
-            self._pending_alerts = None
-        else:
-            self._write_pending_alerts()
-        t = snapshot.time if snapshot.time is not None else time.time()
-        self._write({
+    def _snapshot_obj(self, snapshot: Snapshot, full: bool) -> tuple[dict[str, Any], Any]:
+        """(the snapshot's JSON object, the sparse co-activation map or None)."""
+        if full:
+            return json.loads(snapshot.to_json()), None
+        from moescope.stats.snapshot import Snapshot
+
+        layers = {}
+        sparse: dict[str, Any] = {}
+        for name, s in snapshot.layers.items():
+            if s.coactivation is not None:
+                i, j, n, pairs = sparse_pairs(s.coactivation, self.coactivation_top)
+                sparse[name] = {"i": i.tolist(), "j": j.tolist(), "n": n.tolist(), "pairs": pairs}
+                s = replace(s, coactivation=None)  # shallow: the O(E^2) list is never built
+            layers[name] = s
+        light = Snapshot(step=snapshot.step, layers=layers, time=snapshot.time)
+        return json.loads(light.to_json()), (sparse or None)
+
+    def write(self, event: LogEvent) -> None:
+        now = time.time()
+        head = {"schema": SCHEMA_VERSION, "step": event.step}
+        if self.metrics and event.metrics:
+            self._write(
+                {
+                    "kind": "metrics",
+                    **head,
+                    "time": now,
+                    "mode": event.mode,
+                    "metrics": json_safe(dict(event.metrics)),
+                }
+            )
+        if event.mode != "train":
+            return
+        alerts = [_alert_dict(a) for a in event.alerts]
+        snap = event.snapshot
+        if snap is None:
+            if alerts:
+                self._write({"kind": "alerts", **head, "time": now, "alerts": alerts})
+            return
+        obj, sparse = self._snapshot_obj(snap, self._full_due(event.step))
+        line: dict[str, Any] = {
             "kind": "snapshot",
-            "step": step,
-            "time": t,
-            "snapshot": json.loads(snapshot.to_json()),
-            "alerts": [_alert_dict(a) for a in alerts],
-        })
-        self._last_snapshot_step = step
-
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
-        if not alerts:
-            return
-        if self._last_snapshot_step == step:
-            self._write({"kind": "alerts", "step": step, "time": time.time(),
-                         "alerts": [_alert_dict(a) for a in alerts]})
-            return
-        # The snapshot of this step has not come yet: keep the alerts to embed them.
-        self._write_pending_alerts()
-        self._pending_alerts = (step, list(alerts))
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.metrics:
-            self._write({"kind": "metrics", "step": step, "time": time.time(),
-                         "metrics": _clean(dict(metrics))})
-
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        if images:
-            self._write({"kind": "images", "step": step, "time": time.time(),
-                         "images": {k: str(Path(p).resolve()) for k, p in images.items()}})
+            **head,
+            "time": snap.time if snap.time is not None else now,
+            "mode": event.mode,
+            "snapshot": obj,
+            "alerts": alerts,
+        }
+        if sparse is not None:
+            line["coactivation_sparse"] = sparse
+        if event.figures:
+            line["figures"] = sorted(event.figures)
+        self._write(line)
 
     def flush(self) -> None:
-        self._write_pending_alerts()
         if self._file is not None:
             self._file.flush()
             if self.fsync:
@@ -193,12 +239,71 @@ def read_jsonl(path: str | os.PathLike[str], strict: bool = False) -> list[dict[
     return out
 
 
+def sparse_pairs(
+    coactivation: np.ndarray, top: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The ``top`` largest off-diagonal pairs of a symmetric co-activation matrix.
+
+    Args:
+        coactivation: [E, E] counts (symmetric; diagonal = usage counts, left out).
+        top: pairs to keep at most.
+
+    Returns:
+        ``(i [P'], j [P'], n [P'], P)``: row < column ids and counts of the kept pairs,
+        largest first (ties by (i, j)), and P, the number of non-zero pairs i < j.
+    """
+    c = np.asarray(coactivation, dtype=np.int64)
+    iu, ju = np.triu_indices(c.shape[0], k=1)
+    vals = c[iu, ju]
+    nz = np.nonzero(vals)[0]
+    pairs = int(nz.size)
+    if top <= 0 or pairs == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, pairs
+    # Stable sort on -count keeps (i, j) order among ties: the same line every run.
+    order = nz[np.argsort(-vals[nz], kind="stable")[:top]]
+    return iu[order], ju[order], vals[order], pairs
+
+
+def coactivation_of(
+    record: Mapping[str, Any], layer: str, partial: bool = False
+) -> np.ndarray | None:
+    """A ``"snapshot"`` line's [E, E] co-activation of ``layer`` (int64), or None.
+
+    Full lines give the stored matrix. Sparse lines give the matrix rebuilt from the
+    kept pairs (mirrored, diagonal = ``usage_counts``) when every non-zero pair was kept,
+    or when ``partial=True`` (then pairs not kept read 0); else None. None also when the
+    layer had no co-activation.
+    """
+    st = record["snapshot"]["layers"][layer]
+    if st.get("coactivation") is not None:
+        return np.asarray(st["coactivation"], dtype=np.int64)
+    sp = (record.get("coactivation_sparse") or {}).get(layer)
+    if sp is None or (len(sp["n"]) < sp["pairs"] and not partial):
+        return None
+    e = int(st["num_experts"])
+    m = np.zeros((e, e), dtype=np.int64)
+    i, j = np.asarray(sp["i"], dtype=np.int64), np.asarray(sp["j"], dtype=np.int64)
+    m[i, j] = m[j, i] = np.asarray(sp["n"], dtype=np.int64)
+    m[np.arange(e), np.arange(e)] = np.asarray(st["usage_counts"], dtype=np.int64)
+    return m
+
+
 def load_snapshots(path: str | os.PathLike[str]) -> list[Snapshot]:
-    """The :class:`Snapshot` of every ``"snapshot"`` line of a JSONL file."""
+    """The :class:`Snapshot` of every ``"snapshot"`` line of a JSONL file (schema 1 or 2).
+
+    ``coactivation`` is the full matrix on full lines, the rebuilt one on sparse lines
+    that kept every non-zero pair, and None on the other sparse lines.
+    """
     from moescope.stats.snapshot import Snapshot
 
-    return [
-        Snapshot.from_json(json.dumps(rec["snapshot"]))
-        for rec in read_jsonl(path)
-        if rec.get("kind") == "snapshot"
-    ]
+    out = []
+    for rec in read_jsonl(path):
+        if rec.get("kind") != "snapshot":
+            continue
+        snap = Snapshot.from_json(json.dumps(rec["snapshot"]))
+        for name, s in snap.layers.items():
+            if s.coactivation is None and "coactivation_sparse" in rec:
+                s.coactivation = coactivation_of(rec, name)
+        out.append(snap)
+    return out

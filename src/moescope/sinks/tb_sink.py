@@ -1,68 +1,42 @@
-"""TensorBoard sink: scalars, per-layer usage histograms, heatmap images, alert text.
+"""TensorBoard sink: scalars, per-layer usage histograms, heatmap figures, alert text.
 
 Written with ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` extra)
 when given a log dir, or with the user's own writer (torch's or tensorboardX's), which is
 then flushed but never closed.
 
-Tags per log step (``<layer>`` = module path):
+Tags per event (``<layer>`` = module path):
 
-- every key of ``log_metrics`` as a scalar (``moe/avg_expert_cv``, ``moe/<layer>/cv``...);
+- every key of ``event.metrics`` as a scalar (``moe/avg_expert_cv``, ``moe/<layer>/cv``,
+  ``moe/eval/...`` for eval events);
 - ``moe/<layer>/expert_load``: histogram of expert ids weighted by their assignments, one
   bucket per expert (the "which expert" distribution; TensorBoard's distribution view
   then shows its drift over steps);
 - ``moe/<layer>/usage_fraction``: histogram of the E usage fractions (the "how uneven"
   distribution: a narrow peak at 1/E is balanced);
-- every ``log_images`` key as an RGB image;
+- every ``event.figures`` key as an image (``add_figure``: the figure is rendered on its
+  Agg canvas, never closed: the event's builder owns it);
 - ``moe/alerts``: the alert lines as text.
+
+Histograms, figures and alerts come from train events only.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope._optional import MissingExtraError, require
+from moescope._optional import require
 from moescope.alerts import format_alert
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
     from moescope.alerts import Alert
+    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import Snapshot
 
-__all__ = ["TensorBoardSink", "read_png_rgb"]
-
-
-def read_png_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a PNG into ``[H, W, 3]`` uint8 RGB (alpha composited over white).
-
-    Uses matplotlib (extra ``plots``) or Pillow, whichever is installed.
-    """
-    try:
-        from matplotlib.image import imread
-
-        img = np.asarray(imread(os.fspath(path)))
-    except ImportError:
-        try:
-            from PIL import Image
-        except ImportError as err:
-            raise MissingExtraError(
-                "decoding PNG images needs matplotlib or Pillow. "
-                "Install it with: pip install 'moescope[plots]'"
-            ) from err
-        with Image.open(path) as im:
-            img = np.asarray(im.convert("RGBA"))
-    if img.dtype != np.uint8:  # matplotlib gives float32 in [0, 1] for PNGs
-        img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float64) / 255.0
-        rgb = img[:, :, :3].astype(np.float64) * alpha + 255.0 * (1.0 - alpha)
-        img = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img[:, :, :3])
+__all__ = ["TensorBoardSink"]
 
 
 class TensorBoardSink(Sink):
@@ -72,12 +46,14 @@ class TensorBoardSink(Sink):
         log_dir: folder for a new ``SummaryWriter`` (owned: closed by :meth:`close`).
         writer: an existing ``SummaryWriter`` (torch or tensorboardX) to use instead;
             give exactly one of ``log_dir`` and ``writer``.
-        histograms: write the per-layer histograms from ``log_snapshot``.
+        histograms: write the per-layer histograms of each train snapshot.
         max_queue, flush_secs: passed to a writer created here.
 
     Raises:
         MissingExtraError: the ``tensorboard`` package is missing (extra ``tensorboard``).
     """
+
+    wants_figures = True
 
     def __init__(
         self,
@@ -95,21 +71,28 @@ class TensorBoardSink(Sink):
         if writer is None:
             require("tensorboard", "tensorboard")
             tb = require("torch.utils.tensorboard", "tensorboard")
-            writer = tb.SummaryWriter(log_dir=os.fspath(log_dir), max_queue=max_queue,
-                                      flush_secs=flush_secs)
+            writer = tb.SummaryWriter(
+                log_dir=os.fspath(log_dir), max_queue=max_queue, flush_secs=flush_secs
+            )
             self._owned = True
         else:
             self._owned = False
         self.writer = writer
         self.histograms = histograms
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for k, v in metrics.items():
+    def write(self, event: LogEvent) -> None:
+        step = event.step
+        for k, v in event.metrics.items():
             self.writer.add_scalar(k, float(v), global_step=step)
-
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
-        if not self.histograms:
+        if event.mode != "train":
             return
+        if event.snapshot is not None and self.histograms:
+            self._histograms(event.snapshot, step)
+        for key, fig in event.figures.items():
+            self.writer.add_figure(key, fig, global_step=step, close=False)
+        self._alerts(list(event.alerts), step)
+
+    def _histograms(self, snapshot: Snapshot, step: int) -> None:
         for name, s in snapshot.layers.items():
             counts = np.asarray(s.usage_counts, dtype=np.float64)
             total = float(counts.sum())
@@ -134,12 +117,7 @@ class TensorBoardSink(Sink):
                 global_step=step,
             )
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        for key, path in images.items():
-            self.writer.add_image(key, read_png_rgb(path), global_step=step,
-                                  dataformats="HWC")
-
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
+    def _alerts(self, alerts: list[Alert], step: int) -> None:
         if alerts:
             # Two trailing spaces: a Markdown line break in TensorBoard's text view.
             text = "  \n".join(format_alert(a) for a in alerts)

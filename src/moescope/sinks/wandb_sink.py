@@ -10,27 +10,28 @@ to a run, so passing the training step would break (or be dropped) as soon as an
 logger (e.g. transformers' ``WandbCallback``) logs to the same run at its own pace.
 ``use_wandb_step=True`` passes ``step=`` instead.
 
-Keys per log step: the ``log_metrics`` keys; ``moe/layer_stats`` (a ``wandb.Table``, one
-row per layer); ``moe/<layer>/expert_load`` (a ``wandb.Histogram`` over expert ids,
-weighted by assignments; E <= 512); the ``log_images`` keys as ``wandb.Image``;
-``moe/alerts`` (a ``wandb.Table``) and ``moe/num_alerts`` when alerts fire.
+Keys per event, all in ONE ``run.log`` call: the ``event.metrics`` keys; for train events
+also ``moe/layer_stats`` (a ``wandb.Table``, one row per layer); ``moe/<layer>/expert_load``
+(a ``wandb.Histogram`` over expert ids, weighted by assignments; E <= 512); the
+``event.figures`` keys as ``wandb.Image(figure)``; ``moe/alerts`` (a ``wandb.Table``) and
+``moe/num_alerts`` when alerts fire.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moescope._json import json_safe
 from moescope._optional import require
 from moescope.alerts import format_alert
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
     from moescope.alerts import Alert
+    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import Snapshot
 
 __all__ = ["LAYER_TABLE_COLUMNS", "WandbSink"]
@@ -43,12 +44,6 @@ LAYER_TABLE_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 _MAX_HIST_BINS = 512  # wandb.Histogram's limit
-
-
-def _none_if_nan(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class WandbSink(Sink):
@@ -65,6 +60,8 @@ class WandbSink(Sink):
     Raises:
         MissingExtraError: ``wandb`` is not installed (extra ``wandb``).
     """
+
+    wants_figures = True
 
     def __init__(
         self,
@@ -105,14 +102,26 @@ class WandbSink(Sink):
             self._defined.add(id(run))
         run.log({**data, self.step_metric: step})
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._log({k: float(v) for k, v in metrics.items()}, step)
+    def write(self, event: LogEvent) -> None:
+        data: dict[str, Any] = {k: float(v) for k, v in event.metrics.items()}
+        if event.mode == "train":
+            if event.snapshot is not None:
+                data.update(self._snapshot_data(event.snapshot))
+            if event.figures:
+                # wandb.Image(fig) compares its argument with matplotlib.pyplot, which
+                # must therefore be imported (torch's add_figure imports it as well).
+                import matplotlib.pyplot  # noqa: F401
+            for key, fig in event.figures.items():
+                data[key] = self.wandb.Image(fig)
+            data.update(self._alert_data(list(event.alerts)))
+        if data:
+            self._log(data, event.step)
 
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
+    def _snapshot_data(self, snapshot: Snapshot) -> dict[str, Any]:
         data: dict[str, Any] = {}
         if self.table:
             rows = [
-                [name, *(_none_if_nan(_py(getattr(s, c))) for c in LAYER_TABLE_COLUMNS[1:])]
+                [name, *(json_safe(_py(getattr(s, c))) for c in LAYER_TABLE_COLUMNS[1:])]
                 for name, s in snapshot.layers.items()
             ]
             data[f"{self.prefix}/layer_stats"] = self.wandb.Table(
@@ -127,23 +136,19 @@ class WandbSink(Sink):
                 data[f"{self.prefix}/{name}/expert_load"] = self.wandb.Histogram(
                     np_histogram=(counts, edges)
                 )
-        if data:
-            self._log(data, step)
+        return data
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
-        if images:
-            self._log({k: self.wandb.Image(str(p)) for k, p in images.items()}, step)
-
-    def log_alerts(self, alerts: list[Alert], step: int) -> None:
+    def _alert_data(self, alerts: list[Alert]) -> dict[str, Any]:
         if not alerts:
-            return
-        rows = [[a.step, a.level, a.layer, a.rule, _none_if_nan(a.value), a.message,
-                 format_alert(a)] for a in alerts]
+            return {}
+        rows = [
+            [a.step, a.level, a.layer, a.rule, json_safe(a.value), a.message, format_alert(a)]
+            for a in alerts
+        ]
         table = self.wandb.Table(
             columns=["step", "level", "layer", "rule", "value", "message", "text"], data=rows
         )
-        self._log({f"{self.prefix}/alerts": table,
-                   f"{self.prefix}/num_alerts": len(alerts)}, step)
+        return {f"{self.prefix}/alerts": table, f"{self.prefix}/num_alerts": len(alerts)}
 
     def __repr__(self) -> str:
         target = "wandb" if isinstance(self._target, ModuleType) else type(self._target).__name__

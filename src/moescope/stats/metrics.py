@@ -365,7 +365,9 @@ def aux_loss(
     if token_mask is not None:
         valid = valid & token_mask.reshape(-1).bool()
     probs = torch.where(valid[:, None], router_probs(logits, score_fn), 0.0)
-    bins = expert_bins(topk_index.flatten(1) if topk_index.dim() > 1 else topk_index[:, None], num_experts)
+    bins = expert_bins(
+        topk_index.flatten(1) if topk_index.dim() > 1 else topk_index[:, None], num_experts
+    )
     keep = valid[:, None].expand_as(bins)
     counts = slot_counts(bins, keep, num_experts)[:num_experts]
     prob_sum = probs[:, :num_experts].sum(dim=0, dtype=torch.float64)

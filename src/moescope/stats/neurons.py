@@ -61,9 +61,11 @@ __all__ = [
     "NEURON_REDUCE_OPS",
     "NeuronAccumulator",
     "NeuronCalibrator",
+    "NeuronOptions",
     "NeuronThreshold",
     "activated_counts",
     "activated_mask",
+    "as_threshold",
     "neuron_stats_from_state",
     "tau_for_sparsity",
 ]
@@ -146,6 +148,60 @@ class NeuronThreshold:
         return f"{self.mode}({names[self.mode]}={self.value:g})"
 
 
+@dataclass(frozen=True)
+class NeuronOptions:
+    """What neuron-level monitoring counts and keeps: ``MoEMonitor(model,
+    neurons=NeuronOptions(...))`` (``neurons=True`` = these defaults).
+
+    Attributes:
+        threshold: which neurons count as activated: a :class:`NeuronThreshold`, a float
+            (= ``NeuronThreshold.absolute(tau)``), or None (= the default
+            ``NeuronThreshold.magnitude(0.1)``: ``|h_i| > 0.1 * mean_j |h_j|`` of the row;
+            why: the module docstring). Stored as a ``NeuronThreshold``.
+        hist_bins: bins B of the per-layer histogram of activated counts over [0, I]
+            (capped at I + 1).
+        per_neuron: keep per-neuron firing counts [E, I] int32 per layer (dead and hot
+            neurons, firing frequency); ``4 E I`` bytes per layer, also moved to the host
+            at each snapshot. False keeps O(E) per layer.
+        hot_neurons: how many most-frequently-firing neurons per expert a snapshot lists
+            (``LayerStats.hot_neurons`` [E, k]); 0 lists none.
+
+    Raises:
+        TypeError / ValueError: at construction, for a bad value.
+    """
+
+    threshold: NeuronThreshold | float | None = None
+    hist_bins: int = 32
+    per_neuron: bool = True
+    hot_neurons: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", as_threshold(self.threshold))
+        for name, low in (("hist_bins", 1), ("hot_neurons", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"NeuronOptions.{name} must be an int >= {low}, got {v!r}")
+        if not isinstance(self.per_neuron, bool):
+            raise TypeError(
+                f"NeuronOptions.per_neuron must be True or False, got {self.per_neuron!r}"
+            )
+
+
+def as_threshold(threshold: NeuronThreshold | float | None) -> NeuronThreshold:
+    """``threshold`` as a :class:`NeuronThreshold`: None = ``magnitude(0.1)``, a float =
+    ``absolute(tau)``."""
+    if threshold is None:
+        return NeuronThreshold.magnitude()
+    if isinstance(threshold, NeuronThreshold):
+        return threshold
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return NeuronThreshold.absolute(float(threshold))
+    raise TypeError(
+        "a neuron threshold must be a float (absolute tau), a NeuronThreshold "
+        f"(NeuronThreshold.absolute/magnitude/relative/calibrated) or None, got {threshold!r}"
+    )
+
+
 def activated_mask(h: torch.Tensor, mode: ThresholdMode, value: float) -> torch.Tensor:
     """[N, I] bool: which neurons of each row are activated.
 
@@ -160,8 +216,11 @@ def activated_mask(h: torch.Tensor, mode: ThresholdMode, value: float) -> torch.
     if mode == "absolute" or mode == "calibrated":
         return a > value
     if mode == "magnitude":
-        scale = a.mean(dim=-1, keepdim=True, dtype=torch.float32 if a.dtype in
-                       (torch.float16, torch.bfloat16) else None)
+        scale = a.mean(
+            dim=-1,
+            keepdim=True,
+            dtype=torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else None,
+        )
         return a > scale * value
     if mode == "relative":
         if a.dtype in (torch.float16, torch.bfloat16):
@@ -234,7 +293,6 @@ class NeuronAccumulator:
         self._fire = (
             torch.zeros(e + 1, i, dtype=torch.int32, device=dev) if self.per_neuron else None
         )
-
 
     def reset(self) -> None:
         """Zero every sum (start a new window) without reallocating."""

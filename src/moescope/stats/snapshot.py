@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope._json import json_safe
 from moescope.stats import metrics as M
 
 __all__ = [
@@ -196,10 +197,7 @@ class LayerStats:
         for k, v in self.__dict__.items():
             if k == "firing_counts" and not firing:
                 continue
-            if isinstance(v, np.ndarray):
-                out[k] = _nan_to_none(v.tolist())
-            else:
-                out[k] = _nan_to_none(v)
+            out[k] = json_safe(v)
         return out
 
     @classmethod
@@ -234,14 +232,6 @@ class LayerStats:
 _OPTIONAL_SCALARS = frozenset(
     {"activated_neurons_mean", "activated_neurons_std", "neuron_sparsity", "dead_neurons"}
 )
-
-
-def _nan_to_none(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, list):
-        return [_nan_to_none(x) for x in v]
-    return v
 
 
 def _none_to_nan(v: Any) -> Any:
@@ -322,9 +312,12 @@ def layer_stats_from_state(
         dropped_fraction=_div(float(state["n_dropped"]), n_slots),
         unique_experts_per_batch=_div(float(state["unique_sum"]), n_upd),
         unique_experts_max=float(state["unique_max"]) if n_upd else math.nan,
-        coactivation=None if coact is None else np.asarray(coact, dtype=np.int64).reshape(e, e).copy(),
+        coactivation=None
+        if coact is None
+        else np.asarray(coact, dtype=np.int64).reshape(e, e).copy(),
         dropped_counts=(
-            None if dropped_counts is None
+            None
+            if dropped_counts is None
             else np.asarray(dropped_counts, dtype=np.int64).reshape(e).copy()
         ),
         extra_slots=int(state["extra_slots"]),
@@ -514,7 +507,7 @@ class Snapshot:
             {
                 "format": "moescope.snapshot/1",
                 "step": self.step,
-                "time": _nan_to_none(self.time),
+                "time": json_safe(self.time),
                 "layers": {k: v.to_json_dict(firing=firing) for k, v in self.layers.items()},
             },
             allow_nan=False,
