@@ -7,11 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import random_layer_stats
 from moescope._json import json_safe
-from moescope.capture.record import RoutingRecord
-from moescope.stats import LayerAccumulator, layer_stats_from_state, states_to_numpy
 from moescope.stats.snapshot import LayerStats, Snapshot
 
 
@@ -34,19 +32,7 @@ def test_json_safe_is_strict_json_and_keeps_finite_values_exactly() -> None:
 
 
 def _layer(empty: bool) -> LayerStats:
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(16, 4, generator=gen)
-    acc = LayerAccumulator(4, 2, coactivation=False)
-    acc.update(
-        RoutingRecord(
-            layer="x",
-            num_experts=4,
-            topk_index=torch.topk(logits, 2).indices,
-            logits=logits,
-            token_mask=torch.zeros(16, dtype=torch.bool) if empty else None,
-        )
-    )
-    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], 4, 2)
+    return random_layer_stats(0, 4, 2, t=16, mask="none" if empty else "all")
 
 
 def test_snapshot_json_uses_it_and_round_trips() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("matplotlib")
 
@@ -17,7 +16,7 @@ import itertools
 from matplotlib.collections import PolyCollection, QuadMesh
 from matplotlib.image import imread
 
-from moescope.capture.record import RoutingRecord
+from conftest import random_layer_stats
 from moescope.report.plots import (
     entropy_over_time,
     save_png,
@@ -26,12 +25,9 @@ from moescope.report.plots import (
     usage_over_time,
 )
 from moescope.stats import (
-    LayerAccumulator,
     LayerStats,
     Snapshot,
     UsageHistory,
-    layer_stats_from_state,
-    states_to_numpy,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,15 +36,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _layer(
     seed: int, e: int, k: int, t: int = 64, skew: float = 0.0, empty: bool = False
 ) -> LayerStats:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(t, e, generator=gen) - skew * torch.arange(e) / e
-    idx = torch.topk(logits, k, -1).indices
-    mask = torch.zeros(t, dtype=torch.bool) if empty else None
-    acc = LayerAccumulator(e, k, coactivation=False)
-    acc.update(
-        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
-    )
-    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
+    return random_layer_stats(seed, e, k, t, skew, mask="none" if empty else "all")
 
 
 def _snapshot(step: int, n_layers: int, e: int, k: int, pool: int | None = None) -> Snapshot:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import padded_batch, routed_tiny_lm
 from moescope import MoEMonitor
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 from moescope.nn.router_output import RouterOutput
@@ -34,36 +35,6 @@ from moescope.report.routing_analysis import (
 E, K = 8, 2
 
 
-def _tiny_lm(seed: int = 0) -> TinyMoELM:
-    cfg = TinyMoEConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        num_experts=E,
-        top_k=K,
-    )
-    torch.manual_seed(seed)
-    model = TinyMoELM(cfg).eval()
-    with torch.no_grad():  # larger router weights: less uniform, more informative routing
-        for layer in model.model.layers:
-            layer.mlp.router.weight.mul_(50.0)
-    return model
-
-
-def _batch(
-    seed: int, lo: int = 0, hi: int = 64, b: int = 3, s: int = 12
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] ids and mask: row 1 right-padded by 3, row 2 left-padded by 4."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(lo, hi, (b, s), generator=gen)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, s - 3 :] = 0
-    mask[2, :4] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def _experts_spy(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict, list]:
     """Independent capture: the topk index each experts module RECEIVED, per call."""
     got: dict[str, list[torch.Tensor]] = {p: [] for p in modules}
@@ -78,18 +49,18 @@ def _experts_spy(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict,
 
 
 def _recorded(seed_count: int = 3) -> TokenRouting:
-    model = _tiny_lm()
-    return record_routing(model, [_batch(s) for s in range(seed_count)])
+    model = routed_tiny_lm()
+    return record_routing(model, [padded_batch(s) for s in range(seed_count)])
 
 
 # ---------------------------------------------------------------------------- capture
 
 
 def test_recorded_topk_is_what_tinylm_experts_received_valid_tokens_only() -> None:
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     mods = {n[: -len(".experts")]: m for n, m in model.named_modules() if n.endswith("mlp.experts")}
     got, handles = _experts_spy(model, mods)
-    batches = [_batch(1), _batch(2)]
+    batches = [padded_batch(1), padded_batch(2)]
     rec = RoutingRecorder(model, max_tokens=10_000)
     with rec, torch.no_grad():
         model(batches[0][0], batches[0][1])  # positional arguments
@@ -150,7 +121,7 @@ def test_recorded_topk_mixtral_padded_and_kv_cache_step() -> None:
 def test_unsorted_router_output_is_ordered_by_combine_weight() -> None:
     """Routers such as DeepSeek-V3 return their top-k unsorted: slot 0 must still be
     the first choice (largest combine weight)."""
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     flips = []
     for layer in model.model.layers:
 
@@ -168,7 +139,7 @@ def test_unsorted_router_output_is_ordered_by_combine_weight() -> None:
             got[path].append((a[1].clone(), a[2].clone()))
 
         flips.append(mod.register_forward_pre_hook(spy))
-    ids, mask = _batch(7)
+    ids, mask = padded_batch(7)
     tr = record_routing(model, [(ids, mask)])
     for h in flips:
         h.remove()
@@ -202,7 +173,7 @@ def test_encoder_decoder_records_the_encoder_layers() -> None:
     )
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
-    ids, mask = _batch(2, hi=64, s=9)
+    ids, mask = padded_batch(2, hi=64, s=9)
     dec = torch.randint(1, 64, (3, 9))  # same length as the encoder input on purpose
     mon = MoEMonitor(model)
     rec = RoutingRecorder(model)
@@ -219,7 +190,7 @@ def test_encoder_decoder_records_the_encoder_layers() -> None:
 
 
 def test_begin_batch_for_a_forward_with_other_argument_names() -> None:
-    inner = _tiny_lm()
+    inner = routed_tiny_lm()
 
     class Wrapped(nn.Module):
         def __init__(self) -> None:
@@ -230,7 +201,7 @@ def test_begin_batch_for_a_forward_with_other_argument_names() -> None:
             return self.lm(tokens, keep).logits
 
     model = Wrapped().eval()
-    ids, mask = _batch(4)
+    ids, mask = padded_batch(4)
     rec = RoutingRecorder(model)
     with rec, torch.no_grad():
         rec.begin_batch(ids, mask)
@@ -244,8 +215,8 @@ def test_begin_batch_for_a_forward_with_other_argument_names() -> None:
 
 
 def test_max_tokens_bound_and_one_host_copy_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _tiny_lm()
-    ids, mask = _batch(5)  # 29 valid tokens per batch
+    model = routed_tiny_lm()
+    ids, mask = padded_batch(5)  # 29 valid tokens per batch
     calls: list[tuple[int, ...]] = []
     real_cpu = torch.Tensor.cpu
 
@@ -273,8 +244,8 @@ def test_max_tokens_bound_and_one_host_copy_per_forward(monkeypatch: pytest.Monk
 
 
 def test_a_forward_that_raises_records_nothing() -> None:
-    model = _tiny_lm()
-    ids, mask = _batch(0)
+    model = routed_tiny_lm()
+    ids, mask = padded_batch(0)
 
     def boom(m: nn.Module, a: tuple, out: object) -> None:
         raise RuntimeError("boom")
@@ -291,7 +262,7 @@ def test_a_forward_that_raises_records_nothing() -> None:
 
 
 def test_sources_errors_and_detach() -> None:
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     with pytest.raises(ValueError, match="not MoE layers"):
         RoutingRecorder(model, layers=["model.layers.0.self_attn"])
     rec = RoutingRecorder(model, layers=["model.layers.1.mlp"])
@@ -299,14 +270,14 @@ def test_sources_errors_and_detach() -> None:
         rec.result("code")
     with rec, torch.no_grad():
         with rec.source("code"):
-            model(*_batch(1, lo=0, hi=20))
+            model(*padded_batch(1, lo=0, hi=20))
         with rec.source("prose"):
-            model(*_batch(2, lo=40, hi=64))
+            model(*padded_batch(2, lo=40, hi=64))
     assert rec.sources == ["code", "prose"] and rec.result("code").layers == ["model.layers.1.mlp"]
     n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert n_hooks == 0
     with torch.no_grad():
-        model(*_batch(3))
+        model(*padded_batch(3))
     assert rec.num_recorded("code") == 29 and set(rec.results()) == {"code", "prose"}
 
 
@@ -407,12 +378,12 @@ def test_colored_tokens_html_escapes_and_one_span_per_token() -> None:
 
 def test_figures_save_as_png(tmp_path: object) -> None:
     pytest.importorskip("matplotlib")
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     rec = RoutingRecorder(model)
     with rec, torch.no_grad():
         for name, lo, hi in (("code", 0, 20), ("prose", 30, 64)):
             with rec.source(name):
-                model(*_batch(1, lo=lo, hi=hi))
+                model(*padded_batch(1, lo=lo, hi=hi))
     trs = rec.results()
     dists = {d: expert_distribution(tr) for d, tr in trs.items()}
     fig = RA.domain_distribution_figure(dists)
@@ -457,7 +428,9 @@ def test_token_routing_save_load_round_trip(tmp_path: object) -> None:
         router_kwargs={"capacity_factor": 0.5},
     )
     model = TinyMoELM(cfg).eval()
-    trs = RA.record_domains(model, {"a": [_batch(0)], "b": [_batch(1), _batch(2)]}, max_tokens=40)
+    trs = RA.record_domains(
+        model, {"a": [padded_batch(0)], "b": [padded_batch(1), padded_batch(2)]}, max_tokens=40
+    )
     assert trs["a"].num_tokens == 29 and trs["b"].num_tokens == 40 and trs["b"].truncated
     tr = trs["b"]
     back = TokenRouting.load(tr.save(tmp_path / "sub" / "b.npz"))  # type: ignore[operator]

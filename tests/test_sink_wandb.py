@@ -18,23 +18,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 wandb = pytest.importorskip("wandb")
 pytest.importorskip("matplotlib")
 
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
+from conftest import random_layer_stats  # noqa: E402
 from moescope.alerts import AlertRules, format_alert  # noqa: E402
-from moescope.capture.record import RoutingRecord  # noqa: E402
 from moescope.report.plots import save_png, usage_heatmap  # noqa: E402
 from moescope.sinks import LogEvent, WandbSink, resolve_loggers  # noqa: E402
 from moescope.sinks.wandb_sink import LAYER_TABLE_COLUMNS  # noqa: E402
 from moescope.stats import (  # noqa: E402
-    LayerAccumulator,
+    LayerStats,
     Snapshot,
-    layer_stats_from_state,
-    states_to_numpy,
 )
 
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
@@ -98,16 +95,10 @@ def _history(records: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _layer(seed: int, e: int, k: int, t: int = 96, skew: float = 0.0, empty: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(t, e, generator=gen) - skew * torch.arange(e) / e
-    idx = torch.topk(logits, k, -1).indices
-    mask = torch.zeros(t, dtype=torch.bool) if empty else None
-    acc = LayerAccumulator(e, k, coactivation=False)
-    acc.update(
-        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
-    )
-    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
+def _layer(
+    seed: int, e: int, k: int, t: int = 96, skew: float = 0.0, empty: bool = False
+) -> LayerStats:
+    return random_layer_stats(seed, e, k, t, skew, mask="none" if empty else "all")
 
 
 def _snapshot(step: int) -> Snapshot:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_layer_stats
 from moescope import MoEMonitor
 from moescope._optional import MissingExtraError
 from moescope.alerts import Alert, AlertRules, format_alert
@@ -38,19 +39,20 @@ from moescope.sinks import (
     resolve_loggers,
 )
 from moescope.sinks.console import shorten_layer_names
-from moescope.stats import LayerAccumulator, Snapshot, layer_stats_from_state, states_to_numpy
+from moescope.stats import (
+    LayerAccumulator,
+    LayerStats,
+    Snapshot,
+    layer_stats_from_state,
+    states_to_numpy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _layer(seed: int, e: int, k: int, t: int = 128, skew: float = 0.0):
+def _layer(seed: int, e: int, k: int, t: int = 128, skew: float = 0.0) -> LayerStats:
     """LayerStats of random routing; ``skew`` > 0 favours low expert ids."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(t, e, generator=gen) - skew * torch.arange(e) / e
-    idx = torch.topk(logits, k, -1).indices
-    acc = LayerAccumulator(e, k, coactivation=False)
-    acc.update(RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits))
-    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
+    return random_layer_stats(seed, e, k, t, skew)
 
 
 def _big_snapshot(n_layers: int = 60, e: int = 128, k: int = 8) -> Snapshot:

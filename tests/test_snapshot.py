@@ -7,30 +7,21 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from moescope.capture.record import RoutingRecord
+from conftest import random_layer_stats
 from moescope.stats import (
     LAYER_SCALAR_METRICS,
-    LayerAccumulator,
     LayerStats,
     Snapshot,
     UsageHistory,
     layer_stats_from_state,
-    states_to_numpy,
 )
 
 
 def _layer(seed: int, e: int, k: int, t: int = 64, masked_out: bool = False) -> LayerStats:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(t, e, generator=gen)
-    idx = torch.topk(logits, k, -1).indices
-    mask = torch.zeros(t, dtype=torch.bool) if masked_out else torch.rand(t, generator=gen) > 0.2
-    acc = LayerAccumulator(e, k)
-    acc.update(
-        RoutingRecord(layer="x", num_experts=e, topk_index=idx, logits=logits, token_mask=mask)
+    return random_layer_stats(
+        seed, e, k, t, mask="none" if masked_out else "some", coactivation=True
     )
-    return layer_stats_from_state(states_to_numpy({"x": acc.state()})["x"], e, k)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import padded_batch, routed_tiny_lm
 from moescope import MoEMonitor
 from moescope.analysis.decode import decode_bytes
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
@@ -29,46 +30,16 @@ from moescope.stats.routing import (
 E, K = 8, 2
 
 
-def _tiny_lm(seed: int = 0) -> TinyMoELM:
-    cfg = TinyMoEConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        num_experts=E,
-        top_k=K,
-    )
-    torch.manual_seed(seed)
-    model = TinyMoELM(cfg).eval()
-    with torch.no_grad():  # larger router weights: less uniform, more informative routing
-        for layer in model.model.layers:
-            layer.mlp.router.weight.mul_(50.0)
-    return model
-
-
-def _batch(
-    seed: int, lo: int = 0, hi: int = 64, b: int = 3, s: int = 12
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] ids and mask: row 1 right-padded by 3, row 2 left-padded by 4."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(lo, hi, (b, s), generator=gen)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, s - 3 :] = 0
-    mask[2, :4] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 # ---------------------------------------------------------------------------- distributions
 
 
 def test_expert_distribution_equals_monitor_usage_fraction() -> None:
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     mon = MoEMonitor(model)
     rec = RoutingRecorder(model)
     with rec, torch.no_grad():
         for seed in range(3):
-            model(*_batch(seed))
+            model(*padded_batch(seed))
     snap = mon.snapshot()
     mon.detach()
     dist = expert_distribution(rec.result())
@@ -97,8 +68,8 @@ def test_dropped_slots_excluded_like_the_monitor(router: str, kwargs: dict) -> N
     model = TinyMoELM(cfg).eval()
     mon = MoEMonitor(model)
     with RoutingRecorder(model) as rec, torch.no_grad():
-        model(*_batch(0))
-        model(*_batch(1))
+        model(*padded_batch(0))
+        model(*padded_batch(1))
     snap = mon.snapshot()
     mon.detach()
     tr = rec.result()
@@ -122,13 +93,13 @@ def _js_ref(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def test_domain_divergence_against_float64_loop() -> None:
-    model = _tiny_lm()
+    model = routed_tiny_lm()
     rec = RoutingRecorder(model)
     with rec, torch.no_grad():
         for name, lo, hi in (("code", 0, 16), ("prose", 24, 40), ("other", 48, 64)):
             with rec.source(name):
                 for seed in range(2):
-                    model(*_batch(seed, lo=lo, hi=hi))
+                    model(*padded_batch(seed, lo=lo, hi=hi))
     dists = {d: expert_distribution(tr) for d, tr in rec.results().items()}
     dists["code again"] = dists["code"]
     div = domain_divergence(dists)
@@ -155,8 +126,8 @@ def test_domain_divergence_against_float64_loop() -> None:
 
 
 def _recorded(seed_count: int = 3) -> TokenRouting:
-    model = _tiny_lm()
-    return record_routing(model, [_batch(s) for s in range(seed_count)])
+    model = routed_tiny_lm()
+    return record_routing(model, [padded_batch(s) for s in range(seed_count)])
 
 
 def test_same_expert_rate_against_plain_loops() -> None:
@@ -205,8 +176,8 @@ def test_set_overlap_chance_exact_multiword_and_monte_carlo(
 
 
 def test_router_agreement_same_perturbed_and_loop() -> None:
-    batches = [_batch(s) for s in range(2)]
-    model = _tiny_lm()
+    batches = [padded_batch(s) for s in range(2)]
+    model = routed_tiny_lm()
     a = record_routing(model, batches)
     same = router_agreement(a, record_routing(model, batches))
     assert same == dict.fromkeys(a.layers, 1.0)

@@ -492,12 +492,13 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- main
 
+
 def _elsewhere(module: str, add: str, run: str) -> tuple[Any, Any]:
     """A subcommand whose parser and runner live in ``module``, imported when used (so
     that ``moescope`` starts without torch and a Ctrl-C at any time is one line)."""
 
     def add_parser(sub: Any) -> argparse.ArgumentParser:
-        return getattr(importlib.import_module(module), add)(sub)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), add)(sub)
 
     def run_cmd(args: argparse.Namespace) -> int:
         return int(getattr(importlib.import_module(module), run)(args))

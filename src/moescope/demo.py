@@ -41,9 +41,11 @@ the model's default) and z-loss weight; the router learning-rate multiplier
 
 Measured with the defaults (seed 0, 300 steps): the no-balance run is already imbalanced
 in its first 25-step window (max/mean 7.3 of at most 8) and ends with 23 of 64 experts
-unused, average CV 1.76 and 75 alerts; the balanced run ends with every expert in use,
-average CV 0.42 and one alert (max/mean 4.02 at step 50, during warm-up). With seed 1:
-14/64 unused, CV 1.85 and 73 alerts against 0/64, CV 0.38 and no alert. The collapse
+unused, average CV 1.76 and 75 firings of the per-window rules (108 with the trend rules,
+cold experts and falling entropy; the console groups them into 14 alert lines); the
+balanced run ends with every expert in use, average CV 0.42 and one alert (max/mean 4.02
+at step 50, during warm-up). With seed 1: 14/64 unused, CV 1.85 and 73 per-window
+firings against 0/64, CV 0.38 and no alert. The collapse
 does not cost loss in a run this short (eval LM loss 2.257 against 2.270 nats/byte): it
 leaves a quarter to a third of the experts idle, which is why it takes a routing monitor,
 not a loss curve, to see it.

@@ -363,6 +363,14 @@ def _parameters(r: AnalysisResult, figs: FigureSet) -> H.Section:
             f"change with --embeddings).{tied}"
         )
     )
+    if p.active_path != "token":
+        towers = ", ".join(f"{t} {fmt_number(n)}" for t, n in p.towers.items())
+        sec.add(
+            H.paragraph(
+                f"Active parameters are those of a {p.active_path}: the total counts every "
+                f"tower ({towers}); the non-text towers are not active for text."
+            )
+        )
     rows = [
         ["total parameters", fmt_number(p.total_params), "-"],
         [
