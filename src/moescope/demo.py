@@ -66,14 +66,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
+from moescope._json import json_safe
 from moescope.data import ByteDataset, stdlib_bytes
 from moescope.nn.model import TinyMoEConfig
+
+if TYPE_CHECKING:
+    from moescope.nn.hf import TinyMoEForCausalLM
+
+#: A map-style dataset of ``{"input_ids": [S]}`` byte blocks that knows its length.
+Blocks = ByteDataset | Subset[dict[str, torch.Tensor]]
 
 #: Names of the two runs (sub-folders of ``--out``) and their load-balancing weight.
 RUNS: tuple[tuple[str, float], ...] = (("balanced", 0.01), ("no_balance", 0.0))
@@ -245,7 +252,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     )
 
 
-def load_data(settings: DemoSettings) -> tuple[Dataset, Dataset]:
+def load_data(settings: DemoSettings) -> tuple[Blocks, Blocks]:
     """(train, eval) datasets of ``seq_len`` byte blocks; eval is the first
     ``eval_blocks`` blocks of the held-out tail of the stream."""
     data = stdlib_bytes(settings.max_bytes)
@@ -285,7 +292,7 @@ def router_param_groups(
 
 
 @torch.no_grad()
-def eval_lm_loss(model: nn.Module, eval_ds: Dataset, batch_size: int) -> float:
+def eval_lm_loss(model: nn.Module, eval_ds: Blocks, batch_size: int) -> float:
     """Mean next-byte cross entropy (nats/byte) of ``model`` over every block of
     ``eval_ds``, without the router terms the Trainer's ``eval_loss`` includes, so runs
     with different ``aux_loss_coef`` compare on language modelling alone."""
@@ -325,7 +332,7 @@ def _history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
-def build_model(settings: DemoSettings, aux_loss_coef: float) -> nn.Module:
+def build_model(settings: DemoSettings, aux_loss_coef: float) -> TinyMoEForCausalLM:
     """A freshly initialised ``TinyMoEForCausalLM`` seeded with ``settings.seed``: the
     same initial weights whatever ``aux_loss_coef`` (only the loss differs)."""
     from transformers import set_seed
@@ -342,8 +349,8 @@ def train_run(
     run_dir: Path,
     settings: DemoSettings,
     aux_loss_coef: float,
-    train_ds: Dataset,
-    eval_ds: Dataset,
+    train_ds: Blocks,
+    eval_ds: Blocks,
 ) -> RunResult:
     """Train one model under the transformers Trainer with the moescope callback.
 
@@ -558,19 +565,8 @@ def summarise(
         "cpu_seconds": cpu_seconds,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(_finite_json(summary), indent=2, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return summary
-
-
-def _finite_json(x: Any) -> Any:
-    """Copy with non-finite floats as None, so ``summary.json`` is strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_json(v) for v in x]
-    return x
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ room" rule. Ties are broken by the lowest index (a stable sort; the lightest pac
 lowest id), so a plan is deterministic. On loads without ties the plan is vLLM's
 ``DefaultEplbPolicy.rebalance_experts`` map slot for slot; where loads tie, vLLM's
 ``np.argsort`` may take equal items in another order, which can change the slot map but
-(in every case ``tests/vllm/test_eplb_vs_vllm.py`` runs) not the load of any GPU.
+(in every case ``tests/with_vllm/test_eplb_vs_vllm.py`` runs) not the load of any GPU.
 
 Conventions:
 
@@ -162,7 +162,9 @@ def contiguous_gpu_loads(loads: np.ndarray, num_gpus: int) -> np.ndarray:
     e = x.shape[-1]
     gpu = (np.arange(e) * num_gpus) // e
     out = np.zeros((*x.shape[:-1], num_gpus), dtype=np.float64)
-    np.add.at(out, (..., gpu), x)
+    # Along the last axis, through transposed views (out.T is a view of out): the same
+    # additions in the same order as indexing with (..., gpu), which numpy's stubs reject.
+    np.add.at(out.T, gpu, x.T)
     return out
 
 

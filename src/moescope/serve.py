@@ -283,7 +283,7 @@ class PrometheusExporter:
     @property
     def lock(self) -> threading.RLock:
         """The re-entrant lock a refresh holds; hold it to keep a window from closing."""
-        return self._forward_lock.lock  # type: ignore[return-value]
+        return self._forward_lock.lock
 
     @property
     def running(self) -> bool:

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
@@ -184,7 +184,7 @@ class JsonlTail:
 
 
 def _alert(d: dict[str, Any]) -> Alert:
-    kw = {k: d.get(k) for k in _ALERT_FIELDS}
+    kw: dict[str, Any] = {k: d.get(k) for k in _ALERT_FIELDS}  # JSON values
     kw["value"] = math.nan if kw["value"] is None else float(kw["value"])
     kw["detail"] = kw["detail"] or ""
     return Alert(**kw)
@@ -239,7 +239,7 @@ class WatchState:
         return self._snap_cache[1]
 
 
-def usage_bar(counts: Sequence[float], width: int = 48) -> str:
+def usage_bar(counts: Iterable[float], width: int = 48) -> str:
     """One cell per expert: block height = its load relative to the busiest expert,
     ``·`` = no token. More than ``width`` experts are pooled (max per group; ``·`` only
     when the whole group is unused).

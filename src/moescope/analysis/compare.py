@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from moescope._json import json_safe
 from moescope.analysis.errors import AnalyzeError
-from moescope.analysis.result import SUMMARY_FORMAT, clean_json
+from moescope.analysis.result import SUMMARY_FORMAT
 
 __all__ = [
     "BALANCE_METRICS",
@@ -147,7 +148,7 @@ class Comparison:
                 "series": s.series,
             }
 
-        return clean_json(
+        return json_safe(
             {
                 "format": "moescope.compare/1",
                 "a": side(self.a),

@@ -210,15 +210,17 @@ def _online() -> Iterator[None]:
     old_env = os.environ.get("HF_HUB_OFFLINE")
     try:
         import huggingface_hub.constants as hc
+
+        have_hc = True
     except ImportError:
-        hc = None
-    old_const = getattr(hc, "HF_HUB_OFFLINE", None)
+        have_hc = False
+    old_const = getattr(hc, "HF_HUB_OFFLINE", None) if have_hc else None
     user = _USER_OFFLINE
     if user is None:
         os.environ.pop("HF_HUB_OFFLINE", None)
     else:
         os.environ["HF_HUB_OFFLINE"] = user
-    if hc is not None:
+    if have_hc:
         hc.HF_HUB_OFFLINE = str(user or "").upper() in ("1", "ON", "YES", "TRUE")
     try:
         yield
@@ -227,7 +229,7 @@ def _online() -> Iterator[None]:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old_env
-        if hc is not None and old_const is not None:
+        if have_hc and old_const is not None:
             hc.HF_HUB_OFFLINE = old_const
 
 
@@ -638,7 +640,8 @@ def _first_line(err: BaseException) -> str:
 def _input_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
     """Where input ids must go: the input embedding's device (under a device_map)."""
     try:
-        emb = model.get_input_embeddings()
+        get_emb = getattr(model, "get_input_embeddings", None)  # transformers models
+        emb = get_emb() if get_emb is not None else None
         w = getattr(emb, "weight", None)
         if w is not None and w.device.type != "meta":
             return w.device
@@ -777,7 +780,7 @@ def load_model(
                 f"cannot load the tokenizer in {path} ({_first_line(err)}); fix or remove its "
                 "tokenizer files (without them, bytes 0-255 are used)"
             ) from None
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     vocab = getattr(text_cfg, "vocab_size", None)
     if tokenizer is None and (vocab is None or int(vocab) < 256):

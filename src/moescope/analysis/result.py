@@ -9,13 +9,13 @@ lays out what is here.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moescope._json import json_safe
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -24,7 +24,6 @@ __all__ = [
     "ModelInfo",
     "Passage",
     "RoutingAnalysis",
-    "clean_json",
     "write_summary",
 ]
 
@@ -211,22 +210,7 @@ class AnalysisResult:
             out["cost_error"] = self.cost_error
         if self.routing is not None:
             out["routing_analysis"] = self.routing.to_json()
-        return clean_json(out)
-
-
-def clean_json(x: Any) -> Any:
-    """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to None."""
-    if isinstance(x, Mapping):
-        return {str(k): clean_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return clean_json(x.tolist())
-    if isinstance(x, np.generic):
-        return clean_json(x.item())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x
+        return json_safe(out)
 
 
 def write_summary(result: AnalysisResult, out_dir: str | Path) -> Path:

@@ -108,9 +108,10 @@ class AnalyzeOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [self.data]
-        self.data = [str(d) for d in (self.data or [])]
+        data: Any = self.data  # one path (str / PathLike) or None are accepted too
+        if isinstance(data, (str, os.PathLike)):
+            data = [data]
+        self.data = [str(d) for d in (data or [])]
         self.model = str(self.model) if self.model is not None else self.model
         self.out = str(self.out)
         if self.compare is not None:

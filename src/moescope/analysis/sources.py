@@ -45,7 +45,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 
@@ -59,6 +59,12 @@ _ROWS_PER_BATCH = 1024
 _MAX_CARRY = 16  # text held back waiting for whitespace, in read chunks
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _WHAT = "pass a text, JSONL, parquet file or a datasets folder"
+
+
+class _ByteReader(Protocol):
+    """What :func:`_stream_chunks` reads from: a file opened ``"rb"`` or :class:`_Prefixed`."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -137,7 +143,7 @@ class DataSource:
                     "standard input (--data -) can be read only once; save it to a file"
                 )
             self._consumed = True
-            stream: IO[bytes] = _Prefixed(self._stdin_head or b"", self._stdin or sys.stdin.buffer)
+            stream = _Prefixed(self._stdin_head or b"", self._stdin or sys.stdin.buffer)
             yield from _stream_chunks(stream, self.tokenizer, chunk_bytes)
             return
         if self.kind == "text":
@@ -201,7 +207,7 @@ def _bytes_ids(data: bytes) -> torch.Tensor:
 
 
 def _stream_chunks(
-    fh: IO[bytes], tokenizer: Any | None, chunk_bytes: int
+    fh: _ByteReader, tokenizer: Any | None, chunk_bytes: int
 ) -> Iterator[torch.Tensor]:
     """Token ids of a byte stream: raw bytes, or UTF-8 text cut after newlines / spaces."""
     if tokenizer is None:

@@ -153,7 +153,7 @@ class ForwardOnlyContext(CaptureContext):
         self._enabled = True
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def counting(self) -> bool:
         return self._enabled and not in_backward()
 

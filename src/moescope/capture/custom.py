@@ -125,7 +125,7 @@ class SimpleAdapter:
                     logits=flat(logits, logits.shape[-1]) if logits is not None else None,
                     score_fn=fields.get("score_fn", self._score_fn),
                     topk_weight=flat(fields.get("topk_weight"), k),
-                    token_mask=flat(mask, None).to(torch.bool)
+                    token_mask=mask.reshape(t).to(torch.bool)
                     if mask is not None
                     else ctx.token_mask(t),
                     dropped=flat(fields.get("dropped"), k),

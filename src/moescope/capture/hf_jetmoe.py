@@ -76,13 +76,16 @@ class ParallelExpertsAdapter:
         top_k = find_top_k(module, router, getattr(module, "config", None), layer_index(path))
         if top_k is None:
             return None
+        expert_in, expert_out = module.input_linear, module.output_linear
+        # _parallel_experts found both as modules
+        assert isinstance(expert_in, nn.Module) and isinstance(expert_out, nn.Module)
         return LayerInfo(
             path=path,
             adapter=self.name,
             num_experts=e_in,
             top_k=top_k,
             module=module,
-            expert_modules=(module.input_linear, module.output_linear),
+            expert_modules=(expert_in, expert_out),
             router=router,
             extra={"router": router},
         )

@@ -70,14 +70,19 @@ class Llama4Adapter:
         path = info.path
         num_experts = info.num_experts
 
-        def hook(mod: nn.Module, _args: tuple[object, ...], out: object) -> None:
+        def hook(
+            mod: nn.Module, _args: tuple[object, ...], out: tuple[torch.Tensor, torch.Tensor]
+        ) -> None:
             if not ctx.counting:
                 return
             scores, logits = out  # [T,E] each
             with torch.no_grad():
                 lg = logits.detach().reshape(-1, num_experts)
                 # Read top_k from the module at call time: the router uses its own attribute.
-                index = torch.topk(lg, int(mod.top_k), dim=1).indices
+                # A plain attribute; torch types every module attribute Tensor | Module.
+                top_k = mod.top_k
+                assert not isinstance(top_k, nn.Module)
+                index = torch.topk(lg, int(top_k), dim=1).indices
                 weight = scores.detach().reshape(-1, num_experts).gather(1, index)
             emit(
                 RoutingRecord(

@@ -157,7 +157,10 @@ def router_score_fn(router: nn.Module, config: Any) -> RecordScoreFn:
                 return "sigmoid"
             if isinstance(v, nn.Softmax) or v is torch.softmax:
                 return "softmax"
-    from_source = _score_fn_from_source(type(router))
+    # Typed as a plain ``type``: mypy does not see ``type(router)`` (``type[Module]``) as
+    # Hashable, the cache's argument type, although every class is.
+    router_cls: type = type(router)
+    from_source = _score_fn_from_source(router_cls)
     if from_source is not None:
         return from_source
     if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):

@@ -103,7 +103,11 @@ class SwitchTransformersAdapter:
         num_experts = info.num_experts
         router_dtype: torch.dtype = getattr(router, "dtype", torch.float32)
 
-        def hook(_mod: nn.Module, _args: tuple[object, ...], out: object) -> None:
+        def hook(
+            _mod: nn.Module,
+            _args: tuple[object, ...],
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ) -> None:
             if not ctx.counting:
                 return
             expert_mask, max_prob, logits = out  # [B,S,E] int, [B,S,1], [B,S,E]
@@ -170,7 +174,11 @@ class NllbMoeAdapter:
         num_experts = info.num_experts
         router_dtype: torch.dtype = getattr(router, "dtype", torch.float32)
 
-        def hook(_mod: nn.Module, _args: tuple[object, ...], out: object) -> None:
+        def hook(
+            _mod: nn.Module,
+            _args: tuple[object, ...],
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ) -> None:
             if not ctx.counting:
                 return
             top1_mask, combine, logits = out  # [T,E] int, [T,E], [T,E]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from torch import nn
 from moescope.capture.adapter import CaptureContext, Detach, LayerInfo
 from moescope.capture.hf_structure import block_token_mask
 from moescope.capture.hooks import CopySafePatch
+
+if TYPE_CHECKING:
+    from moescope.nn.experts import NeuronObserver
 
 __all__ = ["NeuronSink", "NeuronTap", "attach_neurons", "neuron_tap"]
 
@@ -89,8 +92,9 @@ def neuron_tap(info: LayerInfo) -> NeuronTap | None:
     if not isinstance(experts, nn.Module):
         return None
     if info.adapter == "moescope.nn":
-        if hasattr(experts, "neuron_observer") and hasattr(experts, "intermediate_size"):
-            return NeuronTap(info.path, "nn", int(experts.intermediate_size), experts)
+        size = getattr(experts, "intermediate_size", None)
+        if hasattr(experts, "neuron_observer") and size is not None:
+            return NeuronTap(info.path, "nn", int(size), experts)
         return None
     if isinstance(experts, nn.ModuleDict):
         first = next(iter(experts.values()), None)
@@ -147,7 +151,8 @@ def _attach_fused(
 ) -> Detach:
     experts = tap.experts
     path = info.path
-    config = experts.config
+    # The model's PretrainedConfig (a plain attribute, which torch types Tensor | Module).
+    config: Any = experts.config
     index_arg = str(info.extra.get("index_arg", "top_k_index"))
     # Routing of the call in flight: (sorted expert ids [N], row validity [N] | None).
     pending: dict[str, Any] = {}
@@ -206,7 +211,8 @@ def _attach_fused(
     ]
     restore: Callable[[], None]
     if experts.has_gate:
-        original = experts._apply_gate  # bound method (or a previous instance wrapper)
+        # A bound method (or a previous instance wrapper); torch types it Tensor | Module.
+        original = cast("Callable[[torch.Tensor], torch.Tensor]", experts._apply_gate)
 
         def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
             h = original(gate_up)
@@ -216,7 +222,8 @@ def _attach_fused(
         restore = CopySafePatch(experts, "_apply_gate", apply_gate).install()
 
     else:
-        act = experts.act_fn
+        # A module or a plain function; torch types every module attribute Tensor | Module.
+        act = cast("Callable[[torch.Tensor], torch.Tensor]", experts.act_fn)
         if isinstance(act, nn.Module):
             handles.append(act.register_forward_hook(lambda m, a, out: observe(out)))
 
@@ -322,6 +329,7 @@ def _attach_moduledict(
         experts.register_forward_pre_hook(experts_pre, with_kwargs=True),
         experts.register_forward_hook(experts_post, with_kwargs=True, always_call=True),
     ]
+    assert isinstance(experts, nn.ModuleDict)  # neuron_tap's "moduledict" kind
     for name, expert in experts.items():
         proj = _down_proj_of(expert)
         if proj is None or not name.startswith("expert_"):
@@ -345,7 +353,8 @@ def _attach_nn(info: LayerInfo, tap: NeuronTap, sink: NeuronSink, ctx: CaptureCo
     path = info.path
     pending: dict[str, Any] = {}
     own: dict[str, torch.Tensor | None] = {"mask": None}
-    previous = experts.neuron_observer
+    # GroupedExperts.neuron_observer (neuron_tap's "nn" kind); torch types it Tensor | Module.
+    previous = cast("NeuronObserver | None", experts.neuron_observer)
 
     def layer_pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)

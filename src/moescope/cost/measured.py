@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from moescope.cost.flops import FlopReport
-from moescope.cost.params import ParamReport
+from moescope.cost.params import EmbeddingConvention, ParamReport
 from moescope.stats.snapshot import Snapshot
 
 
@@ -81,7 +81,7 @@ class MeasuredCost:
         return d
 
 
-def _finite(x: float | None) -> bool:
+def _finite(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)
 
 
@@ -178,7 +178,7 @@ def _hidden_size(model_or_config: Any) -> int | None:
 def measured_cost(
     snapshot: Snapshot,
     config_or_model: Any,
-    embeddings: str = "both",
+    embeddings: EmbeddingConvention = "both",
     seq_len: int = 2048,
 ) -> MeasuredCost:
     """Measured parameters and FLOPs per token of ``config_or_model`` under ``snapshot``.

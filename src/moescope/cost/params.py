@@ -38,13 +38,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from moescope.capture.adapter import LayerInfo
 from moescope.capture.hf_structure import ROUTER_NAMES
+
+if TYPE_CHECKING:
+    from moescope.nn.model import TinyMoEConfig
 
 EmbeddingConvention = Literal["both", "head", "none"]
 EMBEDDING_CONVENTIONS: tuple[str, ...] = ("both", "head", "none")
@@ -287,7 +290,7 @@ def build_meta_model(source: Any) -> nn.Module:
         ) from None
 
 
-def _tiny_config_class() -> type | None:
+def _tiny_config_class() -> type[TinyMoEConfig] | None:
     try:
         from moescope.nn.model import TinyMoEConfig
     except ImportError:  # pragma: no cover - model.py is part of the package
@@ -481,8 +484,9 @@ def _moe_blocks(model: nn.Module) -> list[_Block]:
     for _, info in find_moe_layers(model):
         block = info.module
         experts = info.expert_modules
-        if not experts and isinstance(getattr(block, "experts", None), nn.Module):
-            experts = (block.experts,)
+        child = getattr(block, "experts", None)
+        if not experts and isinstance(child, nn.Module):
+            experts = (child,)
         if not experts:
             raise CostConfigError(
                 f"{info.path}: its adapter {info.adapter!r} names no expert modules, so its "
@@ -547,8 +551,7 @@ def _expert_split(
             for n, q in first.named_parameters()
             if q.dim() >= 2 and not n.endswith("bias")
         )
-        carrying = {id(q) for m in members for q in m.parameters()}
-        return next(iter(sizes)), mm, carrying
+        return next(iter(sizes)), mm, {id(q) for m in members for q in m.parameters()}
     pe = mpe = 0
     carrying: set[int] = set()
     for pid, role in block.roles.items():
@@ -624,8 +627,8 @@ def analyze_model(
 
     modules = dict(named_modules)
     named: dict[int, tuple[str, torch.Tensor]] = {}
-    for pname, p in model.named_parameters():
-        named.setdefault(id(p), (pname, p))
+    for pname, param in model.named_parameters():
+        named.setdefault(id(param), (pname, param))
 
     splits = [_expert_split(b, named) for b in blocks]
     params: list[_ParamInfo] = []

@@ -37,7 +37,7 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         output_splits: list[int],
@@ -52,7 +52,7 @@ class _AllToAll(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         grad_in = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
         dist.all_to_all_single(
             grad_in, grad.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group

@@ -173,10 +173,10 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -190,7 +190,9 @@ class TinyMoEForCausalLM(TinyMoEPreTrainedModel, GenerationMixin):
         """A transformers model with the weights of a plain :class:`TinyMoELM`."""
         model = cls(TinyMoEHFConfig.from_tiny_config(lm.config))
         model.load_state_dict(lm.state_dict())
-        return model.to(next(lm.parameters()).device)
+        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types
+        # as an unbound function (it expects the model as its first argument).
+        return model.to(next(lm.parameters()).device)  # type: ignore[arg-type]
 
     def to_tiny(self) -> TinyMoELM:
         """A plain :class:`TinyMoELM` with these weights."""

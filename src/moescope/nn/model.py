@@ -310,6 +310,15 @@ def build_router(config: TinyMoEConfig) -> nn.Module:
     return cls(**kwargs)
 
 
+def _last_router_output(mlp: object) -> RouterOutput:
+    """The RouterOutput an MoE block (``MoELayer`` or ``ExpertParallelMoELayer``) kept
+    from its last forward. ``mlp`` is typed ``object`` because torch types a submodule
+    reached by attribute (``layer.mlp``) as ``Tensor | Module``."""
+    ro = getattr(mlp, "router_output", None)
+    assert isinstance(ro, RouterOutput), f"{type(mlp).__name__} has no router output yet"
+    return ro
+
+
 class TinyMoEDecoderLayer(nn.Module):
     """Pre-norm decoder layer: attention then feed-forward (MoE or dense), both residual.
 
@@ -355,7 +364,7 @@ class TinyMoEDecoderLayer(nn.Module):
         zero = x.new_zeros((), dtype=torch.float32)
         if not self.is_moe:
             return x, zero, zero
-        ro: RouterOutput = self.mlp.router_output
+        ro = _last_router_output(self.mlp)
         aux = ro.losses.get("aux_loss", zero)
         z = ro.losses.get("z_loss", zero)
         return x, aux.float(), z.float()
@@ -384,7 +393,8 @@ class TinyMoEModel(nn.Module):
     def __init__(self, config: TinyMoEConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Typed nn.Module: transformers' set_input_embeddings may install any module.
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             TinyMoEDecoderLayer(config, i) for i in range(config.num_layers)
         )
@@ -458,7 +468,7 @@ class TinyMoEModel(nn.Module):
             if layer.is_moe:
                 aux_terms.append(aux)
                 z_terms.append(z)
-                router_outputs.append(layer.mlp.router_output)
+                router_outputs.append(_last_router_output(layer.mlp))
         x = self.norm(x)
         zero = x.new_zeros((), dtype=torch.float32)
         aux_loss = torch.stack(aux_terms).mean() if aux_terms else zero
@@ -535,7 +545,9 @@ class TinyMoELM(nn.Module):
         for m in self.modules():
             init_tiny_moe_weights(m, config.initializer_range)
         if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            emb = self.model.embed_tokens
+            assert isinstance(emb, nn.Embedding)  # TinyMoEModel builds one
+            self.lm_head.weight = emb.weight
 
     @property
     def gradient_checkpointing(self) -> bool:

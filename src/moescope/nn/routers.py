@@ -443,6 +443,8 @@ class GroupLimitedRouter(nn.Module):
     ``score_fn = "sigmoid"``; ``probs`` are the unbiased sigmoid scores.
     """
 
+    e_score_correction_bias: torch.Tensor  # [E] buffer (registered in __init__)
+
     def __init__(
         self,
         hidden_size: int,

@@ -256,7 +256,7 @@ def params_figure(values: Mapping[str, float], title: str, dpi: int = 100) -> Fi
     ax.set_ylim(len(labels) - 0.5, -0.5)
     top = float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0
     ax.set_xlim(0, top * 1.3 if top > 0 else 1.0)
-    for yi, v in zip(y, vals, strict=True):
+    for yi, v in enumerate(vals):  # bar yi sits at y[yi] == yi
         if math.isfinite(v):
             ax.text(v, yi, f" {_short(v)}", va="center", fontsize="small")
     ax.set_xlabel("parameters")

@@ -72,6 +72,7 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
         _set_ticks(ax, "x", m.shape[1], None, 16)
     _set_ticks(axes[0], "y", len(names), names, 24)
     axes[0].set_ylabel(f"layer ({pattern})" if pattern else "layer")
+    assert im is not None  # set by the loop over the two panels
     fig.colorbar(im, ax=list(axes), label="load (usage fraction x E; 1 = uniform)", shrink=0.9)
     fig.suptitle("Expert load per layer")
     return fig

@@ -160,7 +160,9 @@ class TokenRouting:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         with p.open("wb") as f:
-            np.savez_compressed(f, **arrays)
+            # No object arrays here; load() reads with allow_pickle=False too. Passing it
+            # also tells the type checker that no key of ``arrays`` is that keyword.
+            np.savez_compressed(f, allow_pickle=False, **arrays)
         return p
 
     @classmethod

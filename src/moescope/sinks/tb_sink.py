@@ -69,6 +69,7 @@ class TensorBoardSink(Sink):
                 "SummaryWriter) or writer= (your SummaryWriter)."
             )
         if writer is None:
+            assert log_dir is not None  # exactly one of the two (checked above)
             require("tensorboard", "tensorboard")
             tb = require("torch.utils.tensorboard", "tensorboard")
             writer = tb.SummaryWriter(

@@ -266,7 +266,7 @@ class RoutingSums:
         if has_logits:
             assert logits is not None
             x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-            probs = router_probs(x, b.score_fn)  # type: ignore[arg-type]
+            probs = router_probs(x, b.score_fn)
             if valid is not None:
                 probs = torch.where(valid[:, :, None], probs, 0.0)
             s["prob_sum"].index_add_(0, rows, probs[:, :, :e].sum(1).to(fd))

@@ -347,7 +347,7 @@ def aux_loss(
     num_experts: int,
     token_mask: torch.Tensor | None = None,
     score_fn: ScoreFn = "softmax",
-) -> torch.Tensor:
+) -> np.float64:
     """Load-balancing loss of one layer call (convenience wrapper, see aux_loss_from_sums).
 
     Args:

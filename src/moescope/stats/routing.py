@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -275,7 +275,7 @@ def same_expert_rate(
     idx = tr.topk[layer]
     e = tr.num_experts.get(layer, int(idx.max()) + 1 if idx.size else 1)
     k = idx.shape[1]
-    ran = (idx >= 0).all(axis=1)  # rows where the layer ran
+    ran = np.all(idx >= 0, axis=1)  # [N] rows where the layer ran
     i = _consecutive_pairs(tr)
     i = i[ran[i] & ran[i + 1]]
     if mode == "top1":
@@ -350,7 +350,8 @@ def router_agreement(a: TokenRouting, b: TokenRouting, *, top1: bool = False) ->
 # ---------------------------------------------------------------------------- specialisation
 
 
-class TopToken(NamedTuple):
+@dataclass(frozen=True)
+class TopToken:
     """One of an expert's most frequent tokens: ``token`` (decoded string), ``count``
     (assignments of this token to the expert), ``token_id``, ``share`` (count / all
     recorded occurrences of the token: how specific the expert is to it)."""

@@ -1,0 +1,60 @@
+"""Run one monitored vLLM scenario in a fresh process and print its results as JSON.
+
+Usage: ``python run_vllm.py SPEC.json`` where the spec holds ``model``, ``prompts``,
+``repeat_prompt``, ``max_tokens``, ``eager``, ``options`` (moescope's vLLM options) and
+``linger`` (seconds to wait before exiting, so timed windows close). A separate process
+per engine keeps the tests independent of how vLLM tears an engine down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    import moescope.integrations.vllm as mv
+
+    llm = LLM(
+        model=spec["model"],
+        max_model_len=512,
+        dtype="float32",
+        seed=0,
+        enforce_eager=bool(spec.get("eager", False)),
+        additional_config=mv.options(**spec.get("options", {})),
+    )
+    params = SamplingParams(max_tokens=int(spec["max_tokens"]), temperature=0.0)
+
+    def run(prompts: list[str]) -> list[dict]:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [
+            {
+                "prompt_ids": list(o.prompt_token_ids),
+                "output_ids": list(o.outputs[0].token_ids),
+                "cached": int(o.num_cached_tokens or 0),
+            }
+            for o in outs
+        ]
+
+    def snap(reset: bool) -> dict:
+        s = mv.snapshot(llm, reset=reset)
+        return {"snapshot": s.snapshot.to_json(), "tokens": s.tokens}
+
+    result: dict = {"warmup": snap(True)}
+    result["distinct"] = {"requests": run(spec["prompts"])}
+    result["distinct"].update(snap(True))
+    if spec.get("repeat_prompt"):
+        reqs = run([spec["repeat_prompt"]]) + run([spec["repeat_prompt"]])
+        result["repeat"] = {"requests": reqs, **snap(True)}
+    time.sleep(float(spec.get("linger", 0)))
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""moescope inside real vLLM (CPU build): counts equal transformers' for the same tokens.
+
+Each engine runs in its own process (tests/with_vllm/run_vllm.py) on a tiny random checkpoint
+saved from transformers' config classes with a locally trained tokenizer (tiny_ckpt.py).
+Ground truth: the same token sequences (prompt + what vLLM generated, minus the last
+token, which vLLM never feeds back) through transformers with moescope's HF adapter
+(``MoEMonitor``) and through transformers' own ``output_router_logits`` (top-k taken
+here), in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from moescope.sinks.jsonl import read_jsonl
+from moescope.stats.snapshot import Snapshot
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from tiny_ckpt import build_checkpoint, corpus_text  # noqa: E402
+
+MAX_TOKENS = 6
+
+
+def _prompts() -> list[str]:
+    lines = [ln.strip() for ln in corpus_text().splitlines() if len(ln.strip()) > 20]
+    return [lines[3], lines[10], lines[25]]
+
+
+def _repeat_prompt() -> str:
+    # Long enough to fill several KV blocks, so the second request hits the prefix cache.
+    return " ".join(corpus_text().split()[:120])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.pop("MOESCOPE_VLLM", None)
+    return env
+
+
+def run_scenario(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    path = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run_vllm.py"), str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=900,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def hf_counts(model_dir: Path, sequences: list[list[int]]) -> Snapshot:
+    """moescope's HF adapter on transformers, one forward per sequence."""
+    import transformers
+
+    from moescope import MoEMonitor
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    mon = MoEMonitor(model)
+    with torch.no_grad():
+        for seq in sequences:
+            model(torch.tensor([seq]))
+    snap = mon.snapshot()
+    mon.detach()
+    return snap
+
+
+def hf_topk(model_dir: Path, seq: list[int], start: int) -> list[np.ndarray]:
+    """Per layer [E] counts of transformers' own router logits (top-k) over seq[start:]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(torch.tensor([seq]), output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    counts = []
+    for logits in out.router_logits:
+        ids = torch.topk(logits[start:], k, dim=-1).indices
+        counts.append(np.bincount(ids.reshape(-1).numpy(), minlength=logits.shape[-1]))
+    return counts
+
+
+def fed_tokens(req: dict[str, Any]) -> list[int]:
+    return req["prompt_ids"] + req["output_ids"][:-1]
+
+
+def vllm_layers(snap: Snapshot) -> list[tuple[str, Any]]:
+    def layer_no(name: str) -> int:
+        return int(re.search(r"layers\.(\d+)\.", name).group(1))  # type: ignore[union-attr]
+
+    return sorted(snap.layers.items(), key=lambda kv: layer_no(kv[0]))
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("qwen")
+    model = build_checkpoint(tmp / "ckpt", "qwen3_moe")
+    jsonl = tmp / "routing.jsonl"
+    spec = {
+        "model": str(model),
+        "prompts": _prompts(),
+        "repeat_prompt": _repeat_prompt(),
+        "max_tokens": MAX_TOKENS,
+        "eager": False,  # the CPU default: torch.compile
+        "options": {"jsonl": str(jsonl), "interval": 0.5},
+        "linger": 2.0,
+    }
+    return model, run_scenario(tmp, spec), jsonl
+
+
+def test_warmup_and_profiling_runs_are_not_counted(qwen: Any) -> None:
+    _, res, _ = qwen
+    snap = Snapshot.from_json(res["warmup"]["snapshot"])
+    assert snap.total_tokens == 0
+    assert all(int(s.usage_counts.sum()) == 0 for s in snap.layers.values())
+    assert res["warmup"]["tokens"] == {
+        "scheduled_tokens": 0,
+        "prefix_cached_tokens": 0,
+        "forwards": 0,
+    }
+
+
+def test_counts_equal_transformers_with_moescope_hf_adapter(qwen: Any) -> None:
+    model, res, _ = qwen
+    reqs = res["distinct"]["requests"]
+    assert all(r["cached"] == 0 for r in reqs)
+    got = Snapshot.from_json(res["distinct"]["snapshot"])
+    ref = hf_counts(model, [fed_tokens(r) for r in reqs])
+    n_fed = sum(len(fed_tokens(r)) for r in reqs)
+    assert len(got.layers) == len(ref.layers) == 2
+    for (name, g), (_, r) in zip(vllm_layers(got), ref.layers.items(), strict=True):
+        assert g.num_tokens == r.num_tokens == n_fed, name
+        np.testing.assert_array_equal(g.usage_counts, r.usage_counts, err_msg=name)
+        assert int(g.usage_counts.sum()) == n_fed * 2
+        # Router-probability metrics from vLLM's own logits: equal up to float32 noise.
+        assert g.routing_entropy == pytest.approx(r.routing_entropy, rel=1e-4)
+        assert g.top1_prob == pytest.approx(r.top1_prob, rel=1e-4)
+        assert g.aux_loss == pytest.approx(r.aux_loss, rel=1e-4)
+        np.testing.assert_array_equal(g.coactivation, r.coactivation)
+    tokens = res["distinct"]["tokens"]
+    assert tokens["scheduled_tokens"] == n_fed
+    assert tokens["prefix_cached_tokens"] == 0
+
+
+def test_prefix_cache_hits_are_served_not_routed(qwen: Any) -> None:
+    model, res, _ = qwen
+    first, second = res["repeat"]["requests"]
+    assert first["cached"] == 0 and second["cached"] > 0
+    assert first["prompt_ids"] == second["prompt_ids"]
+    got = Snapshot.from_json(res["repeat"]["snapshot"])
+    tokens = res["repeat"]["tokens"]
+    routed = len(fed_tokens(first)) + len(fed_tokens(second)) - second["cached"]
+    assert got.total_tokens == tokens["scheduled_tokens"] == routed
+    assert tokens["prefix_cached_tokens"] == second["cached"]
+    # Exact per-layer counts: the first request's every token, the second's uncached tail.
+    ref_a = hf_topk(model, fed_tokens(first), 0)
+    ref_b = hf_topk(model, fed_tokens(second), second["cached"])
+    for (name, g), a, b in zip(vllm_layers(got), ref_a, ref_b, strict=True):
+        np.testing.assert_array_equal(g.usage_counts, a + b, err_msg=name)
+
+
+def test_jsonl_windows_add_up_to_the_totals(qwen: Any) -> None:
+    _, res, jsonl = qwen
+    lines = read_jsonl(jsonl)
+    snaps = [ln for ln in lines if ln["kind"] == "snapshot"]
+    metrics = [ln for ln in lines if ln["kind"] == "metrics"]
+    assert snaps and len(metrics) == len(snaps)
+    total: dict[str, np.ndarray] = {}
+    for ln in snaps:
+        for name, layer in ln["snapshot"]["layers"].items():
+            total[name] = total.get(name, 0) + np.asarray(layer["usage_counts"])
+    expect: dict[str, np.ndarray] = {}
+    for part in ("distinct", "repeat"):
+        for name, s in Snapshot.from_json(res[part]["snapshot"]).layers.items():
+            expect[name] = expect.get(name, 0) + s.usage_counts
+    assert set(total) == set(expect)
+    for name in expect:
+        np.testing.assert_array_equal(total[name], expect[name], err_msg=name)
+    cached = sum(m["metrics"]["vllm/prefix_cached_tokens"] for m in metrics)
+    assert cached == res["repeat"]["tokens"]["prefix_cached_tokens"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_other_families_counts_equal_transformers(tmp_path: Path, family: str) -> None:
+    model = build_checkpoint(tmp_path / "ckpt", family)
+    spec = {
+        "model": str(model),
+        "prompts": _prompts()[:2],
+        "max_tokens": MAX_TOKENS,
+        "eager": True,
+        "options": {"counts_only": True},
+    }
+    res = run_scenario(tmp_path, spec)
+    reqs = res["distinct"]["requests"]
+    got = Snapshot.from_json(res["distinct"]["snapshot"])
+    ref = hf_counts(model, [fed_tokens(r) for r in reqs])
+    n_fed = sum(len(fed_tokens(r)) for r in reqs)
+    for (name, g), (_, r) in zip(vllm_layers(got), ref.layers.items(), strict=True):
+        assert g.num_tokens == n_fed, name
+        np.testing.assert_array_equal(g.usage_counts, r.usage_counts, err_msg=name)
+        assert np.isnan(g.routing_entropy)  # counts_only: no router scores staged
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, data: bytes | None = None) -> bytes:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for ln in text.splitlines():
+        if ln.startswith(name):
+            key, val = ln.rsplit(" ", 1)
+            out[key] = float(val)
+    return out
+
+
+def test_vllm_serve_exports_prometheus_metrics(tmp_path: Path) -> None:
+    model = build_checkpoint(tmp_path / "ckpt", "qwen3_moe")
+    api, prom = _free_port(), _free_port()
+    env = _env()
+    env.update(
+        MOESCOPE_VLLM="1",
+        MOESCOPE_VLLM_PROMETHEUS_PORT=str(prom),
+        MOESCOPE_VLLM_INTERVAL="0.5",
+    )
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--port", str(api), "--host", "127.0.0.1", "--max-model-len", "512",
+        "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                _get(f"http://127.0.0.1:{api}/health")
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not become healthy"
+                time.sleep(2)
+        body = json.dumps(
+            {"model": str(model), "prompt": _prompts()[0], "max_tokens": MAX_TOKENS,
+             "temperature": 0.0, "ignore_eos": True}
+        ).encode()  # fmt: skip
+        usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
+        fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        time.sleep(2.0)  # a window closes every 0.5 s
+        text = _get(f"http://127.0.0.1:{prom}/metrics").decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    tokens = _metric(text, "moescope_tokens_total{")
+    experts = _metric(text, "moescope_expert_tokens_total{")
+    assert len(tokens) == 2
+    assert all(v == fed for v in tokens.values()), (tokens, fed)
+    assert sum(experts.values()) == 2 * 2 * fed  # 2 layers x K=2 slots per token
+    sched = _metric(text, "moescope_vllm_scheduled_tokens_total")
+    assert list(sched.values()) == [fed]
