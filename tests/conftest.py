@@ -6,6 +6,9 @@ modules import the helpers by name; fixtures wrap them where a test wants one.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from moescope.capture.record import RoutingRecord
@@ -76,3 +79,40 @@ def padded_batch(
     mask[1, s - 3 :] = 0
     mask[2, :4] = 0
     return ids.masked_fill(mask == 0, 0), mask
+
+
+#: A tiny Mixtral config.json (byte vocabulary: ids 0-255 fit), for random-weight models.
+TINY_MIXTRAL: dict[str, Any] = {
+    "model_type": "mixtral",
+    "vocab_size": 256,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A saved TinyMoELM checkpoint (2 layers, 4 experts, top-2, byte vocabulary) at
+    ``path``, as ``moescope analyze --model`` loads it; returns ``path``."""
+    from moescope.nn.hf import TinyMoEForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = TinyMoEConfig(
+        vocab_size=256,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        num_experts=4,
+        top_k=2,
+        max_seq_len=128,
+    )
+    TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(path)
+    return path

@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import TINY_MIXTRAL, save_tiny_checkpoint
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.loading import (
     MEMORY_HEADROOM,
@@ -29,40 +30,7 @@ from moescope.analysis.loading import (
     resolve_model_source,
 )
 
-MIXTRAL: dict[str, Any] = {
-    "model_type": "mixtral",
-    "vocab_size": 256,
-    "hidden_size": 16,
-    "intermediate_size": 24,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 8,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _save_tiny(path: Path, seed: int = 0) -> Path:
-    from moescope.nn.hf import TinyMoEForCausalLM
-    from moescope.nn.model import TinyMoEConfig, TinyMoELM
-
-    torch.manual_seed(seed)
-    cfg = TinyMoEConfig(
-        vocab_size=256,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        num_experts=4,
-        top_k=2,
-        max_seq_len=128,
-    )
-    TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(path)
-    return path
 
 
 def _word_tokenizer(path: Path) -> Any:
@@ -104,7 +72,7 @@ def _logits(model: torch.nn.Module, device: torch.device | str = "cpu") -> torch
 
 
 def test_hub_id_resolves_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    saved = _save_tiny(tmp_path / "saved", seed=1)
+    saved = save_tiny_checkpoint(tmp_path / "saved", seed=1)
     _word_tokenizer(saved)
     cache = tmp_path / "hub"
     snap = _fake_hub_cache(cache, "acme/tiny-moe", saved)
@@ -201,7 +169,7 @@ def test_parse_dtype() -> None:
 def test_checkpoint_in_bfloat16_equals_cast_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    ckpt = _save_tiny(tmp_path / "ckpt")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     stored = {}
     for f in ckpt.glob("*.safetensors"):
         stored.update(load_file(f))
@@ -219,7 +187,7 @@ def test_checkpoint_in_bfloat16_equals_cast_weights(tmp_path: Path) -> None:
 
 def test_random_weights_follow_config_dtype_and_seed(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({**MIXTRAL, "torch_dtype": "bfloat16"}))
+    cfg.write_text(json.dumps({**TINY_MIXTRAL, "torch_dtype": "bfloat16"}))
     a = load_model(cfg, seed=3)
     assert a.random_weights and a.dtype is torch.bfloat16
     assert {p.dtype for p in a.model.parameters()} == {torch.bfloat16}
@@ -239,7 +207,7 @@ def test_random_weights_follow_config_dtype_and_seed(tmp_path: Path) -> None:
 
 def test_device_map_auto_gives_the_same_model(tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
-    ckpt = _save_tiny(tmp_path / "ckpt")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     plain = load_model(ckpt)
     mapped = load_model(ckpt, device_map="auto")
     assert mapped.device_map and mapped.device.type in ("cpu", "cuda")
@@ -247,7 +215,7 @@ def test_device_map_auto_gives_the_same_model(tmp_path: Path) -> None:
         _logits(mapped.model, mapped.device), _logits(plain.model), rtol=1e-5, atol=1e-5
     )
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(MIXTRAL))
+    cfg.write_text(json.dumps(TINY_MIXTRAL))
     r1 = load_model(cfg, seed=5)
     r2 = load_model(cfg, seed=5, device_map="auto")
     assert r2.random_weights and r2.device_map
@@ -268,7 +236,7 @@ def _built_bytes(model: torch.nn.Module) -> int:
 def test_estimate_equals_the_built_model(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = {k: v for k, v in MIXTRAL.items() if k != "model_type"}
+    fields = {k: v for k, v in TINY_MIXTRAL.items() if k != "model_type"}
     for dtype in (torch.float32, torch.bfloat16):
         config = AutoConfig.for_model("mixtral", **fields)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -276,7 +244,7 @@ def test_estimate_equals_the_built_model(tmp_path: Path) -> None:
     tied = AutoConfig.for_model("mixtral", **{**fields, "tie_word_embeddings": True})
     model = AutoModelForCausalLM.from_config(tied, dtype=torch.float16)
     assert estimate_model_bytes(tied, torch.float16) == _built_bytes(model)  # counted once
-    ckpt = _save_tiny(tmp_path / "ckpt")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     loaded = load_model(ckpt)
     assert loaded.estimated_bytes == _built_bytes(loaded.model)
 
@@ -284,7 +252,7 @@ def test_estimate_equals_the_built_model(tmp_path: Path) -> None:
 def _huge_config(tmp_path: Path) -> Path:
     """~1.3e12 parameters (5 TB in float32): more than any test machine has."""
     cfg = {
-        **MIXTRAL,
+        **TINY_MIXTRAL,
         "vocab_size": 10_000_000,
         "hidden_size": 65536,
         "head_dim": 32768,
@@ -343,7 +311,7 @@ def test_check_memory_against_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_reference_file_with_config_key(tmp_path: Path) -> None:
     ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"name": "tiny", "config": MIXTRAL, "official": {}}))
+    ref.write_text(json.dumps({"name": "tiny", "config": TINY_MIXTRAL, "official": {}}))
     loaded = load_model(ref)
     assert loaded.random_weights and loaded.model_type == "mixtral"
     assert "RANDOM WEIGHTS (seed 0)" in loaded.description
@@ -354,7 +322,7 @@ def test_loader_errors_are_one_line(tmp_path: Path) -> None:
     unknown.write_text(json.dumps({"model_type": "no_such_arch_xyz"}))
     small = tmp_path / "small"
     small.mkdir()
-    (small / "config.json").write_text(json.dumps({**MIXTRAL, "vocab_size": 64}))
+    (small / "config.json").write_text(json.dumps({**TINY_MIXTRAL, "vocab_size": 64}))
     notjson = tmp_path / "bad.json"
     notjson.write_text("{oops")
     cases = {unknown: "unknown architecture", small: "no tokenizer", notjson: "invalid JSON"}
@@ -367,7 +335,7 @@ def test_loader_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_incomplete_sharded_download(tmp_path: Path) -> None:
-    ckpt = _save_tiny(tmp_path / "ckpt")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     (ckpt / "model.safetensors.index.json").write_text(
         json.dumps(
             {
@@ -387,7 +355,7 @@ def test_tokenizer_name_is_the_model_not_the_class(tmp_path: Path) -> None:
     d = tmp_path / "word-moe"
     d.mkdir()
     _word_tokenizer(d)
-    (d / "config.json").write_text(json.dumps(MIXTRAL))
+    (d / "config.json").write_text(json.dumps(TINY_MIXTRAL))
     loaded = load_model(d)
     assert loaded.tokenizer_name == "word-moe"
     assert type(loaded.tokenizer).__name__ not in loaded.tokenizer_name

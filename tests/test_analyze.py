@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from conftest import TINY_MIXTRAL, save_tiny_checkpoint
 from moescope.data import stdlib_dir
 from moescope.monitor import MoEMonitor
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
@@ -27,21 +28,6 @@ from moescope.nn.model import TinyMoEConfig, TinyMoELM
 DATA_A = stdlib_dir() / "bisect.py"
 DATA_B = stdlib_dir() / "colorsys.py"
 B, S = 4, 48
-
-MIXTRAL: dict[str, Any] = {
-    "model_type": "mixtral",
-    "vocab_size": 256,
-    "hidden_size": 16,
-    "intermediate_size": 24,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 8,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
 
 
 def _env() -> dict[str, str]:
@@ -58,27 +44,9 @@ def _cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _save_tiny(path: Path, seed: int) -> Path:
-    from moescope.nn.hf import TinyMoEForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = TinyMoEConfig(
-        vocab_size=256,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        num_experts=4,
-        top_k=2,
-        max_seq_len=128,
-    )
-    TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
 
 
 def _reference_batches(path: Path, max_tokens: int | None) -> list[torch.Tensor]:
@@ -237,7 +205,7 @@ def test_report_is_self_contained(tiny_run: Path) -> None:
 
 def test_cli_random_weights_config_and_max_tokens(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(MIXTRAL))
+    cfg.write_text(json.dumps(TINY_MIXTRAL))
     out = tmp_path / "out"
     proc = _cli(
         "--model",
@@ -345,7 +313,7 @@ def _word_tokenizer_dir(path: Path) -> Any:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     fast.save_pretrained(path)
-    (path / "config.json").write_text(json.dumps({**MIXTRAL, "vocab_size": 64}))
+    (path / "config.json").write_text(json.dumps({**TINY_MIXTRAL, "vocab_size": 64}))
     return fast
 
 
@@ -409,7 +377,7 @@ def test_bad_input_exits_2_with_one_line(
     unknown.write_text(json.dumps({"model_type": "no_such_arch_xyz", "hidden_size": 8}))
     small_vocab = tmp_path / "small"
     small_vocab.mkdir()
-    (small_vocab / "config.json").write_text(json.dumps({**MIXTRAL, "vocab_size": 64}))
+    (small_vocab / "config.json").write_text(json.dumps({**TINY_MIXTRAL, "vocab_size": 64}))
     out = str(tmp_path / "out")
     data = str(DATA_A)
     cases = {

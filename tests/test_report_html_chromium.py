@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
+from conftest import save_tiny_checkpoint
 from moescope.data import stdlib_dir
-from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
 DATA = stdlib_dir() / "bisect.py"
 
@@ -244,22 +243,9 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from moescope.analysis import run_analyze
-    from moescope.nn.hf import TinyMoEForCausalLM
 
     tmp = tmp_path_factory.mktemp("chromium-report")
-    torch.manual_seed(0)
-    cfg = TinyMoEConfig(
-        vocab_size=256,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        num_experts=4,
-        top_k=2,
-        max_seq_len=128,
-    )
-    ckpt = tmp / "ckpt"
-    TinyMoEForCausalLM.from_tiny(TinyMoELM(cfg)).save_pretrained(ckpt)
+    ckpt = save_tiny_checkpoint(tmp / "ckpt", seed=0)
     other = tmp / "other.py"
     other.write_bytes((stdlib_dir() / "colorsys.py").read_bytes())
     return run_analyze(
