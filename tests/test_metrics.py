@@ -63,18 +63,6 @@ def test_usage_counts_matches_loop(with_mask: bool, with_dropped: bool) -> None:
     assert extra > 0  # the case really exercises ids >= E
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_finite_rows(dtype: torch.dtype) -> None:
-    x = torch.zeros(6, 5, dtype=dtype)
-    x[1, 2] = float("nan")
-    x[2, 0] = float("inf")
-    x[3, 4] = float("-inf")
-    x[4, :] = 6e4 if dtype == torch.float16 else 1e30  # large but finite: no overflow
-    x[5, 0], x[5, 1] = float("inf"), float("-inf")
-    want = [all(math.isfinite(float(v)) for v in row) for row in x]
-    assert M.finite_rows(x).tolist() == want == [True, False, False, False, True, False]
-
-
 def test_slot_counts_sums_float_weights_per_bin() -> None:
     bins = torch.tensor([[0, 2], [2, 3], [1, 3]])
     w = torch.tensor([[0.5, 1.0], [2.0, 4.0], [8.0, 16.0]], dtype=torch.float64)
@@ -159,34 +147,6 @@ def test_window_metrics_of_empty_counts_are_nan() -> None:
     assert math.isnan(float(M.load_entropy_norm(c)))
     assert math.isnan(float(M.routing_entropy_norm(0.3, 1)))
     assert float(M.routing_entropy_norm(math.log(4), 4)) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_coactivation_counts_matches_pair_loop(k: int) -> None:
-    gen = torch.Generator().manual_seed(4 + k)
-    t, e = 41, 9
-    idx = _rand_index(t, e, k, gen, extra=2)
-    keep = torch.rand(t, k, generator=gen) > 0.15
-    got = M.coactivation_counts(M.expert_bins(idx, e), keep, e)
-    ref = [[0] * e for _ in range(e)]
-    for i in range(t):
-        chosen = {int(idx[i, j]) for j in range(k) if bool(keep[i, j]) and int(idx[i, j]) < e}
-        for a in chosen:
-            for b in chosen:
-                ref[a][b] += 1
-    assert got.tolist() == ref
-
-
-def test_coactivation_large_e_equals_one_hot_reference() -> None:
-    gen = torch.Generator().manual_seed(5)
-    t, e, k = 512, 384, 8
-    idx = _rand_index(t, e, k, gen)
-    keep = torch.ones(t, k, dtype=torch.bool)
-    got = M.coactivation_counts(M.expert_bins(idx, e), keep, e)
-    onehot = torch.zeros(t, e, dtype=torch.float64)
-    onehot.scatter_(1, idx, 1.0)
-    ref = (onehot.T @ onehot).long()
-    assert torch.equal(got, ref)
 
 
 def test_aux_loss_from_sums_definition() -> None:

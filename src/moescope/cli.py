@@ -28,6 +28,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from moescope import __version__
+from moescope._optional import MissingExtraError
+from moescope.errors import UnsupportedModelError
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
@@ -156,6 +160,7 @@ def _quiet_transformers() -> None:
 
 
 def _run_params(args: argparse.Namespace) -> int:
+    # why: the cost stack imports torch; `moescope --help` and other subcommands stay light
     from moescope.cost.flops import flops_from_anatomy
     from moescope.cost.params import analyze_model, build_meta_model, report_from_anatomy
 
@@ -409,8 +414,8 @@ def _options(args: argparse.Namespace, cls: Any) -> Any:
 def _run_analyze(args: argparse.Namespace) -> int:
     import os
 
+    # why: moescope.analysis imports torch; only `analyze` pays for it
     from moescope.analysis import AnalyzeError, AnalyzeOptions, analyze, write_outputs
-    from moescope.errors import UnsupportedModelError
 
     try:
         opts = _options(args, AnalyzeOptions)
@@ -471,6 +476,7 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    # why: moescope.analysis imports torch; only `compare` pays for it
     from moescope.analysis import AnalyzeError
     from moescope.analysis.compare import compare_sources, write_comparison
 
@@ -521,8 +527,6 @@ SUBCOMMANDS: dict[
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``moescope`` argument parser with every registered subcommand."""
-    from moescope import __version__
-
     parser = argparse.ArgumentParser(
         prog="moescope",
         description="See what a Mixture-of-Experts model really does.",
@@ -542,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Named before anything heavy is imported, so a Ctrl-C during imports is one line too.
     name = "moescope" + next((f" {w}" for w in words if w in SUBCOMMANDS), "")
     try:
-        from moescope._optional import MissingExtraError
+        # why: cost.params imports torch; imported inside the try so a Ctrl-C here is one line
         from moescope.cost.params import CostConfigError
 
         args = build_parser().parse_args(words)

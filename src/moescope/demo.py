@@ -73,8 +73,12 @@ from torch import nn
 from torch.utils.data import Subset
 
 from moescope._json import json_safe
-from moescope.data import ByteDataset, stdlib_bytes
-from moescope.nn.model import TinyMoEConfig
+from moescope.alerts import Alert
+from moescope.analysis import run_analyze
+from moescope.analysis.compare import compare_sources, write_comparison
+from moescope.data import ByteDataset, stdlib_bytes, stdlib_dir
+from moescope.nn.layer import MoELayer
+from moescope.nn.model import TinyMoEConfig, causal_lm_loss
 
 if TYPE_CHECKING:
     from moescope.nn.hf import TinyMoEForCausalLM
@@ -267,8 +271,6 @@ def router_param_groups(
     """AdamW parameter groups: router weights at ``router_lr`` without weight decay
     (decay would pull the logits toward uniform, i.e. act as a hidden balancing term),
     matrices at ``lr`` with decay, vectors (norms) at ``lr`` without."""
-    from moescope.nn.layer import MoELayer
-
     router_ids = {
         id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.router.parameters()
     }
@@ -296,8 +298,6 @@ def eval_lm_loss(model: nn.Module, eval_ds: Blocks, batch_size: int) -> float:
     """Mean next-byte cross entropy (nats/byte) of ``model`` over every block of
     ``eval_ds``, without the router terms the Trainer's ``eval_loss`` includes, so runs
     with different ``aux_loss_coef`` compare on language modelling alone."""
-    from moescope.nn.model import causal_lm_loss
-
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
@@ -337,6 +337,7 @@ def build_model(settings: DemoSettings, aux_loss_coef: float) -> TinyMoEForCausa
     same initial weights whatever ``aux_loss_coef`` (only the loss differs)."""
     from transformers import set_seed
 
+    # why: moescope.nn.hf imports transformers (optional extra), like the line above
     from moescope.nn.hf import TinyMoEForCausalLM, TinyMoEHFConfig
 
     set_seed(settings.seed)
@@ -363,7 +364,7 @@ def train_run(
     from transformers import Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
-    from moescope.alerts import Alert
+    # why: imports transformers (optional extra) at its top level, like the lines above
     from moescope.integrations.transformers import create_moe_callback_for_transformers
 
     torch.set_num_threads(settings.threads)
@@ -599,8 +600,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def analysis_sources() -> list[Path]:
     """Two domains that ship with Python: code (``argparse.py``) and prose (its licence)."""
-    from moescope.data import stdlib_dir
-
     root = stdlib_dir()
     return [p for p in (root / "argparse.py", root / "LICENSE.txt") if p.is_file()]
 
@@ -609,8 +608,6 @@ def analyze_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_le
     """``moescope analyze`` on the balanced run's checkpoint, neurons on, with the
     no-balance checkpoint as ``--compare`` (router agreement between the two runs, which
     started from the same weights). Returns the path of ``<out>/analysis/report.html``."""
-    from moescope.analysis import run_analyze
-
     by_name = {r.name: r for r in results}
     main_run = by_name.get("balanced", results[0])
     other = next((r for r in results if r is not main_run), None)
@@ -630,8 +627,6 @@ def analyze_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_le
 def compare_runs(results: Sequence[RunResult], out: Path) -> Path:
     """``moescope compare`` of the two training logs (collapsed vs balanced): usage side
     by side, divergence, alerts and metrics over steps in ``<out>/compare/report.html``."""
-    from moescope.analysis.compare import compare_sources, write_comparison
-
     by_name = {r.name: r for r in results}
     a, b = by_name.get("no_balance", results[0]), by_name.get("balanced", results[-1])
     print(f"\n--- moescope compare {a.name} {b.name} ---", flush=True)

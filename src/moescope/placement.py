@@ -659,6 +659,7 @@ def load_expert_loads(path: str | os.PathLike[str], records: int = 1) -> LoadSou
                 _rows(obj["layers"], str(p)), "snapshot", f"snapshot (step {obj.get('step')})"
             )
         raise PlacementError(f"{p}: not a moescope summary.json, snapshot or JSONL log")
+    # why: sinks imports torch; plan-ep on summaries and snapshots runs without it
     from moescope.sinks.jsonl import read_jsonl
 
     return loads_from_jsonl(read_jsonl(p), last=records, path=str(p))

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from moescope._optional import require
 from moescope.alerts import Alert, AlertTracker
+from moescope.sinks.console import _table_parts, format_model_line
 from moescope.stats.snapshot import Snapshot
 
 __all__ = [
@@ -303,8 +305,6 @@ def render_frame(
     from rich.table import Table
     from rich.text import Text
 
-    from moescope.sinks.console import _table_parts, format_model_line
-
     now = time.time() if now is None else now
     snap = state.snapshot()
     if snap is None:
@@ -450,8 +450,6 @@ def _usage_error(msg: str) -> int:
 
 def run_watch(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     """Run ``moescope watch``; returns the exit status (Ctrl-C: 0)."""
-    from moescope._optional import require
-
     require("rich", "console")
     if args.interval <= 0:
         return _usage_error(f"--interval must be > 0 seconds, got {args.interval}.")

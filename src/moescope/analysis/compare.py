@@ -30,7 +30,12 @@ import numpy as np
 
 from moescope._json import json_safe
 from moescope.analysis.errors import AnalyzeError
+from moescope.analysis.outdir import prepare_out_dir, write_text
 from moescope.analysis.result import SUMMARY_FORMAT
+from moescope.report.compare_report import render_comparison
+from moescope.sinks.jsonl import read_jsonl
+from moescope.stats.routing import js_divergence
+from moescope.stats.snapshot import LayerStats, Snapshot
 
 __all__ = [
     "BALANCE_METRICS",
@@ -222,8 +227,6 @@ def load_side(spec: str | Path, label: str | None = None) -> RunSide:
 
 
 def _load_summary(path: Path, label: str | None) -> RunSide:
-    from moescope.stats.snapshot import LayerStats, Snapshot
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -256,9 +259,6 @@ def _load_summary(path: Path, label: str | None) -> RunSide:
 
 
 def _load_log(path: Path, label: str | None) -> RunSide:
-    from moescope.sinks.jsonl import read_jsonl
-    from moescope.stats.snapshot import Snapshot
-
     try:
         records = read_jsonl(path)
     except (OSError, UnicodeDecodeError) as err:
@@ -311,8 +311,6 @@ def _usage(stats: Any) -> np.ndarray:
 
 def compare_sides(a: RunSide, b: RunSide) -> Comparison:
     """Match the layers of ``a`` and ``b`` and compute every per-layer number."""
-    from moescope.stats.routing import js_divergence
-
     la, lb = list(a.snapshot.layers), list(b.snapshot.layers)
     notes: list[str] = []
     common = [x for x in la if x in lb]
@@ -365,9 +363,6 @@ def compare_sources(
 def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``comparison.json`` (from ``cmp``) and the report into ``out``; returns the
     path of ``report.html``."""
-    from moescope.analysis.outdir import prepare_out_dir, write_text
-    from moescope.report.compare_report import render_comparison
-
     out_dir = prepare_out_dir(out, overwrite=overwrite)
     write_text(out_dir, "comparison.json", json.dumps(cmp.to_json(), indent=2, allow_nan=False))
     return render_comparison(cmp, out_dir)

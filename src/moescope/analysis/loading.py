@@ -55,7 +55,9 @@ from typing import Any
 
 import torch
 
+from moescope._optional import require
 from moescope.analysis.errors import AnalyzeError
+from moescope.cost.params import CostConfigError, build_meta_model, count_parameters
 
 __all__ = [
     "DTYPES",
@@ -351,8 +353,6 @@ def estimate_model_bytes(config: Any, dtype: torch.dtype) -> int:
     ``config``: a transformers config, a dict of config fields, a config.json path or an
     ``nn.Module``. Raises :class:`AnalyzeError` when the model cannot be built.
     """
-    from moescope.cost.params import CostConfigError, build_meta_model, count_parameters
-
     itemsize = torch.empty((), dtype=dtype).element_size()
     try:
         n = count_parameters(config, "both", require_moe=False).total_params
@@ -497,13 +497,12 @@ def _offline() -> None:
 
 
 def _transformers() -> Any:
-    from moescope._optional import require
-
     tr = require("transformers", "hf")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
+    # why: moescope.nn.hf imports transformers (the optional 'hf' extra), checked just above
     import moescope.nn.hf  # noqa: F401  registers moescope_tiny_moe with the Auto classes
 
     return tr

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moescope import __version__
 from moescope.analysis.errors import AnalyzeError
 
 __all__ = [
@@ -90,8 +91,6 @@ def is_moescope_output(path: str | os.PathLike[str]) -> bool:
 
 
 def _marker_payload(files: list[str], created: str | None = None) -> bytes:
-    from moescope import __version__
-
     data = {
         "tool": "moescope",
         "version": __version__,

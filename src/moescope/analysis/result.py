@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from moescope._json import json_safe
+from moescope.analysis import outdir
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -215,7 +216,5 @@ class AnalysisResult:
 
 def write_summary(result: AnalysisResult, out_dir: str | Path) -> Path:
     """Write ``out_dir/summary.json`` from ``result`` (strict JSON); returns its path."""
-    from moescope.analysis import outdir
-
     text = json.dumps(result.to_summary(), indent=2, allow_nan=False)
     return outdir.write_text(Path(out_dir), "summary.json", text)

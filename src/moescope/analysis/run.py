@@ -40,8 +40,11 @@ from typing import Any
 
 import torch
 
+from moescope.alerts import AlertRules
+from moescope.analysis.decode import decode_bytes, make_decoder
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.loading import LoadedModel, load_model, resolve_device
+from moescope.analysis.outdir import is_moescope_output, prepare_out_dir
 from moescope.analysis.result import (
     AnalysisResult,
     DomainInfo,
@@ -51,6 +54,15 @@ from moescope.analysis.result import (
     write_summary,
 )
 from moescope.analysis.sources import open_data
+from moescope.cost.flops import flops_from_anatomy
+from moescope.cost.measured import _hidden_size, measured_cost_from_reports
+from moescope.cost.params import analyze_model, report_from_anatomy
+from moescope.errors import UnsupportedModelError
+from moescope.monitor import MoEMonitor
+from moescope.report.analysis_report import render_report
+from moescope.report.routing_record import RoutingRecorder
+from moescope.stats import routing as R
+from moescope.stats.neurons import NeuronOptions, NeuronThreshold
 
 __all__ = [
     "AnalyzeOptions",
@@ -147,8 +159,6 @@ class AnalyzeOptions:
         if out.exists() and not out.is_dir():
             raise AnalyzeError(f"--out {out} exists and is not a directory; pass a directory")
         if not self.overwrite and out.is_dir() and any(out.iterdir()):
-            from moescope.analysis.outdir import is_moescope_output
-
             if not is_moescope_output(out):
                 raise AnalyzeError(
                     f"--out {out} is not empty and is not a moescope output; choose a new or "
@@ -176,8 +186,6 @@ def parse_threshold(spec: str | float | None) -> tuple[Any | None, float | None]
     ``absolute:TAU``, ``magnitude:ALPHA``, ``relative:P``, ``calibrated:SPARSITY`` (tau per
     layer from the first batch so that SPARSITY of |h| lies below it; CATS / TEAL).
     """
-    from moescope.stats.neurons import NeuronThreshold
-
     if spec is None or spec == "":
         return None, None
     if isinstance(spec, (int, float)):
@@ -413,13 +421,7 @@ def _layer_choice(spec: str | None, layers: Sequence[str], default: int, flag: s
 
 
 def _make_monitor(loaded: LoadedModel, opts: AnalyzeOptions, threshold: Any) -> Any:
-    from moescope.alerts import AlertRules
-    from moescope.errors import UnsupportedModelError
-    from moescope.monitor import MoEMonitor
-
     try:
-        from moescope.stats.neurons import NeuronOptions
-
         neurons: bool | NeuronOptions = (
             NeuronOptions(threshold=threshold) if opts.neurons else False
         )
@@ -728,8 +730,6 @@ def _stream(
 
 
 def _make_recorder(model: torch.nn.Module, max_tokens: int, monitor: Any) -> Any | None:
-    from moescope.report.routing_record import RoutingRecorder
-
     # A consumer of the monitor's pipeline: every MoE layer is hooked once, for both.
     rec = RoutingRecorder(model, max_tokens=max_tokens, monitor=monitor)
     rec.attach()
@@ -737,10 +737,6 @@ def _make_recorder(model: torch.nn.Module, max_tokens: int, monitor: Any) -> Any
 
 
 def _cost(result: AnalysisResult, model: torch.nn.Module, opts: AnalyzeOptions) -> None:
-    from moescope.cost.flops import flops_from_anatomy
-    from moescope.cost.measured import _hidden_size, measured_cost_from_reports
-    from moescope.cost.params import analyze_model, report_from_anatomy
-
     try:
         anatomy = analyze_model(model)
         result.params = report_from_anatomy(anatomy, opts.embeddings)
@@ -758,9 +754,6 @@ def routing_analysis(
     """Every token-level number (:mod:`moescope.stats.routing`) of ``{domain: TokenRouting}``.
 
     An analysis that fails is listed in ``errors`` rather than failing the run."""
-    from moescope.analysis.decode import decode_bytes, make_decoder
-    from moescope.stats import routing as R
-
     if not recordings:
         return None
     out = RoutingAnalysis(token_layer=token_layer)
@@ -817,9 +810,6 @@ def _compare(
 ) -> None:
     """Route the recorded tokens of the first domain through the ``compare`` model (same
     batches) and measure router agreement."""
-    from moescope.report.routing_record import RoutingRecorder
-    from moescope.stats import routing as R
-
     assert opts.compare is not None and result.routing is not None
     if first.path == "-":
         result.notes.append("--compare needs a data file it can read again (not stdin); skipped")
@@ -869,14 +859,11 @@ def _compare(
 def write_outputs(result: AnalysisResult, out: str | os.PathLike[str] | None = None) -> Path:
     """Write ``summary.json`` (from the result) and then the report into ``out`` (default:
     the ``out`` setting); returns the path of ``report.html``. Only rank 0 writes."""
-    from moescope.analysis.outdir import prepare_out_dir
-
     out_dir = Path(out if out is not None else result.settings["out"])
     if result.rank != 0:
         return out_dir / "report.html"
     out_dir = prepare_out_dir(out_dir, overwrite=bool(result.settings.get("overwrite")))
     write_summary(result, out_dir)
-    from moescope.report.analysis_report import render_report
 
     return render_report(result, out_dir)
 

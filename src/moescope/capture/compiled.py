@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from moescope.capture.adapter import in_backward
+from moescope.capture.pipeline import PIPELINES
 from moescope.capture.record import RoutingRecord
 
 __all__ = ["ensure_hook_guards", "stage_op"]
@@ -71,9 +73,6 @@ def stage_op(
     window: str,
 ) -> None:
     """Stage a copy of one layer call into the pipeline with id ``pipeline``."""
-    from moescope.capture.adapter import in_backward
-    from moescope.capture.pipeline import PIPELINES
-
     p = PIPELINES.get(pipeline)
     if p is None:
         return  # the monitor is gone; a graph traced while it was attached runs on

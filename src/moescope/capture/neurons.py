@@ -38,6 +38,7 @@ from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, LayerInfo
 from moescope.capture.hf_structure import block_token_mask
+from moescope.capture.hf_switch import stack_token_mask
 from moescope.capture.hooks import CopySafePatch
 
 if TYPE_CHECKING:
@@ -272,8 +273,6 @@ def _rows_valid(sel: torch.Tensor, valid: torch.Tensor, n_rows: int) -> torch.Te
 def _attach_moduledict(
     info: LayerInfo, tap: NeuronTap, sink: NeuronSink, ctx: CaptureContext
 ) -> Detach:
-    from moescope.capture.hf_switch import stack_token_mask
-
     experts = tap.experts
     path = info.path
     nllb = _has_class(experts, "NllbMoeExperts") or info.adapter == "hf_nllb_moe"

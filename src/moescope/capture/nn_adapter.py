@@ -22,6 +22,9 @@ from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
 from moescope.capture.record import RoutingRecord
+from moescope.nn.expert_parallel import ExpertParallelMoELayer
+from moescope.nn.layer import MoELayer
+from moescope.nn.routers import ExpertChoiceRouter
 
 
 class NNAdapter:
@@ -56,10 +59,6 @@ class NNAdapter:
     name = "moescope.nn"
 
     def match(self, path: str, module: nn.Module) -> LayerInfo | None:
-        from moescope.nn.expert_parallel import ExpertParallelMoELayer
-        from moescope.nn.layer import MoELayer
-        from moescope.nn.routers import ExpertChoiceRouter
-
         if not isinstance(module, (MoELayer, ExpertParallelMoELayer)):
             return None
         # Both expose the replicated router and the GLOBAL number of experts E (for the

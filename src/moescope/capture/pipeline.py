@@ -160,6 +160,7 @@ class CapturePipeline:
                 dropped=record.dropped,
             )
         if torch.compiler.is_compiling():
+            # why: compiled.py imports PIPELINES from this module (a cycle at top level)
             from moescope.capture.compiled import stage_op
 
             stage_op(

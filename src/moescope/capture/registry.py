@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from moescope.capture.adapter import LayerInfo, MoEAdapter
+from moescope.capture.hf_generic import GenericHFAdapter
+from moescope.capture.nn_adapter import NNAdapter
 
 PRIORITY_USER = 300
 PRIORITY_DEDICATED = 200
@@ -83,8 +85,6 @@ def _load_builtins() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    from moescope.capture.hf_generic import GenericHFAdapter
-    from moescope.capture.nn_adapter import NNAdapter
 
     register_adapter(NNAdapter(), priority=PRIORITY_NN)
     register_adapter(GenericHFAdapter(), priority=PRIORITY_GENERIC)

@@ -29,8 +29,8 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from moescope.cost.flops import FlopReport
-from moescope.cost.params import EmbeddingConvention, ParamReport
+from moescope.cost.flops import FlopReport, flops_per_token
+from moescope.cost.params import EmbeddingConvention, ParamReport, count_parameters
 from moescope.stats.snapshot import Snapshot
 
 
@@ -186,9 +186,6 @@ def measured_cost(
     ``config_or_model`` is what :func:`moescope.count_parameters` accepts; pass the model
     the monitor watched (or its config) so the layer paths match.
     """
-    from moescope.cost.flops import flops_per_token
-    from moescope.cost.params import count_parameters
-
     params = count_parameters(config_or_model, embeddings=embeddings)
     flops = flops_per_token(config_or_model, seq_len=seq_len, embeddings=embeddings)
     return measured_cost_from_reports(snapshot, params, flops, _hidden_size(config_or_model))

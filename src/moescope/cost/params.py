@@ -38,16 +38,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from moescope._optional import require
 from moescope.capture.adapter import LayerInfo
 from moescope.capture.hf_structure import ROUTER_NAMES
-
-if TYPE_CHECKING:
-    from moescope.nn.model import TinyMoEConfig
+from moescope.capture.registry import find_moe_layers
+from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
 EmbeddingConvention = Literal["both", "head", "none"]
 EMBEDDING_CONVENTIONS: tuple[str, ...] = ("both", "head", "none")
@@ -176,8 +176,6 @@ class ParamReport:
 
 
 def _transformers() -> Any:
-    from moescope._optional import require
-
     return require("transformers", "hf")
 
 
@@ -264,10 +262,7 @@ def build_meta_model(source: Any) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
     config = load_config_source(source)
-    tiny = _tiny_config_class()
-    if tiny is not None and isinstance(config, tiny):
-        from moescope.nn.model import TinyMoELM
-
+    if isinstance(config, TinyMoEConfig):
         with torch.device("meta"):
             return TinyMoELM(config)
     transformers = _transformers()
@@ -288,14 +283,6 @@ def build_meta_model(source: Any) -> nn.Module:
             f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             f"check the config's fields"
         ) from None
-
-
-def _tiny_config_class() -> type[TinyMoEConfig] | None:
-    try:
-        from moescope.nn.model import TinyMoEConfig
-    except ImportError:  # pragma: no cover - model.py is part of the package
-        return None
-    return TinyMoEConfig
 
 
 def _model_class(config: Any) -> Any:
@@ -478,8 +465,6 @@ class _Block:
 
 def _moe_blocks(model: nn.Module) -> list[_Block]:
     """The MoE blocks of ``model``, found by the monitor's own adapters."""
-    from moescope.capture.registry import find_moe_layers
-
     blocks: list[_Block] = []
     for _, info in find_moe_layers(model):
         block = info.module

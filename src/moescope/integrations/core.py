@@ -53,10 +53,12 @@ from typing import Any
 
 from torch import nn
 
+from moescope._optional import MissingExtraError
 from moescope.alerts import Alert, AlertRules, AlertTracker, format_update
 from moescope.integrations.options import MoECallbackOptions, options_from
 from moescope.monitor import MoEMonitor
-from moescope.sinks import resolve_loggers
+from moescope.report.plots import usage_heatmap, usage_over_time
+from moescope.sinks import ConsoleSink, JsonlSink, resolve_loggers
 from moescope.sinks.base import Sink
 from moescope.sinks.event import LogEvent
 from moescope.sinks.figures import FigureDirSink
@@ -370,8 +372,6 @@ class TrainingSession:
     def _get_sinks(self) -> list[Any]:
         # Built lazily, on rank 0 only: other ranks never open files.
         if self._sinks is None:
-            from moescope.sinks import ConsoleSink, JsonlSink
-
             sinks: list[Any] = [*self._user_sinks, *self._extra_sinks]
             if self.log_to_console:
                 sinks.append(ConsoleSink())
@@ -410,9 +410,17 @@ class TrainingSession:
         self._next_heatmap = (step // every + 1) * every
         if not any(getattr(s, "wants_figures", False) for s in sinks):
             return {}
+        head = f"{self.prefix}/" if self.prefix else ""
         try:
-            from moescope.report.plots import usage_heatmap, usage_over_time
-        except ImportError as err:
+            # matplotlib is required when the first figure is made, not at import.
+            figures: dict[str, Any] = {f"{head}usage_heatmap": usage_heatmap(snap)}
+            mon = self.monitor
+            if mon is not None and mon.history is not None:
+                for layer in mon.history.layers:
+                    figures[f"{head}{layer}/usage_heatmap"] = usage_over_time(
+                        mon.history, layer, kind="heatmap"
+                    )
+        except MissingExtraError as err:
             if not self._plots_missing_warned:
                 _log.warning(
                     "moescope: usage heatmaps skipped (%s); install the 'plots' extra: "
@@ -421,14 +429,6 @@ class TrainingSession:
                 )
                 self._plots_missing_warned = True
             return {}
-        head = f"{self.prefix}/" if self.prefix else ""
-        figures: dict[str, Any] = {f"{head}usage_heatmap": usage_heatmap(snap)}
-        mon = self.monitor
-        if mon is not None and mon.history is not None:
-            for layer in mon.history.layers:
-                figures[f"{head}{layer}/usage_heatmap"] = usage_over_time(
-                    mon.history, layer, kind="heatmap"
-                )
         return figures
 
     def close(self) -> None:

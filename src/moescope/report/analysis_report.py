@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moescope import __version__
+from moescope.report import analysis_plots as AP
 from moescope.report import html as H
 from moescope.report.fmt import fmt_number
+from moescope.report.plots import usage_heatmap
 
 if TYPE_CHECKING:
     from moescope.analysis.result import AnalysisResult
@@ -43,6 +46,7 @@ class FigureSet:
     def embed(
         self, name: str, make: Callable[[], Any], alt: str, caption: str | None = None
     ) -> str:
+        # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
         from moescope.analysis.outdir import write_bytes
 
         try:
@@ -57,7 +61,7 @@ class FigureSet:
 def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
     """Write the figures and ``report.html`` of ``result`` into ``out_dir`` (which
     :func:`~moescope.analysis.outdir.prepare_out_dir` prepared); returns the report path."""
-    from moescope import __version__
+    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
     from moescope.analysis.outdir import write_text
 
     out = Path(out_dir)
@@ -208,9 +212,6 @@ def _alerts(r: AnalysisResult) -> H.Section:
 
 
 def _usage(r: AnalysisResult, figs: FigureSet) -> H.Section:
-    from moescope.report import analysis_plots as AP
-    from moescope.report.plots import usage_heatmap
-
     snap = r.snapshot
     sec = H.Section("usage", "Expert usage")
     sec.add(
@@ -265,8 +266,6 @@ def _usage(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 
 def _entropy(r: AnalysisResult, figs: FigureSet) -> H.Section:
-    from moescope.report import analysis_plots as AP
-
     sec = H.Section("entropy", "Routing entropy and balance")
     sec.add(
         figs.embed(
@@ -281,8 +280,6 @@ def _entropy(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 
 def _coactivation(r: AnalysisResult, figs: FigureSet) -> H.Section:
-    from moescope.report import analysis_plots as AP
-
     sec = H.Section("coactivation", "Co-activation")
     sec.add(
         figs.embed(
@@ -296,8 +293,6 @@ def _coactivation(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 
 def _neurons(r: AnalysisResult, figs: FigureSet) -> H.Section:
-    from moescope.report import analysis_plots as AP
-
     snap = r.snapshot
     sec = H.Section("neurons", "Neurons")
     sec.add(
@@ -350,8 +345,6 @@ _CONVENTION = {
 
 
 def _parameters(r: AnalysisResult, figs: FigureSet) -> H.Section:
-    from moescope.report import analysis_plots as AP
-
     sec = H.Section("parameters", "Parameters and FLOPs")
     p, f, m = r.params, r.flops, r.measured
     if p is None:
@@ -433,6 +426,7 @@ def _parameters(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 def _token_cell(tokens: list[Any]) -> str:
     """Top tokens as ``<code>`` chips: the visible text escaped once, count and share."""
+    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
     from moescope.analysis.decode import visible
 
     return " ".join(
@@ -443,6 +437,7 @@ def _token_cell(tokens: list[Any]) -> str:
 
 
 def _routing_sections(r: AnalysisResult, figs: FigureSet) -> list[H.Section]:
+    # why: routing_analysis imports torch (via moescope.analysis); this module stays torch-free
     from moescope.report import routing_analysis as RA
 
     ra = r.routing

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moescope import __version__
 from moescope.report import html as H
 from moescope.report.analysis_report import FigureSet
 from moescope.report.fmt import fmt_number
+from moescope.report.plots import _clip, _cmap, _new_figure, _set_ticks, _short_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,8 +49,6 @@ def _load_matrix(cmp: Comparison, which: str) -> np.ndarray:
 def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
     """Two heatmaps (layers x experts) of the expert load (usage fraction x E; 1 =
     uniform), A left and B right, on one colour scale."""
-    from moescope.report.plots import _clip, _cmap, _new_figure, _set_ticks, _short_names
-
     ma, mb = _load_matrix(cmp, "a"), _load_matrix(cmp, "b")
     names, pattern = _short_names([x.layer for x in cmp.layers])
     e = max(ma.shape[1], mb.shape[1])
@@ -81,8 +81,6 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
 def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
     """Jensen-Shannon divergence (nats) between the two runs' usage per layer; the y axis
     is scaled to the data (the bound is ln 2 = 0.693)."""
-    from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names
-
     names, pattern = _short_names([x.layer for x in cmp.layers])
     js = np.array([x.js for x in cmp.layers], dtype=np.float64)
     fig = _new_figure(_clip(4.0 + 0.2 * len(names), 7.0, 16.0), 3.6, dpi)
@@ -99,8 +97,6 @@ def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
 
 def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
     """Per layer, A and B side by side: CV of usage, max/mean and unused experts."""
-    from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names
-
     names, pattern = _short_names([x.layer for x in cmp.layers])
     x = np.arange(len(names))
     panels = (
@@ -137,8 +133,6 @@ _SERIES_LABELS = {
 
 def series_figure(sides: list[RunSide], dpi: int = 100) -> Figure:
     """The training logs' metrics over steps, one panel per metric, one line per run."""
-    from moescope.report.plots import _new_figure
-
     metrics = [m for m in _SERIES_LABELS if any(m in s.series for s in sides)]
     cols = 2
     rows = math.ceil(len(metrics) / cols)
@@ -194,7 +188,7 @@ def _side_rows(cmp: Comparison) -> list[list[str]]:
 def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     """Write the figures and ``report.html`` of ``cmp`` into ``out_dir``; returns the
     report path."""
-    from moescope import __version__
+    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
     from moescope.analysis.outdir import write_text
 
     out = Path(out_dir)

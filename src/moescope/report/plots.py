@@ -77,6 +77,7 @@ def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
 
 
 def _short_names(names: Sequence[str]) -> tuple[list[str], str]:
+    # why: moescope.sinks imports torch; the plotting module stays torch-free
     from moescope.sinks.console import shorten_layer_names
 
     return shorten_layer_names(list(names))

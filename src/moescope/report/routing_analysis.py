@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope.analysis.decode import decode_bytes, make_decoder
+from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names, _tick_positions
 from moescope.report.routing_record import (
     RoutingRecorder,
     TokenRouting,
@@ -226,8 +227,6 @@ def domain_distribution_figure(
         layers: one layer or several; default up to ``max_layers`` evenly spaced layers
             (first and last included).
     """
-    from moescope.report.plots import _clip, _new_figure, _short_names
-
     domains = list(dists)
     if not domains:
         raise ValueError("no domain to plot")
@@ -263,7 +262,6 @@ def domain_distribution_figure(
         title="domain",
     )
     axes[-1].set_xlabel("expert")
-    from moescope.report.plots import _tick_positions
 
     ticks = _tick_positions(e_max, 32)
     axes[-1].set_xticks(ticks, [str(t) for t in ticks])
@@ -274,8 +272,6 @@ def domain_distribution_figure(
 def divergence_figure(div: DomainDivergence, *, title: str | None = None, dpi: int = 100) -> Figure:
     """Mean (and, with 3+ domains, max) pairwise Jensen-Shannon divergence (nats) between
     domains per layer; the y axis is scaled to the data (the bound ln 2 is in the label)."""
-    from moescope.report.plots import _clip, _new_figure, _short_names
-
     short, pattern = _short_names(div.layers)
     x = np.arange(len(div.layers))
     fig = _new_figure(_clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
@@ -286,7 +282,6 @@ def divergence_figure(div: DomainDivergence, *, title: str | None = None, dpi: i
     if len(div.domains) > 2:
         ax.plot(x, mx, marker="^", label="max over pairs")
         ax.legend(frameon=False, fontsize="small")
-    from moescope.report.plots import _set_ticks
 
     _set_ticks(ax, "x", len(x), short, 30)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
@@ -322,8 +317,6 @@ def agreement_figure(
     """Router agreement per layer: bars for one comparison ``{layer: value}``, lines for
     several ``{label: {layer: value}}`` (e.g. each checkpoint vs the final one, OLMoE
     Fig. "router saturation"). ``chance``: a dashed reference (:func:`agreement_chance`)."""
-    from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names
-
     series = _series(agreement, (float, int, np.floating))
     layers: list[str] = []
     for s in series.values():
@@ -359,8 +352,6 @@ def same_expert_figure(
     """Consecutive-token same-expert rate per layer (solid) against chance (dashed, same
     colour) and the uniform router (grey dotted), for one ``{layer: SameExpertRate}`` or
     several ``{label (domain): {layer: SameExpertRate}}`` (Mixtral Table 5)."""
-    from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names
-
     series = _series(rates, SameExpertRate)
     layers: list[str] = []
     for s in series.values():

@@ -59,7 +59,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,9 +72,7 @@ from moescope.capture.adapter import (
     forward_argument,
 )
 from moescope.capture.record import RoutingBatch, RoutingRecord
-
-if TYPE_CHECKING:
-    from moescope.monitor import MoEMonitor
+from moescope.monitor import MoEMonitor
 
 __all__ = ["RoutingRecorder", "TokenRouting", "record_domains", "record_routing"]
 
@@ -242,8 +240,6 @@ class RoutingRecorder:
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if monitor is None:
-            from moescope.monitor import MoEMonitor
-
             monitor = MoEMonitor(
                 model,
                 adapters=None if adapters is None else list(adapters),

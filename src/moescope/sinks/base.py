@@ -13,9 +13,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from moescope.sinks.event import LogEvent
+
 if TYPE_CHECKING:
     from moescope.alerts import Alert
-    from moescope.sinks.event import LogEvent
     from moescope.stats.snapshot import Snapshot
 
 __all__ = ["Sink"]
@@ -53,8 +54,6 @@ class Sink:
         self._shim("log_alerts", step, alerts=tuple(alerts))
 
     def _shim(self, name: str, step: int, **part: object) -> None:
-        from moescope.sinks.event import LogEvent
-
         warnings.warn(
             f"Sink.{name}() is deprecated; call sink.write(LogEvent(step=..., "
             f"{next(iter(part))}=...)) instead.",

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moescope.report.plots import save_png
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ class FigureDirSink(Sink):
     def write(self, event: LogEvent) -> None:
         if event.mode != "train" or not event.figures:
             return
-        from moescope.report.plots import save_png
 
         self.last_paths = {
             key: save_png(fig, self.folder / figure_file_name(key, event.step), dpi=self.dpi)

@@ -51,11 +51,11 @@ import numpy as np
 from moescope._json import json_safe
 from moescope.alerts import format_alert
 from moescope.sinks.base import Sink
+from moescope.stats.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from moescope.alerts import Alert
     from moescope.sinks.event import LogEvent
-    from moescope.stats.snapshot import Snapshot
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -155,7 +155,6 @@ class JsonlSink(Sink):
         """(the snapshot's JSON object, the sparse co-activation map or None)."""
         if full:
             return json.loads(snapshot.to_json()), None
-        from moescope.stats.snapshot import Snapshot
 
         layers = {}
         sparse: dict[str, Any] = {}
@@ -295,8 +294,6 @@ def load_snapshots(path: str | os.PathLike[str]) -> list[Snapshot]:
     ``coactivation`` is the full matrix on full lines, the rebuilt one on sparse lines
     that kept every non-zero pair, and None on the other sparse lines.
     """
-    from moescope.stats.snapshot import Snapshot
-
     out = []
     for rec in read_jsonl(path):
         if rec.get("kind") != "snapshot":

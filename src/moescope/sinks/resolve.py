@@ -13,6 +13,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from moescope.sinks.base import Sink
+from moescope.sinks.mlflow_sink import MLflowSink
+from moescope.sinks.tb_sink import TensorBoardSink
+from moescope.sinks.wandb_sink import WandbSink
 
 if TYPE_CHECKING:
     from moescope.sinks.event import LogEvent
@@ -135,16 +138,10 @@ def resolve_loggers(logger: Any) -> list[Sink]:
         return out
     root = _root_module(logger)
     if root == "wandb":
-        from moescope.sinks.wandb_sink import WandbSink
-
         return [WandbSink(logger)]
     if root == "mlflow" and isinstance(logger, ModuleType):
-        from moescope.sinks.mlflow_sink import MLflowSink
-
         return [MLflowSink()]
     if _is_summary_writer(logger):
-        from moescope.sinks.tb_sink import TensorBoardSink
-
         return [TensorBoardSink(writer=logger)]
     if isinstance(logger, (str, bytes, Mapping)):
         pass  # strings and dicts have no logging methods worth duck-typing

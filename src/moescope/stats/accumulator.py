@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from moescope.capture.record import RoutingBatch, RoutingRecord, check_record
-from moescope.stats.metrics import router_probs
+from moescope.stats.metrics import router_probs, token_entropy, top1_and_margin, z_values
 
 __all__ = [
     "REDUCE_OPS",
@@ -270,17 +270,11 @@ class RoutingSums:
             if valid is not None:
                 probs = torch.where(valid[:, :, None], probs, 0.0)
             s["prob_sum"].index_add_(0, rows, probs[:, :, :e].sum(1).to(fd))
-            tiny = torch.finfo(probs.dtype).tiny
-            entropy = (probs * probs.clamp_min(tiny).log()).sum(-1)  # negated below
-            if probs.shape[-1] >= 2:
-                top2 = torch.topk(probs, 2, dim=-1).values
-                top1, margin = top2[..., 0], top2[..., 0] - top2[..., 1]
-            else:
-                top1 = margin = probs[..., 0]
-            cols = [-entropy, top1, margin]
+            top1, margin = top1_and_margin(probs)
+            cols = [token_entropy(probs), top1, margin]
             with_z = b.score_fn != "probs"
             if with_z:
-                z = torch.logsumexp(x, dim=-1).square()
+                z = z_values(x)
                 cols.append(z if valid is None else torch.where(valid, z, 0.0))
             else:
                 cols.append(torch.zeros_like(top1))

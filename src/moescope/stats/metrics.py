@@ -30,10 +30,8 @@ __all__ = [
     "ScoreFn",
     "aux_loss",
     "aux_loss_from_sums",
-    "coactivation_counts",
     "cv",
     "expert_bins",
-    "finite_rows",
     "load_entropy_norm",
     "max_over_mean",
     "router_probs",
@@ -114,18 +112,6 @@ def usage_counts(
     return slot_counts(expert_bins(idx, num_experts), keep, num_experts)[:num_experts]
 
 
-def finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """[T, ...] -> [T] bool: True where every entry of the row is finite (no NaN / inf).
-
-    Tested on the row sum (one pass over [T, E] instead of four for ``isfinite().all()``):
-    a NaN or inf entry always makes the sum non-finite; half-precision rows are summed in
-    float32 so that large finite logits do not overflow the sum.
-    """
-    rows = x.flatten(1) if x.dim() > 1 else x[:, None]
-    acc = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.isfinite(rows.sum(dim=-1, dtype=acc))
-
-
 def router_probs(logits: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
     """Router scores -> a distribution over experts per token.
 
@@ -200,45 +186,6 @@ def z_values(logits: torch.Tensor) -> torch.Tensor:
     """
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return torch.logsumexp(x, dim=-1).square()
-
-
-def coactivation_counts(
-    bins: torch.Tensor, keep: torch.Tensor, num_experts: int, pairs: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Tokens that chose both expert e and expert f, without a [T, E] one-hot.
-
-    Each token contributes one count to ``(e, f)`` and ``(f, e)`` for every pair of its
-    kept slots ``i < j`` holding distinct routed experts; the pairs are counted with one
-    ``scatter_add_`` over linear ids ``e * E + f`` (an extra bin ``E * E`` swallows pairs
-    with a dropped slot or an extra expert), so the cost is O(T K^2 + E^2).
-
-    Args:
-        bins: [T, K] int64 bins from :func:`expert_bins`.
-        keep: [T, K] bool, True for slots that count (valid token, not dropped).
-        num_experts: E.
-        pairs: optional [2, P] slot pairs ``i < j`` (``torch.triu_indices(K, K, 1)``),
-            passed in to avoid rebuilding them on every call.
-
-    Returns:
-        [E, E] int64, symmetric; the diagonal holds per-expert usage (kept slots),
-        as in DESIGN.md. With K = 1 only the diagonal is non-zero.
-    """
-    num_slots = bins.shape[-1]
-    e = num_experts
-    keep = keep & (bins < e)
-    diag = slot_counts(bins, keep, e)[:e]
-    out = torch.diag(diag)
-    if num_slots < 2:
-        return out
-    if pairs is None:
-        pairs = torch.triu_indices(num_slots, num_slots, 1, device=bins.device)
-    a, b = bins[:, pairs[0]], bins[:, pairs[1]]
-    ok = keep[:, pairs[0]] & keep[:, pairs[1]] & (a != b)
-    lin = torch.where(ok, a * e + b, torch.full_like(a, e * e))
-    flat = torch.zeros(e * e + 1, dtype=torch.long, device=bins.device)
-    flat.scatter_add_(0, lin.reshape(-1), ok.reshape(-1).long())
-    c = flat[: e * e].view(e, e)
-    return out + c + c.T
 
 
 def unique_experts(counts: torch.Tensor) -> torch.Tensor:
