@@ -9,6 +9,10 @@ not reach the monitor's history or its alert rules.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -323,3 +327,32 @@ def test_lightning_track_eval_false_keeps_validation_out_of_the_train_window(tmp
         for name in NAMES:
             assert m[f"moe/{name}/num_tokens"] == 2 * BATCH * SEQ
     assert not any("moe/eval/" in k for _, m in rec.rows for k in m)
+
+
+def test_heatmaps_skip_with_one_warning_when_matplotlib_is_missing(tmp_path: Path) -> None:
+    """Without the 'plots' extra a heatmap step logs one warning and the step's other
+    outputs (the JSONL line) are still written; no exception reaches the training loop."""
+    code = f"""
+import logging, sys
+sys.modules["matplotlib"] = None  # as if the plots extra were not installed
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+import torch
+import moescope
+from moescope.nn.model import TinyMoEConfig, TinyMoELM
+torch.manual_seed(0)
+model = TinyMoELM(TinyMoEConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                intermediate_size=8, num_experts=4, top_k=2, max_seq_len=16))
+cb = moescope.create_moe_callback_for_pytorch(
+    model, log_every_n_steps=1, logger=None, log_to_console=False, log_heatmap_every=1,
+    save_detailed_logs=True, log_dir={str(tmp_path)!r})
+for step in range(3):
+    cb.on_step_begin()
+    model(torch.randint(0, 32, (2, 8)))
+    cb.on_step_end()
+cb.cleanup()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("usage heatmaps skipped") == 1, proc.stderr[-2000:]
+    lines = (tmp_path / "moe_detailed.jsonl").read_text().splitlines()
+    assert sum('"snapshot"' in line for line in lines) == 3
