@@ -348,7 +348,7 @@ def summary_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     from moescope.data import stdlib_dir
-    from moescope.report.analyze import run_analyze
+    from moescope.analysis import run_analyze
 
     root = tmp_path_factory.mktemp("analyze")
     cfg = root / "config.json"
