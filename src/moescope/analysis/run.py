@@ -54,6 +54,7 @@ from moescope.analysis.result import (
     write_summary,
 )
 from moescope.analysis.sources import open_data
+from moescope.capture.hf_structure import int_attr
 from moescope.cost.flops import flops_from_anatomy
 from moescope.cost.measured import _hidden_size, measured_cost_from_reports
 from moescope.cost.params import analyze_model, report_from_anatomy
@@ -228,14 +229,6 @@ def _cfg(model: torch.nn.Module) -> Any:
     return get() if callable(get) else cfg
 
 
-def _first_int(cfg: Any, names: Sequence[str], default: int) -> int:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return default
-
-
 def forward_bytes_per_token(
     *,
     hidden: int,
@@ -311,11 +304,11 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 def _model_bytes_per_token(model: torch.nn.Module, seq_len: int, monitor: Any) -> int:
     cfg = _cfg(model)
-    hidden = _first_int(cfg, ("hidden_size", "d_model", "n_embd"), 4096)
+    hidden = int_attr(cfg, ("hidden_size", "d_model", "n_embd")) or 4096
     infos = list(monitor.layers)
     e = max((int(getattr(i, "num_experts", 0) or 0) for i in infos), default=8) or 8
     k = max((int(getattr(i, "top_k", 0) or 0) for i in infos), default=2) or 2
-    inter = _first_int(
+    inter = int_attr(
         cfg,
         (
             "moe_intermediate_size",
@@ -324,10 +317,9 @@ def _model_bytes_per_token(model: torch.nn.Module, seq_len: int, monitor: Any) -
             "ffn_dim",
             "d_ff",
         ),
-        4 * hidden,
-    )
-    heads = _first_int(cfg, ("num_attention_heads", "n_head", "num_heads"), 32)
-    vocab = _first_int(cfg, ("vocab_size",), 32000)
+    ) or (4 * hidden)
+    heads = int_attr(cfg, ("num_attention_heads", "n_head", "num_heads")) or 32
+    vocab = int_attr(cfg, ("vocab_size",)) or 32000
     p = next(model.parameters(), None)
     elem = max(p.element_size(), 2) if p is not None and p.is_floating_point() else 4
     return forward_bytes_per_token(

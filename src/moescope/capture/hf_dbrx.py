@@ -52,12 +52,13 @@ class DbrxAdapter:
             module=module,
             expert_modules=(experts,),
             router=router,
-            extra={"router": router, "experts": experts},
+            extra={"experts": experts},
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook router output and experts input; returns a function removing both hooks."""
-        router = info.extra["router"]
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         experts = info.extra["experts"]
         assert isinstance(router, nn.Module) and isinstance(experts, nn.Module)
         path = info.path

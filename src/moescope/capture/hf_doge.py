@@ -67,7 +67,7 @@ class EmbeddingExpertsAdapter:
             module=module,
             expert_modules=(down, up),
             router=found[1],
-            extra={"router": found[1], "down_embed": down},
+            extra={"down_embed": down},
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:

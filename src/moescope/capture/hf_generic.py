@@ -109,7 +109,6 @@ class GenericHFAdapter:
             expert_modules=(experts,),
             router=router,
             extra={
-                "router": router,
                 "router_name": router_name,
                 "experts": experts,
                 "score_fn": router_score_fn(router, config),
@@ -120,7 +119,8 @@ class GenericHFAdapter:
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
-        router: nn.Module = info.extra["router"]  # type: ignore[assignment]
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         experts: nn.Module = info.extra["experts"]  # type: ignore[assignment]
         score_fn: RecordScoreFn = info.extra["score_fn"]  # type: ignore[assignment]
         index_arg = str(info.extra["index_arg"])

@@ -87,12 +87,11 @@ class ParallelExpertsAdapter:
             module=module,
             expert_modules=(expert_in, expert_out),
             router=router,
-            extra={"router": router},
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
-        router = info.extra["router"]
-        assert isinstance(router, nn.Module)
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         path = info.path
         e = info.num_experts
 

@@ -57,7 +57,6 @@ class Llama4Adapter:
             expert_modules=(experts,),
             router=router,
             extra={
-                "router": router,
                 "experts": experts,
                 "shared_expert": getattr(module, "shared_expert", None),
             },
@@ -65,8 +64,8 @@ class Llama4Adapter:
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook the router's forward output; returns a function removing the hook."""
-        router = info.extra["router"]
-        assert isinstance(router, nn.Module)
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         path = info.path
         num_experts = info.num_experts
 

@@ -65,7 +65,7 @@ def _match_block(
         module=module,
         expert_modules=(experts,),
         router=router,
-        extra={"router": router, "experts": experts, "decoder": _is_decoder_path(path)},
+        extra={"experts": experts, "decoder": _is_decoder_path(path)},
     )
 
 
@@ -97,8 +97,8 @@ class SwitchTransformersAdapter:
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook the router's forward output; returns a function removing the hook."""
-        router = info.extra["router"]
-        assert isinstance(router, nn.Module)
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         path = info.path
         num_experts = info.num_experts
         router_dtype: torch.dtype = getattr(router, "dtype", torch.float32)
@@ -168,8 +168,8 @@ class NllbMoeAdapter:
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook the router's forward output; returns a function removing the hook."""
-        router = info.extra["router"]
-        assert isinstance(router, nn.Module)
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         path = info.path
         num_experts = info.num_experts
         router_dtype: torch.dtype = getattr(router, "dtype", torch.float32)

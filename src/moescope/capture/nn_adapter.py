@@ -83,12 +83,12 @@ class NNAdapter:
             expert_modules=(experts,) if isinstance(experts, nn.Module) else (),
             router=router,
             active_top_k=active,
-            extra={"router": router},
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         layer = info.module
-        router: nn.Module = info.extra["router"]  # type: ignore[assignment]
+        router = info.router
+        assert router is not None  # every match() of this adapter names it
         # The layer's own token_mask argument of the current call, flattened to [T].
         slot: dict[str, torch.Tensor | None] = {"mask": None}
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from moescope._optional import require
 from moescope.capture.adapter import LayerInfo
-from moescope.capture.hf_structure import ROUTER_NAMES
+from moescope.capture.hf_structure import find_router
 from moescope.capture.registry import find_moe_layers
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 
@@ -481,16 +481,13 @@ def _moe_blocks(model: nn.Module) -> list[_Block]:
         for m in experts:
             for p in m.parameters():
                 roles.setdefault(id(p), "routed_experts")
-        routers = (
-            [info.router]
-            if info.router is not None
-            else [
-                c
-                for n, c in block.named_children()
-                if n in ROUTER_NAMES
-                or any(s in type(c).__name__.lower() for s in ("router", "gate"))
-            ]
-        )
+        # The adapter's router, else the capture's own lookup (a user adapter may not
+        # name one).
+        router = info.router
+        if router is None:
+            found = find_router(block)
+            router = None if found is None else found[1]
+        routers = [] if router is None else [router]
         for r in routers:
             for p in r.parameters():
                 roles.setdefault(id(p), "router")
