@@ -563,8 +563,12 @@ def test_ctrl_c_exits_130_with_a_partial_report(ckpt: Path, tmp_path: Path) -> N
     reader.start()
     assert started.wait(240), "".join(err)[-2000:]
     proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=240)
-    reader.join(10)
+    # The reader thread owns stderr up to EOF (communicate() would race it for the last
+    # lines); stdout is one short line, so waiting first cannot block on a full pipe.
+    proc.wait(timeout=240)
+    reader.join(60)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
     stderr = "".join(err)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
