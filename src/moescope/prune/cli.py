@@ -46,6 +46,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     how.add_argument(
         "--keep-fraction", type=float, metavar="F", help="fraction of the experts to keep"
     )
+    how.add_argument(
+        "--drop-unused",
+        action="store_true",
+        help="remove the experts no --data token was routed to (as many per layer as the "
+        "layer with the fewest unused has)",
+    )
     p.add_argument(
         "--by",
         choices=("saliency", "frequency", "weight"),

@@ -57,6 +57,7 @@ __all__ = [
     "keep_levels",
     "prune",
     "tradeoff",
+    "unused_keep_count",
     "write_report",
 ]
 
@@ -69,7 +70,9 @@ REPORT_DIR = "moescope-prune"
 class PruneOptions:
     """Settings of ``moescope prune`` (what its flags set).
 
-    ``keep`` (experts per layer) or ``keep_fraction`` (of E); ``by``: ``saliency``
+    ``keep`` (experts per layer), ``keep_fraction`` (of E) or ``drop_unused`` (remove the
+    experts no calibration token was routed to: N = E minus the fewest unused in any
+    layer, rounded up to the router's groups; ordered by frequency); ``by``: ``saliency``
     (REAP), ``frequency`` or ``weight`` (router-weight mass). ``data``: calibration inputs;
     ``eval_data``: held-out inputs (default: every ``holdout``-th batch of ``data``).
     ``levels``: keep fractions of the trade-off curve (empty: no curve).
@@ -80,6 +83,7 @@ class PruneOptions:
     out: str
     keep: int | None = None
     keep_fraction: float | None = None
+    drop_unused: bool = False
     by: str = "saliency"
     eval_data: list[str] = field(default_factory=list)
     levels: list[float] = field(default_factory=lambda: [0.875, 0.75, 0.625, 0.5, 0.375, 0.25])
@@ -102,8 +106,10 @@ class PruneOptions:
         self.data = [str(d) for d in ([self.data] if isinstance(self.data, str) else self.data)]
         self.eval_data = [str(d) for d in self.eval_data or []]
         self.model, self.out = str(self.model), str(self.out)
-        if (self.keep is None) == (self.keep_fraction is None):
-            raise AnalyzeError("pass one of --keep N or --keep-fraction F")
+        if (self.keep is not None) + (self.keep_fraction is not None) + self.drop_unused != 1:
+            raise AnalyzeError("pass one of --keep N, --keep-fraction F or --drop-unused")
+        if self.drop_unused:
+            self.by = "frequency"
         if self.by not in ("saliency", "frequency", "weight"):
             raise AnalyzeError(f"--by must be saliency, frequency or weight, got {self.by!r}")
         if not self.data:
@@ -257,6 +263,19 @@ def tradeoff(
     return points
 
 
+def unused_keep_count(saliency: Sequence[LayerSaliency]) -> int:
+    """N that removes only experts no token was routed to: E minus the fewest unused
+    experts of any layer (the config holds one count), and for a group-limited router
+    the most experts used in any group times the groups; at least top-k."""
+    e, k = saliency[0].num_experts, saliency[0].top_k
+    n = k
+    for s in saliency:
+        g = max(1, s.num_groups)
+        used = (s.frequency > 0).reshape(g, e // g).sum(axis=1)
+        n = max(n, int(used.max()) * g)
+    return min(e, n)
+
+
 def checkpoint_bytes(path: str | os.PathLike[str]) -> int | None:
     """Bytes of a checkpoint directory's weight files (``*.safetensors``, ``*.bin``);
     None when it has none."""
@@ -330,7 +349,10 @@ def prune(options: PruneOptions, *, should_stop: Callable[[], bool] | None = Non
         raise AnalyzeError(f"{opts.model} has no MoE layer moescope recognises; nothing to prune")
     e, k, g = infos[0].num_experts, infos[0].top_k, router_groups(infos[0])
     try:
-        n = keep_count(e, k, keep=opts.keep, fraction=opts.keep_fraction, num_groups=g)
+        if opts.drop_unused:
+            n = e
+        else:
+            n = keep_count(e, k, keep=opts.keep, fraction=opts.keep_fraction, num_groups=g)
         check_prunable(model, n, infos)
     except (ValueError, PruneError) as err:
         raise AnalyzeError(str(err)) from None
@@ -361,6 +383,14 @@ def prune(options: PruneOptions, *, should_stop: Callable[[], bool] | None = Non
     tokens = saliency[0].tokens
     if tokens == 0:
         raise AnalyzeError("--data gave no calibration token; pass more text")
+    if opts.drop_unused:
+        n = unused_keep_count(saliency)
+        if n == e:
+            notes.append("every layer used all its experts on the data: nothing was removed")
+    try:
+        check_prunable(model, n, infos)
+    except PruneError as err:
+        raise AnalyzeError(str(err)) from None
     eval_count = sum(int(b.numel()) for b in held)
     if not held:
         notes.append("no held-out tokens (the data is too short): no trade-off curve")

@@ -175,13 +175,6 @@ def check_prunable(
                 )
     for info in infos:
         where = f"{info.path} ({info.adapter})"
-        if n < info.top_k:
-            raise PruneError(
-                f"keeping {n} experts is fewer than the {info.top_k} each token is routed to "
-                f"(top-k) in {info.path}; keep at least {info.top_k}"
-            )
-        if n > e:
-            raise PruneError(f"cannot keep {n} experts: {info.path} has {e}")
         kind = _router_kind(info.router)
         if kind == "ExpertChoiceRouter" or type(info.module).__name__ == "ExpertParallelMoELayer":
             raise PruneError(
@@ -193,6 +186,13 @@ def check_prunable(
                     else "experts are sharded over ranks; gather them into a MoELayer first"
                 )
             )
+        if n < info.top_k:
+            raise PruneError(
+                f"keeping {n} experts is fewer than the {info.top_k} each token is routed to "
+                f"(top-k) in {info.path}; keep at least {info.top_k}"
+            )
+        if n > e:
+            raise PruneError(f"cannot keep {n} experts: {info.path} has {e}")
         mods = _experts_container(info)
         if not mods:
             raise PruneError(f"{where}: no experts module found; moescope cannot prune it")
