@@ -40,7 +40,6 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_tiny import build_tiny
-
 from moescope.cost.params import count_parameters
 from moescope.nn.model import TinyMoEConfig
 from moescope.prune import (

@@ -38,9 +38,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True, help="model directory or cached hub id")
-    p.add_argument(
-        "--data", action="append", required=True, help="calibration input (repeatable)"
-    )
+    p.add_argument("--data", action="append", required=True, help="calibration input (repeatable)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--keep", type=int, metavar="N", help="experts to keep per layer")
     how.add_argument(

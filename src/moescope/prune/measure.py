@@ -55,10 +55,11 @@ def router_groups(info: LayerInfo) -> int:
 
 
 def _experts_of(info: LayerInfo) -> nn.Module | None:
-    if info.expert_modules and len(info.expert_modules) == 1:
-        mod = info.expert_modules[0]
-    else:
-        mod = getattr(info.module, "experts", None)
+    mod: Any = (
+        info.expert_modules[0]
+        if len(info.expert_modules) == 1
+        else getattr(info.module, "experts", None)
+    )
     if not isinstance(mod, nn.Module) or isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
         return None
     return mod

@@ -453,4 +453,3 @@ def write_report(result: PruneResult) -> Path:
     report_dir = prepare_out_dir(Path(result.out) / REPORT_DIR, overwrite=True)
     write_text(report_dir, "summary.json", json.dumps(json_safe(result.to_dict()), indent=2))
     return render_prune_report(result, report_dir)
-

@@ -171,7 +171,7 @@ def keep_count(
     if fraction is not None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"--keep-fraction must be in (0, 1], got {fraction}")
-        n = max(g, int(round(fraction * num_experts / g)) * g)
+        n = max(g, round(fraction * num_experts / g) * g)
     else:
         assert keep is not None
         n = int(keep)

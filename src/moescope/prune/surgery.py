@@ -134,7 +134,7 @@ def _experts_container(info: LayerInfo) -> list[nn.Module]:
 
 def _tensors(mod: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """(owner, name, tensor) of every parameter and buffer under ``mod``."""
-    out = []
+    out: list[tuple[nn.Module, str, torch.Tensor]] = []
     for owner in mod.modules():
         for name, p in owner.named_parameters(recurse=False):
             out.append((owner, name, p))

@@ -111,10 +111,8 @@ def _curve(result: PruneResult, figs: FigureSet) -> H.Section:
     levels = sorted({p.kept for p in result.curve if p.ordering != "none"}, reverse=True)
     rows: list[list[object]] = []
     if base is not None:
-        rows.append(
-            [f"{base.kept} (unpruned)", f"{base.params:,}"]
-            + [f"{base.loss:.4f} (ppl {base.perplexity:.3f})" for _ in orders]
-        )
+        first: list[object] = [f"{base.kept} (unpruned)", f"{base.params:,}"]
+        rows.append(first + [f"{base.loss:.4f} (ppl {base.perplexity:.3f})" for _ in orders])
     for n in levels:
         pts = {p.ordering: p for p in result.curve if p.kept == n and p.ordering != "none"}
         params = next(iter(pts.values())).params
