@@ -8,6 +8,7 @@ entry point's contract).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["register", "run"]
@@ -92,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
 
     # why: the pruning stack imports torch; only `prune` pays for it
     from moescope.analysis import AnalyzeError
-    from moescope.cli import CLIError
     from moescope.errors import UnsupportedModelError
     from moescope.prune.run import REPORT_DIR, PruneOptions, prune
     from moescope.prune.surgery import PruneError
@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         opts = PruneOptions(**{k: v for k, v in vars(args).items() if k in names})
         result = prune(opts)
     except (AnalyzeError, PruneError, UnsupportedModelError) as err:
-        raise CLIError(str(err)) from None
+        # Printed here (not re-raised as moescope.cli.CLIError): under `python -m
+        # moescope.cli` that module is __main__, whose CLIError is another class.
+        print(f"moescope prune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     saved = (
         None
         if result.checkpoint_bytes_before is None or result.checkpoint_bytes_after is None
