@@ -242,6 +242,43 @@ def test_reap_matches_float64_recomputation() -> None:
     np.testing.assert_array_equal(sal[1].frequency, counts.astype(np.int64))
 
 
+def test_reap_pass_counts_neurons_once() -> None:
+    # The REAP hook re-runs the experts per slot with the monitor's counting paused: the
+    # neuron statistics equal those of a plain monitor over the same forward.
+    from moescope import MoEMonitor
+
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    sal = measure_saliency(model, [ids], neurons=True)
+    mon = MoEMonitor(model, neurons=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    snap = mon.snapshot(reset=True)
+    mon.detach()
+    for s in sal:
+        st = snap.layers[s.layer]
+        assert st.expert_rows is not None and int(st.expert_rows.sum()) == ids.numel() * 2
+        np.testing.assert_array_equal(s.activated_neurons, st.expert_activated_mean)
+        np.testing.assert_array_equal(s.dead_neurons, st.expert_dead_neurons)
+
+
+def test_plain_tiny_moe_lm_prunes_and_runs() -> None:
+    from conftest import routed_tiny_lm
+
+    lm = routed_tiny_lm(seed=3, experts=8, top_k=2)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    sal = measure_saliency(lm, [ids])
+    keep = {s.layer: keep_experts(s, 5, "saliency").tolist() for s in sal}
+    pruned, summary = prune_model(lm, keep)
+    assert pruned.config.num_experts == 5 and lm.config.num_experts == 8
+    layer = pruned.model.layers[0].mlp
+    assert layer.num_experts == 5 and layer.router.num_experts == 5
+    assert summary.params_after == sum(p.numel() for p in pruned.parameters())
+    assert count_parameters(pruned.config).total_params == summary.params_after
+    out = pruned(ids)
+    assert out.logits.shape == (2, 9, 64) and int(out.router_outputs[0].topk_index.max()) < 5
+
+
 def _sal(freq: list[int], reap: list[float], groups: int = 1) -> LayerSaliency:
     f = np.asarray(freq)
     return LayerSaliency(

@@ -38,7 +38,13 @@ from moescope.nn.experts import GroupedExperts
 from moescope.prune.saliency import LayerSaliency, reap_saliency
 from moescope.stats.neurons import NeuronOptions
 
-__all__ = ["ReapCapture", "default_forward", "measure_saliency", "router_groups"]
+__all__ = [
+    "ReapCapture",
+    "default_forward",
+    "measure_saliency",
+    "reap_supported",
+    "router_groups",
+]
 
 _GROUP_ATTRS = ("n_group", "num_group", "n_groups", "num_groups", "num_expert_group")
 
@@ -65,6 +71,16 @@ def _experts_of(info: LayerInfo) -> nn.Module | None:
     return mod
 
 
+def reap_supported(info: LayerInfo) -> bool:
+    """Whether :class:`ReapCapture` can read this layer's expert outputs (an experts
+    module called with ``(hidden, index, weights)``: the generic transformers adapter's
+    fused experts, or moescope.nn's GroupedExperts)."""
+    return _experts_of(info) is not None and info.adapter in (
+        "transformers.generic",
+        "moescope.nn",
+    )
+
+
 def _arg_names(fn: Any) -> list[str]:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -87,9 +103,8 @@ class ReapCapture:
         self._targets: dict[str, tuple[LayerInfo, nn.Module]] = {}
         for info in layers:
             experts = _experts_of(info)
-            if experts is None or info.adapter not in ("transformers.generic", "moescope.nn"):
-                continue
-            self._targets[info.path] = (info, experts)
+            if experts is not None and reap_supported(info):
+                self._targets[info.path] = (info, experts)
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []

@@ -42,7 +42,12 @@ from moescope.analysis.loading import load_model, resolve_device
 from moescope.analysis.outdir import prepare_out_dir, write_text
 from moescope.analysis.run import _model_bytes_per_token, iter_batches, rows_per_forward
 from moescope.analysis.sources import open_data
-from moescope.prune.measure import default_forward, measure_saliency, router_groups
+from moescope.prune.measure import (
+    default_forward,
+    measure_saliency,
+    reap_supported,
+    router_groups,
+)
 from moescope.prune.saliency import ORDERINGS, LayerSaliency, keep_count, keep_experts
 from moescope.prune.surgery import PruneError, check_prunable, moe_layers, prune_model
 
@@ -151,7 +156,10 @@ class CurvePoint:
 
 @dataclass
 class PruneResult:
-    """Every number of one ``moescope prune`` run (``summary.json`` holds it)."""
+    """Every number of one ``moescope prune`` run (``summary.json`` holds it).
+
+    ``eval_source`` says where the trade-off's tokens came from (held out of ``--data``,
+    or ``--eval-data``, which may be the calibration data itself, as in the demo)."""
 
     settings: dict[str, Any]
     source: str
@@ -166,6 +174,7 @@ class PruneResult:
     saliency: list[LayerSaliency]
     keep: dict[str, list[int]]
     curve: list[CurvePoint] = field(default_factory=list)
+    eval_source: str = ""
     params_before: int = 0
     params_after: int = 0
     removed_bytes: int = 0
@@ -356,6 +365,11 @@ def prune(options: PruneOptions, *, should_stop: Callable[[], bool] | None = Non
         check_prunable(model, n, infos)
     except (ValueError, PruneError) as err:
         raise AnalyzeError(str(err)) from None
+    if opts.by == "saliency" and not all(reap_supported(i) for i in infos):
+        raise AnalyzeError(
+            "REAP saliency needs the experts' outputs, which moescope cannot capture for "
+            f"{type(model).__name__} ({infos[0].adapter} layers); pass --by frequency"
+        )
     per_token = _model_bytes_per_token(model, opts.seq_len, SimpleNamespace(layers=infos))
     rows = rows_per_forward(opts.batch_size, opts.seq_len, per_token, _MEMORY_BUDGET)
     dev = loaded.device
@@ -375,11 +389,6 @@ def prune(options: PruneOptions, *, should_stop: Callable[[], bool] | None = Non
     except ValueError as err:
         raise AnalyzeError(str(err)) from None
     notes: list[str] = []
-    if opts.by == "saliency" and any(s.reap is None for s in saliency):
-        raise AnalyzeError(
-            "REAP saliency needs the experts' outputs, which moescope cannot capture for "
-            f"{type(model).__name__}; pass --by frequency"
-        )
     tokens = saliency[0].tokens
     if tokens == 0:
         raise AnalyzeError("--data gave no calibration token; pass more text")
@@ -426,6 +435,11 @@ def prune(options: PruneOptions, *, should_stop: Callable[[], bool] | None = Non
         calibration_tokens=split.calibration_tokens if split is not None else tokens,
         eval_tokens=eval_count,
         saliency=saliency,
+        eval_source=(
+            "--eval-data " + ", ".join(opts.eval_data)
+            if opts.eval_data
+            else f"held out of --data: every {opts.holdout}th batch"
+        ),
         keep=summary.keep,
         curve=curve,
         params_before=summary.params_before,

@@ -56,8 +56,11 @@ def tradeoff_figure(result: PruneResult, dpi: int = 100) -> Figure:
     if base is not None:
         ax.axhline(base.loss, color="#5f6368", linestyle="--", linewidth=1, label="unpruned")
     ax.axvline(result.kept, color="#b06000", linestyle=":", linewidth=1, label="kept in checkpoint")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"experts kept per layer (of {result.num_experts})")
-    ax.set_ylabel("held-out loss (nats / token)")
+    ax.set_ylabel("evaluation loss (nats / token)")
     ax.set_title("Pruning trade-off")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -80,7 +83,7 @@ def _overview(result: PruneResult) -> H.Section:
         ("ordering", result.by),
         ("router groups", result.num_groups),
         ("calibration tokens", f"{result.calibration_tokens:,}"),
-        ("held-out tokens", f"{result.eval_tokens:,}"),
+        ("evaluation tokens", f"{result.eval_tokens:,} ({result.eval_source})"),
         ("parameters", f"{result.params_before:,} -> {result.params_after:,}"),
         ("removed tensors", _bytes(result.removed_bytes)),
         ("checkpoint weight files", f"{_bytes(before)} -> {_bytes(after)}"),
@@ -100,8 +103,8 @@ def _curve(result: PruneResult, figs: FigureSet) -> H.Section:
         return s.add(H.paragraph("No trade-off was measured (no held-out tokens or levels)."))
     s.add(
         H.paragraph(
-            "Held-out loss of the model pruned to each number of experts per layer, by each "
-            "ordering. The reverse ordering keeps the least salient experts: the distance "
+            f"Loss on the evaluation tokens ({result.eval_source}) of the model pruned to "
+            "each number of experts per layer, by each ordering. The reverse ordering keeps the least salient experts: the distance "
             "between it and the saliency line is what the measurement buys."
         )
     )
