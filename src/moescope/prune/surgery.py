@@ -10,6 +10,8 @@ kept experts is the original's:
   renumbered 0..N-1 (``expert_7`` -> ``expert_2``), in the same container object;
 - **router**: every tensor with an E-sized dimension keeps those rows (the gate's
   ``weight`` [E, H], its ``bias`` and DeepSeek-V3's ``e_score_correction_bias`` [E]);
+  so do the block's own tensors with E first (a correction bias some families keep on
+  the block: afmoe, lfm2_moe, minimax_m2, hy_v3);
 - **counts**: instance attributes holding E on the block, router and experts
   (:data:`COUNT_ATTRS`) and the config's expert-count fields (:data:`CONFIG_FIELDS`, on
   the text config of a multimodal model; ``TinyMoEConfig.num_experts`` for moescope.nn)
@@ -25,7 +27,8 @@ fewer kept experts than top-k; a group-limited router whose groups would be left
 (or with fewer than the two experts per group its group score reads, or fewer than top-k
 in the groups a token may use); zero-compute or identity experts (ids >= E, longcat_flash);
 capacity-per-expert routing (expert choice); experts sharded over ranks; layers with
-different numbers of experts; layers no prunable structure was found for.
+different numbers of experts; layers that share their expert weights (diffusion_gemma's
+encoder and decoder); layers no prunable structure was found for.
 
 By default the result is a structural copy: modules are copied, every tensor that is
 not pruned is shared with the original (no extra memory), pruned tensors are new.
@@ -165,6 +168,16 @@ def check_prunable(
             "keeps one count for the whole model and cannot prune this one"
         )
     e = infos[0].num_experts
+    owner_of: dict[int, str] = {}
+    for info in infos:
+        for mod in _experts_container(info):
+            for _, _, t in _tensors(mod):
+                other = owner_of.setdefault(id(t), info.path)
+                if other != info.path:
+                    raise PruneError(
+                        f"{other} and {info.path} share their expert weights (tied layers); "
+                        "pruning them apart would break the tie; not supported"
+                    )
     for cfg in _text_configs(config_of(model)):
         for name in _ZERO_EXPERT_FIELDS:
             v = getattr(cfg, name, None)
@@ -220,8 +233,16 @@ def check_prunable(
             rw = getattr(router, "weight", None)
             if isinstance(rw, torch.Tensor) and rw.dim() == 2 and rw.shape[0] != e:
                 raise PruneError(
-                    f"{where}: the router scores {rw.shape[0]} experts but {e} are routed "
-                    "(zero-compute or identity experts); not supported"
+                    f"{where}: the router has {rw.shape[0]} output rows for {e} routed experts "
+                    "(zero-compute or identity experts, or product-key experts); not supported"
+                )
+            # A per-class vector a little longer than E: extra routing classes (zaya's
+            # skip class, E + 1) whose ids follow the experts'.
+            classes = [t.shape[0] for _, _, t in _tensors(router) if t.dim() == 1]
+            if any(e < c < 2 * e for c in classes):
+                raise PruneError(
+                    f"{where}: the router has {max(c for c in classes if e < c < 2 * e)} "
+                    f"routing classes for {e} experts (skip or identity classes); not supported"
                 )
         g = router_groups(info)
         if g > 1:
@@ -260,15 +281,43 @@ def _slice_dim(t: torch.Tensor, e: int) -> int | None:
     return dims[0] if len(dims) == 1 else None
 
 
-def _replace_tensor(owner: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    if isinstance(old, nn.Parameter):
-        owner._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+def _set_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
+    if name in owner._parameters:
+        owner._parameters[name] = new  # type: ignore[assignment]
     else:
-        persistent = name not in getattr(owner, "_non_persistent_buffers_set", set())
-        owner.register_buffer(name, new, persistent=persistent)
+        owner._buffers[name] = new
 
 
-def _prune_tensors(mod: nn.Module, ids: torch.Tensor, e: int, leading_only: bool) -> int:
+def _slice_into(
+    owner: nn.Module,
+    name: str,
+    t: torch.Tensor,
+    d: int,
+    ids: torch.Tensor,
+    done: dict[int, torch.Tensor],
+) -> int:
+    """Replace ``owner.<name>`` by ``t`` sliced to ``ids`` along ``d``; a tensor shared
+    by several modules (tied weights, e.g. diffusion_gemma's encoder and decoder) is
+    sliced once and stays shared. Returns the bytes removed (0 for a repeat)."""
+    new = done.get(id(t))
+    if new is not None:
+        _set_tensor(owner, name, new)
+        return 0
+    with torch.no_grad():
+        sliced = t.detach().index_select(d, ids.to(t.device)).contiguous()
+    new = (
+        nn.Parameter(sliced, requires_grad=t.requires_grad)
+        if isinstance(t, nn.Parameter)
+        else sliced
+    )
+    done[id(t)] = new
+    _set_tensor(owner, name, new)
+    return (t.numel() - sliced.numel()) * t.element_size()
+
+
+def _prune_tensors(
+    mod: nn.Module, ids: torch.Tensor, e: int, leading_only: bool, done: dict[int, torch.Tensor]
+) -> int:
     """Slice every E-sized tensor of ``mod`` to ``ids``; returns the bytes removed."""
     removed = 0
     for owner, name, t in _tensors(mod):
@@ -276,12 +325,21 @@ def _prune_tensors(mod: nn.Module, ids: torch.Tensor, e: int, leading_only: bool
             d = 0 if t.dim() >= 1 and t.shape[0] == e else None
         else:
             d = _slice_dim(t, e)
-        if d is None:
-            continue
-        with torch.no_grad():
-            new = t.detach().index_select(d, ids.to(t.device)).contiguous()
-        removed += (t.numel() - new.numel()) * t.element_size()
-        _replace_tensor(owner, name, t, new)
+        if d is not None:
+            removed += _slice_into(owner, name, t, d, ids, done)
+    return removed
+
+
+def _prune_own_tensors(
+    block: nn.Module, ids: torch.Tensor, e: int, done: dict[int, torch.Tensor]
+) -> int:
+    """Slice the block's own (not its children's) tensors whose leading dimension is E."""
+    removed = 0
+    own: list[tuple[str, torch.Tensor]] = list(block.named_parameters(recurse=False))
+    own += [(n, b) for n, b in block.named_buffers(recurse=False) if b is not None]
+    for name, t in own:
+        if t.dim() >= 1 and t.shape[0] == e:
+            removed += _slice_into(block, name, t, 0, ids, done)
     return removed
 
 
@@ -401,6 +459,8 @@ def prune_model(
         model = copy.deepcopy(model, memo)
         infos = [i for i in moe_layers(model)]
     removed = 0
+    done: dict[int, torch.Tensor] = {}  # id(original tensor) -> its pruned replacement
+    containers: set[int] = set()
     for info in infos:
         ids = ids_of[info.path]
         idx = torch.tensor(ids, dtype=torch.long)
@@ -408,12 +468,17 @@ def prune_model(
         for mod in _experts_container(info):
             objs.append(mod)
             if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-                removed += _prune_container(mod, ids)
+                if id(mod) not in containers:
+                    containers.add(id(mod))
+                    removed += _prune_container(mod, ids)
             else:
-                removed += _prune_tensors(mod, idx, e, leading_only=True)
+                removed += _prune_tensors(mod, idx, e, leading_only=True, done=done)
         if info.router is not None:
             objs.append(info.router)
-            removed += _prune_tensors(info.router, idx, e, leading_only=False)
+            removed += _prune_tensors(info.router, idx, e, leading_only=False, done=done)
+        # Per-expert vectors kept on the block itself (afmoe's / lfm2_moe's expert_bias,
+        # minimax_m2's and hy_v3's e_score_correction_bias).
+        removed += _prune_own_tensors(info.module, idx, e, done)
         _set_counts(objs, e, n, COUNT_ATTRS)
     cfg = config_of(model)
     fields = _set_config(cfg, e, n)
