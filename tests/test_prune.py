@@ -225,7 +225,7 @@ def test_reap_matches_float64_recomputation() -> None:
     finally:
         h.remove()
     x, idx, w = inputs["x"].double(), inputs["idx"], inputs["w"].double()
-    gate_up, down = experts.gate_up_proj.double(), experts.down_proj.double()
+    gate_up, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
     sums = np.zeros(8)
     counts = np.zeros(8)
     for t in range(x.shape[0]):
@@ -384,9 +384,11 @@ def test_module_list_experts_are_renumbered() -> None:
     from moescope.prune.surgery import _prune_container
 
     d = nn.ModuleDict({f"expert_{i}": nn.Linear(2, 2) for i in range(4)})
+    d["token_dropout"] = nn.Dropout(0.1)  # nllb_moe keeps one beside its experts
     w3 = d["expert_3"].weight
     _prune_container(d, [1, 3])
-    assert list(d.keys()) == ["expert_0", "expert_1"] and d["expert_1"].weight is w3
+    assert list(d.keys()) == ["expert_0", "expert_1", "token_dropout"]
+    assert d["expert_1"].weight is w3
     lst = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])
     w2 = lst[2].weight
     _prune_container(lst, [0, 2])

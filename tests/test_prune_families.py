@@ -29,7 +29,6 @@ REFUSED = {
     "doge": "output rows",  # product-key experts
     "inkling": "output rows",  # the router scores an extra expert
     "longcat_flash": "zero-compute / identity experts",
-    "nllb_moe": "9 expert modules for 8",
     "zaya": "routing classes",  # a skip class after the experts
 }
 NOT_MONITORED = {"vitpose_backbone"}  # experts picked by a task index, not a router

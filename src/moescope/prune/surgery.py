@@ -211,9 +211,9 @@ def check_prunable(
             raise PruneError(f"{where}: no experts module found; moescope cannot prune it")
         for mod in mods:
             if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-                if len(mod) != e:
+                if len(_expert_keys(mod)) != e:
                     raise PruneError(
-                        f"{where}: {len(mod)} expert modules for {e} routed experts "
+                        f"{where}: {len(_expert_keys(mod))} expert modules for {e} routed experts "
                         "(zero-compute or identity experts?); not supported"
                     )
                 continue
@@ -346,36 +346,44 @@ def _prune_own_tensors(
 _INDEX = re.compile(r"^(.*?)(\d+)$")
 
 
+def _expert_keys(mod: nn.Module) -> list[str]:
+    """Keys of the experts in a ModuleList (all) or ModuleDict (those ending in a number,
+    e.g. ``expert_3``; nllb_moe keeps a ``token_dropout`` beside them), by number."""
+    if isinstance(mod, nn.ModuleList):
+        return [str(i) for i in range(len(mod))]
+    keys = [k for k in mod._modules if _INDEX.match(k)]
+    return sorted(keys, key=lambda k: int(_INDEX.match(k)[2]))  # type: ignore[index]
+
+
 def _prune_container(mod: nn.Module, ids: list[int]) -> int:
-    """Keep experts ``ids`` of a ModuleList / ModuleDict in place, renumbered; returns the
-    bytes removed."""
-    removed = 0
+    """Keep experts ``ids`` of a ModuleList / ModuleDict in place, renumbered 0..N-1;
+    returns the bytes removed."""
+
+    def nbytes(m: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for _, _, t in _tensors(m))
+
+    keep = set(ids)
     if isinstance(mod, nn.ModuleList):
         experts = list(mod)
-        for i, m in enumerate(experts):
-            if i not in ids:
-                removed += sum(t.numel() * t.element_size() for _, _, t in _tensors(m))
+        removed = sum(nbytes(m) for i, m in enumerate(experts) if i not in keep)
         for _ in range(len(mod)):
             del mod[0]
         mod.extend([experts[i] for i in ids])
         return removed
     assert isinstance(mod, nn.ModuleDict)
-    keys = list(mod.keys())
-    parsed = [_INDEX.match(k) for k in keys]
-    if not all(parsed):
-        order = keys
-    else:
-        order = sorted(keys, key=lambda k: int(_INDEX.match(k)[2]))  # type: ignore[index]
-    items = [(k, mod[k]) for k in order]
-    for i, (_, m) in enumerate(items):
-        if i not in ids:
-            removed += sum(t.numel() * t.element_size() for _, _, t in _tensors(m))
-    for k in keys:
+    keys = _expert_keys(mod)
+    items = [(k, mod[k]) for k in keys]
+    removed = sum(nbytes(m) for i, (_, m) in enumerate(items) if i not in keep)
+    others = [(k, m) for k, m in mod.items() if k not in set(keys)]
+    for k in list(mod.keys()):
         del mod[k]
     for j, i in enumerate(ids):
         key, m = items[i]
         match = _INDEX.match(key)
-        mod[f"{match[1]}{j}" if match else key] = m
+        assert match is not None  # _expert_keys kept numbered keys only
+        mod[f"{match[1]}{j}"] = m
+    for k, m in others:
+        mod[k] = m
     return removed
 
 
