@@ -23,7 +23,9 @@ and the alerts as text), the detailed JSONL log, heatmap PNGs and a ``save_pretr
 ``<out>/summary.json``. The structure is ``main`` -> :func:`train_run` (twice) ->
 :func:`summarise` -> :func:`analyze_run` (``moescope analyze`` of the balanced checkpoint,
 ``<out>/analysis/``) -> :func:`compare_runs` (``moescope compare`` of the two training
-logs, collapsed vs balanced, ``<out>/compare/report.html``).
+logs, collapsed vs balanced, ``<out>/compare/report.html``) -> :func:`prune_run`
+(``moescope prune --drop-unused`` of the collapsed run, ``<out>/pruned/``: the experts
+its analysis data never reached are removed, the loss on that data is unchanged).
 
 Why this setup collapses (measured, not forced)
 -----------------------------------------------
@@ -672,7 +674,6 @@ def prune_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_len:
             seq_len=seq_len,
             levels=[0.75, 0.5, 0.25],
             overwrite=True,
-            progress=False,
         )
     )
     unused = [int(s.unused.size) for s in result.saliency]

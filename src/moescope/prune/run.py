@@ -105,7 +105,6 @@ class PruneOptions:
     allow_download: bool = False
     force: bool = False
     overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self) -> None:
         self.data = [str(d) for d in ([self.data] if isinstance(self.data, str) else self.data)]
@@ -135,9 +134,8 @@ class PruneOptions:
             )
 
     def settings(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("progress", None)
-        return d
+        """The options as recorded in ``summary.json``."""
+        return asdict(self)
 
 
 @dataclass
