@@ -521,6 +521,7 @@ SUBCOMMANDS: dict[
     "compare": (add_compare_parser, _run_compare),
     "plan-ep": _elsewhere("moescope.placement", "add_plan_ep_parser", "run_plan_ep"),
     "watch": _elsewhere("moescope.watch", "add_watch_parser", "run_watch"),
+    "prune": _elsewhere("moescope.prune.cli", "register", "run"),
 }
 """name -> (add_parser(subparsers), run(args) -> exit status). Add new subcommands here."""
 
