@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 
-def _model(device: str) -> tuple[torch.nn.Module, Any]:
+def _model(device: str, layers: int = 8, experts: int = 64) -> tuple[torch.nn.Module, Any]:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
@@ -43,11 +43,11 @@ def _model(device: str) -> tuple[torch.nn.Module, Any]:
         hidden_size=256,
         intermediate_size=512,
         moe_intermediate_size=128,
-        num_hidden_layers=8,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_experts=64,
-        num_experts_per_tok=8,
+        num_experts=experts,
+        num_experts_per_tok=min(8, experts),
         max_position_embeddings=256,
     )
     torch.manual_seed(0)
@@ -72,10 +72,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def hf_part(device: str, steps: int, reps: int) -> tuple[list[list[str]], bool]:
+def hf_part(
+    device: str, steps: int, reps: int, layers: int = 8, experts: int = 64
+) -> tuple[list[list[str]], bool]:
     import moescope
 
-    model, cfg = _model(device)
+    model, cfg = _model(device, layers, experts)
     ids = torch.randint(3, cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     rows: list[list[str]] = []
@@ -87,8 +89,13 @@ def hf_part(device: str, steps: int, reps: int) -> tuple[list[list[str]], bool]:
     ref = mon.snapshot(reset=True)
     mon.detach()
 
-    mode = "reduce-overhead" if device == "cuda" else "default"
-    model.forward = torch.compile(model.forward, mode=mode)  # type: ignore[method-assign]
+    if device == "cuda":
+        mode = "reduce-overhead"
+        compiled = torch.compile(model.forward, mode=mode)
+    else:  # the dry run checks the code path; inductor's CPU compile would take minutes
+        mode = "aot_eager backend"
+        compiled = torch.compile(model.forward, backend="aot_eager")
+    model.forward = compiled  # type: ignore[method-assign]
     times: dict[str, list[float]] = {"off": [], "graph_safe": []}
     syncs: dict[str, float] = {}
     counts_ok = "n/a"
@@ -200,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=64)
     args = ap.parse_args(argv)
-    rows, ok = hf_part(args.device, args.steps, args.reps)
+    rows, ok = hf_part(args.device, args.steps, args.reps, args.layers, args.experts)
     if args.device == "cuda" and not args.no_vllm:
         more, ok2 = vllm_part(args.steps)
         rows += more
