@@ -17,7 +17,7 @@ from matplotlib.collections import PolyCollection, QuadMesh
 from matplotlib.image import imread
 
 from conftest import random_layer_stats
-from moescope.report.plots import (
+from moescope.plots import (
     entropy_over_time,
     save_png,
     usage_heatmap,

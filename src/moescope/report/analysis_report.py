@@ -17,15 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moescope import __version__
+from moescope.plots import usage_heatmap
 from moescope.report import analysis_plots as AP
 from moescope.report import html as H
-from moescope.report.fmt import fmt_number
-from moescope.report.plots import usage_heatmap
+from moescope.report.fmt import fmt_number, visible
 
 if TYPE_CHECKING:
     from moescope.analysis.result import AnalysisResult
 
-__all__ = ["FigureSet", "figure_png", "render_report"]
+__all__ = ["FigureSet", "WriteBytes", "WriteText", "figure_png", "render_report"]
+
+#: ``write_bytes(out_dir, name, data) -> path`` (the report never opens files itself).
+WriteBytes = Callable[[Path, str, bytes], Path]
+#: ``write_text(out_dir, name, text) -> path``.
+WriteText = Callable[[Path, str, str], Path]
 
 
 def figure_png(fig: Any) -> bytes:
@@ -38,34 +43,36 @@ def figure_png(fig: Any) -> bytes:
 class FigureSet:
     """Draws, saves and embeds figures; a failing one becomes a problem line."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, write_bytes: WriteBytes) -> None:
         self.out_dir = out_dir
+        self.write_bytes = write_bytes
         self.saved: dict[str, Path] = {}
         self.errors: list[str] = []
 
     def embed(
         self, name: str, make: Callable[[], Any], alt: str, caption: str | None = None
     ) -> str:
-        # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-        from moescope.analysis.outdir import write_bytes
-
         try:
             png = figure_png(make())
         except Exception as err:  # one failing figure must not lose the whole report
             self.errors.append(f"figure {name}: {type(err).__name__}: {err}")
             return ""
-        self.saved[name] = write_bytes(self.out_dir, f"{name}.png", png)
+        self.saved[name] = self.write_bytes(self.out_dir, f"{name}.png", png)
         return H.image(png, alt, caption)
 
 
-def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
-    """Write the figures and ``report.html`` of ``result`` into ``out_dir`` (which
-    :func:`~moescope.analysis.outdir.prepare_out_dir` prepared); returns the report path."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.outdir import write_text
-
+def render_report(
+    result: AnalysisResult,
+    out_dir: str | Path,
+    *,
+    write_bytes: WriteBytes,
+    write_text: WriteText,
+) -> Path:
+    """Write the figures and ``report.html`` of ``result`` into ``out_dir`` with the
+    given writers (``moescope.analysis.render`` passes the safe writers of
+    :mod:`moescope.analysis.outdir`); returns the report path."""
     out = Path(out_dir)
-    figs = FigureSet(out)
+    figs = FigureSet(out, write_bytes)
     sections = [
         _overview(result),
         _alerts(result),
@@ -426,9 +433,6 @@ def _parameters(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 def _token_cell(tokens: list[Any]) -> str:
     """Top tokens as ``<code>`` chips: the visible text escaped once, count and share."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.decode import visible
-
     return " ".join(
         f'<span class="tok"><code>{H.escape(visible(t.token))}</code> '
         f"{t.count:,} ({t.share:.0%})</span>"
@@ -437,7 +441,7 @@ def _token_cell(tokens: list[Any]) -> str:
 
 
 def _routing_sections(r: AnalysisResult, figs: FigureSet) -> list[H.Section]:
-    # why: routing_analysis imports torch (via moescope.analysis); this module stays torch-free
+    # why: routing_analysis imports moescope.stats (its __init__ imports torch); this module stays torch-free
     from moescope.report import routing_analysis as RA
 
     ra = r.routing

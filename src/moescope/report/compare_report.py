@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope import __version__
+from moescope.plots import clip, colormap, new_figure, set_ticks, short_names
 from moescope.report import html as H
-from moescope.report.analysis_report import FigureSet
+from moescope.report.analysis_report import FigureSet, WriteBytes, WriteText
 from moescope.report.fmt import fmt_number
-from moescope.report.plots import _clip, _cmap, _new_figure, _set_ticks, _short_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from moescope.analysis.compare import Comparison, RunSide
+    from moescope.analysis.compare_result import Comparison, RunSide
 
 __all__ = [
     "balance_figure",
@@ -50,12 +50,10 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
     """Two heatmaps (layers x experts) of the expert load (usage fraction x E; 1 =
     uniform), A left and B right, on one colour scale."""
     ma, mb = _load_matrix(cmp, "a"), _load_matrix(cmp, "b")
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     e = max(ma.shape[1], mb.shape[1])
     vmax = float(np.nanmax([np.nanmax(ma), np.nanmax(mb), 1.0]))
-    fig = _new_figure(
-        _clip(4.0 + 0.3 * e, 8.0, 16.0), _clip(1.6 + 0.35 * len(names), 3.0, 12.0), dpi
-    )
+    fig = new_figure(clip(4.0 + 0.3 * e, 8.0, 16.0), clip(1.6 + 0.35 * len(names), 3.0, 12.0), dpi)
     axes = fig.subplots(1, 2, sharey=True)
     im = None
     for ax, m, side in zip(axes, (ma, mb), (cmp.a, cmp.b), strict=True):
@@ -63,14 +61,14 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
             np.ma.masked_invalid(m),
             aspect="auto",
             interpolation="nearest",
-            cmap=_cmap("viridis"),
+            cmap=colormap("viridis"),
             vmin=0.0,
             vmax=vmax,
         )
         ax.set_title(side.label, fontsize="medium")
         ax.set_xlabel("expert")
-        _set_ticks(ax, "x", m.shape[1], None, 16)
-    _set_ticks(axes[0], "y", len(names), names, 24)
+        set_ticks(ax, "x", m.shape[1], None, 16)
+    set_ticks(axes[0], "y", len(names), names, 24)
     axes[0].set_ylabel(f"layer ({pattern})" if pattern else "layer")
     assert im is not None  # set by the loop over the two panels
     fig.colorbar(im, ax=list(axes), label="load (usage fraction x E; 1 = uniform)", shrink=0.9)
@@ -81,14 +79,14 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
 def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
     """Jensen-Shannon divergence (nats) between the two runs' usage per layer; the y axis
     is scaled to the data (the bound is ln 2 = 0.693)."""
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     js = np.array([x.js for x in cmp.layers], dtype=np.float64)
-    fig = _new_figure(_clip(4.0 + 0.2 * len(names), 7.0, 16.0), 3.6, dpi)
+    fig = new_figure(clip(4.0 + 0.2 * len(names), 7.0, 16.0), 3.6, dpi)
     ax = fig.add_subplot()
     ax.bar(np.arange(len(names)), np.nan_to_num(js), color="#7570b3")
     top = float(np.nanmax(js)) if np.isfinite(js).any() else 0.0
     ax.set_ylim(0, min(math.log(2), top * 1.2) if top > 0 else 0.01)
-    _set_ticks(ax, "x", len(names), names, 30)
+    set_ticks(ax, "x", len(names), names, 30)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     ax.set_ylabel("JS divergence (nats, max ln 2)")
     ax.set_title(f"Routing divergence: {cmp.a.label} vs {cmp.b.label}", fontsize="medium")
@@ -97,14 +95,14 @@ def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
 
 def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
     """Per layer, A and B side by side: CV of usage, max/mean and unused experts."""
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     x = np.arange(len(names))
     panels = (
         ("cv", "CV of usage (0 = balanced)"),
         ("max_over_mean", "max / mean load"),
         ("unused_experts", "unused experts"),
     )
-    fig = _new_figure(_clip(5.0 + 0.25 * len(names), 7.5, 16.0), 7.0, dpi)
+    fig = new_figure(clip(5.0 + 0.25 * len(names), 7.5, 16.0), 7.0, dpi)
     axes = fig.subplots(len(panels), 1, sharex=True)
     w = 0.4
     for ax, (metric, label) in zip(axes, panels, strict=True):
@@ -115,7 +113,7 @@ def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
             )
         ax.set_ylabel(label, fontsize="small")
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    _set_ticks(axes[-1], "x", len(names), names, 30)
+    set_ticks(axes[-1], "x", len(names), names, 30)
     axes[-1].set_xlabel(f"layer ({pattern})" if pattern else "layer")
     fig.suptitle("Balance per layer")
     return fig
@@ -136,7 +134,7 @@ def series_figure(sides: list[RunSide], dpi: int = 100) -> Figure:
     metrics = [m for m in _SERIES_LABELS if any(m in s.series for s in sides)]
     cols = 2
     rows = math.ceil(len(metrics) / cols)
-    fig = _new_figure(11.0, 2.6 * rows + 0.6, dpi)
+    fig = new_figure(11.0, 2.6 * rows + 0.6, dpi)
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True)).reshape(-1)
     for ax, metric in zip(axes, metrics, strict=False):
         for side in sides:
@@ -185,14 +183,17 @@ def _side_rows(cmp: Comparison) -> list[list[str]]:
     return rows
 
 
-def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
-    """Write the figures and ``report.html`` of ``cmp`` into ``out_dir``; returns the
-    report path."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.outdir import write_text
-
+def render_comparison(
+    cmp: Comparison,
+    out_dir: str | Path,
+    *,
+    write_bytes: WriteBytes,
+    write_text: WriteText,
+) -> Path:
+    """Write the figures and ``report.html`` of ``cmp`` into ``out_dir`` with the given
+    writers; returns the report path."""
     out = Path(out_dir)
-    figs = FigureSet(out)
+    figs = FigureSet(out, write_bytes)
     a, b = cmp.a, cmp.b
     sections: list[H.Section] = []
 
