@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from moescope.stats.snapshot import Snapshot
 
 __all__ = [
+    "LOAD_LABEL",
     "clip",
     "colormap",
     "entropy_over_time",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 _BAD_COLOUR = "#d9d9d9"  # layers / windows without tokens (NaN)
+#: The unit every expert-load heatmap uses (training heatmaps and HTML reports alike).
+LOAD_LABEL = "load = usage fraction x E (1 = uniform)"
 
 
 def new_figure(width: float, height: float, dpi: int) -> Figure:
@@ -128,7 +131,7 @@ def set_ticks(
 def usage_heatmap(
     snapshot: Snapshot,
     *,
-    value: str = "fraction",
+    value: str = "load",
     title: str | None = None,
     max_ticks: int = 20,
     max_size: tuple[float, float] = (16.0, 12.0),
@@ -144,8 +147,9 @@ def usage_heatmap(
 
     Args:
         snapshot: the window to draw.
-        value: ``"fraction"`` (usage fraction) or ``"load"`` (fraction x E).
-        title: default ``"Expert usage, step <step>"``.
+        value: ``"load"`` (usage fraction x E, 1 = uniform: the unit of every heatmap
+            moescope draws, training and reports) or ``"fraction"`` (usage fraction).
+        title: default ``"Expert load, step <step>"`` (``"Expert usage, ..."`` for fractions).
         max_ticks: tick labels per axis at most.
         max_size: (width, height) cap in inches.
         dpi: dots per inch (pixel size = inches x dpi).
@@ -173,8 +177,9 @@ def usage_heatmap(
     ax.set_xlabel("expert")
     ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
     step = "?" if snapshot.step is None else snapshot.step
-    ax.set_title(title if title is not None else f"Expert usage, step {step}")
-    label = "usage fraction" if value == "fraction" else "load (fraction x E; 1 = uniform)"
+    what = "usage" if value == "fraction" else "load"
+    ax.set_title(title if title is not None else f"Expert {what}, step {step}")
+    label = "usage fraction" if value == "fraction" else LOAD_LABEL
     fig.colorbar(im, ax=ax, label=label, shrink=0.9)
     return fig
 
@@ -202,8 +207,9 @@ def usage_over_time(
 ) -> Figure:
     """Expert usage fraction of one layer over the recorded steps.
 
-    ``kind="area"``: stacked areas (each band one expert, bands sum to 1), legible for a
-    few experts; ``"heatmap"``: experts x steps (colour = usage fraction), legible for 128;
+    ``kind="area"``: stacked areas of the usage fraction (each band one expert, bands sum
+    to 1), legible for a few experts; ``"heatmap"``: experts x steps, colour = load (usage
+    fraction x E, 1 = uniform, as in :func:`usage_heatmap`), legible for 128;
     ``"auto"``: area up to ``max_area_experts`` experts, heatmap beyond. Windows without
     tokens are gaps (grey in the heatmap).
 
@@ -251,7 +257,7 @@ def usage_over_time(
         mesh = ax.pcolormesh(
             _edges(steps),
             np.arange(n_exp + 1) - 0.5,
-            np.ma.masked_invalid(frac.T),
+            np.ma.masked_invalid(frac.T * n_exp),
             cmap=colormap(cmap),
             vmin=0.0,
             shading="flat",
@@ -259,7 +265,7 @@ def usage_over_time(
         ax.set_ylim(n_exp - 0.5, -0.5)  # expert 0 on top, like the layer heatmap
         set_ticks(ax, "y", n_exp, None, max_ticks)
         ax.set_ylabel("expert")
-        fig.colorbar(mesh, ax=ax, label="usage fraction", shrink=0.9)
+        fig.colorbar(mesh, ax=ax, label=LOAD_LABEL, shrink=0.9)
     ax.xaxis.set_major_locator(_max_n_locator(max_ticks, w))
     ax.set_xlabel("step")
     ax.set_title(title if title is not None else f"Expert usage over time: {layer}")

@@ -31,6 +31,7 @@ from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.outdir import prepare_out_dir, write_text
 from moescope.analysis.render import render_comparison
 from moescope.analysis.result import SUMMARY_FORMAT
+from moescope.analysis.verdict import compare_health, diagnose
 from moescope.sinks.jsonl import read_jsonl
 from moescope.stats.routing import js_divergence
 from moescope.stats.snapshot import LayerStats, Snapshot
@@ -238,7 +239,9 @@ def compare_sides(a: RunSide, b: RunSide) -> Comparison:
     for s in (a, b):
         if s.partial:
             notes.append(f"{s.label} is a partial analysis (interrupted)")
-    return Comparison(a, b, out, only_a, only_b, notes)
+    va, vb = diagnose(a.snapshot, a.alerts), diagnose(b.snapshot, b.alerts)
+    healthier, reasons = compare_health(a.label, va, a.snapshot, b.label, vb, b.snapshot)
+    return Comparison(a, b, out, only_a, only_b, notes, va, vb, healthier, reasons)
 
 
 def compare_sources(

@@ -74,6 +74,17 @@ class Comparison:
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: :class:`~moescope.analysis.verdict.Verdict` of each side (None if not computed).
+    verdict_a: Any = None
+    verdict_b: Any = None
+    #: label of the healthier run, None for a tie; ``health_reasons``: the numbers behind it.
+    healthier: str | None = None
+    health_reasons: list[str] = field(default_factory=list)
+
+    def differ_most(self, n: int = 3) -> list[LayerComparison]:
+        """The ``n`` matched layers with the largest finite JS divergence, largest first."""
+        finite = [x for x in self.layers if math.isfinite(x.js)]
+        return sorted(finite, key=lambda x: -x.js)[:n]
 
     @property
     def mean_js(self) -> float:
@@ -119,5 +130,9 @@ class Comparison:
                 "only_a": self.only_a,
                 "only_b": self.only_b,
                 "notes": self.notes,
+                "verdict_a": None if self.verdict_a is None else self.verdict_a.to_json(),
+                "verdict_b": None if self.verdict_b is None else self.verdict_b.to_json(),
+                "healthier": self.healthier,
+                "health_reasons": self.health_reasons,
             }
         )

@@ -21,9 +21,11 @@ from moescope.plots import usage_heatmap
 from moescope.report import analysis_plots as AP
 from moescope.report import html as H
 from moescope.report.fmt import fmt_number, visible
+from moescope.report.verdict import alerts_table, plural, short_layer_labels, verdict_section
 
 if TYPE_CHECKING:
     from moescope.analysis.result import AnalysisResult
+    from moescope.analysis.verdict import Verdict
 
 __all__ = ["FigureSet", "WriteBytes", "WriteText", "figure_png", "render_report"]
 
@@ -65,17 +67,20 @@ def render_report(
     result: AnalysisResult,
     out_dir: str | Path,
     *,
+    verdict: Verdict,
     write_bytes: WriteBytes,
     write_text: WriteText,
 ) -> Path:
     """Write the figures and ``report.html`` of ``result`` into ``out_dir`` with the
-    given writers (``moescope.analysis.render`` passes the safe writers of
+    given writers; the page opens with ``verdict`` (what is wrong, where, the fix) (``moescope.analysis.render`` passes the safe writers of
     :mod:`moescope.analysis.outdir`); returns the report path."""
     out = Path(out_dir)
     figs = FigureSet(out, write_bytes)
+    short = _short(result)
+    lead = [verdict_section(verdict, short)]
     sections = [
         _overview(result),
-        _alerts(result),
+        _alerts(result, verdict, short),
         _usage(result, figs),
         _entropy(result, figs),
         _coactivation(result, figs),
@@ -113,9 +118,9 @@ def render_report(
     for note in result.notes:
         if not note.startswith("interrupted:"):
             preamble.append(H.paragraph(note, "banner note"))
-    title = f"moescope analysis: {Path(m.source).name or m.source}"
+    title = f"moescope analysis: {model_title(m.class_name, m.model_type)}"
     subtitle = (
-        f"{m.model_type}, {result.total_tokens:,} tokens from "
+        f"{_source_tail(m.source)}, {result.total_tokens:,} tokens from "
         + ", ".join(d.label for d in result.domains)
         + (" (partial)" if result.partial else "")
         + (" - random weights" if m.random_weights else "")
@@ -125,6 +130,7 @@ def render_report(
         sections,
         subtitle=subtitle,
         preamble=preamble,
+        lead=lead,
         footer=f"moescope {__version__}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
     )
     return write_text(out, "report.html", document)
@@ -187,34 +193,35 @@ def _overview(r: AnalysisResult) -> H.Section:
     return sec
 
 
-def _alerts(r: AnalysisResult) -> H.Section:
-    sec = H.Section("alerts", f"Alerts ({len(r.alerts)})")
+def _short(r: AnalysisResult) -> dict[str, str]:
+    return short_layer_labels(list(r.snapshot.layers))
+
+
+def model_title(class_name: str, model_type: str) -> str:
+    """``"TinyMoEForCausalLM (moescope_tiny_moe)"``: what the model is, not its folder."""
+    if class_name and model_type and model_type.lower() not in class_name.lower():
+        return f"{class_name} ({model_type})"
+    return class_name or model_type or "model"
+
+
+def _source_tail(source: str) -> str:
+    """The last two components of a path (``no_balance/checkpoint``), or a hub id."""
+    parts = [p for p in str(source).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else str(source)
+
+
+def _alerts(r: AnalysisResult, verdict: Verdict, short: dict[str, str]) -> H.Section:
+    sec = H.Section("alerts", f"Alerts ({plural(len(r.alerts), 'alert')})")
     if r.alerts:
         sec.add(
-            H.table(
-                ["level", "layer", "rule", "message", "value"],
-                [
-                    [
-                        f'<span class="alert-{H.escape(a.level)}">{H.escape(a.level)}</span>',
-                        a.layer,
-                        a.rule,
-                        a.message,
-                        fmt_number(a.value),
-                    ]
-                    for a in r.alerts
-                ],
-                left=4,
-                raw_columns=[0],
-            )
+            H.paragraph(
+                "Grouped by rule (the fix for each is in the verdict above); every alert "
+                "is in summary.json."
+            ),
+            alerts_table(verdict, short),
         )
     else:
-        sec.add(
-            H.paragraph(
-                "No alert fired (imbalance > 4x mean, >= 25 % experts unused, "
-                "routing entropy < 0.1 nats, dropped slots > 10 %, non-finite "
-                "scores)."
-            )
-        )
+        sec.add(H.paragraph("No alert fired. Checked: " + "; ".join(verdict.checked) + "."))
     return sec
 
 

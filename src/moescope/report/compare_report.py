@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope import __version__
-from moescope.plots import clip, colormap, new_figure, set_ticks, short_names
+from moescope.plots import LOAD_LABEL, clip, colormap, new_figure, set_ticks, short_names
 from moescope.report import html as H
 from moescope.report.analysis_report import FigureSet, WriteBytes, WriteText
 from moescope.report.fmt import fmt_number
@@ -71,7 +71,7 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
     set_ticks(axes[0], "y", len(names), names, 24)
     axes[0].set_ylabel(f"layer ({pattern})" if pattern else "layer")
     assert im is not None  # set by the loop over the two panels
-    fig.colorbar(im, ax=list(axes), label="load (usage fraction x E; 1 = uniform)", shrink=0.9)
+    fig.colorbar(im, ax=list(axes), label=LOAD_LABEL, shrink=0.9)
     fig.suptitle("Expert load per layer")
     return fig
 
