@@ -176,7 +176,7 @@ def _meaning(rule: str, f: Finding, snapshot: Any) -> str:
         experts = sum(layers[x].num_experts for x in f.layers if x in layers)
         share = f" ({total / experts:.0%})" if experts else ""
         return (
-            f"{total} of the {experts} experts{share} of {where} received no token "
+            f"{total} of the {experts} experts{share} in {where} received no token "
             f"(the rule fires at {t:.0%} of a layer's experts or more). Their parameters "
             "cost memory and compute nothing: the model is effectively smaller than it looks."
         )
@@ -222,7 +222,7 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
             that do not carry their threshold and for the "checked" list.
 
     Returns:
-        A :class:`Verdict`; findings ordered critical first, then by layers affected.
+        A :class:`Verdict`; findings ordered critical first, then in :data:`RULES` order.
     """
     rules = rules or AlertRules()
     groups: dict[str, list[Any]] = {}
@@ -276,7 +276,12 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
         )
         f.meaning = _meaning(rule, f, snapshot)
         findings.append(f)
-    findings.sort(key=lambda f: (f.level != "critical", -len(f.layers), f.rule))
+    # Most severe first: critical, then the rules in RULES order (the direct measures of a
+    # broken router before the trend rules that warn of one), then by layers affected.
+    rank = {name: i for i, name in enumerate(RULES)}
+    findings.sort(
+        key=lambda f: (f.level != "critical", rank.get(f.rule, len(rank)), -len(f.layers))
+    )
     n = len(snapshot.layers)
     if not findings:
         return Verdict(

@@ -21,7 +21,7 @@ from moescope.plots import usage_heatmap
 from moescope.report import analysis_plots as AP
 from moescope.report import html as H
 from moescope.report.fmt import fmt_number, visible
-from moescope.report.verdict import alerts_table, plural, short_layer_labels, verdict_section
+from moescope.report.verdict import alerts_table, short_layer_labels, verdict_section
 
 if TYPE_CHECKING:
     from moescope.analysis.result import AnalysisResult
@@ -211,7 +211,7 @@ def _source_tail(source: str) -> str:
 
 
 def _alerts(r: AnalysisResult, verdict: Verdict, short: dict[str, str]) -> H.Section:
-    sec = H.Section("alerts", f"Alerts ({plural(len(r.alerts), 'alert')})")
+    sec = H.Section("alerts", f"Alerts ({len(r.alerts):,})")
     if r.alerts:
         sec.add(
             H.paragraph(

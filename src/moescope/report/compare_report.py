@@ -20,6 +20,7 @@ from moescope.plots import LOAD_LABEL, clip, colormap, new_figure, set_ticks, sh
 from moescope.report import html as H
 from moescope.report.analysis_report import FigureSet, WriteBytes, WriteText
 from moescope.report.fmt import fmt_number
+from moescope.report.verdict import alerts_table, finding_html, plural, short_layer_labels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -112,6 +113,12 @@ def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
                 x + (j - 0.5) * w, np.nan_to_num(v), width=w, color=_COLOURS[j], label=side.label
             )
         ax.set_ylabel(label, fontsize="small")
+        vals = [lc.metrics[metric][j] for lc in cmp.layers for j in (0, 1)]
+        top = max((float(v) for v in vals if math.isfinite(float(v))), default=0.0)
+        # An all-zero panel (no unused expert in either run) keeps a readable 0..1 axis.
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+        if metric == "unused_experts":
+            ax.yaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     set_ticks(axes[-1], "x", len(names), names, 30)
     axes[-1].set_xlabel(f"layer ({pattern})" if pattern else "layer")
@@ -183,6 +190,46 @@ def _side_rows(cmp: Comparison) -> list[list[str]]:
     return rows
 
 
+def _verdict(cmp: Comparison, short: dict[str, str]) -> H.Section:
+    """The opening section: which run is healthier and why, where they differ most, and
+    the findings (with the fix) of each run."""
+    a, b = cmp.a, cmp.b
+    va, vb = cmp.verdict_a, cmp.verdict_b
+    worst = (
+        "critical"
+        if any(v is not None and v.status == "critical" for v in (va, vb))
+        else ("warning" if any(v is not None and v.findings for v in (va, vb)) else "healthy")
+    )
+    sec = H.Section("verdict", "Verdict", cls=f"verdict {worst}")
+    if cmp.healthier is None:
+        head = f"{a.label} and {b.label} are equally healthy by moescope's alert rules."
+    else:
+        other = b.label if cmp.healthier == a.label else a.label
+        head = f"{cmp.healthier} is healthier than {other}."
+    sec.add(H.paragraph(head, "headline"))
+    if cmp.health_reasons:
+        sec.add("<ul>" + "".join(f"<li>{H.escape(r)}</li>" for r in cmp.health_reasons) + "</ul>")
+    most = cmp.differ_most(3)
+    if most:
+        parts = [f"{short.get(x.layer, x.layer)} (JS {fmt_number(x.js)} nats)" for x in most]
+        sec.add(
+            H.paragraph(
+                "Where they differ most: " + ", ".join(parts) + " (Jensen-Shannon divergence "
+                "of expert usage: 0 = same routing, ln 2 = 0.693 = disjoint experts)."
+            )
+        )
+    elif cmp.layers:
+        sec.add(H.paragraph("No layer has the same expert count in both runs: routing is not "
+                            "compared expert by expert (see the balance metrics)."))  # fmt: skip
+    for side, v in ((a, va), (b, vb)):
+        if v is None:
+            continue
+        sec.add(f"<h3>{H.escape(side.label)}: {H.escape(v.headline)}</h3>")
+        for f in v.findings:
+            sec.add(finding_html(f, short))
+    return sec
+
+
 def render_comparison(
     cmp: Comparison,
     out_dir: str | Path,
@@ -196,6 +243,8 @@ def render_comparison(
     figs = FigureSet(out, write_bytes)
     a, b = cmp.a, cmp.b
     sections: list[H.Section] = []
+    short = short_layer_labels([x.layer for x in cmp.layers])
+    lead = [_verdict(cmp, short)]
 
     ov = H.Section("overview", "Overview")
     ov.add(
@@ -216,6 +265,18 @@ def render_comparison(
     sections.append(ov)
 
     us = H.Section("usage", "Expert usage side by side")
+    ea = sorted({x.usage_a.shape[0] for x in cmp.layers})
+    eb = sorted({x.usage_b.shape[0] for x in cmp.layers})
+    if ea != eb:
+        us.add(
+            H.paragraph(
+                f"The runs have different expert counts ({a.label}: E = "
+                f"{', '.join(map(str, ea))}; {b.label}: E = {', '.join(map(str, eb))}): each "
+                "panel shows its own experts, grey cells are experts the layer does not have. "
+                "Load (fraction x E) is comparable across E: 1 = uniform in both.",
+                "banner note",
+            )
+        )
     us.add(
         figs.embed(
             "usage_side_by_side",
@@ -227,11 +288,22 @@ def render_comparison(
     sections.append(us)
 
     dv = H.Section("divergence", "Divergence per layer")
-    dv.add(
-        figs.embed(
-            "divergence", lambda: divergence_bars(cmp), "Jensen-Shannon divergence per layer"
+    if any(math.isfinite(x.js) for x in cmp.layers):
+        dv.add(
+            figs.embed(
+                "divergence", lambda: divergence_bars(cmp), "Jensen-Shannon divergence per layer"
+            )
         )
-    )
+    else:
+        dv.add(
+            H.paragraph(
+                "No divergence to draw: no matched layer has the same number of experts in "
+                "both runs (or a side has no tokens), so expert i of one run is not expert i "
+                "of the other. Compare the balance metrics below, which do not depend on E "
+                "(CV, max/mean, load entropy / log E).",
+                "banner note",
+            )
+        )
     dv.add(
         H.table(
             ["layer", "JS (nats)", f"active experts {a.label}", f"active experts {b.label}"],
@@ -268,43 +340,20 @@ def render_comparison(
         ts.add(figs.embed("series", lambda: series_figure(trained), "routing metrics over steps"))
         sections.append(ts)
 
-    al = H.Section("alerts", f"Alerts ({len(a.alerts)} / {len(b.alerts)})")
-    for s in (a, b):
-        al.add(f"<h3>{H.escape(s.label)}: {len(s.alerts):,} alerts</h3>")
-        if not s.alerts:
+    al = H.Section("alerts", f"Alerts ({len(a.alerts):,} / {len(b.alerts):,})")
+    al.add(
+        H.paragraph(
+            "Grouped by rule, as the console groups repeated alerts: one row per rule with "
+            "the layers it fired on, how often and since which step, and its worst value. "
+            "Every alert is in comparison.json."
+        )
+    )
+    for s, v in ((a, cmp.verdict_a), (b, cmp.verdict_b)):
+        al.add(f"<h3>{H.escape(s.label)}: {H.escape(plural(len(s.alerts), 'alert'))}</h3>")
+        if not s.alerts or v is None:
             al.add(H.paragraph("No alert."))
             continue
-        al.add(
-            H.table(
-                ["rule", "alerts"],
-                [[k, fmt_number(v)] for k, v in sorted(s.alert_counts().items())],
-            )
-        )
-        shown = s.alerts[:20]
-        al.add(
-            H.table(
-                ["level", "layer", "rule", "message", "step", "value"],
-                [
-                    [
-                        x.get("level", ""),
-                        x.get("layer", ""),
-                        x.get("rule", ""),
-                        x.get("message", ""),
-                        fmt_number(x.get("step")),
-                        fmt_number(x.get("value")),
-                    ]
-                    for x in shown
-                ],
-                left=4,
-            )
-        )
-        if len(s.alerts) > len(shown):
-            al.add(
-                H.paragraph(
-                    f"First {len(shown)} of {len(s.alerts):,} alerts shown "
-                    "(all of them are in comparison.json)."
-                )
-            )
+        al.add(alerts_table(v, short))
     sections.append(al)
 
     if figs.errors:
@@ -325,8 +374,9 @@ def render_comparison(
     document = H.page(
         f"moescope compare: {a.label} vs {b.label}",
         sections,
-        subtitle=f"{a.kind} vs {b.kind}",
+        subtitle=f"{a.label}: {a.description}; {b.label}: {b.description}",
         preamble=preamble,
+        lead=lead,
         footer=f"moescope {__version__}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
     )
     return write_text(out, "report.html", document)

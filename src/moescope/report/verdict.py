@@ -58,6 +58,10 @@ def _threshold_text(f: Finding) -> str:
         return f"{f.metric} < {t}"
     if f.rule == "nonfinite_scores":
         return f"{f.metric} > 0"
+    if f.rule == "cold_experts":
+        return f"experts below {f.threshold:g} x mean load in consecutive windows"
+    if f.rule == "entropy_falling":
+        return f"{f.metric} >= {f.threshold:g} over consecutive falling windows"
     return f"{f.metric} > {t}" if f.rule == "imbalance" else f"{f.metric}, threshold {t}"
 
 
@@ -65,12 +69,14 @@ def finding_html(f: Finding, short: dict[str, str] | None = None) -> str:
     """One finding: title, where (layers and experts), what it means, the fix."""
     short = short or {}
     when = ""
-    if f.windows:
+    if f.windows > 1:
         when = (
             f"; fired {plural(f.firings, 'time')} in {plural(f.windows, 'window')}, "
-            f"since step {f.since}"
+            f"steps {f.since}-{f.last}"
         )
-    option = f" (AlertRules({f.option}=...))" if f.option else ""
+    option = ""
+    if f.option and f.threshold is not None and f.rule not in ("entropy_falling", "cold_experts"):
+        option = f" (AlertRules({f.option}={f.threshold:g}))"
     rows = [
         ("where", _layers_text(f, short)),
         ("meaning", f.meaning),
