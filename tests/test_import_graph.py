@@ -26,7 +26,13 @@ PKG = SRC / "moescope"
 #: Layers, lowest first: a module may import its own layer and those below.
 #: (``moescope`` itself, the package ``__init__``, re-exports the public API and is the top.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("moescope._json", "moescope._optional", "moescope.errors", "moescope.layer_names"),
+    (
+        "moescope._json",
+        "moescope._optional",
+        "moescope._text",
+        "moescope.errors",
+        "moescope.layer_names",
+    ),
     ("moescope.nn", "moescope.capture", "moescope.data"),
     ("moescope.stats",),
     ("moescope.monitor", "moescope.alerts", "moescope.cost", "moescope.profiling"),

@@ -70,6 +70,11 @@ def test_diagnose_names_layers_experts_and_fix() -> None:
     assert len(v2.findings) == len(v.findings)
     u2 = next(f for f in v2.findings if f.rule == "unused_experts")
     assert (u2.firings, u2.windows, u2.since, u2.last) == (2, 2, 3, 4)
+    # A log whose alerts stopped before its last window: resolved, healthy at the end.
+    late = diagnose(snap, again, last_step=9)
+    assert late.status == "healthy" and not any(f.active for f in late.findings)
+    assert late.problems == 0 and "resolved" in late.headline
+    assert diagnose(snap, again, last_step=4).problems == v.problems
     healthy = diagnose(Snapshot(step=1, layers={"a": layers["model.layers.0.mlp"]}), [])
     assert healthy.status == "healthy" and "max/mean load > 4" in healthy.checked
 

@@ -32,6 +32,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from moescope._text import plural
 from moescope.stats import registry as R
 from moescope.stats.snapshot import LayerStats, Snapshot
 
@@ -416,10 +417,10 @@ class AlertRules:
                 name,
                 "entropy_falling",
                 drop,
-                f"Routing entropy falling for {n} windows "
+                f"Routing entropy falling for {plural(n, 'window')} "
                 f"(normalised: {vals[0]:.3f} -> {vals[-1]:.3f})",
                 t,
-                f"normalised routing entropy fell {drop:.3f} over {n} windows >= {_g(t)} threshold",
+                f"normalised routing entropy fell {drop:.3f} over {plural(n, 'window')} >= {_g(t)} threshold",
             )
 
     def _cold_trend(self, name: str, counts: np.ndarray, fire: Callable[..., None]) -> None:
@@ -445,9 +446,9 @@ class AlertRules:
             name,
             "cold_experts",
             float(ids.size),
-            f"{ids.size}/{c.size} experts cold for {n} windows",
+            f"{ids.size}/{c.size} experts cold for {plural(n, 'window')}",
             float(x),
-            f"experts {shown} below {_g(x)} x mean load in each of the last {n} windows",
+            f"experts {shown} below {_g(x)} x mean load in each of the last {plural(n, 'window')}",
         )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope._text import plural
 from moescope.analysis.compare_result import Comparison, LayerComparison, RunSide
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.outdir import prepare_out_dir, write_text
@@ -191,7 +192,7 @@ def _load_log(path: Path, label: str | None) -> RunSide:
         steps=steps,
         series=series,
         tokens=tokens,
-        description=f"training log, {len(snaps)} windows up to step {steps[-1]}",
+        description=f"training log, {plural(len(snaps), 'window')} up to step {steps[-1]}",
     )
 
 
@@ -239,7 +240,9 @@ def compare_sides(a: RunSide, b: RunSide) -> Comparison:
     for s in (a, b):
         if s.partial:
             notes.append(f"{s.label} is a partial analysis (interrupted)")
-    va, vb = diagnose(a.snapshot, a.alerts), diagnose(b.snapshot, b.alerts)
+    va, vb = (
+        diagnose(s.snapshot, s.alerts, last_step=s.steps[-1] if s.steps else None) for s in (a, b)
+    )
     healthier, reasons = compare_health(a.label, va, a.snapshot, b.label, vb, b.snapshot)
     return Comparison(a, b, out, only_a, only_b, notes, va, vb, healthier, reasons)
 

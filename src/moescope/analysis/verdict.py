@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope._text import plural
 from moescope.alerts import RULES, AlertRules
 
 __all__ = ["Finding", "Verdict", "compare_health", "diagnose"]
@@ -66,6 +67,8 @@ class Finding:
     last: int | None
     meaning: str
     fix: str
+    #: still firing at the run's last window (always True for an analysis).
+    active: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (NaN left to the caller's ``json_safe``)."""
@@ -85,8 +88,8 @@ class Verdict:
 
     @property
     def problems(self) -> int:
-        """(layer, rule) pairs at fault."""
-        return sum(len(f.layers) for f in self.findings)
+        """(layer, rule) pairs at fault, among the findings still firing at the end."""
+        return sum(len(f.layers) for f in self.findings if f.active)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -122,11 +125,13 @@ def _checked(rules: AlertRules) -> list[str]:
             out.append(f"{spec.metric} > {t:.0%}")
         elif name == "entropy_falling":
             out.append(
-                f"normalised routing entropy falling {t} windows in a row by >= "
+                f"normalised routing entropy falling {plural(int(t), 'window')} in a row by >= "
                 f"{rules.entropy_falling_min_drop:g}"
             )
         elif name == "cold_experts":
-            out.append(f"experts below {rules.cold_expert_load:g} x mean load for {t} windows")
+            out.append(
+                f"experts below {rules.cold_expert_load:g} x mean load for {plural(int(t), 'window')}"
+            )
     return out
 
 
@@ -209,7 +214,12 @@ def _meaning(rule: str, f: Finding, snapshot: Any) -> str:
     return ""
 
 
-def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = None) -> Verdict:
+def diagnose(
+    snapshot: Any,
+    alerts: Iterable[Any],
+    rules: AlertRules | None = None,
+    last_step: int | None = None,
+) -> Verdict:
     """The verdict of one run.
 
     Args:
@@ -220,6 +230,10 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
             window's of a log.
         rules: the thresholds in force (default :class:`AlertRules` defaults) for alerts
             that do not carry their threshold and for the "checked" list.
+        last_step: a log's last logged step: a finding whose last alert is older is
+            ``active=False`` (resolved before the end).
+        last_step: a log's last logged step: a finding whose last alert is older is
+            ``active=False`` (resolved before the end).
 
     Returns:
         A :class:`Verdict`; findings ordered critical first, then in :data:`RULES` order.
@@ -273,6 +287,7 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
             last=steps[-1] if steps else None,
             meaning="",
             fix=spec.remediation if spec else "",
+            active=last_step is None or not steps or steps[-1] >= last_step,
         )
         f.meaning = _meaning(rule, f, snapshot)
         findings.append(f)
@@ -280,7 +295,12 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
     # broken router before the trend rules that warn of one), then by layers affected.
     rank = {name: i for i, name in enumerate(RULES)}
     findings.sort(
-        key=lambda f: (f.level != "critical", rank.get(f.rule, len(rank)), -len(f.layers))
+        key=lambda f: (
+            not f.active,
+            f.level != "critical",
+            rank.get(f.rule, len(rank)),
+            -len(f.layers),
+        )
     )
     n = len(snapshot.layers)
     if not findings:
@@ -290,19 +310,32 @@ def diagnose(snapshot: Any, alerts: Iterable[Any], rules: AlertRules | None = No
             [],
             _checked(rules),
         )
-    status = "critical" if findings[0].level == "critical" else "warning"
-    bad = {x for f in findings for x in f.layers}
+    active = [f for f in findings if f.active]
+    if not active:
+        last = max(f.last for f in findings if f.last is not None)
+        return Verdict(
+            "healthy",
+            f"Healthy at the end: no alert fired after step {last} on the {n} MoE layers "
+            f"({len(findings)} {_plural(len(findings), 'problem')} resolved before).",
+            findings,
+            _checked(rules),
+        )
+    status = "critical" if active[0].level == "critical" else "warning"
+    bad = {x for f in active for x in f.layers}
     parts = [f"{f.title.lower()} on {len(f.layers)} {_plural(len(f.layers), 'layer')}"
-             for f in findings]  # fmt: skip
+             for f in active]  # fmt: skip
+    resolved = len(findings) - len(active)
+    if resolved:
+        parts.append(f"and {resolved} resolved before the end")
     head = (
-        f"{len(findings)} {_plural(len(findings), 'problem')} on {len(bad)} of {n} MoE "
+        f"{len(active)} {_plural(len(active), 'problem')} on {len(bad)} of {n} MoE "
         f"{_plural(n, 'layer')}: " + ", ".join(parts) + "."
     )
     return Verdict(status, head[0].upper() + head[1:], findings, _checked(rules))
 
 
 def _plural(n: int, word: str) -> str:
-    return word if n == 1 else word + "s"
+    return plural(n, word).split(" ", 1)[1]
 
 
 def compare_health(

@@ -71,6 +71,7 @@ span.tok code { background: var(--bg2); border: 1px solid var(--line); border-ra
 .banner.note { background: var(--bg2); border: 1px solid var(--line); font-weight: 400; }
 .alert-warning { color: var(--warn); }
 .alert-critical { color: var(--crit); font-weight: 600; }
+.alert-resolved { color: var(--muted); }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .9em; }
 section.verdict { border: 1px solid var(--line); border-left: 6px solid var(--ok);
                   border-radius: 6px; padding: .2rem 1.2rem .6rem; margin: 1rem 0; }

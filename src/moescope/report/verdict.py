@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from moescope._text import plural
 from moescope.plots import short_names
 from moescope.report import html as H
 from moescope.report.fmt import fmt_number
@@ -26,11 +27,6 @@ def short_layer_labels(names: list[str]) -> dict[str, str]:
     if not pattern:
         return {n: n for n in names}
     return {n: f"layer {x}" if x.isdigit() else x for n, x in zip(names, short, strict=True)}
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``"1 alert"``, ``"3 alerts"`` (``many``: an irregular plural)."""
-    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def _layers_text(f: Finding, short: dict[str, str]) -> str:
@@ -84,8 +80,10 @@ def finding_html(f: Finding, short: dict[str, str] | None = None) -> str:
         ("rule", f"{f.rule}: {_threshold_text(f)}{option}{when}"),
     ]
     items = "".join(f"<dt>{H.escape(k)}</dt><dd>{H.escape(v)}</dd>" for k, v in rows)
+    title = f.title if f.active else f"{f.title} (resolved: last fired at step {f.last})"
+    level = f.level if f.active else "resolved"
     return (
-        f'<div class="finding"><h3 class="alert-{H.escape(f.level)}">{H.escape(f.title)}</h3>'
+        f'<div class="finding"><h3 class="alert-{H.escape(level)}">{H.escape(title)}</h3>'
         f'<dl class="kv">{items}</dl></div>'
     )
 
@@ -105,25 +103,28 @@ def verdict_section(
 
 
 def alerts_table(verdict: Verdict, short: dict[str, str] | None = None) -> str:
-    """Alerts grouped by rule: layers, firings, windows, since, worst value, threshold."""
+    """Alerts grouped by rule: layers, alerts, (over several windows: windows and steps),
+    worst value and when the rule fires."""
     short = short or {}
+    timed = any(f.windows > 1 for f in verdict.findings)
     rows = []
     for f in verdict.findings:
-        layers = ", ".join(short.get(x, x) for x in f.layers)
-        rows.append(
-            [
-                f'<span class="alert-{H.escape(f.level)}">{H.escape(f.rule)}</span>',
-                layers,
-                fmt_number(f.firings),
-                fmt_number(f.windows) if f.windows else "-",
-                "-" if f.since is None else str(f.since),
-                f"{fmt_number(f.worst_value)} ({short.get(f.worst_layer, f.worst_layer)})",
-                "-" if f.threshold is None else fmt_number(f.threshold),
+        row = [
+            f'<span class="alert-{H.escape(f.level)}">{H.escape(f.rule)}</span>',
+            ", ".join(short.get(x, x) for x in f.layers),
+            fmt_number(f.firings),
+        ]
+        if timed:
+            row += [
+                fmt_number(f.windows),
+                "-" if f.since is None else f"{f.since}-{f.last}",
             ]
-        )
-    return H.table(
-        ["rule", "layers", "alerts", "windows", "since step", "worst (layer)", "threshold"],
-        rows,
-        left=2,
-        raw_columns=[0],
-    )
+        row += [
+            f"{fmt_number(f.worst_value)} ({short.get(f.worst_layer, f.worst_layer)})",
+            _threshold_text(f),
+        ]
+        rows.append(row)
+    heads = ["rule", "layers", "alerts"]
+    heads += ["windows", "steps"] if timed else []
+    heads += ["worst (layer)", "fires when"]
+    return H.table(heads, rows, left=2, raw_columns=[0])
