@@ -47,6 +47,7 @@ __all__ = [
     "format_alert",
     "format_detail",
     "format_update",
+    "markdown_table",
     "print_alert",
 ]
 
@@ -145,6 +146,19 @@ class Alert:
         """What to try first (empty for a rule not in :data:`RULES`)."""
         spec = RULES.get(self.rule)
         return spec.remediation if spec is not None else ""
+
+
+def markdown_table() -> str:
+    """The alert-rule table of docs/metrics.md (``<!-- registry:alerts -->``): rule, the
+    registry metric it reads, the :class:`AlertRules` argument and its default, the fix."""
+    defaults = AlertRules()
+    rows = ["| rule | reads | `AlertRules` argument (default) | fix |", "|---|---|---|---|"]
+    for name, spec in RULES.items():
+        rows.append(
+            f"| `{name}` | `{spec.reads}` ({spec.metric}) | `{spec.option}` "
+            f"({getattr(defaults, spec.option)!r}) | {spec.remediation} |"
+        )
+    return "\n".join(rows)
 
 
 def format_alert(alert: Alert) -> str:
