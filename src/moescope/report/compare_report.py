@@ -247,13 +247,14 @@ def render_comparison(
     lead = [_verdict(cmp, short)]
 
     ov = H.Section("overview", "Overview")
-    ov.add(
-        H.paragraph(
-            f"Mean Jensen-Shannon divergence of expert usage over "
-            f"{len(cmp.layers)} matched layers: {fmt_number(cmp.mean_js)} nats "
-            "(0 = the same routing, ln 2 = 0.693 = disjoint experts)."
+    if math.isfinite(cmp.mean_js):
+        ov.add(
+            H.paragraph(
+                f"Mean Jensen-Shannon divergence of expert usage over "
+                f"{plural(len(cmp.layers), 'matched layer')}: {fmt_number(cmp.mean_js)} nats "
+                "(0 = the same routing, ln 2 = 0.693 = disjoint experts)."
+            )
         )
-    )
     ov.add(H.table(["", a.label, b.label], _side_rows(cmp), left=3))
     if a.kind == "training" or b.kind == "training":
         ov.add(
