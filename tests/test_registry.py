@@ -156,3 +156,12 @@ def test_alert_rules_read_registry_metrics() -> None:
     fired = {a.rule for a in AlertRules().check(Snapshot(step=1, layers={"l": s}))}
     assert ("imbalance" in fired) == (s.max_over_mean > 4.0)
     assert ("unused_experts" in fired) == (s.unused_experts / 8 >= 0.25)
+
+
+def test_metric_names_used_elsewhere_are_registered() -> None:
+    from moescope.analysis.compare import BALANCE_METRICS, SERIES_METRICS
+
+    names = {m.name for m in R.METRICS}
+    assert set(BALANCE_METRICS) <= names
+    assert set(SERIES_METRICS) <= set(R.AGGREGATES)
+    assert {spec.reads for spec in RULES.values()} - names == {"usage_counts"}  # a vector

@@ -1,7 +1,9 @@
 """Alert rules over a :class:`~moescope.stats.snapshot.Snapshot`, and their grouping.
 
-Every rule names the metric it reads, the threshold it compares against and a short
-remediation (:data:`RULES`). Defaults follow the monitoring-callback guide (seed 001): an
+Every rule names the registry metric it reads (:mod:`moescope.stats.registry`), the
+threshold it compares against and a short remediation (:data:`RULES`); the per-window
+threshold rules are :class:`LayerRule` objects (spec + predicate, :data:`LAYER_RULES`),
+the two trend rules methods of :class:`AlertRules` that keep per-layer state. Defaults follow the monitoring-callback guide (seed 001): an
 expert above 4x the mean load (``alert_threshold_imbalance=4.0``), 25 % or more experts
 unused (``unused_expert_threshold=0.25``), routing entropy below 0.1 nats
 (``entropy_threshold=0.1``). Added here: non-finite router scores (any token), a
@@ -37,12 +39,14 @@ from moescope.stats import registry as R
 from moescope.stats.snapshot import LayerStats, Snapshot
 
 __all__ = [
+    "LAYER_RULES",
     "RULES",
     "Alert",
     "AlertRules",
     "AlertState",
     "AlertTracker",
     "AlertUpdate",
+    "LayerRule",
     "RuleSpec",
     "format_alert",
     "format_detail",

@@ -393,6 +393,11 @@ def _short(v: Any) -> str:
 class Snapshot:
     """All MoE layers' statistics over one window, plus model-level aggregates.
 
+    The aggregates (``snap.avg_expert_cv``, ``snap.total_unused_experts``, ...) are the
+    names of :data:`moescope.stats.registry.AGGREGATES`, computed on access by
+    :func:`moescope.stats.registry.aggregate` (counts as ints); ``aggregates()`` returns
+    them all as floats. ``repr`` is one line; :meth:`summary` gives one row per layer.
+
     Args:
         step: training / evaluation step the window ends at (None when unknown).
         layers: ``{module path: LayerStats}``, in model order.
