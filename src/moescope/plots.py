@@ -181,6 +181,9 @@ def usage_heatmap(
     ax.set_title(title if title is not None else f"Expert {what}, step {step}")
     label = "usage fraction" if value == "fraction" else LOAD_LABEL
     fig.colorbar(im, ax=ax, label=label, shrink=0.9)
+    # why: constrained layout moves a tick label by a pixel between the first and second
+    # draw; settling it here makes every save of the figure (a sink's, save_png) identical.
+    fig.draw_without_rendering()
     return fig
 
 

@@ -111,6 +111,7 @@ def alerts_table(verdict: Verdict, short: dict[str, str] | None = None) -> str:
     for f in verdict.findings:
         row = [
             f'<span class="alert-{H.escape(f.level)}">{H.escape(f.rule)}</span>',
+            _threshold_text(f),
             ", ".join(short.get(x, x) for x in f.layers),
             fmt_number(f.firings),
         ]
@@ -119,12 +120,9 @@ def alerts_table(verdict: Verdict, short: dict[str, str] | None = None) -> str:
                 fmt_number(f.windows),
                 "-" if f.since is None else f"{f.since}-{f.last}",
             ]
-        row += [
-            f"{fmt_number(f.worst_value)} ({short.get(f.worst_layer, f.worst_layer)})",
-            _threshold_text(f),
-        ]
+        row.append(f"{fmt_number(f.worst_value)} ({short.get(f.worst_layer, f.worst_layer)})")
         rows.append(row)
-    heads = ["rule", "layers", "alerts"]
+    heads = ["rule", "fires when", "layers", "alerts"]
     heads += ["windows", "steps"] if timed else []
-    heads += ["worst (layer)", "fires when"]
-    return H.table(heads, rows, left=2, raw_columns=[0])
+    heads.append("worst (layer)")
+    return H.table(heads, rows, left=3, raw_columns=[0])
