@@ -55,10 +55,6 @@ ALLOWED_UPWARD = {
 #: Known cycles (through lazy imports), each an exact module pair; each has a strict
 #: xfail below, so the test fails once the cycle is gone and the entry must be dropped.
 KNOWN_CYCLES = {
-    # compiled.py imports PIPELINES from pipeline.py; pipeline.py imports stage_op from
-    # compiled.py inside a function. The lead's pipeline rewrite (main 7a7225b) removes
-    # it: once merged, this test XPASSes strictly and the entry must be dropped.
-    "pipeline-compiled": frozenset({"moescope.capture.pipeline", "moescope.capture.compiled"}),
     # The vLLM plugin entry point stays import-light and imports worker lazily; worker
     # reads the ENV_* / CONFIG_KEY constants back from the package. Moving those constants
     # to their own module (integrations/vllm/options.py, say) removes it.

@@ -39,7 +39,7 @@ from torch import nn
 
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.loading import load_model, resolve_device
-from moescope.analysis.outdir import prepare_out_dir, write_text
+from moescope.analysis.outdir import prepare_out_dir, write_bytes, write_text
 from moescope.analysis.run import _model_bytes_per_token, iter_batches, rows_per_forward
 from moescope.analysis.sources import open_data
 from moescope.prune.measure import (
@@ -464,4 +464,4 @@ def write_report(result: PruneResult) -> Path:
 
     report_dir = prepare_out_dir(Path(result.out) / REPORT_DIR, overwrite=True)
     write_text(report_dir, "summary.json", json.dumps(json_safe(result.to_dict()), indent=2))
-    return render_prune_report(result, report_dir)
+    return render_prune_report(result, report_dir, write_bytes=write_bytes, write_text=write_text)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moescope import __version__
+from moescope.plots import new_figure
 from moescope.report import html as H
-from moescope.report.analysis_report import FigureSet
+from moescope.report.analysis_report import FigureSet, WriteBytes, WriteText
 from moescope.report.fmt import fmt_number
-from moescope.report.plots import _new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,7 +38,7 @@ _STYLE = {
 def tradeoff_figure(result: PruneResult, dpi: int = 100) -> Figure:
     """Held-out loss against experts kept per layer, one line per ordering; the
     unpruned model's loss as a dashed line."""
-    fig = _new_figure(7.0, 4.2, dpi)
+    fig = new_figure(7.0, 4.2, dpi)
     ax = fig.add_subplot(1, 1, 1)
     base = next((p for p in result.curve if p.ordering == "none"), None)
     for by, (colour, marker, label) in _STYLE.items():
@@ -164,14 +164,18 @@ def _saliency(result: PruneResult) -> H.Section:
     return s
 
 
-def render_prune_report(result: PruneResult, out_dir: str | Path) -> Path:
-    """Write ``tradeoff.png`` and ``report.html`` of ``result`` into ``out_dir``; returns
-    the report's path."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.outdir import write_text
-
+def render_prune_report(
+    result: PruneResult,
+    out_dir: str | Path,
+    *,
+    write_bytes: WriteBytes,
+    write_text: WriteText,
+) -> Path:
+    """Write ``tradeoff.png`` and ``report.html`` of ``result`` into ``out_dir`` with the
+    given safe writers (the report layer opens no file itself); returns the report's
+    path."""
     out = Path(out_dir)
-    figs = FigureSet(out)
+    figs = FigureSet(out, write_bytes)
     sections = [_overview(result), _curve(result, figs), _saliency(result)]
     if figs.errors:
         sections[0].add(*(H.paragraph(e, "banner note") for e in figs.errors))
