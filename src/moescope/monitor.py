@@ -1,13 +1,15 @@
-"""MoEMonitor: one hook pipeline + batched on-device sums + one-transfer snapshots + alerts.
+"""MoEMonitor: the front end of the monitor core for a model in this process.
 
-Data flow (docs/capture.md): the monitor owns every hook. Adapter hooks emit one
-RoutingRecord per MoE layer call into the :class:`~moescope.capture.pipeline.CapturePipeline`,
-which stages it by reference (no device op) and, at a flush, reduces all staged calls with
-a fixed handful of device ops into the current window's consumers
-(:class:`~moescope.stats.accumulator.RoutingStats`; neuron counters are fed by the neuron
-taps). ``snapshot()`` flushes, moves every sum to the host in ONE transfer, builds the
-``Snapshot``, appends it to the ``UsageHistory`` and runs the alert rules. Windows
-("train", "eval", ...) are named sets of sums inside one monitor, not extra monitors.
+Data flow (docs/capture.md): the monitor owns every hook of the model. Adapter hooks emit
+one RoutingRecord per MoE layer call into the core's
+:class:`~moescope.capture.pipeline.CapturePipeline`, which stages it by reference (no
+device op) and reduces staged calls in batches, or, graph-safe, adds each call at once
+into persistent buffers; neuron taps feed the window's
+:class:`~moescope.stats.neurons.NeuronStats` through the same pipeline. The core
+(:class:`~moescope.core.MonitorCore`, shared with the vLLM worker's monitor) holds the
+windows ("train", "eval", ...: named sets of sums inside one monitor) and reads them with
+ONE host transfer; ``snapshot()`` adds the ``UsageHistory`` row and the alert rules, and
+never resets unless asked.
 """
 
 from __future__ import annotations
