@@ -39,6 +39,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import routed_tiny_lm
 from hf_tiny import build_tiny
 from moescope.cost.params import count_parameters
 from moescope.nn.model import TinyMoEConfig
@@ -263,7 +264,6 @@ def test_reap_pass_counts_neurons_once() -> None:
 
 
 def test_plain_tiny_moe_lm_prunes_and_runs() -> None:
-    from conftest import routed_tiny_lm
 
     lm = routed_tiny_lm(seed=3, experts=8, top_k=2)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
