@@ -152,8 +152,9 @@ def test_vllm_capture_op_replays_with_gate_and_valid_token_count() -> None:
 
     fill(0)
     rec = GraphRecording()
-    mon.set_paused(True)  # vLLM captures its graphs inside the paused warm-up
-    mon.set_valid_tokens(t)
+    # vLLM captures its graphs inside the paused warm-up, before any step set the
+    # valid-token count: the recorded kernels must still read it at every replay.
+    mon.set_paused(True)
     with torch.inference_mode(), rec:
         torch.ops.moescope.capture(
             [pipe._ticket], pipe.id, 1, e, ids_s, logits_s, w_s, None, None, "softmax", ""

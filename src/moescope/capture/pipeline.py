@@ -196,7 +196,6 @@ class CapturePipeline:
         #: pipeline still runs them, gated off, so that graph capture records the kernels.
         self.paused: Callable[[], bool] | None = None
         self._devices: dict[torch.device, _DeviceState] = {}
-        self._limited = False
         for dev in {torch.device(d) for d in devices or ()}:
             self._device(dev)
         if self.graph_safe:
@@ -228,20 +227,10 @@ class CapturePipeline:
             st.gate.fill_(1 if enabled else 0)
 
     def set_valid_tokens(self, n: int | None) -> None:
-        """The next calls' rows ``[0, n)`` are real tokens and the rest padding (None:
-        every row is real). Written into device state; no host sync."""
-        self._limited = n is not None
+        """The next graph-safe calls' rows ``[0, n)`` are real tokens and the rest padding
+        (None: every row is real). Written into device state; no host sync."""
         for st in self._devices.values():
             st.limit.fill_(2**62 if n is None else int(n))
-
-    @contextmanager
-    def disabled_calls(self) -> Iterator[None]:
-        """Calls inside the block are not counted (graph-safe: run, gated off)."""
-        self.set_enabled(False)
-        try:
-            yield
-        finally:
-            self.set_enabled(True)
 
     # ------------------------------------------------------------------ receiving
 
@@ -299,17 +288,18 @@ class CapturePipeline:
                 window or "",
             )
             return
-        rec = RoutingRecord(
-            layer=self.paths[layer],
-            num_experts=num_experts,
-            topk_index=topk_index,
-            logits=logits,
-            score_fn=score_fn,  # type: ignore[arg-type]
-            topk_weight=topk_weight,
-            token_mask=token_mask,
-            dropped=dropped,
+        self.receive(
+            layer,
+            num_experts,
+            topk_index,
+            logits,
+            topk_weight,
+            token_mask,
+            dropped,
+            score_fn,
+            window,
+            owned=not borrowed,
         )
-        self._take(layer, rec, window, owned=not borrowed)
 
     def receive(
         self,
@@ -322,9 +312,12 @@ class CapturePipeline:
         dropped: torch.Tensor | None,
         score_fn: str,
         window: str | None,
+        owned: bool = False,
     ) -> None:
-        """One layer call from the capture op (its tensors may be reused by the caller
-        afterwards: the staged path copies them)."""
+        """One layer call, eager (the capture op's body, or :meth:`call` outside a
+        compiled region). ``owned``: the tensors stay valid until the next flush (the
+        model's own outputs); else the staged path copies them (a compiled graph or
+        vLLM's runner reuses their memory)."""
         if topk_index.shape[0] == 0 or not 0 <= layer < len(self.paths):
             return
         rec = RoutingRecord(
@@ -337,7 +330,7 @@ class CapturePipeline:
             token_mask=token_mask,
             dropped=dropped,
         )
-        self._take(layer, rec, window, owned=False)
+        self._take(layer, rec, window, owned)
 
     def _take(
         self,
@@ -346,8 +339,6 @@ class CapturePipeline:
         window: str | None,
         owned: bool,
     ) -> None:
-        # owned: the tensors stay valid until the flush (the model's own outputs); else
-        # the staged path copies them.
         if i in self.disabled:
             return
         if in_backward():
@@ -432,12 +423,12 @@ class CapturePipeline:
     def _accumulate(self, i: int, record: RoutingRecord, window: str | None) -> None:
         dev = record.topk_index.device
         st = self._device(dev)
+        # Always applied (2 ops): a graph captured before the first set_valid_tokens call
+        # (vLLM captures in its warm-up) must still read the count at every replay.
+        t = record.topk_index.shape[0]
+        real = torch.arange(t, device=dev) < st.limit
         mask = record.token_mask
-        if self._limited:
-            t = record.topk_index.shape[0]
-            real = torch.arange(t, device=dev) < st.limit
-            mask = real if mask is None else mask.reshape(t).bool() & real
-        record.token_mask = mask
+        record.token_mask = real if mask is None else mask.reshape(t).bool() & real
         batch = batch_of_one(record, st.row(i), layer=i, gate=st.gate)
         with self.lock, _reduction_context({dev.type}):
             for c in [*self.consumers(window or self.window), *self.listeners]:
