@@ -29,7 +29,7 @@ import torch
 
 from moescope.capture.pipeline import DEFAULT_BUDGET_BYTES, CapturePipeline
 from moescope.stats.accumulator import RoutingStats
-from moescope.stats.neurons import NeuronOptions, NeuronStats, ThresholdMode
+from moescope.stats.neurons import NeuronOptions, NeuronStats, ThresholdMode, as_threshold
 from moescope.stats.snapshot import LayerStats, Snapshot, layer_stats_from_state
 
 __all__ = ["CoreLayer", "MonitorCore", "UnknownWindowError", "host_copy"]
@@ -182,9 +182,10 @@ class MonitorCore:
         return win
 
     def _layer_threshold(self, i: int) -> tuple[ThresholdMode, float]:
-        if self._threshold is None:
-            return ("magnitude", 0.1)
-        return self._threshold(self.layers[i].path)
+        path = self.layers[i].path
+        return (
+            as_threshold(None).for_layer(path) if self._threshold is None else self._threshold(path)
+        )
 
     @property
     def windows(self) -> list[str]:
