@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
+from conftest import REFERENCE_MODELS
 from moescope.cli import main
 from moescope.cost import count_parameters, flops_per_token
 
 pytest.importorskip("transformers")
 
-MODELS_DIR = Path(__file__).parents[1].parent / "shared" / "reference" / "models"
+MODELS_DIR = REFERENCE_MODELS
 
 TINY_CONFIG: dict[str, Any] = {
     "model_type": "mixtral",
@@ -68,8 +69,6 @@ def test_json_subprocess_equals_api(tiny_config: Path) -> None:
 @pytest.mark.parametrize("name", ["deepseek-v3", "gpt-oss-20b"])
 def test_reference_file_json_in_process(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = MODELS_DIR / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"reference config {path} not found (shared/ next to the repo)")
     exact = json.loads(path.read_text())["exact"]
     for conv in ("both", "head", "none"):
         assert main(["params", str(path), "--embeddings", conv, "--json"]) == 0
