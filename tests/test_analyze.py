@@ -275,9 +275,13 @@ def test_threshold_specs() -> None:
             parse_threshold(bad)
 
 
-def _word_tokenizer_dir(path: Path) -> Any:
-    """A directory with a small word-level tokenizer (built locally) and a Mixtral
-    config.json without weights: random weights + the directory's own tokenizer."""
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def _word_tokenizer_dir(path: Path, chat_template: str | None = None) -> Any:
+    """A directory with a small word-level tokenizer (built locally, with ``chat_template``
+    if given) and a Mixtral config.json without weights: random weights + the directory's
+    own tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -311,7 +315,11 @@ def _word_tokenizer_dir(path: Path) -> Any:
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if chat_template is not None:
+        tok.add_special_tokens(["<|user|>", "<|assistant|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", chat_template=chat_template
+    )
     fast.save_pretrained(path)
     (path / "config.json").write_text(json.dumps({**TINY_MIXTRAL, "vocab_size": 64}))
     return fast
@@ -347,6 +355,40 @@ def test_tokenizer_directory_and_chunked_encoding(tmp_path: Path) -> None:
     tops = summary["routing_analysis"]["top_tokens"]["bisect"]
     decoded = {t[0] for v in tops.values() for t in v}
     assert decoded <= {*fast.get_vocab()}, decoded  # decoded through the tokenizer
+
+
+def test_chat_jsonl_with_the_model_directory_tokenizer(tmp_path: Path) -> None:
+    """Chat records are accepted when the model directory has a tokenizer with a chat
+    template (the pre-flight data check runs before the tokenizer is loaded), also when
+    --model names the config.json next to the tokenizer; the token count is the
+    template's rendering encoded by the tokenizer, independently of moescope."""
+    import jinja2
+
+    from moescope.cli import main
+
+    model_dir = tmp_path / "chatmodel"
+    fast = _word_tokenizer_dir(model_dir, CHAT_TEMPLATE)
+    chats = [
+        [
+            {"role": "user", "content": "def x ( a ) :"},
+            {"role": "assistant", "content": "return a"},
+        ],
+        [{"role": "user", "content": "for x in a : mid = lo + hi"}],
+    ] * 20
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    render = env.from_string(CHAT_TEMPLATE)
+    want = sum(
+        len(fast(render.render(messages=c), add_special_tokens=False)["input_ids"]) for c in chats
+    )
+    for i, model in enumerate((model_dir, model_dir / "config.json")):
+        out = tmp_path / f"o{i}"
+        args = ["analyze", "--model", str(model), "--data", str(data), "--out", str(out)]
+        assert main([*args, "--seq-len", "16", "--batch-size", "2", "--no-progress"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["total_tokens"] == want
+        assert summary["model"]["tokenizer"].startswith("WordLevel"), summary["model"]
 
 
 # --------------------------------------------------------------------------- bad input

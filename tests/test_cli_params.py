@@ -195,3 +195,25 @@ def test_multimodal_config_reports_towers(
     assert (
         out["total_params"] == api.total_params == sum(p.numel() for p in built.model.parameters())
     )
+
+
+def test_saved_tiny_moe_directory(tmp_path: Path) -> None:
+    """A saved TinyMoELM directory (model_type moescope_tiny_moe) is counted like any
+    save_pretrained directory; the counts equal the real model's parameters."""
+    from conftest import save_tiny_checkpoint
+    from moescope.nn.hf import TinyMoEForCausalLM
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    model = TinyMoEForCausalLM.from_pretrained(ckpt)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    # per routed expert: gate/up (H -> I twice) and down (I -> H), no biases
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    inactive = cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    # A fresh process: nothing has imported moescope.nn.hf (which registers the type).
+    proc = _run("params", str(ckpt), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model_type"] == "moescope_tiny_moe"
+    assert out["total_params"] == total
+    assert out["active_params"] == total - inactive

@@ -515,7 +515,7 @@ def analyze(
         field = opts.text_field or "text"
         for d in opts.data:  # a bad input fails before minutes of model loading
             if d != "-":
-                open_data(d, text_field=field, label=_label(d))
+                open_data(d, text_field=field, label=_label(d), tokenizer_pending=True)
         loaded = _load(opts.model, opts, device)
         sources = [
             open_data(d, text_field=field, tokenizer=loaded.tokenizer, label=_label(d))
