@@ -459,23 +459,16 @@ def test_resolve_unknown_raises_naming_accepted(bad: object) -> None:
         resolve_loggers(bad)
 
 
-def test_base_sink_is_a_noop_and_old_methods_are_deprecated_shims(
-    tmp_path: Path, monitor_run
-) -> None:
+def test_base_sink_is_a_noop_and_write_is_the_whole_protocol(tmp_path: Path, monitor_run) -> None:
     snap, alerts = monitor_run
     s = Sink()
     s.write(LogEvent(step=1, snapshot=snap, metrics=snap.to_dict(), alerts=alerts))
     s.flush()
     s.close()
     assert not s.wants_figures
-    # The pre-LogEvent methods still work, each as an event with one part, and warn.
-    path = tmp_path / "shim.jsonl"
-    with JsonlSink(path) as sink:
-        with pytest.warns(DeprecationWarning, match=r"sink\.write\(LogEvent"):
-            sink.log_snapshot(snap, 5)
-        with pytest.warns(DeprecationWarning):
-            sink.log_alerts(alerts, 5)
-    assert [(r["kind"], r["step"]) for r in read_jsonl(path)] == [("snapshot", 5), ("alerts", 5)]
+    # The pre-LogEvent per-part methods are gone (0.1.0): write(LogEvent) is the protocol.
+    for name in ("log_metrics", "log_snapshot", "log_alerts"):
+        assert not hasattr(Sink, name) and not hasattr(JsonlSink, name), name
 
 
 @pytest.mark.parametrize(

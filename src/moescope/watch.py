@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moescope._optional import require
+from moescope._rundir import LOG_NAME
+from moescope._rundir import find_log as _find_run_log
 from moescope.alerts import Alert, AlertTracker
 from moescope.sinks.console import _table_parts, format_model_line
 from moescope.stats.snapshot import Snapshot
@@ -48,7 +50,6 @@ __all__ = [
     "usage_bar",
 ]
 
-LOG_NAME = "moe_detailed.jsonl"
 _BLOCKS = "▁▂▃▄▅▆▇█"
 _UNUSED = "·"
 _ALERT_FIELDS = tuple(f.name for f in fields(Alert))
@@ -57,26 +58,16 @@ _ALERT_FIELDS = tuple(f.name for f in fields(Alert))
 def find_log(path: str | os.PathLike[str]) -> Path | None:
     """The JSONL file to watch for ``path`` (a file, or a run folder), or None yet.
 
-    A folder is searched for ``moe_detailed.jsonl``, then ``moe_logs/moe_detailed.jsonl``,
-    then the newest ``moe_detailed.jsonl`` up to three levels down (e.g.
-    ``<output_dir>/moe_logs``). A path ending in ``.jsonl`` is the file itself, whether
-    or not it exists yet.
+    A folder is searched as :func:`moescope._rundir.find_log` does (``moe_detailed.jsonl``,
+    ``moe_logs/moe_detailed.jsonl``, the newest one up to three levels down). A path
+    ending in ``.jsonl`` is the file itself, whether or not it exists yet.
     """
     p = Path(path)
     if p.suffix == ".jsonl" or p.is_file():
         return p
     if not p.is_dir():
         return None
-    for cand in (p / LOG_NAME, p / "moe_logs" / LOG_NAME):
-        if cand.is_file():
-            return cand
-    found = [
-        q
-        for pat in ("*/" + LOG_NAME, "*/*/" + LOG_NAME, "*/*/*/" + LOG_NAME)
-        for q in p.glob(pat)
-        if q.is_file()
-    ]
-    return max(found, key=lambda q: q.stat().st_mtime) if found else None
+    return _find_run_log(p)
 
 
 def _start_of_last_lines(f: Any, n: int, size: int) -> int:

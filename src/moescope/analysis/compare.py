@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from moescope._json import json_safe
+from moescope._rundir import SUMMARY_NAME, RunDirError, resolve_run_input
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.outdir import prepare_out_dir, write_text
 from moescope.analysis.result import SUMMARY_FORMAT
@@ -180,14 +181,6 @@ class Comparison:
 # --------------------------------------------------------------------------- reading
 
 
-def _find_jsonl(d: Path) -> Path | None:
-    for cand in (d / "moe_detailed.jsonl", d / "moe_logs" / "moe_detailed.jsonl"):
-        if cand.is_file():
-            return cand
-    found = sorted(d.glob("*.jsonl")) or sorted(d.glob("moe_logs/*.jsonl"))
-    return found[0] if len(found) == 1 else None
-
-
 def _default_label(path: Path, kind: str) -> str:
     if kind == "training":
         # .../<run>/moe_logs/moe_detailed.jsonl -> <run>
@@ -212,15 +205,13 @@ def load_side(spec: str | Path, label: str | None = None) -> RunSide:
             "directory or a training JSONL log"
         )
     if p.is_dir():
-        if (p / "summary.json").is_file():
-            return _load_summary(p / "summary.json", label)
-        log = _find_jsonl(p)
-        if log is None:
-            raise AnalyzeError(
-                f"{p} holds neither summary.json (a moescope analyze output) nor one JSONL "
-                "log (moe_detailed.jsonl); pass one of those"
-            )
-        return _load_log(log, label)
+        try:
+            found = resolve_run_input(p)
+        except RunDirError as err:
+            raise AnalyzeError(str(err)) from None
+        if found.name == SUMMARY_NAME:
+            return _load_summary(found, label)
+        return _load_log(found, label)
     if p.suffix in (".jsonl", ".ndjson"):
         return _load_log(p, label)
     return _load_summary(p, label)
