@@ -170,6 +170,19 @@ def test_bad_option_values(tiny_config: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown convention
         main(["params", str(tiny_config), "--embeddings", "input"])
     assert exc.value.code == 2
+    capsys.readouterr()
+    # --attention sets how attention FLOPs are counted: without --seq-len there are none.
+    assert main(["params", str(tiny_config), "--attention", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "--attention full" in err and "add --seq-len" in err
+    # With --seq-len, full attention counts S keys per token, causal (the default) (S+1)/2.
+    runs = {}
+    for extra in ([], ["--attention", "causal"], ["--attention", "full"]):
+        assert main(["params", str(tiny_config), "--seq-len", "16", "--json", *extra]) == 0
+        runs[tuple(extra)] = json.loads(capsys.readouterr().out)["flops"]
+    assert runs[()] == runs[("--attention", "causal")]
+    full, causal = runs[("--attention", "full")], runs[()]
+    assert full["attention_flops"] == pytest.approx(causal["attention_flops"] * 16 / 8.5)
 
 
 def test_multimodal_config_reports_towers(

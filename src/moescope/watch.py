@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from moescope._cliopts import option
 from moescope._optional import require
 from moescope._rundir import LOG_NAME
 from moescope._rundir import find_log as _find_run_log
@@ -42,8 +43,8 @@ from moescope.stats.snapshot import Snapshot
 
 __all__ = [
     "JsonlTail",
+    "WatchOptions",
     "WatchState",
-    "add_watch_parser",
     "find_log",
     "render_frame",
     "run_watch",
@@ -395,43 +396,27 @@ def frame_text(
     return buf.getvalue()
 
 
-def add_watch_parser(sub: Any) -> argparse.ArgumentParser:
-    """The ``watch`` subcommand's parser."""
-    p = sub.add_parser(
-        "watch",
-        help="live terminal view of a training run's MoE routing (tails its JSONL log)",
-        description="Tail the detailed JSONL log of a monitored training run "
-        "(save_detailed_logs=True: <log_dir>/moe_detailed.jsonl) and show per-layer "
-        "usage, balance and the alerts firing now. Works from another shell or over ssh.",
+@dataclass
+class WatchOptions:
+    """Settings of ``moescope watch`` (every flag is one field; the CLI is derived)."""
+
+    path: Path = option(
+        help="the run folder (searched for moe_detailed.jsonl: moe_logs/ and up to three "
+        "levels down), or the .jsonl file itself",
+        type=Path,
+        positional=True,
     )
-    p.add_argument(
-        "path", type=Path, help="the run folder (or its moe_logs/), or the .jsonl file itself"
+    once: bool = option(False, help="print one frame and exit (no terminal needed)")
+    interval: float = option(1.0, help="seconds between two reads of the file", metavar="SECONDS")
+    history: int = option(200, help="lines read back from the end at start (0 = all)", metavar="N")
+    max_layers: int = option(
+        32, help="table rows at most; the most imbalanced layers are kept", metavar="N"
     )
-    p.add_argument(
-        "--once", action="store_true", help="print one frame and exit (no terminal needed)"
+    width: int | None = option(
+        None,
+        help="columns (default: the terminal's, 120 without one)",
+        metavar="COLUMNS",
     )
-    p.add_argument(
-        "--interval",
-        type=float,
-        default=1.0,
-        help="seconds between two reads of the file (default 1)",
-    )
-    p.add_argument(
-        "--history",
-        type=int,
-        default=200,
-        help="lines read back from the end at start (default 200; 0 = all)",
-    )
-    p.add_argument(
-        "--max-layers",
-        type=int,
-        default=32,
-        help="table rows at most; the most imbalanced layers are kept",
-    )
-    p.add_argument(
-        "--width", type=int, default=None, help="columns (default: the terminal's, 120 without one)"
-    )
-    return p
 
 
 def _usage_error(msg: str) -> int:
@@ -439,7 +424,7 @@ def _usage_error(msg: str) -> int:
     return 2
 
 
-def run_watch(args: argparse.Namespace, stream: TextIO | None = None) -> int:
+def run_watch(args: WatchOptions | argparse.Namespace, stream: TextIO | None = None) -> int:
     """Run ``moescope watch``; returns the exit status (Ctrl-C: 0)."""
     require("rich", "console")
     if args.interval <= 0:
@@ -485,7 +470,7 @@ def run_watch(args: argparse.Namespace, stream: TextIO | None = None) -> int:
 
 
 def _follow_plain(
-    args: argparse.Namespace,
+    args: WatchOptions | argparse.Namespace,
     out: TextIO,
     tail: JsonlTail,
     state: WatchState,
@@ -504,7 +489,7 @@ def _follow_plain(
 
 
 def _follow_live(
-    args: argparse.Namespace,
+    args: WatchOptions | argparse.Namespace,
     out: TextIO,
     tail: JsonlTail,
     state: WatchState,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from moescope._cliopts import option
 from moescope._json import json_safe
 from moescope._rundir import SUMMARY_NAME, RunDirError, resolve_run_input
 from moescope.analysis.errors import AnalyzeError
@@ -41,11 +42,14 @@ from moescope.stats.snapshot import LayerStats, Snapshot
 __all__ = [
     "BALANCE_METRICS",
     "SERIES_METRICS",
+    "CompareOptions",
     "Comparison",
     "LayerComparison",
     "RunSide",
     "compare_sources",
     "load_side",
+    "parse_labels",
+    "run_compare",
     "write_comparison",
 ]
 
@@ -338,6 +342,53 @@ def compare_sides(a: RunSide, b: RunSide) -> Comparison:
         if s.partial:
             notes.append(f"{s.label} is a partial analysis (interrupted)")
     return Comparison(a, b, out, only_a, only_b, notes)
+
+
+def parse_labels(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (two different non-empty names)."""
+    labels = [x.strip() for x in str(text).split(",")]
+    if len(labels) != 2 or not all(labels) or labels[0] == labels[1]:
+        raise AnalyzeError(f"--labels needs two different names separated by a comma, got {text!r}")
+    return labels
+
+
+@dataclass
+class CompareOptions:
+    """Settings of ``moescope compare`` (every flag is one field; the CLI is derived).
+
+    ``labels`` also accepts a list of two names.
+    """
+
+    a: str = option(
+        help="a moescope analyze output folder or its summary.json, a training JSONL log, "
+        "or a run folder holding one (moe_logs/ and up to three levels down)",
+        metavar="A",
+        positional=True,
+    )
+    b: str = option(help="the same for the second run", metavar="B", positional=True)
+    out: str = option("moescope-compare", help="output directory", metavar="DIR")
+    labels: str | None = option(
+        None,
+        help="names of the two runs in the report, comma-separated (default: from their paths)",
+        metavar="A,B",
+    )
+    overwrite: bool = option(
+        False, help="write into a non-empty directory that is not a moescope output"
+    )
+
+    def label_pair(self) -> list[str] | None:
+        """The two labels, or None (validated)."""
+        if self.labels is None:
+            return None
+        if isinstance(self.labels, (list, tuple)):
+            return parse_labels(",".join(self.labels))
+        return parse_labels(self.labels)
+
+
+def run_compare(options: CompareOptions) -> Path:
+    """Compare, write the report; returns the path of ``report.html``."""
+    cmp = compare_sources(options.a, options.b, labels=options.label_pair())
+    return write_comparison(cmp, options.out, overwrite=options.overwrite)
 
 
 def compare_sources(
