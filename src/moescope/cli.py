@@ -281,7 +281,7 @@ def lazy_command(module: str, add: str, run: str) -> tuple[AddParser, RunCommand
     imported only when the parser is built or the command runs."""
 
     def add_parser(sub: Any) -> argparse.ArgumentParser:
-        return getattr(importlib.import_module(module), add)(sub)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), add)(sub)
 
     def run_cmd(args: Any) -> int:
         return int(getattr(importlib.import_module(module), run)(args))
@@ -297,12 +297,12 @@ def options_command(
 
     def cls() -> type:
         module, _, attr = options.partition(":")
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), attr)
 
     def add_parser(sub: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)
         add_options(p, cls())
-        return p  # type: ignore[no-any-return]
+        return p
 
     def run_cmd(args: argparse.Namespace) -> int:
         return run(options_from_args(args, cls()))
