@@ -4,6 +4,7 @@ holds; bad input exits 2 with one line; torchrun splits the data without losing 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -768,3 +769,27 @@ def test_stdin_data_and_dtype_flag(ckpt: Path, tmp_path: Path) -> None:
     ]  # 300 = 4 forwards of [2, 32], [1, 32], [1, 12]
     assert summary["model"]["dtype"] == "bfloat16" and summary["total_tokens"] == 300
     assert summary["settings"]["dtype"] == "bfloat16"
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr redirected to a file or pipe: no bar, so no line per update in the log;
+    on a terminal the bar is drawn (tqdm)."""
+    from moescope.analysis import run as run_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = run_mod._progress(None, True)
+    bar.update(5)
+    bar.close()
+    assert "moescope analyze" in term.getvalue()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = run_mod._progress(None, True)
+    for _ in range(3):
+        bar.update(5)
+    bar.close()
+    assert log.getvalue() == ""

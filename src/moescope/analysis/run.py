@@ -552,7 +552,10 @@ class _NoBar:
 
 
 def _progress(total: int | None, enabled: bool) -> Any:
-    if not enabled:
+    # A bar only on a terminal: redirected to a log file, tqdm's redraws would be one
+    # line per update.
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not enabled or not (callable(isatty) and isatty()):
         return _NoBar()
     try:
         from tqdm.auto import tqdm
