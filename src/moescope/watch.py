@@ -284,14 +284,39 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
 
 
+_MIN_BAR = 8  # usage cells below which the trend column is dropped instead
+
+
+def _layout(
+    cells: Sequence[Sequence[str]], width: int, e_max: int, windows: int = 24
+) -> tuple[int, int, int]:
+    """(usage column width, usage bar cells, trend cells) so that a row of ``cells`` (the
+    text columns) plus both fits ``width`` columns without rich shrinking (and cutting) a
+    number; trend 0 = no trend column. Columns are separated by 2 spaces (padding 1 each
+    side, no edge)."""
+    fixed = sum(max(len(c) for c in col) for col in cells) + 2 * len(cells)
+    room = width - fixed
+    bar = max(_MIN_BAR, min(48, e_max or 48, room - 8))
+    trend = min(24, max(windows, len("trend")), room - bar - 2)
+    if trend < 5:  # too short to show a direction: keep the room for usage
+        trend = 0
+    usage_room = max(bar, room - (trend + 2 if trend else 0))
+    return usage_room, min(bar, usage_room), trend
+
+
 def render_frame(
     state: WatchState,
     source: str,
     max_layers: int = 32,
     now: float | None = None,
     waiting: bool = False,
+    width: int | None = None,
 ) -> Any:
-    """The rich renderable of one frame (a ``Group`` of header, table, alerts)."""
+    """The rich renderable of one frame (a ``Group`` of header, table, alerts).
+
+    ``width``: the columns it is drawn in (None: 120). The numbers are never cut: the
+    usage bar pools experts into fewer cells, and below about 90 columns the max/mean
+    trend column is shortened, then dropped."""
     from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
@@ -315,6 +340,15 @@ def render_frame(
     header, rows, shown, footer = _table_parts(snap, max_layers)
     short = {n: r[0] for n, r in zip(shown, rows, strict=True)}
     e_max = max((s.num_experts for s in snap.layers.values()), default=0)
+    text_rows = [_row_text(snap.layers[n], short[n]) for n in shown]
+    names = ("layer", "tokens", "max/mean", "cv", "entropy", "unused")
+    pattern = header.removeprefix("layer").strip(" ()")
+    cols = [[h, *(r[i] for r in text_rows)] for i, h in enumerate(names)]
+    windows = max((len(v) for v in state.trend.values()), default=0)
+    usage_room, bar_w, trend_w = _layout(cols, width or 120, e_max, windows)
+    usage_head = f"usage per expert (E={e_max})"
+    if len(usage_head) > usage_room:
+        usage_head = f"usage E={e_max}" if usage_room >= len(f"usage E={e_max}") else f"E={e_max}"
     table = Table(
         box=None,
         pad_edge=False,
@@ -323,33 +357,25 @@ def render_frame(
         caption=escape(footer) if footer else None,
         caption_justify="left",
     )
-    table.add_column(escape(header), no_wrap=True)
-    for c in ("tokens", "max/mean", "cv", "entropy", "unused"):
+    table.add_column("layer", no_wrap=True)
+    for c in names[1:]:
         table.add_column(c, justify="right", no_wrap=True)
-    table.add_column(f"usage per expert (E={e_max})", no_wrap=True)
-    table.add_column("max/mean trend", no_wrap=True)
-    for name in shown:
+    table.add_column(usage_head, no_wrap=True, min_width=bar_w)
+    if trend_w:
+        table.add_column("trend"[:trend_w], no_wrap=True)
+    for name, cells in zip(shown, text_rows, strict=True):
         s = snap.layers[name]
-        unused = (
-            f"{int(s.unused_experts)}/{s.num_experts}"
-            if math.isfinite(s.unused_experts)
-            else f"-/{s.num_experts}"
-        )
-        ratio = _f(s.max_over_mean, 2)
         bad = math.isfinite(s.max_over_mean) and any(
             a.layer == name and a.rule == "imbalance"
             for a in (x.last for x in state.tracker.active)
         )
-        table.add_row(
-            escape(short[name]),
-            f"{s.num_tokens:,}",
-            f"[bold red]{ratio}[/]" if bad else ratio,
-            _f(s.cv, 3),
-            _f(s.routing_entropy, 3),
-            unused,
-            usage_bar(s.usage_counts),
-            sparkline(list(state.trend.get(name, ()))),
-        )
+        row = [escape(c) for c in cells]
+        if bad:
+            row[2] = f"[bold red]{row[2]}[/]"
+        row.append(usage_bar(s.usage_counts, width=bar_w))
+        if trend_w:
+            row.append(sparkline(list(state.trend.get(name, ()))[-trend_w:]))
+        table.add_row(*row)
     active = state.tracker.active
     alerts = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
     for col in ("rule", "layer", "since", "detail"):
@@ -367,9 +393,34 @@ def render_frame(
         style="bold yellow" if active else "green",
     )
     model_line = format_model_line(snap, rec.get("step")).split(" | ")
+    legend = [f"layer = {pattern}"] if pattern else []
+    if trend_w:
+        legend.append("trend = max/mean over the last windows")
     return Group(
-        head, Text(" | ".join(model_line[1:])), table, title, *([alerts] if active else [])
+        head,
+        Text(" | ".join(model_line[1:])),
+        *([Text(" | ".join(legend))] if legend else []),
+        table,
+        title,
+        *([alerts] if active else []),
     )
+
+
+def _row_text(s: Any, short: str) -> list[str]:
+    """The text cells of one layer: name, tokens, max/mean, cv, entropy, unused."""
+    unused = (
+        f"{int(s.unused_experts)}/{s.num_experts}"
+        if math.isfinite(s.unused_experts)
+        else f"-/{s.num_experts}"
+    )
+    return [
+        short,
+        f"{s.num_tokens:,}",
+        _f(s.max_over_mean, 2),
+        _f(s.cv, 3),
+        _f(s.routing_entropy, 3),
+        unused,
+    ]
 
 
 def frame_text(
@@ -392,7 +443,7 @@ def frame_text(
         highlight=False,
         emoji=False,
         soft_wrap=False,
-    ).print(render_frame(state, source, max_layers, now=now, waiting=waiting))
+    ).print(render_frame(state, source, max_layers, now=now, waiting=waiting, width=width))
     return buf.getvalue()
 
 
@@ -503,7 +554,11 @@ def _follow_live(
 
     def frame() -> Any:
         return render_frame(
-            state, source(), args.max_layers, waiting=tail.path is None or not tail.path.exists()
+            state,
+            source(),
+            args.max_layers,
+            waiting=tail.path is None or not tail.path.exists(),
+            width=console.size.width,
         )
 
     with Live(
