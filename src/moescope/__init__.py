@@ -80,6 +80,7 @@ _LAZY: dict[str, str] = {
     "analyze": "moescope.analysis.run",
     "AnalyzeOptions": "moescope.analysis.run",
     "AnalysisResult": "moescope.analysis.result",
+    "CompareOptions": "moescope.analysis.compare",
     "AnalyzeError": "moescope.analysis.errors",
     "DomainInfo": "moescope.analysis.result",
     "ModelInfo": "moescope.analysis.result",
@@ -124,6 +125,7 @@ __all__ = [
     "AnalyzeOptions",
     "AttentionLayerSpec",
     "CaptureContext",
+    "CompareOptions",
     "ConsoleSink",
     "DomainInfo",
     "FigureDirSink",
@@ -174,6 +176,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.alerts import Alert, AlertRules, AlertState, AlertTracker, AlertUpdate
+    from moescope.analysis.compare import CompareOptions
     from moescope.analysis.errors import AnalyzeError
     from moescope.analysis.result import (
         AnalysisResult,

@@ -260,6 +260,12 @@ def _run_compare(opts: Any) -> int:
     return EXIT_OK
 
 
+def _run_watch(opts: Any) -> int:
+    from moescope.watch import run_watch
+
+    return run_watch(opts)
+
+
 def _run_plan_ep(args: argparse.Namespace) -> int:
     from moescope._rundir import resolve_run_input
     from moescope.placement import run_plan_ep
@@ -342,7 +348,7 @@ SUBCOMMANDS: dict[str, tuple[AddParser, RunCommand]] = {
     "watch": options_command(
         "watch",
         "moescope.watch:WatchOptions",
-        lazy_command("moescope.watch", "add_watch_parser", "run_watch")[1],
+        _run_watch,
         help="live terminal view of a training run's MoE routing (tails its JSONL log)",
         description="Tail the detailed JSONL log of a monitored training run "
         "(save_detailed_logs=True: <log_dir>/moe_detailed.jsonl) and show per-layer usage, "
