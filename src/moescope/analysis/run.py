@@ -551,12 +551,37 @@ class _NoBar:
         pass
 
 
+class _LogProgress:
+    """Progress for a log file (stderr not a terminal): two lines, not one per update:
+    when the first forward is done and when the run ends."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        if self.tokens == 0:
+            print("moescope analyze: streaming (first forward done)", file=sys.stderr, flush=True)
+        self.tokens += int(n)
+
+    def close(self) -> None:
+        if self.tokens:
+            dt = time.perf_counter() - self.t0
+            print(
+                f"moescope analyze: {self.tokens:,} tokens in {dt:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def _progress(total: int | None, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
     # A bar only on a terminal: redirected to a log file, tqdm's redraws would be one
     # line per update.
     isatty = getattr(sys.stderr, "isatty", None)
-    if not enabled or not (callable(isatty) and isatty()):
-        return _NoBar()
+    if not (callable(isatty) and isatty()):
+        return _LogProgress()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
