@@ -44,13 +44,6 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
-_CONVENTION_HELP = {
-    "both": "input embedding and output head counted",
-    "head": "output head counted, input embedding not",
-    "none": "neither embedding counted",
-}  # the table's wording (ParamsOptions' help says the same)
-
-
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
@@ -70,6 +63,8 @@ def _fmt_short(n: float) -> str:
 
 
 def _params_table(report: Any, flops: Any | None) -> str:
+    from moescope.cost.options import CONVENTION_HELP
+
     lines: list[str] = []
     head = f"model_type: {report.model_type}"
     if report.num_moe_layers:
@@ -81,7 +76,7 @@ def _params_table(report: Any, flops: Any | None) -> str:
     lines.append(head)
     tied = " (tied embedding/head matrix, counted once)" if report.tied_embeddings else ""
     lines.append(
-        f"embeddings convention: {report.embeddings} ({_CONVENTION_HELP[report.embeddings]}){tied}"
+        f"embeddings convention: {report.embeddings} ({CONVENTION_HELP[report.embeddings]}){tied}"
     )
     lines.append("")
     w = 22

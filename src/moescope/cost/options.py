@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from moescope._cliopts import option
 from moescope.cost.params import CostConfigError
 
-__all__ = ["ParamsOptions"]
+__all__ = ["CONVENTION_HELP", "ParamsOptions"]
 
-_CONVENTION_HELP = {
+CONVENTION_HELP = {
     "both": "input embedding and output head counted",
     "head": "output head counted, input embedding not",
     "none": "neither embedding counted",
@@ -28,7 +28,7 @@ class ParamsOptions:
     embeddings: str = option(
         "both",
         help="which embedding matrices count as active: "
-        + "; ".join(f"{k}: {v}" for k, v in _CONVENTION_HELP.items()),
+        + "; ".join(f"{k}: {v}" for k, v in CONVENTION_HELP.items()),
         choices=("both", "head", "none"),
     )
     seq_len: int | None = option(
