@@ -44,6 +44,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
