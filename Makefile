@@ -17,7 +17,7 @@ LOCK   := requirements/lock.txt
 TORCH  := torch==2.13.0
 PYTEST := -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: demo test lint bench clean setup lock test-latest test-lowest test-vllm
+.PHONY: demo test lint bench clean setup lock test-latest test-lowest test-vllm gpu-check
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# On a machine with a CUDA GPU (and torch built for it in .venv): counts and overhead of
+# graph-safe capture under CUDA graphs (HF static-cache generation, vLLM when installed).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 demo: $(STAMP)
 	$(PY) -m moescope.demo --out demo-output

@@ -4,8 +4,9 @@ Four questions, each answered by ratios measured in one run:
 
 1. ``ops``: aten ops the monitor adds per MoE layer call (a ``TorchDispatchMode`` counter:
    on a GPU every non-view op is a kernel launch), amortised over a ``generate()`` call
-   with the snapshot that follows it included; default, ``neurons=True`` and
-   ``counts_only=True``. With ``--before REF`` the same measurement runs on the package
+   with the snapshot that follows it included; default, ``neurons=True``,
+   ``counts_only=True`` and the graph-safe path (``graph_safe=True``, with and without
+   ``counts_only``). With ``--before REF`` the same measurement runs on the package
    of git revision REF (a temporary worktree, in a subprocess) for the before/after table.
 2. ``decode``: wall time of ``generate()`` with and without the monitor (batch 1 and 16,
    hidden 256 and 1024), variants interleaved in every repetition.
@@ -105,6 +106,10 @@ def make_monitor(model: Any, variant: str) -> Any:
         return MoEMonitor(model, neurons=True)
     if variant == "counts_only":
         return MoEMonitor(model, counts_only=True)
+    if variant == "graph_safe":
+        return MoEMonitor(model, graph_safe=True)
+    if variant == "graph_safe_counts_only":
+        return MoEMonitor(model, graph_safe=True, counts_only=True)
     raise ValueError(variant)
 
 
@@ -329,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if "ops" in args.parts:
-        variants = ["default", "neurons", "counts_only"]
+        variants = ["default", "neurons", "counts_only", "graph_safe", "graph_safe_counts_only"]
         after = ops_rows(variants, args.batch, args.new_tokens)
         for r in after:
             r["code"] = "this tree"

@@ -9,7 +9,7 @@ from torch import nn
 import moescope
 from moescope.capture.nn_adapter import NNAdapter
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
-from moescope.report.routing_record import RoutingRecorder
+from moescope.stats.token_recorder import RoutingRecorder
 
 
 class _FailsOnSecondLayer(NNAdapter):

@@ -211,3 +211,20 @@ def test_bad_arguments_fail_clearly() -> None:
         mo.time_model(TINY, ["none"], steps=0)
     with pytest.raises(ValueError, match="no MoE router"):
         NaiveMonitor(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_counts_like_eager() -> None:
+    """benchmarks/gpu_check.py on CPU (no CUDA graphs): the same code path a GPU runs,
+    graph-safe monitor in a compiled static-cache generate, counts equal to eager."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    args = ["--device", "cpu", "--steps", "3", "--reps", "1", "--layers", "2", "--experts", "8"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    row = [ln for ln in proc.stdout.splitlines() if "| graph_safe |" in ln]
+    assert row and row[0].rstrip().endswith("| equal |"), proc.stdout

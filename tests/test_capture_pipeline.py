@@ -159,13 +159,13 @@ def test_compile_every_attach_order_counts_right_without_graph_breaks(fullgraph:
     forward(c1, ids, mask)
     mon1 = MoEMonitor(first)
     forward(c1, ids, mask)
-    assert_counts(mon1.snapshot(), truth1)
+    assert_counts(mon1.snapshot(reset=True), truth1)
     # 2. a second instance of the class, monitored, then compiled: must not reuse the
     #    first instance's graph traced without hooks
     mon2 = MoEMonitor(second)
     c2 = torch.compile(second, backend="eager", fullgraph=fullgraph)
     forward(c2, ids, mask)
-    assert_counts(mon2.snapshot(), truth2)
+    assert_counts(mon2.snapshot(reset=True), truth2)
     # 3. detached: the compiled model stops counting (retraced without the hooks)
     mon1.detach()
     forward(c1, ids, mask)
@@ -259,7 +259,7 @@ def test_every_forward_mode_counts_and_snapshot_works_from_any_mode(mode: str) -
     with ctx:
         model(input_ids=ids, attention_mask=mask)
         model(input_ids=ids, attention_mask=mask)
-        inside = mon.snapshot()  # reduce inside the mode
+        inside = mon.snapshot(reset=True)  # reduce inside the mode
     with ctx:
         model(input_ids=ids, attention_mask=mask)
     outside = mon.snapshot()  # and outside it
@@ -358,7 +358,7 @@ def test_windows_split_counts_by_mode_and_by_name() -> None:
     assert_counts(mon.snapshot(window="train"), truth)
     assert_counts(mon.snapshot(window="eval"), {k: 2 * v for k, v in truth.items()})
     assert_counts(mon.snapshot(window="probe"), truth)
-    assert set(mon.windows) == {"train", "eval", "probe"}
+    assert set(mon.windows) == {"default", "train", "eval", "probe"}
     mon.detach()
     # Hooked once per layer, whatever the number of windows.
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

@@ -257,6 +257,8 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             "--quiet",
             "--analyze-tokens",
             "96",
+            "--prune-tokens",
+            "96",
         ]
     )
     assert rc == 0
@@ -292,6 +294,17 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         for layer in comparison["layers"]:
             counts = np.asarray(last[layer["layer"]]["usage_counts"], dtype=np.float64)
             np.testing.assert_allclose(layer[f"usage_{side}"], counts / counts.sum(), atol=1e-12)
+    # Last, `moescope prune --drop-unused` of the collapsed run on the analysis tokens.
+    pruned = tmp_path / "pruned" / "moescope-prune" / "report.html"
+    assert f"pruning report: {pruned}" in printed and pruned.is_file()
+    result = _strict_json((tmp_path / "pruned" / "moescope-prune" / "summary.json").read_text())
+    assert result["calibration_tokens"] == result["eval_tokens"] == 192
+    unused = [sum(f == 0 for f in s["frequency"]) for s in result["saliency"]]
+    assert result["kept"] == max(result["top_k"], 16 - min(unused))
+    base = next(c for c in result["curve"] if c["ordering"] == "none")
+    assert base["kept"] == 16 and "loss on those tokens" in printed
+    cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert cfg["num_experts"] == result["kept"]
 
 
 def test_rerun_into_same_folder_replaces_the_old_outputs(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def test_plain_loop_windows_match_router_outputs_and_a_hand_monitor() -> None:
         returned.append(cb.on_step_end())
         if step in (3, 6):
             expected[step] = (ref.counts.copy(), ref.ent_sum / ref.tokens, ref.tokens.copy())
-            hand_snap = hand.snapshot(step=step)
+            hand_snap = hand.snapshot(reset=True, step=step)
             ref.reset()
     expected[7] = (ref.counts.copy(), ref.ent_sum / ref.tokens, ref.tokens.copy())
     hand_last = hand.snapshot(step=7)

@@ -202,7 +202,7 @@ def test_figure_dir_sink_names_and_pixels(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    from moescope.report.plots import usage_heatmap
+    from moescope.plots import usage_heatmap
     from test_sinks_console_jsonl import _layer
 
     snap = Snapshot(

@@ -143,7 +143,7 @@ def test_windows_reset_history_and_alerts() -> None:
     two = mon.snapshot(reset=False, step=10)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    three = mon.snapshot(step=11)
+    three = mon.snapshot(reset=True, step=11)
     empty = mon.snapshot(step=12)
     for path, st in two.layers.items():
         assert three.layers[path].usage_counts.tolist() == (st.usage_counts * 3 // 2).tolist()
@@ -175,11 +175,11 @@ def test_nan_router_scores_do_not_crash() -> None:
 def test_lazy_sums_follow_record_device() -> None:
     model, _ = build_tiny("granitemoe")
     mon = MoEMonitor(model)
-    assert mon.windows == []
+    assert mon.windows == ["default"]  # allocated up front, on the layers' device
     with torch.no_grad():
         model(input_ids=padded_batch()[0])
     mon.pipeline.flush()
-    routing = mon._window("default").routing
+    routing = mon.core.window("default").routing
     assert {key[2].type for key in routing.groups} == {"cpu"}
     assert len(routing.group_of) == len(experts_modules(model))
     mon.detach()
@@ -292,18 +292,51 @@ def test_neuron_options_reach_the_statistics() -> None:
     assert b.firing_counts is None and b.hot_neurons is None
 
 
-def test_old_neuron_arguments_name_their_neuron_options_field() -> None:
+def test_unknown_arguments_name_the_closest_and_the_known_ones() -> None:
     from moescope import NeuronOptions
 
     model, _ = build_tiny("olmoe")
-    with pytest.raises(TypeError, match=r"neuron_threshold.*NeuronOptions\(threshold=0\.1\)"):
-        MoEMonitor(model, neurons=True, neuron_threshold=0.1)
-    with pytest.raises(TypeError, match=r"NeuronOptions\(per_neuron=False, hot_neurons=2\)"):
-        MoEMonitor(model, per_neuron=False, hot_neurons=2)
-    with pytest.raises(TypeError, match="unexpected keyword argument"):
+    with pytest.raises(TypeError, match=r"'nuerons' \(did you mean 'neurons'\?\)"):
         MoEMonitor(model, nuerons=True)
+    with pytest.raises(TypeError, match=r"'per_neuron'.*it takes model, adapters.*graph_safe"):
+        MoEMonitor(model, per_neuron=False)
     with pytest.raises(TypeError, match="NeuronOptions"):
         MoEMonitor(model, neurons="yes")  # type: ignore[arg-type]
     mon = MoEMonitor(model, neurons=True, attach=False)
     assert mon.neuron_options == NeuronOptions()
     assert MoEMonitor(model, attach=False).neuron_options is None
+
+
+def test_mistyped_keyword_and_unknown_window_get_a_suggestion() -> None:
+    model, _ = build_tiny("mixtral")
+    with pytest.raises(TypeError, match=r"'neuron' \(did you mean 'neurons'\?\)"):
+        MoEMonitor(model, neuron=True)
+    mon = MoEMonitor(model, split_by_mode=True)
+    ids, mask = padded_batch(batch=2, seq=6, seed=7)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(KeyError, match=r"no window 'evl'.*did you mean 'eval'\?"):
+        mon.snapshot(window="evl")
+    assert "evl" not in mon.windows  # the typo created nothing
+    assert mon.snapshot(window="eval").total_tokens > 0  # the model is in eval mode
+    plain = MoEMonitor(model)
+    with pytest.raises(KeyError, match=r"split_by_mode=True"):
+        plain.snapshot(window="eval")
+    with plain.use_window("probe"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    assert plain.snapshot(window="probe").total_tokens > 0
+
+
+def test_snapshot_reads_without_resetting_unless_asked() -> None:
+    model, _ = build_tiny("mixtral")
+    mon = MoEMonitor(model)
+    ids, mask = padded_batch(batch=2, seq=6, seed=7)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    first = mon.snapshot()
+    again = mon.snapshot(reset=True)
+    after = mon.snapshot()
+    for path, st in first.layers.items():
+        np.testing.assert_array_equal(again.layers[path].usage_counts, st.usage_counts)
+        assert st.num_tokens > 0 and after.layers[path].num_tokens == 0

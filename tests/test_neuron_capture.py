@@ -244,7 +244,7 @@ def test_eager_backend_is_switched_once_and_restored() -> None:
     mon = MoEMonitor(model, neurons=True)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    snap_grouped = mon.snapshot()
+    snap_grouped = mon.snapshot(reset=True)
     mon.detach()
     model.set_experts_implementation("eager")
     with torch.no_grad():

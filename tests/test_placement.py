@@ -276,7 +276,7 @@ def jsonl_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Any]
     with torch.no_grad():
         for step in (10, 20, 30):
             model(torch.randint(0, 256, (4, 32)))
-            snap = mon.snapshot(step=step)
+            snap = mon.snapshot(reset=True, step=step)
             sink.write(LogEvent(step=step, snapshot=snap))
             snaps.append(snap)
     sink.close()

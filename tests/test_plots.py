@@ -17,7 +17,7 @@ from matplotlib.collections import PolyCollection, QuadMesh
 from matplotlib.image import imread
 
 from conftest import random_layer_stats
-from moescope.report.plots import (
+from moescope.plots import (
     entropy_over_time,
     save_png,
     usage_heatmap,
@@ -96,7 +96,7 @@ def test_usage_heatmap_small_draws_the_fractions(tmp_path) -> None:
             "model.layers.3.mlp": _layer(4, 8, 2, empty=True),  # no token: grey row
         },
     )
-    fig = usage_heatmap(snap)
+    fig = usage_heatmap(snap)  # default: load, the unit of training and report heatmaps
     ax = _main_ax(fig)
     assert len(fig.axes) == 2  # heatmap + colour bar
     drawn = np.ma.filled(ax.images[0].get_array().astype(np.float64), np.nan)
@@ -104,14 +104,16 @@ def test_usage_heatmap_small_draws_the_fractions(tmp_path) -> None:
     for i, s in enumerate(snap.layers.values()):
         c = s.usage_counts.astype(np.float64)
         if c.sum() > 0:
-            ref[i, : c.size] = c / c.sum()
+            ref[i, : c.size] = c / c.mean()  # load = fraction x E = count / mean count
     np.testing.assert_allclose(drawn, ref, rtol=1e-12)
-    assert np.nansum(drawn, axis=1)[:3] == pytest.approx([1.0, 1.0, 1.0])
+    assert [np.nanmean(r) for r in drawn[:3]] == pytest.approx([1.0, 1.0, 1.0])
     assert _visible_ticks(ax, "y") == ["0", "1", "2", "3"]
     assert _visible_ticks(ax, "x") == [str(i) for i in range(8)]
     assert ax.get_ylabel() == "layer (model.layers.*.mlp)"
     assert "step 1500" in ax.get_title()
-    assert fig.axes[1].get_ylabel() == "usage fraction"
+    assert fig.axes[1].get_ylabel() == "load = usage fraction x E (1 = uniform)"
+    frac = usage_heatmap(snap, value="fraction")
+    assert frac.axes[1].get_ylabel() == "usage fraction"
     path = save_png(fig, tmp_path / "sub" / "heat.png")
     assert path.parent.name == "sub"
     w_in, h_in = fig.get_size_inches()
@@ -188,8 +190,10 @@ def test_usage_over_time_heatmap_for_128_experts(tmp_path) -> None:
     ax = _main_ax(fig)
     (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
     _steps, counts = hist.as_array("model.layers.0.mlp")
-    ref = (counts / counts.sum(axis=1, keepdims=True)).T
+    # load = fraction x E (count / mean count), the unit of usage_heatmap too
+    ref = (counts / counts.mean(axis=1, keepdims=True)).T
     np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(ref.shape), ref)
+    assert fig.axes[1].get_ylabel() == "load = usage fraction x E (1 = uniform)"
     assert len(_visible_ticks(ax, "y")) <= 20
     assert len(_visible_ticks(ax, "x")) <= 20
     assert _labels_do_not_overlap(ax, "x") and _labels_do_not_overlap(ax, "y")

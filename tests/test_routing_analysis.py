@@ -16,20 +16,24 @@ from torch import nn
 
 from conftest import padded_batch, routed_tiny_lm
 from moescope import MoEMonitor
+from moescope.analysis.decode import decode_bytes, make_decoder
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 from moescope.nn.router_output import RouterOutput
+from moescope.plots import save_png
 from moescope.report import routing_analysis as RA
-from moescope.report.plots import save_png
-from moescope.report.routing_analysis import (
-    RoutingRecorder,
-    TokenRouting,
-    colored_tokens_html,
-    decode_bytes,
+from moescope.report.routing_analysis import colored_tokens_html
+from moescope.stats import routing as SR
+from moescope.stats.routing import (
     domain_divergence,
     expert_distribution,
-    record_routing,
     router_agreement,
     same_expert_rate,
+)
+from moescope.stats.token_recorder import (
+    RoutingRecorder,
+    TokenRouting,
+    record_domains,
+    record_routing,
 )
 
 E, K = 8, 2
@@ -292,9 +296,9 @@ def test_make_decoder_restores_word_start_spaces() -> None:
         def convert_ids_to_tokens(self, i: int) -> str:
             return self.pieces[i]
 
-    dec = RA.make_decoder(Tok())
+    dec = make_decoder(Tok())
     assert dec is not None and [dec(i) for i in range(3)] == [" the", "cat", " dog"]
-    assert RA.make_decoder(None) is None
+    assert make_decoder(None) is None
 
 
 def test_make_decoder_with_a_real_byte_level_bpe_tokenizer() -> None:
@@ -315,7 +319,7 @@ def test_make_decoder_with_a_real_byte_level_bpe_tokenizer() -> None:
         ),
     )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
-    dec = RA.make_decoder(hf)
+    dec = make_decoder(hf)
     assert dec is not None
     for s in text[:2]:
         ids = hf(s)["input_ids"]
@@ -367,7 +371,7 @@ def test_colored_tokens_html_escapes_and_one_span_per_token() -> None:
     with pytest.raises(ValueError, match="one expert id per token"):
         colored_tokens_html(["a"], [0, 1], E)
     tr = _recorded(1)
-    words, ex = RA.token_passage(tr, tr.layers[1], sequence=2, decode=decode_bytes)
+    words, ex = SR.token_passage(tr, tr.layers[1], sequence=2, decode=decode_bytes)
     rows = tr.seq_id == 2
     assert words == [decode_bytes(t) for t in tr.token_ids[rows]]
     assert ex == tr.topk[tr.layers[1]][rows, 0].tolist()
@@ -398,7 +402,7 @@ def test_figures_save_as_png(tmp_path: object) -> None:
     figs = {
         "dist": fig,
         "div": RA.divergence_figure(domain_divergence(dists)),
-        "agree": RA.agreement_figure(agree, chance=RA.agreement_chance(K, E)),
+        "agree": RA.agreement_figure(agree, chance=SR.agreement_chance(K, E)),
         "agree_multi": RA.agreement_figure({"step 100": agree, "step 200": agree}),
         "same": RA.same_expert_figure(rates),
         "same_one": RA.same_expert_figure(rates["code"]),
@@ -428,7 +432,7 @@ def test_token_routing_save_load_round_trip(tmp_path: object) -> None:
         router_kwargs={"capacity_factor": 0.5},
     )
     model = TinyMoELM(cfg).eval()
-    trs = RA.record_domains(
+    trs = record_domains(
         model, {"a": [padded_batch(0)], "b": [padded_batch(1), padded_batch(2)]}, max_tokens=40
     )
     assert trs["a"].num_tokens == 29 and trs["b"].num_tokens == 40 and trs["b"].truncated

@@ -20,7 +20,7 @@ from moescope.nn.experts import GroupedExperts
 from moescope.nn.layer import MoELayer
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 from moescope.nn.routers import TopKRouter
-from moescope.report.routing_record import RoutingRecorder
+from moescope.stats.token_recorder import RoutingRecorder
 
 H = 16
 

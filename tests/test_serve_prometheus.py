@@ -293,14 +293,16 @@ def test_snapshot_waits_for_a_running_forward_and_loses_no_count(
     mon = MoEMonitor(model)
     exporter = PrometheusExporter(mon, port=0, interval=None)
     entered, release = threading.Event(), threading.Event()
-    to_host = mon._to_host
+    import moescope.core
+
+    to_host = moescope.core.host_copy
 
     def slow_to_host(states: Any) -> Any:
         entered.set()
         assert release.wait(10)
         return to_host(states)
 
-    monkeypatch.setattr(mon, "_to_host", slow_to_host)
+    monkeypatch.setattr(moescope.core, "host_copy", slow_to_host)
     ids = torch.randint(3, VOCAB, (3, 4), generator=torch.Generator().manual_seed(2))
     with exporter:
         snapper = threading.Thread(target=exporter.refresh, daemon=True)

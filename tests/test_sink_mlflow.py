@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from conftest import random_layer_stats  # noqa: E402
 from moescope.alerts import AlertRules, format_alert  # noqa: E402
-from moescope.report.plots import save_png, usage_heatmap  # noqa: E402
+from moescope.plots import save_png, usage_heatmap  # noqa: E402
 from moescope.sinks import LogEvent, MLflowSink, resolve_loggers  # noqa: E402
 from moescope.sinks.mlflow_sink import mlflow_key  # noqa: E402
 from moescope.stats import (  # noqa: E402

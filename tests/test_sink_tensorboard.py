@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from moescope import MoEMonitor
 from moescope.alerts import AlertRules, format_alert
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
-from moescope.report.plots import usage_heatmap
+from moescope.plots import usage_heatmap
 from moescope.sinks import LogEvent, TensorBoardSink, resolve_loggers
 from moescope.stats import Snapshot
 

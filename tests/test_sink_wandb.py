@@ -26,7 +26,7 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
 from conftest import random_layer_stats  # noqa: E402
 from moescope.alerts import AlertRules, format_alert  # noqa: E402
-from moescope.report.plots import save_png, usage_heatmap  # noqa: E402
+from moescope.plots import save_png, usage_heatmap  # noqa: E402
 from moescope.sinks import LogEvent, WandbSink, resolve_loggers  # noqa: E402
 from moescope.sinks.wandb_sink import LAYER_TABLE_COLUMNS  # noqa: E402
 from moescope.stats import (  # noqa: E402

@@ -493,7 +493,7 @@ def test_missing_extra_names_it(
 
 
 def test_missing_matplotlib_names_plots_extra(monkeypatch) -> None:
-    from moescope.report.plots import usage_heatmap
+    from moescope.plots import usage_heatmap
 
     snap = Snapshot(step=1, layers={"l": _layer(1, 8, 2)})
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -17,7 +17,6 @@ from conftest import padded_batch, routed_tiny_lm
 from moescope import MoEMonitor
 from moescope.analysis.decode import decode_bytes
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
-from moescope.report.routing_record import RoutingRecorder, TokenRouting, record_routing
 from moescope.stats import routing as RA
 from moescope.stats.routing import (
     domain_divergence,
@@ -26,6 +25,7 @@ from moescope.stats.routing import (
     router_agreement,
     same_expert_rate,
 )
+from moescope.stats.token_recorder import RoutingRecorder, TokenRouting, record_routing
 
 E, K = 8, 2
 

@@ -14,11 +14,10 @@ import moescope.integrations.vllm as mv
 from moescope.integrations.vllm.capture import (
     VllmLayer,
     VllmRoutingMonitor,
-    capture_op,
-    merge_raw,
     served_summary,
     set_runtime_context,
 )
+from moescope.stats.accumulator import merge_states, subtract_states
 
 E, K = 8, 2
 
@@ -86,13 +85,16 @@ def test_padding_rows_are_not_counted_and_buffers_may_be_reused() -> None:
     assert s.routing_entropy == pytest.approx(_ref_entropy(logits[:6]), rel=1e-6)
 
 
-def test_op_under_torch_compile_counts_every_call_and_skips_paused_ones() -> None:
-    mon = VllmRoutingMonitor(_layers(1), counts_only=True)
-    ticket, mid = mon.ticket, mon.id
+@pytest.mark.parametrize("graph_safe", [False, True], ids=["staged", "graph_safe"])
+def test_op_under_torch_compile_counts_every_call_and_skips_paused_ones(graph_safe: bool) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    mon = VllmRoutingMonitor(_layers(1), counts_only=True, graph_safe=graph_safe)
 
     def step(x: torch.Tensor) -> torch.Tensor:
         w, ids = torch.topk(torch.softmax(x, -1), K, dim=-1)
-        capture_op(ticket, mid, 0, ids, x, w)
+        mon.capture(0, ids, x, w)  # what the router wrapper calls: the moescope::capture op
         return w.sum(-1)
 
     fn = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -109,6 +111,7 @@ def test_op_under_torch_compile_counts_every_call_and_skips_paused_ones() -> Non
     want = _ref_counts(torch.topk(xs[0], K).indices) + _ref_counts(torch.topk(xs[2], K).indices)
     np.testing.assert_array_equal(s.usage_counts, want)
     assert math.isnan(s.routing_entropy)  # counts_only stages no scores
+    assert dict(counters["graph_break"]) == {}
 
 
 def test_windows_add_up_to_the_total_and_reset_starts_again() -> None:
@@ -154,13 +157,18 @@ def test_windows_add_up_to_the_total_and_reset_starts_again() -> None:
     assert mon.lifetime_tokens["scheduled_tokens"] == 24
 
 
-def test_merge_raw_sums_and_takes_max_of_unique_max() -> None:
+def test_one_merge_sums_and_takes_max_of_unique_max() -> None:
     a = {"0/counts": np.array([[1, 2]]), "0/unique_max": np.array([3])}
     b = {"0/counts": np.array([[4, 0]]), "0/unique_max": np.array([2])}
-    m = merge_raw(a, b)
+    m = merge_states(a, b)
     np.testing.assert_array_equal(m["0/counts"], [[5, 2]])
     np.testing.assert_array_equal(m["0/unique_max"], [3])
-    np.testing.assert_array_equal(merge_raw(None, b)["0/counts"], [[4, 0]])
+    np.testing.assert_array_equal(merge_states(None, b)["0/counts"], [[4, 0]])
+    np.testing.assert_array_equal(subtract_states(m, a)["0/counts"], b["0/counts"])
+    np.testing.assert_array_equal(subtract_states(m, a)["0/unique_max"], [3])
+    # per-layer keys and device tensors take the same rules
+    t = merge_states({"unique_max": torch.tensor(1)}, {"unique_max": torch.tensor(5)})
+    assert int(t["unique_max"]) == 5
 
 
 def test_options_and_errors() -> None:

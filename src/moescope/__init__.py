@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     "MoEMonitor": "moescope.monitor",
     "Snapshot": "moescope.stats.snapshot",
     "LayerStats": "moescope.stats.snapshot",
+    "Summary": "moescope.stats.snapshot",
     "UsageHistory": "moescope.stats.history",
     "NeuronThreshold": "moescope.stats.neurons",
     "NeuronOptions": "moescope.stats.neurons",
@@ -40,8 +41,8 @@ _LAZY: dict[str, str] = {
     "AlertState": "moescope.alerts",
     "AlertTracker": "moescope.alerts",
     "AlertUpdate": "moescope.alerts",
-    "RoutingRecorder": "moescope.report.routing_record",
-    "TokenRouting": "moescope.report.routing_record",
+    "RoutingRecorder": "moescope.stats.token_recorder",
+    "TokenRouting": "moescope.stats.token_recorder",
     "UnsupportedModelError": "moescope.errors",
     # capture: what a layer is, what a layer call gives, custom adapters
     "LayerInfo": "moescope.capture.adapter",
@@ -155,6 +156,7 @@ __all__ = [
     "RoutingRecord",
     "RoutingRecorder",
     "SimpleAdapter",
+    "Summary",
     "Sink",
     "Snapshot",
     "TokenRouting",
@@ -204,7 +206,6 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     )
     from moescope.monitor import MoEMonitor
     from moescope.placement import Placement, plan_expert_placement
-    from moescope.report.routing_record import RoutingRecorder, TokenRouting
     from moescope.serve import PrometheusExporter
     from moescope.sinks.base import Sink
     from moescope.sinks.console import ConsoleSink
@@ -213,7 +214,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.sinks.jsonl import JsonlSink
     from moescope.stats.history import UsageHistory
     from moescope.stats.neurons import NeuronOptions, NeuronThreshold
-    from moescope.stats.snapshot import LayerStats, Snapshot
+    from moescope.stats.snapshot import LayerStats, Snapshot, Summary
+    from moescope.stats.token_recorder import RoutingRecorder, TokenRouting
 
 
 def __getattr__(name: str) -> Any:

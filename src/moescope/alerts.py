@@ -1,7 +1,9 @@
 """Alert rules over a :class:`~moescope.stats.snapshot.Snapshot`, and their grouping.
 
-Every rule names the metric it reads, the threshold it compares against and a short
-remediation (:data:`RULES`). Defaults follow the monitoring-callback guide (seed 001): an
+Every rule names the registry metric it reads (:mod:`moescope.stats.registry`), the
+threshold it compares against and a short remediation (:data:`RULES`); the per-window
+threshold rules are :class:`LayerRule` objects (spec + predicate, :data:`LAYER_RULES`),
+the two trend rules methods of :class:`AlertRules` that keep per-layer state. Defaults follow the monitoring-callback guide (seed 001): an
 expert above 4x the mean load (``alert_threshold_imbalance=4.0``), 25 % or more experts
 unused (``unused_expert_threshold=0.25``), routing entropy below 0.1 nats
 (``entropy_threshold=0.1``). Added here: non-finite router scores (any token), a
@@ -32,19 +34,24 @@ from itertools import pairwise
 
 import numpy as np
 
-from moescope.stats.snapshot import Snapshot
+from moescope._text import plural
+from moescope.stats import registry as R
+from moescope.stats.snapshot import LayerStats, Snapshot
 
 __all__ = [
+    "LAYER_RULES",
     "RULES",
     "Alert",
     "AlertRules",
     "AlertState",
     "AlertTracker",
     "AlertUpdate",
+    "LayerRule",
     "RuleSpec",
     "format_alert",
     "format_detail",
     "format_update",
+    "markdown_table",
     "print_alert",
 ]
 
@@ -58,70 +65,65 @@ class RuleSpec:
     """What a rule reads and what to do when it fires.
 
     ``metric``: the quantity compared (as printed); ``option``: the :class:`AlertRules`
-    argument holding its threshold; ``remediation``: a short first thing to try.
+    argument holding its threshold; ``remediation``: a short first thing to try;
+    ``reads``: the registry metric (:mod:`moescope.stats.registry`) the rule reads.
     """
 
     name: str
     metric: str
     option: str
     remediation: str
+    reads: str = ""
 
 
-#: Every built-in rule by name.
+def _spec(name: str, reads: str, option: str, remediation: str, metric: str = "") -> RuleSpec:
+    return RuleSpec(name, metric or R.metric(reads).text, option, remediation, reads)
+
+
+_FIX_AUX = "raise the aux-loss coefficient"
+
+#: Every built-in rule by name (threshold rules first, then the trend rules).
 RULES: dict[str, RuleSpec] = {
     r.name: r
     for r in (
-        RuleSpec(
-            "nonfinite_scores",
-            "router rows with NaN/inf scores",
-            "nonfinite",
+        _spec(
+            "nonfinite_scores", "nonfinite_tokens", "nonfinite",
             "router logits overflow: lower the learning rate or loss scale, add a "
             "router z-loss, compute the router in float32",
         ),
-        RuleSpec(
-            "imbalance",
-            "max/mean load",
-            "imbalance_threshold",
+        _spec(
+            "imbalance", "max_over_mean", "imbalance_threshold",
             "raise the load-balancing (aux) loss coefficient (e.g. "
             "router_aux_loss_coef) and check that the aux loss is added to the loss; "
             "check the router learning rate",
         ),
-        RuleSpec(
-            "unused_experts",
-            "unused experts",
-            "unused_fraction_threshold",
-            "experts get no token: raise the aux-loss coefficient, add router "
+        _spec(
+            "unused_experts", "unused_experts", "unused_fraction_threshold",
+            f"experts get no token: {_FIX_AUX}, add router "
             "jitter/noise, or lower the router learning rate",
         ),
-        RuleSpec(
-            "entropy_collapse",
-            "routing entropy (nats)",
-            "entropy_threshold",
+        _spec(
+            "entropy_collapse", "routing_entropy", "entropy_threshold",
             "the router is near-deterministic: lower the router learning rate, add a "
-            "router z-loss, raise the aux-loss coefficient",
+            f"router z-loss, {_FIX_AUX}",
         ),
-        RuleSpec(
-            "dropped_fraction",
-            "dropped-slot fraction",
-            "dropped_fraction_threshold",
+        _spec(
+            "dropped_fraction", "dropped_fraction", "dropped_fraction_threshold",
             "raise the capacity factor, or improve balance with the aux-loss coefficient",
         ),
-        RuleSpec(
-            "entropy_falling",
-            "normalised routing entropy drop",
-            "entropy_falling_windows",
+        _spec(
+            "entropy_falling", "routing_entropy_norm", "entropy_falling_windows",
             "routing is collapsing gradually: check the router learning rate and that "
             "the aux loss is applied; compare with the eval window",
+            metric="normalised routing entropy drop",
         ),
-        RuleSpec(
-            "cold_experts",
-            "experts below x mean load",
-            "cold_expert_windows",
-            "experts are starving before they die: raise the aux-loss coefficient or "
-            "add router noise",
+        _spec(
+            "cold_experts", "usage_counts", "cold_expert_windows",
+            f"experts are starving before they die: {_FIX_AUX} or add router noise",
+            metric="experts below x mean load",
         ),
     )
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -148,6 +150,19 @@ class Alert:
         """What to try first (empty for a rule not in :data:`RULES`)."""
         spec = RULES.get(self.rule)
         return spec.remediation if spec is not None else ""
+
+
+def markdown_table() -> str:
+    """The alert-rule table of docs/metrics.md (``<!-- registry:alerts -->``): rule, the
+    registry metric it reads, the :class:`AlertRules` argument and its default, the fix."""
+    defaults = AlertRules()
+    rows = ["| rule | reads | `AlertRules` argument (default) | fix |", "|---|---|---|---|"]
+    for name, spec in RULES.items():
+        rows.append(
+            f"| `{name}` | `{spec.reads}` ({spec.metric}) | `{spec.option}` "
+            f"({getattr(defaults, spec.option)!r}) | {spec.remediation} |"
+        )
+    return "\n".join(rows)
 
 
 def format_alert(alert: Alert) -> str:
@@ -179,6 +194,97 @@ AlertCallback = Callable[[Alert], None]
 def _g(x: float) -> str:
     """A threshold as the user wrote it (4.0 -> "4.0", 0.25 -> "0.25")."""
     return repr(float(x))
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A threshold rule on one layer's :class:`LayerStats`: its spec and its predicate.
+
+    ``predicate(stats, threshold)`` returns the measured value when the rule fires, None
+    otherwise; ``describe(stats, value, threshold)`` returns (message, detail);
+    ``needs_tokens``: skip layers below ``AlertRules.min_tokens``; ``threshold(option)``
+    the bound reported with the alert.
+    """
+
+    spec: RuleSpec
+    predicate: Callable[[LayerStats, float], float | None]
+    describe: Callable[[LayerStats, float, float], tuple[str, str]]
+    level: str = "warning"
+    needs_tokens: bool = True
+    threshold: Callable[[float], float | None] = float
+
+
+def _above(name: str) -> Callable[[LayerStats, float], float | None]:
+    def pred(s: LayerStats, t: float) -> float | None:
+        v = float(getattr(s, name))
+        return v if _finite(v) and v > t else None
+
+    return pred
+
+
+def _below(name: str) -> Callable[[LayerStats, float], float | None]:
+    def pred(s: LayerStats, t: float) -> float | None:
+        v = float(getattr(s, name))
+        return v if _finite(v) and v < t else None
+
+    return pred
+
+
+def _unused(s: LayerStats, t: float) -> float | None:
+    u = s.unused_experts
+    if not _finite(u) or s.num_experts <= 0 or u <= 0:
+        return None
+    return float(u) if u / s.num_experts >= t else None
+
+
+def _nonfinite(s: LayerStats, t: float) -> float | None:
+    return float(s.nonfinite_tokens) if s.nonfinite_tokens > 0 else None
+
+
+def _unused_text(s: LayerStats, v: float, t: float) -> tuple[str, str]:
+    u, e = int(v), s.num_experts
+    return f"{u}/{e} experts unused", f"unused experts {u}/{e} = {u / e:.0%} >= {t:.0%} threshold"
+
+
+#: The per-window threshold rules, in the order they are checked on each layer.
+LAYER_RULES: tuple[LayerRule, ...] = (
+    LayerRule(
+        RULES["nonfinite_scores"],
+        _nonfinite,
+        lambda s, v, t: (
+            f"{int(v)} tokens with non-finite router scores (excluded from metrics)",
+            f"{int(v)} router rows with NaN/inf scores > 0 allowed",
+        ),
+        level="critical",
+        needs_tokens=False,
+        threshold=lambda t: 0.0,
+    ),
+    LayerRule(
+        RULES["imbalance"],
+        _above("max_over_mean"),
+        lambda s, v, t: (
+            f"Severe expert imbalance (ratio: {v:.2f})",
+            f"max/mean load {v:.2f} > {_g(t)} threshold",
+        ),
+    ),
+    LayerRule(RULES["unused_experts"], _unused, _unused_text),
+    LayerRule(
+        RULES["entropy_collapse"],
+        _below("routing_entropy"),
+        lambda s, v, t: (
+            f"Routing entropy collapse (entropy: {v:.4f})",
+            f"routing entropy {v:.4f} nats < {_g(t)} threshold",
+        ),
+    ),
+    LayerRule(
+        RULES["dropped_fraction"],
+        _above("dropped_fraction"),
+        lambda s, v, t: (
+            f"High dropped-slot fraction (dropped: {v:.1%})",
+            f"dropped slots {v:.1%} > {t:.1%} threshold",
+        ),
+    ),
+)
 
 
 class AlertRules:
@@ -294,66 +400,19 @@ class AlertRules:
                 self.on_alert(a)
 
         for name, s in snapshot.layers.items():
-            if self.nonfinite and s.nonfinite_tokens > 0:
-                fire(
-                    "critical",
-                    name,
-                    "nonfinite_scores",
-                    s.nonfinite_tokens,
-                    f"{s.nonfinite_tokens} tokens with non-finite router scores "
-                    "(excluded from metrics)",
-                    0.0,
-                    f"{s.nonfinite_tokens} router rows with NaN/inf scores > 0 allowed",
-                )
+            for rule in LAYER_RULES:
+                t = getattr(self, rule.spec.option)
+                if t is None or t is False:
+                    continue
+                if rule.needs_tokens and s.num_tokens < self.min_tokens:
+                    continue
+                value = rule.predicate(s, float(t))
+                if value is not None:
+                    message, detail = rule.describe(s, value, float(t))
+                    fire(rule.level, name, rule.spec.name, value, message, rule.threshold(t),
+                         detail)  # fmt: skip
             if s.num_tokens < self.min_tokens:
                 continue
-            t = self.imbalance_threshold
-            if t is not None and _finite(s.max_over_mean) and s.max_over_mean > t:
-                fire(
-                    "warning",
-                    name,
-                    "imbalance",
-                    s.max_over_mean,
-                    f"Severe expert imbalance (ratio: {s.max_over_mean:.2f})",
-                    t,
-                    f"max/mean load {s.max_over_mean:.2f} > {_g(t)} threshold",
-                )
-            t = self.unused_fraction_threshold
-            if t is not None and _finite(s.unused_experts) and s.num_experts > 0:
-                frac = s.unused_experts / s.num_experts
-                if frac >= t and s.unused_experts > 0:
-                    fire(
-                        "warning",
-                        name,
-                        "unused_experts",
-                        s.unused_experts,
-                        f"{int(s.unused_experts)}/{s.num_experts} experts unused",
-                        t,
-                        f"unused experts {int(s.unused_experts)}/{s.num_experts} = "
-                        f"{frac:.0%} >= {t:.0%} threshold",
-                    )
-            t = self.entropy_threshold
-            if t is not None and _finite(s.routing_entropy) and s.routing_entropy < t:
-                fire(
-                    "warning",
-                    name,
-                    "entropy_collapse",
-                    s.routing_entropy,
-                    f"Routing entropy collapse (entropy: {s.routing_entropy:.4f})",
-                    t,
-                    f"routing entropy {s.routing_entropy:.4f} nats < {_g(t)} threshold",
-                )
-            t = self.dropped_fraction_threshold
-            if t is not None and _finite(s.dropped_fraction) and s.dropped_fraction > t:
-                fire(
-                    "warning",
-                    name,
-                    "dropped_fraction",
-                    s.dropped_fraction,
-                    f"High dropped-slot fraction (dropped: {s.dropped_fraction:.1%})",
-                    t,
-                    f"dropped slots {s.dropped_fraction:.1%} > {t:.1%} threshold",
-                )
             self._entropy_trend(name, s.routing_entropy_norm, fire)
             self._cold_trend(name, s.usage_counts, fire)
         return alerts
@@ -376,10 +435,10 @@ class AlertRules:
                 name,
                 "entropy_falling",
                 drop,
-                f"Routing entropy falling for {n} windows "
+                f"Routing entropy falling for {plural(n, 'window')} "
                 f"(normalised: {vals[0]:.3f} -> {vals[-1]:.3f})",
                 t,
-                f"normalised routing entropy fell {drop:.3f} over {n} windows >= {_g(t)} threshold",
+                f"normalised routing entropy fell {drop:.3f} over {plural(n, 'window')} >= {_g(t)} threshold",
             )
 
     def _cold_trend(self, name: str, counts: np.ndarray, fire: Callable[..., None]) -> None:
@@ -405,9 +464,9 @@ class AlertRules:
             name,
             "cold_experts",
             float(ids.size),
-            f"{ids.size}/{c.size} experts cold for {n} windows",
+            f"{ids.size}/{c.size} experts cold for {plural(n, 'window')}",
             float(x),
-            f"experts {shown} below {_g(x)} x mean load in each of the last {n} windows",
+            f"experts {shown} below {_g(x)} x mean load in each of the last {plural(n, 'window')}",
         )
 
 

@@ -350,6 +350,7 @@ SUBCOMMANDS: dict[str, tuple[AddParser, RunCommand]] = {
         "(save_detailed_logs=True: <log_dir>/moe_detailed.jsonl) and show per-layer usage, "
         "balance and the alerts firing now. Works from another shell or over ssh.",
     ),
+    "prune": lazy_command("moescope.prune.cli", "register", "run"),
 }
 """name -> (add_parser(subparsers), run(args) -> exit status); one line adds a command."""
 

@@ -23,7 +23,9 @@ and the alerts as text), the detailed JSONL log, heatmap PNGs and a ``save_pretr
 ``<out>/summary.json``. The structure is ``main`` -> :func:`train_run` (twice) ->
 :func:`summarise` -> :func:`analyze_run` (``moescope analyze`` of the balanced checkpoint,
 ``<out>/analysis/``) -> :func:`compare_runs` (``moescope compare`` of the two training
-logs, collapsed vs balanced, ``<out>/compare/report.html``).
+logs, collapsed vs balanced, ``<out>/compare/report.html``) -> :func:`prune_run`
+(``moescope prune --drop-unused`` of the collapsed run, ``<out>/pruned/``: the experts
+its analysis data never reached are removed, the loss on that data is unchanged).
 
 Why this setup collapses (measured, not forced)
 -----------------------------------------------
@@ -226,6 +228,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=30_000,
         help="tokens per data file for the final `moescope analyze` step (0 skips it)",
+    )
+    p.add_argument(
+        "--prune-tokens",
+        type=int,
+        default=4096,
+        help="tokens per data file for the final `moescope prune` step (0 skips it)",
     )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "log_every", "max_bytes", "threads"):
@@ -595,6 +603,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nreport: {report}", flush=True)
     compared = compare_runs(results, args.out)
     print(f"\ncomparison: {compared}", flush=True)
+    if args.prune_tokens > 0:
+        pruned = prune_run(results, args.out, args.prune_tokens, settings.seq_len)
+        print(f"\npruning report: {pruned}", flush=True)
     return 0
 
 
@@ -632,6 +643,58 @@ def compare_runs(results: Sequence[RunResult], out: Path) -> Path:
     print(f"\n--- moescope compare {a.name} {b.name} ---", flush=True)
     cmp = compare_sources(a.jsonl, b.jsonl, labels=[a.name, b.name])
     return write_comparison(cmp, out / "compare", overwrite=True)
+
+
+# --------------------------------------------------------------------------- prune step
+
+
+def prune_run(results: Sequence[RunResult], out: Path, max_tokens: int, seq_len: int) -> Path:
+    """``moescope prune --drop-unused`` of the collapsed (no-balance) run's checkpoint into
+    ``<out>/pruned``: the experts no token of :func:`analysis_sources` was routed to are
+    removed (as many per layer as the layer with the fewest unused has: the config holds
+    one count), and the loss on those same tokens is measured before and after, with the
+    keep-vs-loss curve at other levels in ``<out>/pruned/moescope-prune/report.html``
+    (returned). Prints what was removed, the loss and the bytes saved."""
+    # why: moescope.prune imports the analysis stack, only this step needs it
+    from moescope.prune.run import REPORT_DIR, PruneOptions, prune
+
+    by_name = {r.name: r for r in results}
+    run = by_name.get("no_balance", results[-1])
+    data = [str(p) for p in analysis_sources()]
+    print(f"\n--- moescope prune --drop-unused {run.checkpoint} ---", flush=True)
+    result = prune(
+        PruneOptions(
+            model=run.checkpoint,
+            data=data,
+            eval_data=data,  # the loss on the very tokens that never reached those experts
+            out=str(out / "pruned"),
+            drop_unused=True,
+            max_tokens=max_tokens,
+            eval_tokens=max_tokens,
+            seq_len=seq_len,
+            levels=[0.75, 0.5, 0.25],
+            overwrite=True,
+        )
+    )
+    unused = [int(s.unused.size) for s in result.saliency]
+    base = next(p for p in result.curve if p.ordering == "none")
+    after = next(
+        (p for p in result.curve if p.ordering == "frequency" and p.kept == result.kept), base
+    )
+    before_b, after_b = result.checkpoint_bytes_before, result.checkpoint_bytes_after
+    saved = before_b - after_b if before_b is not None and after_b is not None else None
+    print(
+        f"  unused experts on {result.calibration_tokens:,} tokens: {sum(unused)}/"
+        f"{result.num_experts * len(unused)} (per layer {unused}); kept "
+        f"{result.kept}/{result.num_experts} per layer\n"
+        f"  loss on those tokens: {base.loss:.6f} -> {after.loss:.6f} nats/byte "
+        f"({after.loss - base.loss:+.2e})\n"
+        f"  parameters {result.params_before:,} -> {result.params_after:,}; removed tensors "
+        f"{result.removed_bytes:,} bytes; checkpoint weights {before_b} -> {after_b} bytes"
+        + (f" ({saved:,} smaller)" if saved is not None else ""),
+        flush=True,
+    )
+    return Path(result.out) / REPORT_DIR / "report.html"
 
 
 if __name__ == "__main__":

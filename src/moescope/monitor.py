@@ -1,23 +1,25 @@
-"""MoEMonitor: one hook pipeline + batched on-device sums + one-transfer snapshots + alerts.
+"""MoEMonitor: the front end of the monitor core for a model in this process.
 
-Data flow (docs/capture.md): the monitor owns every hook. Adapter hooks emit one
-RoutingRecord per MoE layer call into the :class:`~moescope.capture.pipeline.CapturePipeline`,
-which stages it by reference (no device op) and, at a flush, reduces all staged calls with
-a fixed handful of device ops into the current window's consumers
-(:class:`~moescope.stats.accumulator.RoutingStats`; neuron counters are fed by the neuron
-taps). ``snapshot()`` flushes, moves every sum to the host in ONE transfer, builds the
-``Snapshot``, appends it to the ``UsageHistory`` and runs the alert rules. Windows
-("train", "eval", ...) are named sets of sums inside one monitor, not extra monitors.
+Data flow (docs/capture.md): the monitor owns every hook of the model. Adapter hooks emit
+one RoutingRecord per MoE layer call into the core's
+:class:`~moescope.capture.pipeline.CapturePipeline`, which stages it by reference (no
+device op) and reduces staged calls in batches, or, graph-safe, adds each call at once
+into persistent buffers; neuron taps feed the window's
+:class:`~moescope.stats.neurons.NeuronStats` through the same pipeline. The core
+(:class:`~moescope.core.MonitorCore`, shared with the vLLM worker's monitor) holds the
+windows ("train", "eval", ...: named sets of sums inside one monitor) and reads them with
+ONE host transfer; ``snapshot()`` adds the ``UsageHistory`` row and the alert rules, and
+never resets unless asked.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -42,58 +44,31 @@ from moescope.capture.neurons import NeuronTap, attach_neurons, neuron_tap
 from moescope.capture.pipeline import DEFAULT_BUDGET_BYTES, CapturePipeline
 from moescope.capture.record import RoutingRecord
 from moescope.capture.registry import default_adapters, find_moe_layers
+from moescope.core import CoreLayer, MonitorCore
 from moescope.errors import UnsupportedModelError
-from moescope.stats.accumulator import RoutingStats
 from moescope.stats.history import UsageHistory
 from moescope.stats.neurons import (
-    NeuronAccumulator,
     NeuronCalibrator,
     NeuronOptions,
     NeuronThreshold,
     as_threshold,
-    neuron_stats_from_state,
     tau_for_sparsity,
 )
-from moescope.stats.snapshot import Snapshot, layer_stats_from_state
+from moescope.stats.snapshot import Snapshot
 
 __all__ = ["MoEMonitor", "find_moe_layers"]
 
 
-# MoEMonitor arguments folded into NeuronOptions: named in the error an old call gets.
-_NEURON_ARGUMENTS = {
-    "neuron_threshold": "threshold",
-    "neuron_hist_bins": "hist_bins",
-    "per_neuron": "per_neuron",
-    "hot_neurons": "hot_neurons",
-}
-
-
-def _reject_removed_arguments(removed: dict[str, Any]) -> None:
-    old = [k for k in removed if k in _NEURON_ARGUMENTS]
-    if old:
-        fields = ", ".join(f"{_NEURON_ARGUMENTS[k]}={removed[k]!r}" for k in old)
-        raise TypeError(
-            f"MoEMonitor no longer takes {', '.join(old)}: pass "
-            f"neurons=moescope.NeuronOptions({fields}) instead"
-        )
-    raise TypeError(f"MoEMonitor got unexpected keyword argument(s) {sorted(removed)}")
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-class _Window:
-    """The sums of one named window: routing (batched) and neurons (per layer)."""
-
-    def __init__(self, num_layers: int, coactivation: bool) -> None:
-        self.routing = RoutingStats(num_layers, coactivation)
-        self.neurons: dict[str, NeuronAccumulator] = {}
-
-    def reset(self) -> None:
-        self.routing.reset()
-        for nacc in self.neurons.values():
-            nacc.reset()
+def _unknown_arguments(unknown: dict[str, Any]) -> TypeError:
+    known = [p for p in inspect.signature(MoEMonitor.__init__).parameters if p != "self"]
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return TypeError(
+        f"MoEMonitor got unexpected keyword argument(s) {', '.join(parts)}; it takes "
+        f"{', '.join(known)}"
+    )
 
 
 class MoEMonitor:
@@ -126,6 +101,13 @@ class MoEMonitor:
             use), unless :meth:`use_window` forces one.
         budget_bytes: staged router tensors (held by reference until reduced) that
             trigger a flush; see ``moescope.capture.pipeline``.
+        graph_safe: add every layer call at once into persistent on-device buffers
+            (in-place device ops, no Python needed at replay), so that CUDA graphs
+            (``torch.compile(mode="reduce-overhead")``, static-cache generation) count
+            at every replay. Costs the per-call reduction (tens of device ops per layer
+            call, inside the graph); the default staged path is cheaper where no graph
+            is replayed. Under a replay, calls count in the window that was current when
+            the graph was captured.
 
     Raises:
         UnsupportedModelError: no adapter recognised any module of ``model``.
@@ -174,10 +156,11 @@ class MoEMonitor:
         counts_only: bool = False,
         split_by_mode: bool = False,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
-        **removed: Any,
+        graph_safe: bool = False,
+        **unknown: Any,
     ) -> None:
-        if removed:
-            _reject_removed_arguments(removed)
+        if unknown:
+            raise _unknown_arguments(unknown)
         if not isinstance(model, nn.Module):
             raise TypeError(f"MoEMonitor needs a torch.nn.Module, got {type(model).__name__}")
         if adapters is None:
@@ -219,17 +202,6 @@ class MoEMonitor:
         self._mask_pos = argument_position(model, "attention_mask")
         self.split_by_mode = bool(split_by_mode)
         self._forced_window: str | None = None
-        self._windows: dict[str, _Window] = {}
-        self.pipeline = CapturePipeline(
-            [info.path for info in self.layers],
-            lambda name: [self._window(name).routing],
-            budget_bytes=budget_bytes,
-            counts_only=counts_only,
-        )
-        # Forwards may run in one thread while a timer thread snapshots (serving): one lock
-        # with the pipeline makes staging, flushes (also those a forward triggers) and the
-        # flush-copy-reset of snapshot() atomic to each other.
-        self._lock = self.pipeline.lock
         if isinstance(neurons, NeuronOptions):
             options: NeuronOptions | None = neurons
         elif isinstance(neurons, bool):
@@ -250,16 +222,36 @@ class MoEMonitor:
         self._switch_warned = False
         if self.neurons:
             self._setup_taps()
+        #: The monitor core: pipeline, windows, reduction, host copy (moescope.core).
+        self.core = MonitorCore(
+            [
+                CoreLayer(
+                    info.path,
+                    info.num_experts,
+                    info.top_k,
+                    self._default_device(info),
+                    self._taps[info.path].intermediate_size if info.path in self._taps else None,
+                )
+                for info in self.layers
+            ],
+            coactivation=coactivation,
+            counts_only=counts_only,
+            graph_safe=graph_safe,
+            budget_bytes=budget_bytes,
+            neurons=options,
+            threshold=lambda path: self.neuron_threshold.for_layer(path),
+            process_group=process_group,
+            windows=("train", "eval") if self.split_by_mode else (),
+        )
+        self.pipeline: CapturePipeline = self.core.pipeline
+        # Forwards may run in one thread while a timer thread snapshots (serving): one lock
+        # with the pipeline makes staging, flushes (also those a forward triggers) and the
+        # flush-copy-reset of snapshot() atomic to each other.
+        self._lock = self.pipeline.lock
         if attach:
             self.attach()
 
     # ------------------------------------------------------------------ windows
-
-    def _window(self, name: str) -> _Window:
-        win = self._windows.get(name)
-        if win is None:
-            win = self._windows[name] = _Window(len(self.layers), self.coactivation)
-        return win
 
     @property
     def window(self) -> str:
@@ -273,8 +265,8 @@ class MoEMonitor:
 
     @property
     def windows(self) -> list[str]:
-        """Names of the windows that exist (counted into at least once)."""
-        return list(self._windows)
+        """Names of the windows that exist."""
+        return self.core.windows
 
     def set_window(self, name: str) -> None:
         """Count the following layer calls in window ``name`` (overrides
@@ -282,6 +274,7 @@ class MoEMonitor:
         window they were made in first."""
         with self._lock:
             self.pipeline.flush()
+            self.core.declare(str(name))
             self._forced_window = str(name)
             self.pipeline.window = str(name)
 
@@ -463,18 +456,6 @@ class MoEMonitor:
             self._switch_warned = True
             warnings.warn(message, stacklevel=2)
 
-    def _new_nacc(self, win: _Window, path: str, device: torch.device) -> NeuronAccumulator:
-        nacc = NeuronAccumulator(
-            self._by_path[path].num_experts,
-            self._taps[path].intermediate_size,
-            device=device,
-            threshold=self.neuron_threshold.for_layer(path),
-            hist_bins=self._neuron_opts().hist_bins,
-            per_neuron=self._neuron_opts().per_neuron,
-        )
-        win.neurons[path] = nacc
-        return nacc
-
     def _emit_neurons(
         self,
         layer: str,
@@ -488,13 +469,8 @@ class MoEMonitor:
                 cal = self._calibrators[layer] = NeuronCalibrator(h.device)
             cal.update(h, row_valid)
             return
-        with self._lock, torch.inference_mode(False):
-            info = self._by_path[layer]
-            win = self._window(self._window_of(info) or self.pipeline.window)
-            nacc = win.neurons.get(layer)
-            if nacc is None:
-                nacc = self._new_nacc(win, layer, h.device)
-            nacc.update(h, expert_ids, row_valid)
+        info = self._by_path[layer]
+        self.pipeline.emit_neurons(layer, h, expert_ids, row_valid, self._window_of(info))
 
     @contextmanager
     def calibration(self) -> Iterator[MoEMonitor]:
@@ -560,10 +536,12 @@ class MoEMonitor:
         else:
             new = as_threshold(threshold)
         self.neuron_threshold = new
-        for win in self._windows.values():
-            for path, nacc in win.neurons.items():
-                nacc.threshold = new.for_layer(path)
-                nacc.reset()
+        with self._lock:
+            self.pipeline.flush()
+            for name in self.core.windows:
+                neurons = self.core.window(name).neurons
+                if neurons is not None:
+                    neurons.set_threshold()
         return new
 
     @staticmethod
@@ -574,52 +552,9 @@ class MoEMonitor:
 
     # ------------------------------------------------------------------ snapshot
 
-    def _reduce(self, states: dict[str, torch.Tensor], ops: dict[str, str]) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size(self.process_group) <= 1:
-            return
-        groups: dict[tuple[torch.dtype, str], list[torch.Tensor]] = {}
-        for key, v in states.items():
-            groups.setdefault((v.dtype, ops.get(key, "sum")), []).append(v)
-        for (_, op), tensors in groups.items():
-            buf = torch.cat([t.reshape(-1) for t in tensors])
-            rop = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-            dist.all_reduce(buf, op=rop, group=self.process_group)
-            pos = 0
-            for t in tensors:
-                n = t.numel()
-                t.copy_(buf[pos : pos + n].view_as(t))
-                pos += n
-
-    @staticmethod
-    def _to_host(states: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        # Every tensor becomes bytes in one device buffer: a single device-to-host copy
-        # whatever the number of layers and dtypes.
-        out: dict[str, np.ndarray] = {}
-        if not states:
-            return out
-        device = next(iter(states.values())).device
-        chunks: list[torch.Tensor] = []
-        layout: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
-        pos = 0
-        for key, v in states.items():
-            if v.dtype in (torch.bfloat16, torch.float16):
-                v = v.float()  # no numpy equivalent of bfloat16
-            b = v.to(device).reshape(-1).view(torch.uint8)
-            chunks.append(b)
-            layout.append((key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
-            pos += b.numel()
-        host = torch.cat(chunks).cpu().numpy()
-        for key, dt, shape, start, n in layout:
-            out[key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(shape)
-        return out
-
     def snapshot(
         self,
-        reset: bool = True,
+        reset: bool = False,
         step: int | None = None,
         window: str | None = None,
         record: bool = True,
@@ -628,54 +563,20 @@ class MoEMonitor:
 
         Reduces what was staged, then ONE host transfer for all layers (after an
         all-reduce across ranks when torch.distributed is initialised with world size > 1:
-        SUM, MAX for max-keys). Appends to ``self.history`` and runs ``alert_rules``.
-        ``step`` defaults to the number of snapshots taken before. ``reset`` starts a new
-        window. ``window``: which window (default: the current one, ``"default"``
-        unless :meth:`set_window` chose another). ``record=False`` leaves no trace: no
-        history row, no alert check, ``last_snapshot``/``last_alerts`` and the snapshot
-        counter unchanged (e.g. an eval window read beside the train history).
+        SUM, MAX for max-keys). Reading never resets unless ``reset=True`` (or call
+        :meth:`reset`), as everywhere in moescope. Appends to ``self.history`` and runs
+        ``alert_rules``. ``step`` defaults to the number of snapshots taken before.
+        ``window``: which window (default: the current one, ``"default"`` unless
+        :meth:`set_window` chose another); an unknown name raises
+        :class:`~moescope.core.UnknownWindowError` (a ``KeyError``) with the closest names.
+        ``record=False`` leaves no trace: no history row, no alert check,
+        ``last_snapshot``/``last_alerts`` and the snapshot counter unchanged (e.g. an eval
+        window read beside the train history).
         """
-        with self._lock, torch.inference_mode(False), torch.no_grad():
-            self.pipeline.flush()
-            win = self._window(window or self.pipeline.window)
-            for i, info in enumerate(self.layers):
-                # Never called in this window: zeros with the same layout on every rank.
-                win.routing.ensure(i, info.num_experts, info.top_k, self._default_device(info))
-            states = dict(win.routing.state())
-            ops = win.routing.reduce_ops()
-            for info in self.layers:
-                if info.path in self._taps:
-                    nacc = win.neurons.get(info.path)
-                    if nacc is None:
-                        nacc = self._new_nacc(win, info.path, self._default_device(info))
-                    for key, v in nacc.state().items():
-                        states[f"neurons/{info.path}/{key}"] = v
-                        ops[f"neurons/{info.path}/{key}"] = nacc.reduce_ops().get(key, "sum")
-            self._reduce(states, ops)
-            host = self._to_host(states)
-            if reset:
-                win.reset()
-        per_layer = win.routing.layer_states(host)
-        layers: dict[str, Any] = {}
-        for i, info in enumerate(self.layers):
-            top_k = win.routing.top_k(i) or info.top_k
-            stats = layer_stats_from_state(per_layer[i], info.num_experts, top_k)
-            if info.path in self._taps:
-                prefix = f"neurons/{info.path}/"
-                nstate = {k[len(prefix) :]: v for k, v in host.items() if k.startswith(prefix)}
-                fields = neuron_stats_from_state(
-                    nstate,
-                    info.num_experts,
-                    self._taps[info.path].intermediate_size,
-                    hot_k=self._neuron_opts().hot_neurons,
-                )
-                stats = replace(stats, **fields, neuron_threshold=self._threshold_label(info.path))
-            layers[info.path] = stats
-        snap = Snapshot(
-            step=step if step is not None else self._num_snapshots,
-            layers=layers,
-            time=time.time(),
-        )
+        name = window or self.pipeline.window
+        labels = {path: self._threshold_label(path) for path in self._taps}
+        snap = self.core.snapshot(name, reset=reset, labels=labels)
+        snap.step = step if step is not None else self._num_snapshots
         if not record:
             return snap
         self._num_snapshots += 1
@@ -689,11 +590,7 @@ class MoEMonitor:
     def state_nbytes(self) -> int:
         """Bytes of every window's sums (routing and neurons), excluding staged records
         (bounded by ``budget_bytes``) and the history."""
-        total = 0
-        for win in self._windows.values():
-            total += sum(s.nbytes() for s in win.routing.groups.values())
-            total += sum(n.state_nbytes() for n in win.neurons.values())
-        return total
+        return self.core.nbytes()
 
     def _threshold_label(self, path: str) -> str:
         t = self.neuron_threshold
@@ -705,11 +602,8 @@ class MoEMonitor:
 
     def reset(self, window: str | None = None) -> None:
         """Zero every layer's sums of ``window`` (default: the current one), including
-        layer calls staged and not yet reduced."""
-        with self._lock:
-            name = window or self.pipeline.window
-            self.pipeline.flush()
-            self._window(name).reset()
+        layer calls staged and not yet reduced. Graph-safe buffers are zeroed in place."""
+        self.core.reset(window or self.pipeline.window)
 
     def __repr__(self) -> str:
         return (

@@ -21,20 +21,21 @@ alerts of both and, for logs, the time series. :func:`write_comparison` writes
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moescope._cliopts import option
-from moescope._json import json_safe
 from moescope._rundir import SUMMARY_NAME, RunDirError, resolve_run_input
+from moescope._text import plural
+from moescope.analysis.compare_result import Comparison, LayerComparison, RunSide
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.outdir import prepare_out_dir, write_text
+from moescope.analysis.render import render_comparison
 from moescope.analysis.result import SUMMARY_FORMAT
-from moescope.report.compare_report import render_comparison
+from moescope.analysis.verdict import compare_health, diagnose
 from moescope.sinks.jsonl import read_jsonl
 from moescope.stats.routing import js_divergence
 from moescope.stats.snapshot import LayerStats, Snapshot
@@ -74,112 +75,6 @@ SERIES_METRICS = (
     "avg_load_entropy_norm",
     "avg_aux_loss",
 )
-
-
-@dataclass
-class RunSide:
-    """One of the two runs.
-
-    ``snapshot``: per-layer statistics (an analysis' totals, or a log's last window);
-    ``alerts``: dicts with ``level, layer, rule, value, message`` (and ``step`` for logs);
-    ``steps`` / ``series``: for logs, the step of every window and ``{metric: [value per
-    window]}`` (:data:`SERIES_METRICS`), empty for analyses.
-    """
-
-    label: str
-    path: str
-    kind: str  # "analysis" or "training"
-    snapshot: Any
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    series: dict[str, list[float]] = field(default_factory=dict)
-    tokens: int = 0
-    description: str = ""
-    partial: bool = False
-
-    @property
-    def num_windows(self) -> int:
-        return len(self.steps)
-
-    def alert_counts(self) -> dict[str, int]:
-        """``{rule: number of alerts}``."""
-        out: dict[str, int] = {}
-        for a in self.alerts:
-            out[str(a.get("rule"))] = out.get(str(a.get("rule")), 0) + 1
-        return out
-
-
-@dataclass
-class LayerComparison:
-    """One matched layer: ``usage_a`` / ``usage_b`` [E] fractions, ``js`` their
-    Jensen-Shannon divergence (nats; NaN when E differs or a side has no tokens),
-    ``metrics`` ``{name: (a, b)}`` for :data:`BALANCE_METRICS`."""
-
-    layer: str
-    layer_b: str
-    usage_a: np.ndarray
-    usage_b: np.ndarray
-    js: float
-    metrics: dict[str, tuple[float, float]]
-
-
-@dataclass
-class Comparison:
-    """Everything the compare report shows (see the module docstring)."""
-
-    a: RunSide
-    b: RunSide
-    layers: list[LayerComparison]
-    only_a: list[str] = field(default_factory=list)
-    only_b: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def mean_js(self) -> float:
-        """Mean over matched layers of the JS divergence (finite values only; NaN if none)."""
-        v = [x.js for x in self.layers if math.isfinite(x.js)]
-        return float(np.mean(v)) if v else float("nan")
-
-    def to_json(self) -> dict[str, Any]:
-        """The content of ``comparison.json`` (strict JSON, NaN as None)."""
-
-        def side(s: RunSide) -> dict[str, Any]:
-            return {
-                "label": s.label,
-                "path": s.path,
-                "kind": s.kind,
-                "tokens": s.tokens,
-                "description": s.description,
-                "partial": s.partial,
-                "aggregates": s.snapshot.aggregates(),
-                "alerts": s.alerts,
-                "alert_counts": s.alert_counts(),
-                "steps": s.steps,
-                "series": s.series,
-            }
-
-        return json_safe(
-            {
-                "format": "moescope.compare/1",
-                "a": side(self.a),
-                "b": side(self.b),
-                "mean_js": self.mean_js,
-                "layers": [
-                    {
-                        "layer": x.layer,
-                        "layer_b": x.layer_b,
-                        "js": x.js,
-                        "usage_a": x.usage_a,
-                        "usage_b": x.usage_b,
-                        "metrics": {k: list(v) for k, v in x.metrics.items()},
-                    }
-                    for x in self.layers
-                ],
-                "only_a": self.only_a,
-                "only_b": self.only_b,
-                "notes": self.notes,
-            }
-        )
 
 
 # --------------------------------------------------------------------------- reading
@@ -293,7 +188,7 @@ def _load_log(path: Path, label: str | None) -> RunSide:
         steps=steps,
         series=series,
         tokens=tokens,
-        description=f"training log, {len(snaps)} windows up to step {steps[-1]}",
+        description=f"training log, {plural(len(snaps), 'window')} up to step {steps[-1]}",
     )
 
 
@@ -341,7 +236,11 @@ def compare_sides(a: RunSide, b: RunSide) -> Comparison:
     for s in (a, b):
         if s.partial:
             notes.append(f"{s.label} is a partial analysis (interrupted)")
-    return Comparison(a, b, out, only_a, only_b, notes)
+    va, vb = (
+        diagnose(s.snapshot, s.alerts, last_step=s.steps[-1] if s.steps else None) for s in (a, b)
+    )
+    healthier, reasons = compare_health(a.label, va, a.snapshot, b.label, vb, b.snapshot)
+    return Comparison(a, b, out, only_a, only_b, notes, va, vb, healthier, reasons)
 
 
 def parse_labels(text: str) -> list[str]:

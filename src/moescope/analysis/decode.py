@@ -1,9 +1,8 @@
 """Token id -> display text, for tables and the coloured passage of a report.
 
 :func:`make_decoder` wraps a transformers tokenizer; :func:`decode_bytes` serves
-byte-level models (ids 0-255, moescope's demo). :func:`visible` makes whitespace and
-control characters of a decoded token visible, once (``\\xfc`` is shown as the four
-characters ``\xfc``, never escaped twice).
+byte-level models (ids 0-255, moescope's demo). Showing a decoded token in a table is the
+report's job (:func:`moescope.report.fmt.visible`).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Decoder", "decode_bytes", "make_decoder", "visible"]
+__all__ = ["Decoder", "decode_bytes", "make_decoder"]
 
 Decoder = Callable[[int], str]
 
@@ -51,22 +50,3 @@ def decode_bytes(token_id: int) -> str:
         if c.isprintable() or c in "\n\t ":
             return c
     return f"\\x{token_id:02x}" if 0 <= token_id < 256 else f"<{token_id}>"
-
-
-_SHOWN = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "\u2423"}
-
-
-def visible(token: str) -> str:
-    """``token`` with whitespace and control characters made visible for a table cell:
-    space as ``\u2423``, newline as the two characters ``\\n``, other control characters
-    as ``\\xNN``. Text that is already an escape (``decode_bytes``' ``\\xfc``) is left
-    as is, so it is never escaped twice. HTML escaping is the renderer's job."""
-    out = []
-    for ch in token:
-        if ch in _SHOWN:
-            out.append(_SHOWN[ch])
-        elif not ch.isprintable():
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out) or "\u2205"

@@ -12,7 +12,7 @@
    is refused with what to do. The token recorder's memory (``record_tokens`` per input)
    is refused above 1 GiB (or the budget, if larger).
 4. **Monitor**: one :class:`~moescope.monitor.MoEMonitor` (co-activation, alerts,
-   neurons) with the token recorder (:class:`~moescope.report.routing_record.RoutingRecorder`)
+   neurons) with the token recorder (:class:`~moescope.stats.token_recorder.RoutingRecorder`)
    as a consumer of its pipeline. Under ``torchrun`` rank r runs forwards r, r + W, ...
    and the snapshot all-reduces the sums.
 5. **Stop cleanly**: ``should_stop()`` is polled between forwards (the CLI's Ctrl-C
@@ -23,7 +23,7 @@
    a ``compare_model``.
 
 :func:`write_outputs` then writes ``summary.json`` from the result and the report
-(:func:`moescope.report.analysis_report.render_report`). Errors a user can fix raise
+(:func:`moescope.analysis.render.render_report`). Errors a user can fix raise
 :class:`~moescope.analysis.errors.AnalyzeError` (one line: what is wrong, what to do).
 """
 
@@ -46,6 +46,7 @@ from moescope.analysis.decode import decode_bytes, make_decoder
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.loading import LoadedModel, load_model, resolve_device
 from moescope.analysis.outdir import is_moescope_output, prepare_out_dir
+from moescope.analysis.render import render_report
 from moescope.analysis.result import (
     AnalysisResult,
     DomainInfo,
@@ -61,10 +62,9 @@ from moescope.cost.measured import _hidden_size, measured_cost_from_reports
 from moescope.cost.params import analyze_model, report_from_anatomy
 from moescope.errors import UnsupportedModelError
 from moescope.monitor import MoEMonitor
-from moescope.report.analysis_report import render_report
-from moescope.report.routing_record import RoutingRecorder
 from moescope.stats import routing as R
 from moescope.stats.neurons import NeuronOptions, NeuronThreshold
+from moescope.stats.token_recorder import RoutingRecorder
 
 __all__ = [
     "AnalyzeOptions",

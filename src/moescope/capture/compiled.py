@@ -1,4 +1,4 @@
-"""Capture under ``torch.compile``: hook guards and the ``moescope::stage`` custom op.
+"""Capture under ``torch.compile`` and CUDA graphs: hook guards and the one capture op.
 
 Attach order. Dynamo does not guard on module hooks by default
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a graph traced without
@@ -10,29 +10,42 @@ compiled *before* the guards were on carry no hook guard: the first attach then 
 Dynamo's caches (``torch._dynamo.reset()``, with a warning) so those graphs are retraced
 with the hooks.
 
-The op. Inside a compiled region the hook calls ``moescope::stage``, a
-``torch.library.custom_op``: opaque to Dynamo (no graph break; ``fullgraph=True`` works
-where the model itself compiles fullgraph), run every time the compiled graph runs, and
-kept by the compiler because it declares a mutation. It copies its inputs (a compiled
-graph may reuse their memory afterwards) and stages them like an eager hook.
+The op. Every compiled front end (a monitored model's hooks, the vLLM router wrapper)
+calls ``moescope::capture``, a ``torch.library.custom_op``: opaque to Dynamo (no graph
+break; ``fullgraph=True`` works where the model itself compiles fullgraph), run every time
+the compiled graph runs, and kept by the compiler because it declares a mutation of its
+``state`` list. What the op does is the pipeline's business
+(:meth:`~moescope.capture.pipeline.CapturePipeline.receive`):
 
-CUDA graphs (``mode="reduce-overhead"``): a replay skips Python, so the op would run at
-capture only and every replayed forward would be missing; the op raises during capture
-instead, with what to do. Counting inside CUDA graphs would need the state written by
-device ops into persistent buffers, which moescope does not do.
+- staged pipelines copy the inputs (a compiled graph may reuse their memory) and stage
+  them like an eager hook; ``state`` is only the pipeline's ticket;
+- graph-safe pipelines add the call into persistent per-layer buffers with in-place
+  device ops. Those buffers are not the op's arguments, on purpose: a declared mutation
+  is functionalized by AOTAutograd (the op receives copies), and a backend that cannot
+  write the copies back (``aot_eager`` with buffers lifted as constants) silently loses
+  them; writing the real buffers as a side effect, as the staged path stages into Python,
+  is right in every backend. The ticket is declared mutated so the compiler keeps the
+  call. Under CUDA graphs (``mode="reduce-overhead"``, vLLM's default on GPUs) the op's Python runs once,
+  while the graph is captured; the kernels it launched then run at every replay, into the
+  same buffers, with no Python. Warm-up forwards and padding rows are excluded by device
+  tensors the kernels read at replay (the pipeline's gate and valid-token limit).
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
-from moescope.capture.adapter import in_backward
-from moescope.capture.pipeline import PIPELINES
-from moescope.capture.record import RoutingRecord
+if TYPE_CHECKING:
+    from moescope.capture.pipeline import CapturePipeline
 
-__all__ = ["ensure_hook_guards", "stage_op"]
+__all__ = ["PIPELINES", "capture_op", "ensure_hook_guards"]
+
+#: Live pipelines by id: the op finds its pipeline here (an int crosses the op boundary).
+PIPELINES: weakref.WeakValueDictionary[int, CapturePipeline] = weakref.WeakValueDictionary()
 
 _state = {"guarded": False}
 
@@ -58,9 +71,9 @@ def ensure_hook_guards() -> None:
         dynamo.reset()
 
 
-@torch.library.custom_op("moescope::stage", mutates_args=("ticket",))
-def stage_op(
-    ticket: torch.Tensor,
+@torch.library.custom_op("moescope::capture", mutates_args=("state",))
+def capture_op(
+    state: list[torch.Tensor],
     pipeline: int,
     layer: int,
     num_experts: int,
@@ -72,38 +85,35 @@ def stage_op(
     score_fn: str,
     window: str,
 ) -> None:
-    """Stage a copy of one layer call into the pipeline with id ``pipeline``."""
+    """Hand one layer call to the pipeline with id ``pipeline``.
+
+    Args:
+        state: ``[ticket]``, the pipeline's 1-element tensor, declared mutated so that
+            compilers keep the call (never written).
+        pipeline: :attr:`CapturePipeline.id`.
+        layer: the layer's index in the pipeline's ``paths``.
+        num_experts: E.
+        topk_index: [T, K] int expert ids; ``logits`` [T, E'] or None; ``topk_weight``
+            [T, K] or None; ``token_mask`` [T] bool or None; ``dropped`` [T, K] or None.
+        score_fn: ``softmax`` / ``sigmoid`` / ``probs``.
+        window: the window name, or ``""`` for the pipeline's current one.
+    """
     p = PIPELINES.get(pipeline)
     if p is None:
         return  # the monitor is gone; a graph traced while it was attached runs on
-    if topk_index.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "moescope cannot count routing inside a CUDA graph (torch.compile "
-            "mode='reduce-overhead' or a captured graph): replays skip Python, so every "
-            "replayed forward would be missing. Compile with mode='default' or "
-            "'max-autotune-no-cudagraphs' while monitoring."
-        )
-    if in_backward():
-        return  # a checkpointed region recomputed during backward
-
-    def own(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().clone()
-
-    p.stage(
-        RoutingRecord(
-            layer=p.paths[layer],
-            num_experts=num_experts,
-            topk_index=own(topk_index),  # type: ignore[arg-type]
-            logits=own(logits),
-            score_fn=score_fn,  # type: ignore[arg-type]
-            topk_weight=own(topk_weight),
-            token_mask=own(token_mask),
-            dropped=own(dropped),
-        ),
+    p.receive(
+        layer,
+        num_experts,
+        topk_index,
+        logits,
+        topk_weight,
+        token_mask,
+        dropped,
+        score_fn,
         window or None,
     )
 
 
-@stage_op.register_fake
-def _stage_fake(*args: object) -> None:
+@capture_op.register_fake
+def _capture_fake(*args: object) -> None:
     return None

@@ -64,6 +64,8 @@ class RoutingBatch:
     - ``num_experts`` E, ``score_fn``: shared by every call of the batch.
     - ``topk_index`` [R, T, K]; ``logits`` [R, T, E'] or None; ``topk_weight`` [R, T, K]
       or None; ``token_mask`` [R, T] bool or None; ``dropped`` [R, T, K] bool or None.
+    - ``gate`` [1] int64 or None: 1 counts, 0 adds nothing (graph-safe capture reads it
+      when the update runs, e.g. 0 during warm-up forwards).
     """
 
     rows: torch.Tensor
@@ -75,10 +77,36 @@ class RoutingBatch:
     topk_weight: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:
         return self.topk_index.shape[-1]
+
+
+def batch_of_one(
+    record: RoutingRecord, rows: torch.Tensor, layer: int = 0, gate: torch.Tensor | None = None
+) -> RoutingBatch:
+    """``record`` as a :class:`RoutingBatch` with R = 1 (views only).
+
+    ``rows`` [1] int64: the layer's row (``layer`` as a host int); ``gate`` [1] int64 or None: 0 makes the update
+    add nothing (read when the update runs, so a replayed CUDA graph obeys its value then).
+    """
+    t = record.topk_index.shape[0]
+    k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
+    lg = record.logits
+    return RoutingBatch(
+        rows=rows,
+        layers=(layer,),
+        num_experts=record.num_experts,
+        topk_index=record.topk_index.reshape(1, t, k),
+        logits=None if lg is None else lg.reshape(1, t, lg.shape[-1]),
+        score_fn=record.score_fn,
+        topk_weight=None if record.topk_weight is None else record.topk_weight.reshape(1, t, k),
+        token_mask=None if record.token_mask is None else record.token_mask.reshape(1, t),
+        dropped=None if record.dropped is None else record.dropped.reshape(1, t, k),
+        gate=gate,
+    )
 
 
 def check_record(record: RoutingRecord, num_experts: int, top_k: int | None) -> None:

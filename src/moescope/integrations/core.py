@@ -58,7 +58,7 @@ from moescope._optional import MissingExtraError
 from moescope.alerts import Alert, AlertRules, AlertTracker, format_update
 from moescope.integrations.options import MoECallbackOptions, options_from
 from moescope.monitor import MoEMonitor
-from moescope.report.plots import usage_heatmap, usage_over_time
+from moescope.plots import usage_heatmap, usage_over_time
 from moescope.sinks import ConsoleSink, JsonlSink, resolve_loggers
 from moescope.sinks.base import Sink
 from moescope.sinks.event import LogEvent

@@ -1,7 +1,7 @@
 """Figures of one analysis window (a single :class:`~moescope.stats.snapshot.Snapshot`).
 
 Used by ``moescope analyze`` (:mod:`moescope.report.analysis_report`) beside the heatmap of
-:mod:`moescope.report.plots`: the usage distribution of every layer, entropy and CV per
+:mod:`moescope.plots`: the usage distribution of every layer, entropy and CV per
 layer, one layer's co-activation matrix, neuron sparsity and dead neurons, and the
 parameter counts. Every function returns a ``matplotlib.figure.Figure`` drawn on the Agg
 canvas (no ``pyplot``); sizes are capped so 60 layers x 256 experts stay legible. Needs
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope.report.plots import _clip, _cmap, _new_figure, _set_ticks, _short_names
+from moescope.plots import clip, colormap, new_figure, set_ticks, short_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,7 +37,7 @@ def _layers(snapshot: Snapshot) -> tuple[list[str], list[str], str]:
     names = list(snapshot.layers)
     if not names:
         raise ValueError("the snapshot has no layer; nothing to plot.")
-    short, pattern = _short_names(names)
+    short, pattern = short_names(names)
     return names, short, pattern
 
 
@@ -53,7 +53,7 @@ def usage_distribution_figure(snapshot: Snapshot, dpi: int = 100, max_lines: int
         load = np.sort(np.asarray(s.usage_fraction, dtype=np.float64) * s.num_experts)[::-1]
         m[i, : load.shape[0]] = load
     if len(names) <= max_lines:
-        fig = _new_figure(_clip(6.0 + 0.03 * e_max, 7.0, 14.0), 4.0, dpi)
+        fig = new_figure(clip(6.0 + 0.03 * e_max, 7.0, 14.0), 4.0, dpi)
         ax = fig.add_subplot()
         ranks = np.arange(e_max)
         for i, n in enumerate(short):
@@ -72,18 +72,18 @@ def usage_distribution_figure(snapshot: Snapshot, dpi: int = 100, max_lines: int
             frameon=False,
         )
     else:
-        fig = _new_figure(
-            _clip(6.0 + 0.05 * e_max, 7.0, 16.0), _clip(2.0 + 0.15 * len(names), 3.5, 12.0), dpi
+        fig = new_figure(
+            clip(6.0 + 0.05 * e_max, 7.0, 16.0), clip(2.0 + 0.15 * len(names), 3.5, 12.0), dpi
         )
         ax = fig.add_subplot()
         im = ax.imshow(
             np.ma.masked_invalid(m),
             aspect="auto",
             interpolation="nearest",
-            cmap=_cmap("viridis"),
+            cmap=colormap("viridis"),
             vmin=0.0,
         )
-        _set_ticks(ax, "y", len(names), short, 20)
+        set_ticks(ax, "y", len(names), short, 20)
         ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
         ax.set_xlabel("expert rank (busiest first)")
         fig.colorbar(im, ax=ax, label="load (1 = uniform)", shrink=0.9)
@@ -101,7 +101,7 @@ def _bar_panel(
     colour: str,
 ) -> None:
     ax.bar(x, np.nan_to_num(values, nan=0.0), color=colour)
-    _set_ticks(ax, "x", len(labels), labels, 30)
+    set_ticks(ax, "x", len(labels), labels, 30)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
 
@@ -115,7 +115,7 @@ def entropy_cv_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
     r_ent = np.array([s.routing_entropy_norm for s in stats], dtype=np.float64)
     l_ent = np.array([s.load_entropy_norm for s in stats], dtype=np.float64)
     cv = np.array([s.cv for s in stats], dtype=np.float64)
-    fig = _new_figure(_clip(5.0 + 0.15 * len(names), 7.0, 16.0), 6.0, dpi)
+    fig = new_figure(clip(5.0 + 0.15 * len(names), 7.0, 16.0), 6.0, dpi)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     w = 0.4
     ax1.bar(x - w / 2, np.nan_to_num(r_ent), width=w, label="routing entropy / log E")
@@ -142,12 +142,12 @@ def coactivation_figure(snapshot: Snapshot, layer: str, dpi: int = 100) -> Figur
         )
     e = s.num_experts
     m = np.asarray(s.coactivation, dtype=np.float64) / max(s.num_tokens, 1)
-    side = _clip(3.0 + 0.08 * e, 5.0, 12.0)
-    fig = _new_figure(side + 1.2, side, dpi)
+    side = clip(3.0 + 0.08 * e, 5.0, 12.0)
+    fig = new_figure(side + 1.2, side, dpi)
     ax = fig.add_subplot()
-    im = ax.imshow(m, interpolation="nearest", cmap=_cmap("magma"), vmin=0.0)
-    _set_ticks(ax, "x", e, None, 20)
-    _set_ticks(ax, "y", e, None, 20)
+    im = ax.imshow(m, interpolation="nearest", cmap=colormap("magma"), vmin=0.0)
+    set_ticks(ax, "x", e, None, 20)
+    set_ticks(ax, "y", e, None, 20)
     ax.set_xlabel("expert")
     ax.set_ylabel("expert")
     ax.set_title(f"Co-activation: {layer}", fontsize="medium")
@@ -165,7 +165,7 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
     names = _neuron_layers(snapshot)
     if not names:
         raise ValueError("no neuron statistics in the snapshot (run with neurons=True)")
-    short, pattern = _short_names(names)
+    short, pattern = short_names(names)
     e_max = max(snapshot.layers[n].num_experts for n in names)
     per_layer = np.array([snapshot.layers[n].neuron_sparsity for n in names], dtype=np.float64)
     m = np.full((len(names), e_max), np.nan)
@@ -173,13 +173,13 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         v = snapshot.layers[n].expert_sparsity
         if v is not None:
             m[i, : len(v)] = np.asarray(v, dtype=np.float64)
-    fig = _new_figure(
-        _clip(6.0 + 0.1 * e_max, 9.0, 16.0), _clip(2.5 + 0.22 * len(names), 4.0, 12.0), dpi
+    fig = new_figure(
+        clip(6.0 + 0.1 * e_max, 9.0, 16.0), clip(2.5 + 0.22 * len(names), 4.0, 12.0), dpi
     )
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
     ax1.barh(np.arange(len(names)), np.nan_to_num(per_layer), color="#1b9e77")
     ax1.set_ylim(len(names) - 0.5, -0.5)
-    _set_ticks(ax1, "y", len(names), short, 20)
+    set_ticks(ax1, "y", len(names), short, 20)
     ax1.set_xlim(0, 1)
     ax1.set_xlabel("neuron sparsity")
     ax1.set_ylabel(f"layer ({pattern})" if pattern else "layer")
@@ -188,12 +188,12 @@ def neuron_sparsity_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         np.ma.masked_invalid(m),
         aspect="auto",
         interpolation="nearest",
-        cmap=_cmap("viridis"),
+        cmap=colormap("viridis"),
         vmin=0.0,
         vmax=1.0,
     )
-    _set_ticks(ax2, "x", e_max, None, 20)
-    _set_ticks(ax2, "y", len(names), short, 20)
+    set_ticks(ax2, "x", e_max, None, 20)
+    set_ticks(ax2, "y", len(names), short, 20)
     ax2.set_xlabel("expert")
     ax2.set_title("per expert", fontsize="medium")
     fig.colorbar(im, ax=ax2, label="neuron sparsity", shrink=0.9)
@@ -211,15 +211,15 @@ def dead_neurons_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         raise ValueError(
             "no dead-neuron statistics in the snapshot (neurons=True, per_neuron=True)"
         )
-    short, pattern = _short_names(names)
+    short, pattern = short_names(names)
     e_max = max(snapshot.layers[n].num_experts for n in names)
     m = np.full((len(names), e_max), np.nan)
     for i, n in enumerate(names):
         s = snapshot.layers[n]
         v = np.asarray(s.expert_dead_neurons, dtype=np.float64)
         m[i, : len(v)] = v / float(s.intermediate_size or 1)
-    fig = _new_figure(
-        _clip(3.5 + 0.09 * e_max, 6.0, 16.0), _clip(1.8 + 0.22 * len(names), 3.0, 12.0), dpi
+    fig = new_figure(
+        clip(3.5 + 0.09 * e_max, 6.0, 16.0), clip(1.8 + 0.22 * len(names), 3.0, 12.0), dpi
     )
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
@@ -228,12 +228,12 @@ def dead_neurons_figure(snapshot: Snapshot, dpi: int = 100) -> Figure:
         np.ma.masked_invalid(m),
         aspect="auto",
         interpolation="nearest",
-        cmap=_cmap("Reds"),
+        cmap=colormap("Reds"),
         vmin=0.0,
         vmax=vmax,
     )
-    _set_ticks(ax, "x", e_max, None, 20)
-    _set_ticks(ax, "y", len(names), short, 20)
+    set_ticks(ax, "x", e_max, None, 20)
+    set_ticks(ax, "y", len(names), short, 20)
     ax.set_xlabel("expert")
     ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
     ax.set_title("Dead neurons (never above the threshold in the window)", fontsize="medium")
@@ -246,7 +246,7 @@ def params_figure(values: Mapping[str, float], title: str, dpi: int = 100) -> Fi
     ..., "active (measured)": ...}``; each bar is labelled with its value."""
     labels = list(values)
     vals = np.array([float(values[k]) for k in labels], dtype=np.float64)
-    fig = _new_figure(8.0, _clip(1.2 + 0.5 * len(labels), 2.5, 6.0), dpi)
+    fig = new_figure(8.0, clip(1.2 + 0.5 * len(labels), 2.5, 6.0), dpi)
     ax = fig.add_subplot()
     y = np.arange(len(labels))
     ax.barh(

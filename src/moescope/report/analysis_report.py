@@ -17,15 +17,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moescope import __version__
+from moescope.plots import usage_heatmap
 from moescope.report import analysis_plots as AP
 from moescope.report import html as H
-from moescope.report.fmt import fmt_number
-from moescope.report.plots import usage_heatmap
+from moescope.report.fmt import fmt_number, visible
+from moescope.report.verdict import alerts_table, short_layer_labels, verdict_section
 
 if TYPE_CHECKING:
     from moescope.analysis.result import AnalysisResult
+    from moescope.analysis.verdict import Verdict
 
-__all__ = ["FigureSet", "figure_png", "render_report"]
+__all__ = ["FigureSet", "WriteBytes", "WriteText", "figure_png", "render_report"]
+
+#: ``write_bytes(out_dir, name, data) -> path`` (the report never opens files itself).
+WriteBytes = Callable[[Path, str, bytes], Path]
+#: ``write_text(out_dir, name, text) -> path``.
+WriteText = Callable[[Path, str, str], Path]
 
 
 def figure_png(fig: Any) -> bytes:
@@ -38,37 +45,42 @@ def figure_png(fig: Any) -> bytes:
 class FigureSet:
     """Draws, saves and embeds figures; a failing one becomes a problem line."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, write_bytes: WriteBytes) -> None:
         self.out_dir = out_dir
+        self.write_bytes = write_bytes
         self.saved: dict[str, Path] = {}
         self.errors: list[str] = []
 
     def embed(
         self, name: str, make: Callable[[], Any], alt: str, caption: str | None = None
     ) -> str:
-        # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-        from moescope.analysis.outdir import write_bytes
-
         try:
             png = figure_png(make())
         except Exception as err:  # one failing figure must not lose the whole report
             self.errors.append(f"figure {name}: {type(err).__name__}: {err}")
             return ""
-        self.saved[name] = write_bytes(self.out_dir, f"{name}.png", png)
+        self.saved[name] = self.write_bytes(self.out_dir, f"{name}.png", png)
         return H.image(png, alt, caption)
 
 
-def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
-    """Write the figures and ``report.html`` of ``result`` into ``out_dir`` (which
-    :func:`~moescope.analysis.outdir.prepare_out_dir` prepared); returns the report path."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.outdir import write_text
-
+def render_report(
+    result: AnalysisResult,
+    out_dir: str | Path,
+    *,
+    verdict: Verdict,
+    write_bytes: WriteBytes,
+    write_text: WriteText,
+) -> Path:
+    """Write the figures and ``report.html`` of ``result`` into ``out_dir`` with the
+    given writers; the page opens with ``verdict`` (what is wrong, where, the fix) (``moescope.analysis.render`` passes the safe writers of
+    :mod:`moescope.analysis.outdir`); returns the report path."""
     out = Path(out_dir)
-    figs = FigureSet(out)
+    figs = FigureSet(out, write_bytes)
+    short = _short(result)
+    lead = [verdict_section(verdict, short)]
     sections = [
         _overview(result),
-        _alerts(result),
+        _alerts(result, verdict, short),
         _usage(result, figs),
         _entropy(result, figs),
         _coactivation(result, figs),
@@ -106,9 +118,9 @@ def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
     for note in result.notes:
         if not note.startswith("interrupted:"):
             preamble.append(H.paragraph(note, "banner note"))
-    title = f"moescope analysis: {Path(m.source).name or m.source}"
+    title = f"moescope analysis: {model_title(m.class_name, m.model_type)}"
     subtitle = (
-        f"{m.model_type}, {result.total_tokens:,} tokens from "
+        f"{_source_tail(m.source)}, {result.total_tokens:,} tokens from "
         + ", ".join(d.label for d in result.domains)
         + (" (partial)" if result.partial else "")
         + (" - random weights" if m.random_weights else "")
@@ -118,6 +130,7 @@ def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
         sections,
         subtitle=subtitle,
         preamble=preamble,
+        lead=lead,
         footer=f"moescope {__version__}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
     )
     return write_text(out, "report.html", document)
@@ -180,34 +193,35 @@ def _overview(r: AnalysisResult) -> H.Section:
     return sec
 
 
-def _alerts(r: AnalysisResult) -> H.Section:
-    sec = H.Section("alerts", f"Alerts ({len(r.alerts)})")
+def _short(r: AnalysisResult) -> dict[str, str]:
+    return short_layer_labels(list(r.snapshot.layers))
+
+
+def model_title(class_name: str, model_type: str) -> str:
+    """``"TinyMoEForCausalLM (moescope_tiny_moe)"``: what the model is, not its folder."""
+    if class_name and model_type and model_type.lower() not in class_name.lower():
+        return f"{class_name} ({model_type})"
+    return class_name or model_type or "model"
+
+
+def _source_tail(source: str) -> str:
+    """The last two components of a path (``no_balance/checkpoint``), or a hub id."""
+    parts = [p for p in str(source).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else str(source)
+
+
+def _alerts(r: AnalysisResult, verdict: Verdict, short: dict[str, str]) -> H.Section:
+    sec = H.Section("alerts", f"Alerts ({len(r.alerts):,})")
     if r.alerts:
         sec.add(
-            H.table(
-                ["level", "layer", "rule", "message", "value"],
-                [
-                    [
-                        f'<span class="alert-{H.escape(a.level)}">{H.escape(a.level)}</span>',
-                        a.layer,
-                        a.rule,
-                        a.message,
-                        fmt_number(a.value),
-                    ]
-                    for a in r.alerts
-                ],
-                left=4,
-                raw_columns=[0],
-            )
+            H.paragraph(
+                "Grouped by rule (the fix for each is in the verdict above); every alert "
+                "is in summary.json."
+            ),
+            alerts_table(verdict, short),
         )
     else:
-        sec.add(
-            H.paragraph(
-                "No alert fired (imbalance > 4x mean, >= 25 % experts unused, "
-                "routing entropy < 0.1 nats, dropped slots > 10 %, non-finite "
-                "scores)."
-            )
-        )
+        sec.add(H.paragraph("No alert fired. Checked: " + "; ".join(verdict.checked) + "."))
     return sec
 
 
@@ -426,9 +440,6 @@ def _parameters(r: AnalysisResult, figs: FigureSet) -> H.Section:
 
 def _token_cell(tokens: list[Any]) -> str:
     """Top tokens as ``<code>`` chips: the visible text escaped once, count and share."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.decode import visible
-
     return " ".join(
         f'<span class="tok"><code>{H.escape(visible(t.token))}</code> '
         f"{t.count:,} ({t.share:.0%})</span>"
@@ -437,7 +448,7 @@ def _token_cell(tokens: list[Any]) -> str:
 
 
 def _routing_sections(r: AnalysisResult, figs: FigureSet) -> list[H.Section]:
-    # why: routing_analysis imports torch (via moescope.analysis); this module stays torch-free
+    # why: routing_analysis imports moescope.stats (its __init__ imports torch); this module stays torch-free
     from moescope.report import routing_analysis as RA
 
     ra = r.routing

@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope import __version__
+from moescope.plots import LOAD_LABEL, clip, colormap, new_figure, set_ticks, short_names
 from moescope.report import html as H
-from moescope.report.analysis_report import FigureSet
+from moescope.report.analysis_report import FigureSet, WriteBytes, WriteText
 from moescope.report.fmt import fmt_number
-from moescope.report.plots import _clip, _cmap, _new_figure, _set_ticks, _short_names
+from moescope.report.verdict import alerts_table, finding_html, plural, short_layer_labels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from moescope.analysis.compare import Comparison, RunSide
+    from moescope.analysis.compare_result import Comparison, RunSide
 
 __all__ = [
     "balance_figure",
@@ -50,12 +51,10 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
     """Two heatmaps (layers x experts) of the expert load (usage fraction x E; 1 =
     uniform), A left and B right, on one colour scale."""
     ma, mb = _load_matrix(cmp, "a"), _load_matrix(cmp, "b")
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     e = max(ma.shape[1], mb.shape[1])
     vmax = float(np.nanmax([np.nanmax(ma), np.nanmax(mb), 1.0]))
-    fig = _new_figure(
-        _clip(4.0 + 0.3 * e, 8.0, 16.0), _clip(1.6 + 0.35 * len(names), 3.0, 12.0), dpi
-    )
+    fig = new_figure(clip(4.0 + 0.3 * e, 8.0, 16.0), clip(1.6 + 0.35 * len(names), 3.0, 12.0), dpi)
     axes = fig.subplots(1, 2, sharey=True)
     im = None
     for ax, m, side in zip(axes, (ma, mb), (cmp.a, cmp.b), strict=True):
@@ -63,17 +62,17 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
             np.ma.masked_invalid(m),
             aspect="auto",
             interpolation="nearest",
-            cmap=_cmap("viridis"),
+            cmap=colormap("viridis"),
             vmin=0.0,
             vmax=vmax,
         )
         ax.set_title(side.label, fontsize="medium")
         ax.set_xlabel("expert")
-        _set_ticks(ax, "x", m.shape[1], None, 16)
-    _set_ticks(axes[0], "y", len(names), names, 24)
+        set_ticks(ax, "x", m.shape[1], None, 16)
+    set_ticks(axes[0], "y", len(names), names, 24)
     axes[0].set_ylabel(f"layer ({pattern})" if pattern else "layer")
     assert im is not None  # set by the loop over the two panels
-    fig.colorbar(im, ax=list(axes), label="load (usage fraction x E; 1 = uniform)", shrink=0.9)
+    fig.colorbar(im, ax=list(axes), label=LOAD_LABEL, shrink=0.9)
     fig.suptitle("Expert load per layer")
     return fig
 
@@ -81,14 +80,14 @@ def usage_side_by_side(cmp: Comparison, dpi: int = 100) -> Figure:
 def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
     """Jensen-Shannon divergence (nats) between the two runs' usage per layer; the y axis
     is scaled to the data (the bound is ln 2 = 0.693)."""
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     js = np.array([x.js for x in cmp.layers], dtype=np.float64)
-    fig = _new_figure(_clip(4.0 + 0.2 * len(names), 7.0, 16.0), 3.6, dpi)
+    fig = new_figure(clip(4.0 + 0.2 * len(names), 7.0, 16.0), 3.6, dpi)
     ax = fig.add_subplot()
     ax.bar(np.arange(len(names)), np.nan_to_num(js), color="#7570b3")
     top = float(np.nanmax(js)) if np.isfinite(js).any() else 0.0
     ax.set_ylim(0, min(math.log(2), top * 1.2) if top > 0 else 0.01)
-    _set_ticks(ax, "x", len(names), names, 30)
+    set_ticks(ax, "x", len(names), names, 30)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     ax.set_ylabel("JS divergence (nats, max ln 2)")
     ax.set_title(f"Routing divergence: {cmp.a.label} vs {cmp.b.label}", fontsize="medium")
@@ -97,14 +96,14 @@ def divergence_bars(cmp: Comparison, dpi: int = 100) -> Figure:
 
 def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
     """Per layer, A and B side by side: CV of usage, max/mean and unused experts."""
-    names, pattern = _short_names([x.layer for x in cmp.layers])
+    names, pattern = short_names([x.layer for x in cmp.layers])
     x = np.arange(len(names))
     panels = (
         ("cv", "CV of usage (0 = balanced)"),
         ("max_over_mean", "max / mean load"),
         ("unused_experts", "unused experts"),
     )
-    fig = _new_figure(_clip(5.0 + 0.25 * len(names), 7.5, 16.0), 7.0, dpi)
+    fig = new_figure(clip(5.0 + 0.25 * len(names), 7.5, 16.0), 7.0, dpi)
     axes = fig.subplots(len(panels), 1, sharex=True)
     w = 0.4
     for ax, (metric, label) in zip(axes, panels, strict=True):
@@ -114,8 +113,14 @@ def balance_figure(cmp: Comparison, dpi: int = 100) -> Figure:
                 x + (j - 0.5) * w, np.nan_to_num(v), width=w, color=_COLOURS[j], label=side.label
             )
         ax.set_ylabel(label, fontsize="small")
+        vals = [lc.metrics[metric][j] for lc in cmp.layers for j in (0, 1)]
+        top = max((float(v) for v in vals if math.isfinite(float(v))), default=0.0)
+        # An all-zero panel (no unused expert in either run) keeps a readable 0..1 axis.
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+        if metric == "unused_experts":
+            ax.yaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    _set_ticks(axes[-1], "x", len(names), names, 30)
+    set_ticks(axes[-1], "x", len(names), names, 30)
     axes[-1].set_xlabel(f"layer ({pattern})" if pattern else "layer")
     fig.suptitle("Balance per layer")
     return fig
@@ -136,7 +141,7 @@ def series_figure(sides: list[RunSide], dpi: int = 100) -> Figure:
     metrics = [m for m in _SERIES_LABELS if any(m in s.series for s in sides)]
     cols = 2
     rows = math.ceil(len(metrics) / cols)
-    fig = _new_figure(11.0, 2.6 * rows + 0.6, dpi)
+    fig = new_figure(11.0, 2.6 * rows + 0.6, dpi)
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True)).reshape(-1)
     for ax, metric in zip(axes, metrics, strict=False):
         for side in sides:
@@ -185,25 +190,71 @@ def _side_rows(cmp: Comparison) -> list[list[str]]:
     return rows
 
 
-def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
-    """Write the figures and ``report.html`` of ``cmp`` into ``out_dir``; returns the
-    report path."""
-    # why: importing moescope.analysis runs its __init__ (torch); this module stays torch-free
-    from moescope.analysis.outdir import write_text
+def _verdict(cmp: Comparison, short: dict[str, str]) -> H.Section:
+    """The opening section: which run is healthier and why, where they differ most, and
+    the findings (with the fix) of each run."""
+    a, b = cmp.a, cmp.b
+    va, vb = cmp.verdict_a, cmp.verdict_b
+    worst = (
+        "critical"
+        if any(v is not None and v.status == "critical" for v in (va, vb))
+        else ("warning" if any(v is not None and v.findings for v in (va, vb)) else "healthy")
+    )
+    sec = H.Section("verdict", "Verdict", cls=f"verdict {worst}")
+    if cmp.healthier is None:
+        head = f"{a.label} and {b.label} are equally healthy by moescope's alert rules."
+    else:
+        other = b.label if cmp.healthier == a.label else a.label
+        head = f"{cmp.healthier} is healthier than {other}."
+    sec.add(H.paragraph(head, "headline"))
+    if cmp.health_reasons:
+        sec.add("<ul>" + "".join(f"<li>{H.escape(r)}</li>" for r in cmp.health_reasons) + "</ul>")
+    most = cmp.differ_most(3)
+    if most:
+        parts = [f"{short.get(x.layer, x.layer)} (JS {fmt_number(x.js)} nats)" for x in most]
+        sec.add(
+            H.paragraph(
+                "Where they differ most: " + ", ".join(parts) + " (Jensen-Shannon divergence "
+                "of expert usage: 0 = same routing, ln 2 = 0.693 = disjoint experts)."
+            )
+        )
+    elif cmp.layers:
+        sec.add(H.paragraph("No layer has the same expert count in both runs: routing is not "
+                            "compared expert by expert (see the balance metrics)."))  # fmt: skip
+    for side, v in ((a, va), (b, vb)):
+        if v is None:
+            continue
+        sec.add(f"<h3>{H.escape(side.label)}: {H.escape(v.headline)}</h3>")
+        for f in v.findings:
+            sec.add(finding_html(f, short))
+    return sec
 
+
+def render_comparison(
+    cmp: Comparison,
+    out_dir: str | Path,
+    *,
+    write_bytes: WriteBytes,
+    write_text: WriteText,
+) -> Path:
+    """Write the figures and ``report.html`` of ``cmp`` into ``out_dir`` with the given
+    writers; returns the report path."""
     out = Path(out_dir)
-    figs = FigureSet(out)
+    figs = FigureSet(out, write_bytes)
     a, b = cmp.a, cmp.b
     sections: list[H.Section] = []
+    short = short_layer_labels([x.layer for x in cmp.layers])
+    lead = [_verdict(cmp, short)]
 
     ov = H.Section("overview", "Overview")
-    ov.add(
-        H.paragraph(
-            f"Mean Jensen-Shannon divergence of expert usage over "
-            f"{len(cmp.layers)} matched layers: {fmt_number(cmp.mean_js)} nats "
-            "(0 = the same routing, ln 2 = 0.693 = disjoint experts)."
+    if math.isfinite(cmp.mean_js):
+        ov.add(
+            H.paragraph(
+                f"Mean Jensen-Shannon divergence of expert usage over "
+                f"{plural(len(cmp.layers), 'matched layer')}: {fmt_number(cmp.mean_js)} nats "
+                "(0 = the same routing, ln 2 = 0.693 = disjoint experts)."
+            )
         )
-    )
     ov.add(H.table(["", a.label, b.label], _side_rows(cmp), left=3))
     if a.kind == "training" or b.kind == "training":
         ov.add(
@@ -215,6 +266,18 @@ def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     sections.append(ov)
 
     us = H.Section("usage", "Expert usage side by side")
+    ea = sorted({x.usage_a.shape[0] for x in cmp.layers})
+    eb = sorted({x.usage_b.shape[0] for x in cmp.layers})
+    if ea != eb:
+        us.add(
+            H.paragraph(
+                f"The runs have different expert counts ({a.label}: E = "
+                f"{', '.join(map(str, ea))}; {b.label}: E = {', '.join(map(str, eb))}): each "
+                "panel shows its own experts, grey cells are experts the layer does not have. "
+                "Load (fraction x E) is comparable across E: 1 = uniform in both.",
+                "banner note",
+            )
+        )
     us.add(
         figs.embed(
             "usage_side_by_side",
@@ -226,11 +289,22 @@ def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     sections.append(us)
 
     dv = H.Section("divergence", "Divergence per layer")
-    dv.add(
-        figs.embed(
-            "divergence", lambda: divergence_bars(cmp), "Jensen-Shannon divergence per layer"
+    if any(math.isfinite(x.js) for x in cmp.layers):
+        dv.add(
+            figs.embed(
+                "divergence", lambda: divergence_bars(cmp), "Jensen-Shannon divergence per layer"
+            )
         )
-    )
+    else:
+        dv.add(
+            H.paragraph(
+                "No divergence to draw: no matched layer has the same number of experts in "
+                "both runs (or a side has no tokens), so expert i of one run is not expert i "
+                "of the other. Compare the balance metrics below, which do not depend on E "
+                "(CV, max/mean, load entropy / log E).",
+                "banner note",
+            )
+        )
     dv.add(
         H.table(
             ["layer", "JS (nats)", f"active experts {a.label}", f"active experts {b.label}"],
@@ -267,43 +341,20 @@ def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
         ts.add(figs.embed("series", lambda: series_figure(trained), "routing metrics over steps"))
         sections.append(ts)
 
-    al = H.Section("alerts", f"Alerts ({len(a.alerts)} / {len(b.alerts)})")
-    for s in (a, b):
-        al.add(f"<h3>{H.escape(s.label)}: {len(s.alerts):,} alerts</h3>")
-        if not s.alerts:
+    al = H.Section("alerts", f"Alerts ({len(a.alerts):,} / {len(b.alerts):,})")
+    al.add(
+        H.paragraph(
+            "Grouped by rule, as the console groups repeated alerts: one row per rule with "
+            "the layers it fired on, how often and since which step, and its worst value. "
+            "Every alert is in comparison.json."
+        )
+    )
+    for s, v in ((a, cmp.verdict_a), (b, cmp.verdict_b)):
+        al.add(f"<h3>{H.escape(s.label)}: {H.escape(plural(len(s.alerts), 'alert'))}</h3>")
+        if not s.alerts or v is None:
             al.add(H.paragraph("No alert."))
             continue
-        al.add(
-            H.table(
-                ["rule", "alerts"],
-                [[k, fmt_number(v)] for k, v in sorted(s.alert_counts().items())],
-            )
-        )
-        shown = s.alerts[:20]
-        al.add(
-            H.table(
-                ["level", "layer", "rule", "message", "step", "value"],
-                [
-                    [
-                        x.get("level", ""),
-                        x.get("layer", ""),
-                        x.get("rule", ""),
-                        x.get("message", ""),
-                        fmt_number(x.get("step")),
-                        fmt_number(x.get("value")),
-                    ]
-                    for x in shown
-                ],
-                left=4,
-            )
-        )
-        if len(s.alerts) > len(shown):
-            al.add(
-                H.paragraph(
-                    f"First {len(shown)} of {len(s.alerts):,} alerts shown "
-                    "(all of them are in comparison.json)."
-                )
-            )
+        al.add(alerts_table(v, short))
     sections.append(al)
 
     if figs.errors:
@@ -324,8 +375,9 @@ def render_comparison(cmp: Comparison, out_dir: str | Path) -> Path:
     document = H.page(
         f"moescope compare: {a.label} vs {b.label}",
         sections,
-        subtitle=f"{a.kind} vs {b.kind}",
+        subtitle=f"{a.label}: {a.description}; {b.label}: {b.description}",
         preamble=preamble,
+        lead=lead,
         footer=f"moescope {__version__}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}",
     )
     return write_text(out, "report.html", document)

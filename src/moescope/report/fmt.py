@@ -52,3 +52,22 @@ def fmt_percent(x: Any, digits: int = 1) -> str:
     if not math.isfinite(v):
         return "-"
     return f"{100 * v:.{digits}f} %"
+
+
+_SHOWN = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "\u2423"}
+
+
+def visible(token: str) -> str:
+    """``token`` with whitespace and control characters made visible for a table cell:
+    space as ``\u2423``, newline as the two characters ``\\n``, other control characters
+    as ``\\xNN``. Text that is already an escape (``decode_bytes``' ``\\xfc``) is left
+    as is, so it is never escaped twice. HTML escaping is the renderer's job."""
+    out = []
+    for ch in token:
+        if ch in _SHOWN:
+            out.append(_SHOWN[ch])
+        elif not ch.isprintable():
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out) or "\u2205"

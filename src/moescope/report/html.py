@@ -38,7 +38,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 
 _STYLE = """
 :root { --fg: #1d1d1f; --muted: #5f6368; --line: #dadce0; --bg2: #f6f8fa; --accent: #1a73e8;
-        --warn: #b06000; --crit: #c5221f; }
+        --warn: #b06000; --crit: #c5221f; --ok: #188038; }
 * { box-sizing: border-box; }
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
        color: var(--fg); margin: 0 auto; padding: 1.5rem 2rem 4rem; max-width: 1200px; }
@@ -71,7 +71,18 @@ span.tok code { background: var(--bg2); border: 1px solid var(--line); border-ra
 .banner.note { background: var(--bg2); border: 1px solid var(--line); font-weight: 400; }
 .alert-warning { color: var(--warn); }
 .alert-critical { color: var(--crit); font-weight: 600; }
+.alert-resolved { color: var(--muted); }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .9em; }
+section.verdict { border: 1px solid var(--line); border-left: 6px solid var(--ok);
+                  border-radius: 6px; padding: .2rem 1.2rem .6rem; margin: 1rem 0; }
+section.verdict.warning { border-left-color: var(--warn); }
+section.verdict.critical { border-left-color: var(--crit); }
+section.verdict h2 { border: 0; margin-top: .6rem; }
+section.verdict p.headline { font-size: 1.1rem; font-weight: 600; margin: .2rem 0 .6rem; }
+div.finding { border-top: 1px solid var(--line); padding: .3rem 0; }
+div.finding h3 { margin: .4rem 0 .2rem; }
+div.finding dl.kv { grid-template-columns: 5.5rem auto; }
+div.finding dd code { white-space: nowrap; }
 footer { color: var(--muted); font-size: .85rem; margin-top: 3rem; border-top: 1px solid var(--line);
          padding-top: .5rem; }
 """
@@ -155,10 +166,15 @@ class Section:
         self.blocks.extend(fragments)
         return self
 
+    #: extra CSS classes of the ``<section>`` (e.g. ``"verdict warning"``).
+    cls: str = ""
+
     def render(self) -> str:
         body = "\n".join(self.blocks)
+        c = f' class="{escape(self.cls)}"' if self.cls else ""
         return (
-            f'<section id="{escape(self.id)}">\n<h2>{escape(self.title)}</h2>\n{body}\n</section>'
+            f'<section id="{escape(self.id)}"{c}>\n<h2>{escape(self.title)}</h2>\n{body}\n'
+            "</section>"
         )
 
 
@@ -168,10 +184,12 @@ def page(
     subtitle: str | None = None,
     preamble: Sequence[str] = (),
     footer: str | None = None,
+    lead: Sequence[Section] = (),
 ) -> str:
-    """The whole HTML document: head (charset, CSP, inline CSS), title, a table of
-    contents, ``preamble`` fragments (banners), the sections, an optional footer."""
-    toc = "".join(f'<a href="#{escape(s.id)}">{escape(s.title)}</a>' for s in sections)
+    """The whole HTML document: head (charset, CSP, inline CSS), title, ``preamble``
+    fragments (banners), the ``lead`` sections (the verdict: first screen, before the
+    table of contents), a table of contents, the sections, an optional footer."""
+    toc = "".join(f'<a href="#{escape(s.id)}">{escape(s.title)}</a>' for s in [*lead, *sections])
     sub = f'<p class="sub">{escape(subtitle)}</p>' if subtitle else ""
     foot = f"<footer>{escape(footer)}</footer>" if footer else ""
     return (
@@ -182,6 +200,7 @@ def page(
         f"<title>{escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{escape(title)}</h1>\n{sub}\n"
         + "\n".join(preamble)
+        + "\n".join(s.render() for s in lead)
         + f'\n<nav class="toc">{toc}</nav>\n'
         + "\n".join(s.render() for s in sections)
         + f"\n{foot}\n</body>\n</html>\n"

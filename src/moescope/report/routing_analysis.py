@@ -1,7 +1,7 @@
 """Figures and HTML of the token-level routing analyses (matplotlib + escaped HTML).
 
-The math is in :mod:`moescope.stats.routing` (re-exported here for compatibility), the
-capture in :mod:`moescope.report.routing_record` (:class:`RoutingRecorder`,
+The math is in :mod:`moescope.stats.routing`, the
+capture in :mod:`moescope.stats.token_recorder` (:class:`RoutingRecorder`,
 :class:`TokenRouting`), token decoding in :mod:`moescope.analysis.decode`.
 
 - :func:`domain_distribution_figure`: grouped bars per expert, one colour per domain, a
@@ -24,57 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moescope.analysis.decode import decode_bytes, make_decoder
-from moescope.report.plots import _clip, _new_figure, _set_ticks, _short_names, _tick_positions
-from moescope.report.routing_record import (
-    RoutingRecorder,
-    TokenRouting,
-    record_domains,
-    record_routing,
-)
+from moescope.plots import clip, new_figure, set_ticks, short_names, tick_positions
 from moescope.stats.routing import (
     DomainDivergence,
     SameExpertRate,
-    TopToken,
-    agreement_chance,
-    domain_divergence,
-    expert_counts,
-    expert_distribution,
-    expert_top_tokens,
-    js_divergence,
-    router_agreement,
-    same_expert_rate,
-    token_passage,
 )
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "DomainDivergence",
-    "RoutingRecorder",
-    "SameExpertRate",
-    "TokenRouting",
-    "TopToken",
-    "agreement_chance",
     "agreement_figure",
     "colored_tokens_html",
-    "decode_bytes",
     "divergence_figure",
     "domain_distribution_figure",
-    "domain_divergence",
-    "expert_counts",
-    "expert_distribution",
     "expert_palette",
-    "expert_top_tokens",
-    "js_divergence",
-    "make_decoder",
-    "record_domains",
-    "record_routing",
-    "router_agreement",
     "same_expert_figure",
-    "same_expert_rate",
-    "token_passage",
 ]
 
 
@@ -235,12 +200,12 @@ def domain_distribution_figure(
     if not chosen:
         raise ValueError("the domains share no layer; nothing to plot")
     e_max = max(np.asarray(dists[d][layer]).shape[0] for d in domains for layer in chosen)
-    w = _clip(3.0 + 0.12 * e_max * max(1, len(domains)) / 2, 7.0, max_size[0])
-    h = _clip(0.8 + 2.2 * len(chosen), 3.0, max_size[1])
-    fig = _new_figure(w, h, dpi)
+    w = clip(3.0 + 0.12 * e_max * max(1, len(domains)) / 2, 7.0, max_size[0])
+    h = clip(0.8 + 2.2 * len(chosen), 3.0, max_size[1])
+    fig = new_figure(w, h, dpi)
     axes = fig.subplots(len(chosen), 1, squeeze=False, sharex=True)[:, 0]
     colours = _TAB10 if len(domains) <= 10 else expert_palette(len(domains))
-    short, pattern = _short_names(list(common))
+    short, pattern = short_names(list(common))
     names = dict(zip(common, short, strict=True))
     width = 0.8 / len(domains)
     for ax, layer in zip(axes, chosen, strict=True):
@@ -263,7 +228,7 @@ def domain_distribution_figure(
     )
     axes[-1].set_xlabel("expert")
 
-    ticks = _tick_positions(e_max, 32)
+    ticks = tick_positions(e_max, 32)
     axes[-1].set_xticks(ticks, [str(t) for t in ticks])
     fig.suptitle(title if title is not None else "Expert assignment per domain")
     return fig
@@ -272,9 +237,9 @@ def domain_distribution_figure(
 def divergence_figure(div: DomainDivergence, *, title: str | None = None, dpi: int = 100) -> Figure:
     """Mean (and, with 3+ domains, max) pairwise Jensen-Shannon divergence (nats) between
     domains per layer; the y axis is scaled to the data (the bound ln 2 is in the label)."""
-    short, pattern = _short_names(div.layers)
+    short, pattern = short_names(div.layers)
     x = np.arange(len(div.layers))
-    fig = _new_figure(_clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
+    fig = new_figure(clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
     ax = fig.add_subplot()
     mean = np.array([div.mean[lay] for lay in div.layers], dtype=np.float64)
     mx = np.array([div.max[lay] for lay in div.layers], dtype=np.float64)
@@ -283,7 +248,7 @@ def divergence_figure(div: DomainDivergence, *, title: str | None = None, dpi: i
         ax.plot(x, mx, marker="^", label="max over pairs")
         ax.legend(frameon=False, fontsize="small")
 
-    _set_ticks(ax, "x", len(x), short, 30)
+    set_ticks(ax, "x", len(x), short, 30)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     ax.set_ylabel("Jensen-Shannon divergence (nats, max ln 2)")
     # Scaled to the data: real divergences are often ~0.01, invisible on a 0..ln 2 axis.
@@ -321,9 +286,9 @@ def agreement_figure(
     layers: list[str] = []
     for s in series.values():
         layers += [lay for lay in s if lay not in layers]
-    short, pattern = _short_names(layers)
+    short, pattern = short_names(layers)
     x = np.arange(len(layers))
-    fig = _new_figure(_clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
+    fig = new_figure(clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
     ax = fig.add_subplot()
     if list(series) == [""]:
         s = series[""]
@@ -335,7 +300,7 @@ def agreement_figure(
         ax.axhline(chance, color="0.4", linestyle="--", linewidth=1, label="chance (K/E)")
     if chance is not None or list(series) != [""]:
         ax.legend(frameon=False, fontsize="small")
-    _set_ticks(ax, "x", len(x), short, 30)
+    set_ticks(ax, "x", len(x), short, 30)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     ax.set_ylabel("top-k overlap |A ∩ B| / K")
@@ -356,9 +321,9 @@ def same_expert_figure(
     layers: list[str] = []
     for s in series.values():
         layers += [lay for lay in s if lay not in layers]
-    short, pattern = _short_names(layers)
+    short, pattern = short_names(layers)
     x = np.arange(len(layers))
-    fig = _new_figure(_clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
+    fig = new_figure(clip(4.0 + 0.15 * len(x), 7.0, 16.0), 4.0, dpi)
     ax = fig.add_subplot()
     modes = set()
     for j, (label, s) in enumerate(series.items()):
@@ -387,7 +352,7 @@ def same_expert_figure(
         color="0.5",
         label="uniform router",
     )
-    _set_ticks(ax, "x", len(x), short, 30)
+    set_ticks(ax, "x", len(x), short, 30)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"layer ({pattern})" if pattern else "layer")
     what = "same first-choice expert" if modes == {"top1"} else "shared expert"

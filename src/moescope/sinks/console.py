@@ -27,10 +27,11 @@ import contextlib
 import importlib.util
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from moescope.alerts import AlertTracker, AlertUpdate, format_update
+from moescope.layer_names import shorten_layer_names
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -46,30 +47,6 @@ COLUMNS: tuple[str, ...] = (
 
 def _f(x: float, digits: int) -> str:
     return f"{x:.{digits}f}" if math.isfinite(x) else "-"
-
-
-def shorten_layer_names(names: Sequence[str]) -> tuple[list[str], str]:
-    """Strip the dotted prefix and suffix all layer names share.
-
-    ``["model.layers.0.mlp", "model.layers.1.mlp"]`` -> ``(["0", "1"], "model.layers.*.mlp")``.
-    With one name, or when stripping would leave an empty name, the names are kept whole
-    and the pattern is ``""``.
-    """
-    if len(names) < 2:
-        return list(names), ""
-    parts = [n.split(".") for n in names]
-    shortest = min(len(p) for p in parts)
-    pre = 0
-    while pre < shortest and len({p[pre] for p in parts}) == 1:
-        pre += 1
-    suf = 0
-    while suf < shortest - pre and len({p[len(p) - 1 - suf] for p in parts}) == 1:
-        suf += 1
-    short = [".".join(p[pre : len(p) - suf]) for p in parts]
-    if (pre == 0 and suf == 0) or any(not s for s in short):
-        return list(names), ""
-    pattern = ".".join([*parts[0][:pre], "*", *parts[0][len(parts[0]) - suf :]])
-    return short, pattern
 
 
 def _row(s: LayerStats) -> list[str]:

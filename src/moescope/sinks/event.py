@@ -4,7 +4,7 @@ A training integration builds one event per window (train or eval) and calls
 ``sink.write(event)`` on every sink, in one place; a sink logs the parts its destination
 can show and ignores the rest. Nothing in an event is computed by a sink: metrics come
 from :meth:`~moescope.stats.snapshot.Snapshot.to_dict`, alerts from
-:class:`~moescope.alerts.AlertRules`, figures from :mod:`moescope.report.plots`.
+:class:`~moescope.alerts.AlertRules`, figures from :mod:`moescope.plots`.
 
 Figures: built once per event by whoever builds the event (the session builds them only
 at heatmap steps and only when some sink has ``wants_figures``), as

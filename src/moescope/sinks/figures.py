@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moescope.report.plots import save_png
+from moescope.plots import save_png
 from moescope.sinks.base import Sink
 
 if TYPE_CHECKING:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moescope.capture.record import RoutingBatch, RoutingRecord, check_record
+from moescope.capture.record import RoutingBatch, RoutingRecord, batch_of_one, check_record
 from moescope.stats.metrics import router_probs, token_entropy, top1_and_margin, z_values
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "layer_state",
     "merge_states",
     "states_to_numpy",
+    "subtract_states",
 ]
 
 #: How each per-layer state entry combines across ranks or windows.
@@ -188,7 +189,8 @@ class RoutingSums:
 
         Args:
             batch: ``topk_index`` [R, T, K] with optional ``logits`` [R, T, E'],
-                ``topk_weight`` [R, T, K], ``token_mask`` [R, T], ``dropped`` [R, T, K].
+                ``topk_weight`` [R, T, K], ``token_mask`` [R, T], ``dropped`` [R, T, K]
+                and ``gate`` [1] (0: add nothing).
             rows: [R] int64 row of each call in this object's state (default
                 ``batch.rows``).
         """
@@ -202,8 +204,12 @@ class RoutingSums:
         idx = b.topk_index.to(dev).long()
         long_kw: dict[str, Any] = {"dtype": torch.long, "device": dev}
 
-        # Valid tokens [R, T]: the mask, and finite router rows (row sums: one pass each).
+        # Valid tokens [R, T]: the mask (and the gate), and finite router rows (row sums:
+        # one pass each).
         valid = None if b.token_mask is None else b.token_mask.to(dev).bool()
+        if b.gate is not None:
+            on = b.gate.to(dev).bool()
+            valid = on.expand(r, t) if valid is None else valid & on
         logits = None if b.logits is None else b.logits.to(dev)
         weight = None if b.topk_weight is None else b.topk_weight.to(dev)
         # One finiteness test over both rows: NaN or inf in either makes the sum
@@ -280,7 +286,8 @@ class RoutingSums:
                 cols.append(torch.zeros_like(top1))
             s["floats"].index_add_(0, rows, torch.stack(cols, -1).sum(1).to(fd))
 
-        ints = [nonfinite, n_valid, n_dropped, per_call[:, e], touched, torch.ones_like(n_valid)]
+        calls = torch.ones_like(n_valid) if b.gate is None else b.gate.to(dev).expand(r)
+        ints = [nonfinite, n_valid, n_dropped, per_call[:, e], touched, calls]
         ints.append(n_valid if has_logits else zeros_r)
         ints.append(n_valid if has_logits and b.score_fn != "probs" else zeros_r)
         ints.append(n_valid if weight is not None else zeros_r)
@@ -402,24 +409,6 @@ class LayerAccumulator:
         self.sums.update(batch_of_one(record, self._row), self._row)
 
 
-def batch_of_one(record: RoutingRecord, rows: torch.Tensor) -> RoutingBatch:
-    """``record`` as a :class:`RoutingBatch` with R = 1 (views only)."""
-    t = record.topk_index.shape[0]
-    k = 1 if record.topk_index.dim() == 1 else record.topk_index.shape[1]
-    lg = record.logits
-    return RoutingBatch(
-        rows=rows,
-        layers=(0,),
-        num_experts=record.num_experts,
-        topk_index=record.topk_index.reshape(1, t, k),
-        logits=None if lg is None else lg.reshape(1, t, lg.shape[-1]),
-        score_fn=record.score_fn,
-        topk_weight=None if record.topk_weight is None else record.topk_weight.reshape(1, t, k),
-        token_mask=None if record.token_mask is None else record.token_mask.reshape(1, t),
-        dropped=None if record.dropped is None else record.dropped.reshape(1, t, k),
-    )
-
-
 class RoutingStats:
     """The routing consumer of one monitor window: :class:`RoutingSums` per (E, K, device).
 
@@ -436,6 +425,7 @@ class RoutingStats:
         self.coactivation = bool(coactivation)
         self.groups: dict[tuple[int, int, torch.device], RoutingSums] = {}
         self.group_of: dict[int, tuple[int, int, torch.device]] = {}
+        self._provisional: set[int] = set()
 
     def _group(self, key: tuple[int, int, torch.device]) -> RoutingSums:
         sums = self.groups.get(key)
@@ -448,7 +438,11 @@ class RoutingStats:
         """Add a batch (all rows share E, K and the device). Device ops only."""
         key = (batch.num_experts, batch.top_k, batch.topk_index.device)
         for layer in set(batch.layers):
-            known = self.group_of.setdefault(layer, key)
+            known = self.group_of.get(layer)
+            if known is None or (known != key and layer in self._provisional):
+                # A row given before any record (ensure) follows the first real record.
+                self.group_of[layer] = known = key
+            self._provisional.discard(layer)
             if known != key:
                 raise ValueError(
                     f"layer #{layer} emitted a record with E={key[0]}, K={key[1]} on "
@@ -463,6 +457,7 @@ class RoutingStats:
         if layer not in self.group_of:
             key = (int(num_experts), int(top_k), torch.device(device))
             self.group_of[layer] = key
+            self._provisional.add(layer)
             self._group(key)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -499,15 +494,41 @@ class RoutingStats:
             sums.reset()
 
 
-def merge_states(
-    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Combine two states (two windows or two ranks) with :data:`REDUCE_OPS`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, va in a.items():
-        op = REDUCE_OPS.get(key, "sum")
-        out[key] = torch.maximum(va, b[key]) if op == "max" else va + b[key]
+def _op(key: str) -> str:
+    # Per-layer keys ("counts") and raw keys ("<group>/counts") share their last name.
+    name = key.rsplit("/", 1)[-1]
+    return REDUCE_OPS.get(name) or RAW_REDUCE_OPS.get(name, "sum")
+
+
+def merge_states(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, Any]:
+    """Combine two states (two windows or two ranks) key by key: sums add, ``unique_max``
+    takes the maximum. Works on per-layer states (:data:`REDUCE_OPS` keys) and on raw
+    :class:`RoutingStats` states (``"<group>/<name>"``), as device tensors or host
+    arrays. ``a=None`` copies ``b``."""
+    if a is None:
+        return {k: _copy(v) for k, v in b.items()}
+    out: dict[str, Any] = {}
+    for key, vb in b.items():
+        va = a[key]
+        if _op(key) == "max":
+            out[key] = torch.maximum(va, vb) if isinstance(va, torch.Tensor) else np.maximum(va, vb)
+        else:
+            out[key] = va + vb
     return out
+
+
+def subtract_states(a: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``a`` minus an earlier reading ``base`` of the same sums (``base=None``: a copy).
+
+    Sums subtract exactly; a maximum (``unique_max``) cannot be undone and keeps ``a``'s
+    value, so it may include calls from before ``base``."""
+    if base is None:
+        return {k: _copy(v) for k, v in a.items()}
+    return {k: _copy(v) if _op(k) == "max" else v - base[k] for k, v in a.items()}
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
 
 
 def states_to_numpy(

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +62,7 @@ __all__ = [
     "NeuronAccumulator",
     "NeuronCalibrator",
     "NeuronOptions",
+    "NeuronStats",
     "NeuronThreshold",
     "activated_counts",
     "activated_mask",
@@ -559,3 +560,95 @@ def neuron_stats_from_state(
         "dead_neurons": dead,
         "hot_neurons": hot,
     }
+
+
+class NeuronStats:
+    """The neuron consumer of one monitor window: a :class:`NeuronAccumulator` per layer.
+
+    Fed by the neuron taps through the capture pipeline
+    (``update_neurons(layer, h, expert_ids, row_valid)``); like every consumer it has
+    ``state()`` / ``reduce_ops()`` / ``reset()``, so the monitor core reduces and copies it
+    to the host with everything else.
+
+    Args:
+        layers: ``{layer index: (E, I, device)}`` of the layers with a neuron tap.
+        options: the neuron settings.
+        threshold: ``layer index -> (mode, value)``, the rule in force for that layer.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[int, tuple[int, int, torch.device]],
+        options: NeuronOptions,
+        threshold: Callable[[int], tuple[ThresholdMode, float]],
+    ) -> None:
+        self.layers = dict(layers)
+        self.options = options
+        self._threshold = threshold
+        self.acc: dict[int, NeuronAccumulator] = {}
+
+    def _get(self, layer: int, device: torch.device | None = None) -> NeuronAccumulator:
+        acc = self.acc.get(layer)
+        if acc is None:
+            e, i, dev = self.layers[layer]
+            with torch.inference_mode(False):
+                acc = self.acc[layer] = NeuronAccumulator(
+                    e,
+                    i,
+                    device=device or dev,
+                    threshold=self._threshold(layer),
+                    hist_bins=self.options.hist_bins,
+                    per_neuron=self.options.per_neuron,
+                )
+        return acc
+
+    def update(self, batch: Any) -> None:
+        """Routing batches carry no activations: nothing to do."""
+
+    def update_neurons(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        expert_ids: torch.Tensor,
+        row_valid: torch.Tensor | None,
+    ) -> None:
+        """Add one expert call's activations ``h`` [N, I] of ``layer`` (device ops)."""
+        with torch.inference_mode(False):
+            self._get(layer, h.device).update(h, expert_ids, row_valid)
+
+    def set_threshold(self) -> None:
+        """Re-read every layer's threshold and zero the sums (a window must not mix
+        thresholds)."""
+        for layer, acc in self.acc.items():
+            acc.threshold = self._threshold(layer)
+            acc.reset()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``"<layer index>/<key>"`` -> device tensor, for every tapped layer."""
+        out: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            for key, v in self._get(layer).state().items():
+                out[f"{layer}/{key}"] = v
+        return out
+
+    def reduce_ops(self) -> dict[str, str]:
+        return {
+            f"{layer}/{key}": NEURON_REDUCE_OPS.get(key, "sum")
+            for layer in self.layers
+            for key in self._get(layer).state()
+        }
+
+    def layer_fields(self, host: Mapping[str, np.ndarray], layer: int) -> dict[str, Any]:
+        """The ``LayerStats`` neuron fields of ``layer`` from a host copy of
+        :meth:`state`."""
+        prefix = f"{layer}/"
+        nstate = {k[len(prefix) :]: v for k, v in host.items() if k.startswith(prefix)}
+        e, i, _ = self.layers[layer]
+        return neuron_stats_from_state(nstate, e, i, hot_k=self.options.hot_neurons)
+
+    def reset(self) -> None:
+        for acc in self.acc.values():
+            acc.reset()
+
+    def nbytes(self) -> int:
+        return sum(a.state_nbytes() for a in self.acc.values())

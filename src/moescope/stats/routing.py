@@ -1,5 +1,5 @@
 """Token-level routing metrics the MoE papers publish: pure numpy on a recorded
-:class:`~moescope.report.routing_record.TokenRouting` (duck-typed: ``layers``,
+:class:`~moescope.stats.token_recorder.TokenRouting` (duck-typed: ``layers``,
 ``num_experts`` {layer: E}, ``token_ids`` [N], ``seq_id`` [N], ``position`` [N], ``topk``
 {layer: [N, K] int}, ``dropped`` {layer: [N, K] bool}).
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 if TYPE_CHECKING:
-    from moescope.report.routing_record import TokenRouting
+    from moescope.stats.token_recorder import TokenRouting
 
 __all__ = [
     "DomainDivergence",

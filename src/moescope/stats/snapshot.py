@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,8 @@ import numpy as np
 
 from moescope._json import json_safe
 from moescope.stats import metrics as M
+from moescope.stats import registry as R
+from moescope.stats.registry import LAYER_SCALAR_METRICS, NEURON_SCALAR_METRICS
 
 __all__ = [
     "LAYER_SCALAR_METRICS",
@@ -43,28 +45,6 @@ __all__ = [
     "Snapshot",
     "layer_stats_from_state",
 ]
-
-#: Per-layer scalar metrics written by ``Snapshot.to_dict`` as ``<prefix>/<layer>/<name>``.
-LAYER_SCALAR_METRICS: tuple[str, ...] = (
-    "cv",
-    "max_over_mean",
-    "unused_experts",
-    "active_experts",
-    "utilization_rate",
-    "routing_entropy",
-    "routing_entropy_norm",
-    "load_entropy_norm",
-    "aux_loss",
-    "z_loss",
-    "top1_prob",
-    "top1_margin",
-    "dropped_fraction",
-    "unique_experts_per_batch",
-    "unique_experts_max",
-    "num_tokens",
-    "nonfinite_tokens",
-    "extra_slots",
-)
 
 _ARRAY_FIELDS = {
     "usage_counts": np.int64,
@@ -82,22 +62,13 @@ _ARRAY_FIELDS = {
     "hot_neurons": np.int64,
 }
 
-#: Per-layer neuron scalars written by ``Snapshot.to_dict`` (only for layers with neuron
-#: statistics, i.e. ``MoEMonitor(neurons=True)``).
-NEURON_SCALAR_METRICS: tuple[str, ...] = (
-    "neuron_sparsity",
-    "activated_neurons_mean",
-    "activated_neurons_std",
-    "dead_neurons",
-)
-
 _INT_FIELDS = (
     "num_experts", "top_k", "num_tokens", "nonfinite_tokens", "extra_slots", "num_slots",
     "num_updates", "intermediate_size", "neuron_rows",
 )  # fmt: skip
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerStats:
     """Routing metrics of one MoE layer over a window (definitions: DESIGN.md).
 
@@ -162,6 +133,25 @@ class LayerStats:
     firing_counts: np.ndarray | None = None
     hot_neurons: np.ndarray | None = None
     neuron_threshold: str | None = None
+
+    def __post_init__(self) -> None:
+        # Counts are ints (NaN only where undefined), whatever arithmetic produced them.
+        for name in R.COUNT_METRICS:
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, int):
+                object.__setattr__(self, name, R.as_count(v))
+        for name, dt in _ARRAY_FIELDS.items():
+            v = getattr(self, name)
+            if v is not None and dt is np.int64 and getattr(v, "dtype", None) != np.int64:
+                object.__setattr__(self, name, np.asarray(v).astype(np.int64))
+
+    def __repr__(self) -> str:
+        """One line: E, K, tokens and the summary metrics (full data: ``to_json_dict``)."""
+        parts = [f"E={self.num_experts}", f"K={self.top_k}"]
+        for m in R.METRICS:
+            if m.column and (not m.neuron or self.has_neurons):
+                parts.append(f"{m.name}={_short(getattr(self, m.name))}")
+        return f"LayerStats({', '.join(parts)})"
 
     @property
     def has_neurons(self) -> bool:
@@ -326,14 +316,87 @@ def layer_stats_from_state(
     )
 
 
-def _mean_finite(values: Iterable[float]) -> float:
-    vals = [v for v in values if math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else math.nan
+def _short_layer_names(names: list[str]) -> dict[str, str]:
+    """Drop the prefix and suffix every layer path shares (``model.layers.3.mlp`` -> ``3``)."""
+    if len(names) < 2:
+        return {n: n for n in names}
+    split = [n.split(".") for n in names]
+    pre = 0
+    while all(len(p) > pre + 1 for p in split) and len({p[pre] for p in split}) == 1:
+        pre += 1
+    suf = 0
+    while all(len(p) > pre + suf + 1 for p in split) and len({p[-1 - suf] for p in split}) == 1:
+        suf += 1
+    out = {n: ".".join(p[pre : len(p) - suf]) or n for n, p in zip(names, split, strict=True)}
+    return out if len(set(out.values())) == len(names) else {n: n for n in names}
 
 
-@dataclass
+class Summary:
+    """A per-layer table of a :class:`Snapshot` (from :meth:`Snapshot.summary`).
+
+    ``header`` [C] column names, ``rows`` [L][C] formatted cells. ``str()`` renders it
+    with rich when installed, as plain text otherwise; ``plain()`` always plain;
+    ``__rich__`` hands rich its Table.
+    """
+
+    def __init__(
+        self, title: str, header: list[str], rows: list[list[str]], width: int | None = None
+    ) -> None:
+        self.title, self.header, self.rows, self.width = title, header, rows, width
+
+    def plain(self) -> str:
+        """Aligned plain-text table (first column left-aligned, numbers right-aligned)."""
+        table = [self.header, *self.rows]
+        w = [max(len(r[i]) for r in table) for i in range(len(self.header))]
+        lines = [self.title]
+        for r in table:
+            cells = [r[0].ljust(w[0])] + [c.rjust(w[i]) for i, c in enumerate(r) if i > 0]
+            lines.append("  ".join(cells).rstrip())
+        return "\n".join(lines)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=self.title, title_justify="left")
+        for i, h in enumerate(self.header):
+            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
+        for r in self.rows:
+            t.add_row(*r)
+        return t
+
+    def __str__(self) -> str:
+        try:
+            from rich.console import Console
+        except ImportError:
+            return self.plain()
+        import io
+
+        buf = io.StringIO()
+        Console(file=buf, width=self.width or 120, color_system=None).print(self)
+        return buf.getvalue().rstrip("\n")
+
+    __repr__ = __str__
+
+
+def _short(v: Any) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    f = float(v)
+    if not math.isfinite(f):
+        return "nan"
+    return f"{f:.4g}"
+
+
+@dataclass(repr=False)
 class Snapshot:
     """All MoE layers' statistics over one window, plus model-level aggregates.
+
+    The aggregates (``snap.avg_expert_cv``, ``snap.total_unused_experts``, ...) are the
+    names of :data:`moescope.stats.registry.AGGREGATES`, computed on access by
+    :func:`moescope.stats.registry.aggregate` (counts as ints); ``aggregates()`` returns
+    them all as floats. ``repr`` is one line; :meth:`summary` gives one row per layer.
 
     Args:
         step: training / evaluation step the window ends at (None when unknown).
@@ -347,130 +410,67 @@ class Snapshot:
 
     # ------------------------------------------------------------ model-level aggregates
 
-    def _active(self) -> list[LayerStats]:
-        return [s for s in self.layers.values() if s.num_tokens > 0]
+    def __getattr__(self, name: str) -> Any:
+        # Model-level aggregates (avg_expert_cv, total_unused_experts, ...) come from the
+        # metric registry; only names not found the normal way reach here.
+        if name in R.AGGREGATES:
+            return R.aggregate(name, self.__dict__.get("layers", {}).values())
+        raise AttributeError(
+            f"{type(self).__name__!s} has no attribute {name!r} (aggregates: "
+            f"{', '.join(R.AGGREGATES)})"
+        )
 
-    def _avg(self, name: str) -> float:
-        return _mean_finite(float(getattr(s, name)) for s in self._active())
+    def __repr__(self) -> str:
+        """One line: step, layers, tokens and the headline aggregates; ``summary()``
+        gives one row per layer."""
+        head = [f"step={self.step}", f"layers={len(self.layers)}"]
+        if self.layers:
+            head.append(f"tokens={self.total_tokens}")
+            for name in ("avg_expert_cv", "max_max_over_mean", "total_unused_experts",
+                         "avg_routing_entropy_norm"):  # fmt: skip
+                head.append(f"{name}={_short(getattr(self, name))}")
+        return f"Snapshot({', '.join(head)})"
 
-    @property
-    def avg_expert_cv(self) -> float:
-        """Mean over layers of the usage CV (the seeds' ``moe/avg_expert_cv``)."""
-        return self._avg("cv")
+    def summary(self, width: int | None = None) -> Summary:
+        """One row per layer with the registry's summary metrics.
 
-    @property
-    def avg_routing_entropy(self) -> float:
-        """Mean over layers of the routing entropy (nats)."""
-        return self._avg("routing_entropy")
+        Returns a :class:`Summary`: ``str()`` / ``repr()`` give a rich table (rendered
+        as text) when ``rich`` is installed, a plain aligned table otherwise, so
+        ``snap.summary()`` at a REPL prints the table.
+        """
+        cols = [m for m in R.METRICS if m.column and (not m.neuron or self.has_neurons)]
+        header = ["layer"] + [m.column for m in cols]
+        rows = []
+        short = _short_layer_names(list(self.layers))
+        for name, s in self.layers.items():
+            row = [short[name]]
+            for m in cols:
+                v = getattr(s, m.name)
+                row.append(f"{_short(v)}/{s.num_experts}" if m.name == "unused_experts" and
+                           v == v else _short(v))  # fmt: skip
+            rows.append(row)
+        tokens = f", {self.total_tokens:,} tokens" if self.layers else ""
+        title = f"Snapshot at step {self.step}: {len(self.layers)} MoE layers{tokens}"
+        return Summary(title, header, rows, width)
 
-    @property
-    def avg_routing_entropy_norm(self) -> float:
-        return self._avg("routing_entropy_norm")
-
-    @property
-    def avg_load_entropy_norm(self) -> float:
-        return self._avg("load_entropy_norm")
-
-    @property
-    def avg_max_over_mean(self) -> float:
-        return self._avg("max_over_mean")
-
-    @property
-    def max_max_over_mean(self) -> float:
-        """The worst layer's imbalance ratio."""
-        vals = [s.max_over_mean for s in self._active() if math.isfinite(s.max_over_mean)]
-        return max(vals) if vals else math.nan
-
-    @property
-    def avg_aux_loss(self) -> float:
-        return self._avg("aux_loss")
-
-    @property
-    def avg_z_loss(self) -> float:
-        return self._avg("z_loss")
-
-    @property
-    def avg_top1_prob(self) -> float:
-        return self._avg("top1_prob")
-
-    @property
-    def avg_utilization_rate(self) -> float:
-        return self._avg("utilization_rate")
-
-    @property
-    def avg_dropped_fraction(self) -> float:
-        return self._avg("dropped_fraction")
-
-    @property
-    def avg_unique_experts_per_batch(self) -> float:
-        return self._avg("unique_experts_per_batch")
-
-    @property
-    def total_unused_experts(self) -> int:
-        """Unused experts summed over layers that saw tokens."""
-        return int(sum(s.unused_experts for s in self._active()))
-
-    @property
-    def total_experts(self) -> int:
-        return int(sum(s.num_experts for s in self.layers.values()))
-
-    @property
-    def total_tokens(self) -> int:
-        """Tokens the model saw in the window: the largest per-layer valid-token count
-        (each layer sees each token once; summing would count L times)."""
-        return max((s.num_tokens for s in self.layers.values()), default=0)
-
-    @property
-    def total_nonfinite_tokens(self) -> int:
-        return int(sum(s.nonfinite_tokens for s in self.layers.values()))
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(R.AGGREGATES))
 
     @property
     def has_neurons(self) -> bool:
         """True when some layer carries neuron statistics."""
         return any(s.has_neurons for s in self.layers.values())
 
-    @property
-    def avg_neuron_sparsity(self) -> float:
-        """Mean over layers with neuron rows of ``neuron_sparsity`` (NaN when none)."""
-        return _mean_finite(
-            float(s.neuron_sparsity)
-            for s in self.layers.values()
-            if s.neuron_sparsity is not None and s.neuron_rows
-        )
-
-    @property
-    def avg_activated_neurons(self) -> float:
-        """Mean over layers with neuron rows of ``activated_neurons_mean``."""
-        return _mean_finite(
-            float(s.activated_neurons_mean)
-            for s in self.layers.values()
-            if s.activated_neurons_mean is not None and s.neuron_rows
-        )
-
-    @property
-    def total_dead_neurons(self) -> float:
-        """Dead neurons summed over layers with neuron rows (NaN when none)."""
-        vals = [
-            float(s.dead_neurons)
-            for s in self.layers.values()
-            if s.dead_neurons is not None and s.neuron_rows and math.isfinite(s.dead_neurons)
-        ]
-        return float(sum(vals)) if vals else math.nan
-
     def aggregates(self) -> dict[str, float]:
-        """Model-level aggregates by name (without prefix)."""
-        names = (
-            "avg_expert_cv", "avg_routing_entropy", "total_unused_experts",
-            "avg_routing_entropy_norm", "avg_load_entropy_norm", "avg_max_over_mean",
-            "max_max_over_mean", "avg_aux_loss", "avg_z_loss", "avg_top1_prob",
-            "avg_utilization_rate", "avg_dropped_fraction", "avg_unique_experts_per_batch",
-            "total_experts", "total_tokens", "total_nonfinite_tokens",
-        )  # fmt: skip
-        out = {n: float(getattr(self, n)) for n in names}
-        if self.has_neurons:
-            for n in ("avg_neuron_sparsity", "avg_activated_neurons", "total_dead_neurons"):
-                out[n] = float(getattr(self, n))
-        return out
+        """Model-level aggregates by name (without prefix), as floats, in registry order
+        (:data:`moescope.stats.registry.AGGREGATES`); the neuron ones only when some layer
+        has neuron statistics."""
+        neurons = self.has_neurons
+        return {
+            name: float(R.aggregate(name, self.layers.values()))
+            for name, (_, a) in R.AGGREGATES.items()
+            if neurons or a.over != "neuron"
+        }
 
     # ------------------------------------------------------------------ serialisation
 

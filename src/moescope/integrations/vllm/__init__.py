@@ -46,6 +46,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "enabled": (bool,),
     "counts_only": (bool,),
     "coactivation": (bool,),
+    "graph_safe": (bool,),
     "jsonl": (str,),
     "prometheus_port": (int,),
     "prometheus_host": (str,),
@@ -85,6 +86,7 @@ def options(
     prometheus_port: int | None = None,
     prometheus_host: str = "127.0.0.1",
     interval: float = 15.0,
+    graph_safe: bool = False,
 ) -> dict[str, Any]:
     """``additional_config`` for ``vllm.LLM(...)`` that turns monitoring on.
 
@@ -95,6 +97,9 @@ def options(
         prometheus_port: serve ``/metrics`` from the worker on this port (0 = any).
         prometheus_host: address the exporter binds (loopback by default).
         interval: seconds per window for the JSONL log and the exporter.
+        graph_safe: accumulate every router call at once into persistent device buffers
+            (what CUDA-graph replay needs). Engines that replay CUDA graphs use it
+            whatever this says; True forces it elsewhere (e.g. to test it on a CPU).
 
     Returns:
         ``{"moescope": {...}}``: pass it as ``LLM(..., additional_config=...)`` (merge it
@@ -106,6 +111,7 @@ def options(
         "coactivation": coactivation,
         "prometheus_host": prometheus_host,
         "interval": float(interval),
+        "graph_safe": bool(graph_safe),
     }
     if jsonl is not None:
         opts["jsonl"] = str(jsonl)

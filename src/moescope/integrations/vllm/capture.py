@@ -5,29 +5,32 @@ A vLLM worker runs the model under ``torch.inference_mode()``, usually compiled 
 ``torch.compile`` with guards dropped, and batches the tokens of many requests (padded
 for CUDA graphs). What this module does about it:
 
-- :func:`capture_op` (``moescope_vllm::capture``) is a ``torch.library.custom_op``: Dynamo
-  keeps it in the graph as one opaque call (no graph break, no guard), and it runs every
-  time the compiled graph runs. It copies ``topk_ids`` (and, unless ``counts_only``, the
-  router logits and combine weights) because vLLM reuses those buffers, and stages them in
-  the monitor's :class:`~moescope.capture.pipeline.CapturePipeline`: the reduction is the
-  same ``RoutingSums`` as every other moescope path (exact int64 counts).
+- :class:`VllmRoutingMonitor` is a front end of the one monitor core
+  (:class:`moescope.core.MonitorCore`): the same pipeline, capture op
+  (``moescope::capture``, opaque to Dynamo, run every time the compiled graph runs),
+  reduction (``RoutingSums``, exact int64 counts) and single host copy as ``MoEMonitor``.
+  :meth:`VllmRoutingMonitor.capture` is what the router wrapper calls; the staged path
+  copies ``topk_ids`` (and, unless ``counts_only``, the router logits and combine weights)
+  because vLLM reuses those buffers.
 - Padding rows and warm-up/profiling forwards are decided when the op *runs*, by two
   callables the vLLM glue installs (:func:`set_runtime_context`): the forward context's
   ``is_padding`` mask becomes the record's ``token_mask``; a paused monitor (inside vLLM's
   ``_dummy_run``) drops the call.
-- :class:`VllmRoutingMonitor` holds the sums of one worker: window snapshots (for the
-  Prometheus exporter and the JSONL log, which reset them) and a running total since the
-  caller's last reset (what ``collective_rpc`` returns), plus the token bookkeeping
-  (tokens routed vs prefix-cache hits) that only the model runner knows.
+- CUDA graphs (``graph_safe=True``, automatic for engines that capture graphs): every call
+  is added at once into persistent buffers; warm-up is excluded by a device gate
+  (:meth:`VllmRoutingMonitor.set_paused`) and padding by a device valid-token count
+  (:meth:`VllmRoutingMonitor.set_valid_tokens`), both read by the kernels at replay: the
+  pattern of vLLM's own EPLB load recorder.
+- The monitor keeps, besides the core's window (for the Prometheus exporter and the JSONL
+  log, which close it), a running total since the caller's last reset (what
+  ``collective_rpc`` returns), plus the token bookkeeping (tokens routed vs prefix-cache
+  hits) that only the model runner knows.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,19 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from moescope.capture.pipeline import CapturePipeline
-from moescope.capture.record import RoutingRecord
-from moescope.stats.accumulator import RAW_REDUCE_OPS, RoutingStats, states_to_numpy
-from moescope.stats.snapshot import LayerStats, Snapshot, layer_stats_from_state
+from moescope.core import CoreLayer, MonitorCore
+from moescope.stats.accumulator import merge_states, subtract_states
+from moescope.stats.snapshot import Snapshot
 
 __all__ = [
     "TOKEN_COUNTERS",
     "VllmLayer",
     "VllmRoutingMonitor",
-    "capture_op",
-    "merge_raw",
+    "served_summary",
     "set_runtime_context",
-    "subtract_raw",
 ]
 
 #: Token bookkeeping kept beside the routing sums (per window and in the total):
@@ -85,9 +85,6 @@ class VllmLayer:
 
 # -------------------------------------------------------------------- runtime context
 
-_MONITORS: weakref.WeakValueDictionary[int, VllmRoutingMonitor] = weakref.WeakValueDictionary()
-_IDS = itertools.count(1)
-
 
 def _no_padding() -> torch.Tensor | None:
     return None
@@ -111,84 +108,20 @@ def set_runtime_context(
     _RUNTIME["paused"] = paused or _not_paused
 
 
-@torch.library.custom_op("moescope_vllm::capture", mutates_args=("ticket",))
-def capture_op(
-    ticket: torch.Tensor,
-    monitor: int,
-    layer: int,
-    topk_ids: torch.Tensor,
-    router_logits: torch.Tensor | None,
-    topk_weights: torch.Tensor | None,
-) -> None:
-    """Stage one router call of layer ``layer`` into monitor ``monitor``.
-
-    Args:
-        ticket: the monitor's 1-element tensor; declared mutated so that compilers keep
-            the call (it is never written).
-        monitor: :attr:`VllmRoutingMonitor.id`.
-        layer: index into the monitor's layers.
-        topk_ids: [T, K] int, logical expert ids chosen per token (rows past the real
-            tokens are padding).
-        router_logits: [T, E'] router scores before selection, or None.
-        topk_weights: [T, K] combine weights, or None.
-    """
-    mon = _MONITORS.get(monitor)
-    if mon is None or _RUNTIME["paused"]():
-        return
-    mon.record(layer, topk_ids, router_logits, topk_weights, _RUNTIME["padding"]())
-
-
-@capture_op.register_fake
-def _capture_fake(*args: object) -> None:
-    return None
-
-
-# -------------------------------------------------------------------- raw state algebra
-
-
-def merge_raw(
-    a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Combine two host copies of :meth:`RoutingStats.state` (keys ``"<group>/<name>"``)
-    with each entry's rule (sum, or max for ``unique_max``). ``a=None`` copies ``b``."""
-    if a is None:
-        return {k: np.array(v, copy=True) for k, v in b.items()}
-    out: dict[str, np.ndarray] = {}
-    for key, vb in b.items():
-        op = RAW_REDUCE_OPS[key.split("/", 1)[1]]
-        out[key] = np.maximum(a[key], vb) if op == "max" else a[key] + vb
-    return out
-
-
-def subtract_raw(
-    a: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None
-) -> dict[str, np.ndarray]:
-    """``a`` minus an earlier reading ``base`` of the same sums (``base=None``: a copy).
-
-    Sums subtract exactly; ``unique_max`` (a maximum) cannot be undone and keeps ``a``'s
-    value, so it may include calls from before ``base``."""
-    if base is None:
-        return {k: np.array(v, copy=True) for k, v in a.items()}
-    out: dict[str, np.ndarray] = {}
-    for key, va in a.items():
-        op = RAW_REDUCE_OPS[key.split("/", 1)[1]]
-        out[key] = np.array(va, copy=True) if op == "max" else va - base[key]
-    return out
-
-
 # -------------------------------------------------------------------- the monitor
 
 
 class VllmRoutingMonitor:
-    """Routing statistics of one vLLM worker's MoE layers.
+    """Routing statistics of one vLLM worker's MoE layers (a front end of the core).
 
     Args:
         layers: the routed MoE layers, in model order.
-        counts_only: stage only ``topk_ids`` (and the padding mask): counts, balance and
+        counts_only: capture only ``topk_ids`` (and the padding mask): counts, balance and
             unique experts per forward, no router-probability metrics (entropy, aux loss,
             top-1). Cheaper (one copy per layer call instead of three).
         coactivation: keep [E, E] co-activation counts per layer.
         budget_bytes: staged bytes that trigger a reduction (see ``CapturePipeline``).
+        graph_safe: accumulate into persistent buffers at every call (CUDA graphs).
 
     Thread safety: :attr:`lock` is held by the vLLM glue around every model-runner step
     and by every snapshot, so a window always holds whole forwards.
@@ -200,6 +133,7 @@ class VllmRoutingMonitor:
         counts_only: bool = False,
         coactivation: bool = True,
         budget_bytes: int = 32 * 2**20,
+        graph_safe: bool = False,
     ) -> None:
         if not layers:
             raise ValueError(
@@ -208,23 +142,23 @@ class VllmRoutingMonitor:
             )
         self.layers = list(layers)
         self.counts_only = bool(counts_only)
-        self.stats = RoutingStats(len(self.layers), coactivation=coactivation)
-        for i, info in enumerate(self.layers):
-            # Every layer gets its row now: the raw state keys never change, so host
-            # copies of different windows can be added key by key.
-            self.stats.ensure(i, info.num_experts, info.top_k, torch.device(info.device))
-        self.pipeline = CapturePipeline(
-            [info.path for info in self.layers],
-            lambda _window: [self.stats],
+        self.graph_safe = bool(graph_safe)
+        self.core = MonitorCore(
+            [
+                CoreLayer(info.path, info.num_experts, info.top_k, torch.device(info.device))
+                for info in self.layers
+            ],
+            coactivation=coactivation,
+            counts_only=counts_only,
+            graph_safe=graph_safe,
             budget_bytes=budget_bytes,
-            counts_only=self.counts_only,
+            process_group=False,  # vLLM ranks report apart (see worker._output_index)
         )
-        self.lock = threading.RLock()
+        self.pipeline = self.core.pipeline
+        self.pipeline.padding = lambda: _RUNTIME["padding"]()
+        self.pipeline.paused = lambda: bool(_RUNTIME["paused"]())
+        self.lock = self.core.lock
         self.model = None  # the exporter's forward lock does not apply (see class doc)
-        self.id = next(_IDS)
-        _MONITORS[self.id] = self
-        with torch.inference_mode(False):
-            self.ticket = torch.zeros(1)
         # Total since the caller's last reset = closed windows (minus what the open window
         # had when the caller reset) + the open window; windows themselves are never cut
         # short by a caller's reset (the exporter and the JSONL log own them).
@@ -241,6 +175,33 @@ class VllmRoutingMonitor:
 
     # ------------------------------------------------------------------ capture
 
+    def capture(
+        self,
+        layer: int,
+        topk_ids: torch.Tensor,
+        router_logits: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+    ) -> None:
+        """One router call of layer ``layer`` (what the router wrapper calls, traced by
+        Dynamo into the capture op). Device ops only, never a host sync.
+
+        Args:
+            layer: index into :attr:`layers`.
+            topk_ids: [T, K] int logical expert ids (rows past the real tokens are padding).
+            router_logits: [T, E'] router scores, or None.
+            topk_weights: [T, K] combine weights, or None.
+        """
+        info = self.layers[layer]
+        self.pipeline.call(
+            layer,
+            info.num_experts,
+            topk_ids,
+            router_logits if info.scores else None,
+            topk_weights,
+            score_fn=info.score_fn,
+            borrowed=True,
+        )
+
     def record(
         self,
         layer: int,
@@ -249,40 +210,35 @@ class VllmRoutingMonitor:
         topk_weights: torch.Tensor | None = None,
         is_padding: torch.Tensor | None = None,
     ) -> None:
-        """Stage one router call (copies; device ops only, never a host sync).
+        """One router call with an explicit padding mask (eager callers and tests).
 
-        Args:
-            layer: index into :attr:`layers`.
-            topk_ids: [T, K] int logical expert ids.
-            router_logits: [T, E'] router scores, or None.
-            topk_weights: [T, K] combine weights, or None.
-            is_padding: [>= T] bool, True for padding rows (the forward context's mask);
-                None when every row is a real token.
+        ``is_padding``: [>= T] bool, True for padding rows; None: every row is real.
         """
         info = self.layers[layer]
         t = topk_ids.shape[0]
-        if t == 0:
-            return
-        ids = topk_ids.reshape(t, -1)
         mask = None
         if is_padding is not None and is_padding.shape[0] >= t:
-            mask = ~is_padding[:t]  # a new tensor: the runner reuses its mask buffer
-        keep_scores = not self.counts_only and info.scores
-        logits = router_logits if keep_scores else None
-        if logits is not None and (logits.dim() != 2 or logits.shape[0] != t):
-            logits = None  # e.g. a router that scores a different row layout
-        weights = None if self.counts_only else topk_weights
-        rec = RoutingRecord(
-            layer=info.path,
-            num_experts=info.num_experts,
-            topk_index=ids.clone(),
-            logits=None if logits is None else logits.detach().clone(),
-            score_fn=info.score_fn,  # type: ignore[arg-type]
-            topk_weight=None if weights is None else weights.reshape(t, -1).detach().clone(),
+            mask = ~is_padding[:t]
+        self.pipeline.call(
+            layer,
+            info.num_experts,
+            topk_ids,
+            router_logits if info.scores else None,
+            topk_weights,
             token_mask=mask,
+            score_fn=info.score_fn,
+            borrowed=True,
         )
-        with self.lock:
-            self.pipeline.stage(rec)
+
+    def set_paused(self, paused: bool) -> None:
+        """Graph-safe: calls run but do not count while paused (vLLM's warm-up and
+        CUDA-graph capture), in a device flag the replayed kernels read."""
+        self.pipeline.set_enabled(not paused)
+
+    def set_valid_tokens(self, n: int | None) -> None:
+        """Graph-safe: the next forward's first ``n`` rows are real tokens (the rest is
+        padding to a CUDA-graph size); a device count the replayed kernels read."""
+        self.pipeline.set_valid_tokens(n)
 
     def count_tokens(self, scheduled: int, prefix_cached: int) -> None:
         """Add one model-runner step's token bookkeeping (host ints from the scheduler)."""
@@ -299,31 +255,27 @@ class VllmRoutingMonitor:
     # ------------------------------------------------------------------ reading
 
     def _read(self, reset: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        with self.lock, torch.inference_mode(False), torch.no_grad():
-            self.pipeline.flush()
-            raw = states_to_numpy({"r": self.stats.state()})["r"]
+        with self.lock:
+            raw = self.core.read("default", reset=reset)["routing"]
             tokens = dict(self._window_tokens)
             if reset:
-                self.stats.reset()
                 self._window_tokens = dict.fromkeys(TOKEN_COUNTERS, 0)
         return raw, tokens
 
     def _snapshot(self, raw: Mapping[str, np.ndarray], step: int | None) -> Snapshot:
-        per_layer = self.stats.layer_states(raw)
-        layers: dict[str, LayerStats] = {}
-        for i, info in enumerate(self.layers):
-            layers[info.path] = layer_stats_from_state(per_layer[i], info.num_experts, info.top_k)
+        layers = self.core.stats({"routing": raw})
         return Snapshot(step=step, layers=layers, time=time.time())
 
-    def snapshot(self, reset: bool = True, step: int | None = None) -> Snapshot:
+    def snapshot(self, reset: bool = False, step: int | None = None) -> Snapshot:
         """Statistics of the current window (what the Prometheus exporter and the JSONL
-        log read). ``reset=True`` closes the window: its sums move into the running
-        total and every :attr:`window_listeners` callback receives it."""
+        log read). Reading never resets unless ``reset=True``, which closes the window:
+        its sums move into the running total and every :attr:`window_listeners` callback
+        receives it."""
         raw, tokens = self._read(reset)
         snap = self._snapshot(raw, self._num_windows if step is None else step)
         if reset:
             with self.lock:
-                self._closed = merge_raw(self._closed, subtract_raw(raw, self._baseline))
+                self._closed = merge_states(self._closed, subtract_states(raw, self._baseline))
                 for k in TOKEN_COUNTERS:
                     self._closed_tokens[k] += tokens[k] - self._baseline_tokens[k]
                 self._baseline = None
@@ -347,7 +299,7 @@ class VllmRoutingMonitor:
         include calls of the window that was open at the reset."""
         with self.lock:
             raw, tokens = self._read(reset=False)
-            merged = merge_raw(self._closed, subtract_raw(raw, self._baseline))
+            merged = merge_states(self._closed, subtract_states(raw, self._baseline))
             counters = {
                 k: self._closed_tokens[k] + tokens[k] - self._baseline_tokens[k]
                 for k in TOKEN_COUNTERS

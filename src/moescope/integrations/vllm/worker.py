@@ -143,10 +143,6 @@ def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) ->
 def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer) -> None:
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
-    ticket, mid = monitor.ticket, monitor.id
-    with_logits = layer.scores
-    op = torch.ops.moescope_vllm.capture
-
     if isinstance(router, BaseRouter):
         # Logical ids (before EPLB mapping) with the logits and weights that chose them.
         inner = router._compute_routing
@@ -154,7 +150,7 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
         @functools.wraps(inner)
         def compute_routing(hidden_states, router_logits, indices_type, **kw):
             weights, ids = inner(hidden_states, router_logits, indices_type, **kw)
-            op(ticket, mid, index, ids, router_logits if with_logits else None, weights)
+            monitor.capture(index, ids, router_logits, weights)
             return weights, ids
 
         router._compute_routing = compute_routing
@@ -170,7 +166,7 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
     @functools.wraps(inner_sel)
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, **kw):
         weights, ids = inner_sel(hidden_states, router_logits, topk_indices_dtype, **kw)
-        op(ticket, mid, index, ids, router_logits if with_logits else None, weights)
+        monitor.capture(index, ids, router_logits, weights)
         return weights, ids
 
     router.select_experts = select_experts
@@ -198,6 +194,17 @@ def paused() -> Iterator[None]:
         _PAUSE.depth -= 1
 
 
+def uses_cuda_graphs(vllm_config: Any, device: torch.device) -> bool:
+    """Whether this engine replays CUDA graphs (then capture must be graph-safe: a replay
+    runs no Python)."""
+    if device.type != "cuda":
+        return False
+    if getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False):
+        return False
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
+
+
 def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRoutingMonitor:
     """Build the worker's monitor for ``model`` and wrap its routers (before compilation)."""
     found = find_layers(model)
@@ -208,20 +215,12 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
             "dense models"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
-    if device.type == "cuda" and mode is not None and getattr(mode, "name", str(mode)) != "NONE":
-        # A replayed graph skips Python: the capture op would run at capture time only
-        # (inside _dummy_run, where counting is paused) and every forward would be missing.
-        raise RuntimeError(
-            f"moescope cannot count routing inside CUDA graphs (cudagraph_mode={mode}); "
-            "monitor with LLM(..., enforce_eager=True) or "
-            "compilation_config={'cudagraph_mode': 'NONE'} (vllm serve: --enforce-eager)"
-        )
     layers = [_layer_info(p, m, r, device) for p, m, r in found]
     monitor = VllmRoutingMonitor(
         layers,
         counts_only=bool(opts.get("counts_only", False)),
         coactivation=bool(opts.get("coactivation", True)),
+        graph_safe=uses_cuda_graphs(vllm_config, device) or bool(opts.get("graph_safe")),
     )
     for i, ((_, _, router), info) in enumerate(zip(found, layers, strict=True)):
         _wrap_router(router, monitor, i, info)
@@ -358,8 +357,17 @@ def _patch_runner() -> None:
 
     @functools.wraps(dummy)
     def _dummy_run(self, *args, **kwargs):
+        monitor = STATE["monitor"]
         with paused():
-            return dummy(self, *args, **kwargs)
+            if monitor is None or not monitor.graph_safe:
+                return dummy(self, *args, **kwargs)
+            # Graph capture happens in here: the captured kernels read the gate (off now,
+            # on at every later replay) instead of Python's pause flag.
+            monitor.set_paused(True)
+            try:
+                return dummy(self, *args, **kwargs)
+            finally:
+                monitor.set_paused(False)
 
     @functools.wraps(execute)
     def execute_model(self, scheduler_output, *args, **kwargs):
@@ -367,6 +375,11 @@ def _patch_runner() -> None:
         if monitor is None or _paused():
             return execute(self, scheduler_output, *args, **kwargs)
         with monitor.lock:
+            if monitor.graph_safe:
+                # Rows past the scheduled tokens are padding to a CUDA-graph size.
+                monitor.set_valid_tokens(
+                    int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)) or None
+                )
             out = execute(self, scheduler_output, *args, **kwargs)
             cached = sum(
                 int(getattr(r, "num_computed_tokens", 0) or 0)

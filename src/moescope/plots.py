@@ -1,4 +1,5 @@
-"""Matplotlib figures of expert routing: usage heatmaps and time series.
+"""Matplotlib figures of expert routing: usage heatmaps, time series, and the figure
+helpers the sinks (``FigureDirSink``, TensorBoard, W&B, MLflow) and the HTML reports share.
 
 All functions build a ``matplotlib.figure.Figure`` directly on the Agg canvas (no
 ``pyplot``, so no global figure registry to leak and no display needed) and return it;
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moescope._optional import require
+from moescope.layer_names import shorten_layer_names
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -29,17 +31,27 @@ if TYPE_CHECKING:
     from moescope.stats.snapshot import Snapshot
 
 __all__ = [
+    "LOAD_LABEL",
+    "clip",
+    "colormap",
     "entropy_over_time",
+    "new_figure",
     "save_png",
+    "set_ticks",
+    "short_names",
+    "tick_positions",
     "usage_heatmap",
     "usage_matrix",
     "usage_over_time",
 ]
 
 _BAD_COLOUR = "#d9d9d9"  # layers / windows without tokens (NaN)
+#: The unit every expert-load heatmap uses (training heatmaps and HTML reports alike).
+LOAD_LABEL = "load = usage fraction x E (1 = uniform)"
 
 
-def _new_figure(width: float, height: float, dpi: int) -> Figure:
+def new_figure(width: float, height: float, dpi: int) -> Figure:
+    """A matplotlib Figure (constrained layout) on the Agg canvas; needs the ``plots`` extra."""
     require("matplotlib", "plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -49,17 +61,19 @@ def _new_figure(width: float, height: float, dpi: int) -> Figure:
     return fig
 
 
-def _cmap(name: str) -> Any:
+def colormap(name: str) -> Any:
+    """The matplotlib colour map ``name`` with NaN drawn in light grey."""
     import matplotlib
 
     return matplotlib.colormaps[name].with_extremes(bad=_BAD_COLOUR)
 
 
-def _clip(x: float, lo: float, hi: float) -> float:
+def clip(x: float, lo: float, hi: float) -> float:
+    """``x`` limited to ``[lo, hi]`` (figure sizes)."""
     return float(min(max(x, lo), hi))
 
 
-def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
+def tick_positions(n: int, max_ticks: int) -> np.ndarray:
     """Indices 0, s, 2s, ... with a stride s from 1, 2, 5 x 10^k giving <= max_ticks."""
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -76,10 +90,8 @@ def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
     return np.arange(0, n, stride, dtype=np.int64)
 
 
-def _short_names(names: Sequence[str]) -> tuple[list[str], str]:
-    # why: moescope.sinks imports torch; the plotting module stays torch-free
-    from moescope.sinks.console import shorten_layer_names
-
+def short_names(names: Sequence[str]) -> tuple[list[str], str]:
+    """``(short names, pattern)`` of layer paths (see :func:`moescope.layer_names.shorten_layer_names`)."""
     return shorten_layer_names(list(names))
 
 
@@ -104,10 +116,11 @@ def usage_matrix(snapshot: Snapshot, value: str = "fraction") -> tuple[list[str]
     return names, m
 
 
-def _set_ticks(
+def set_ticks(
     ax: Axes, axis: str, n: int, labels: Sequence[str] | None, max_ticks: int, offset: float = 0.0
 ) -> None:
-    idx = _tick_positions(n, max_ticks)
+    """Ticks and labels of ``axis`` ("x" or "y"): at most ``max_ticks`` of ``n`` positions."""
+    idx = tick_positions(n, max_ticks)
     lab = [str(i) for i in idx] if labels is None else [labels[i] for i in idx]
     if axis == "x":
         ax.set_xticks(idx + offset, lab)
@@ -118,7 +131,7 @@ def _set_ticks(
 def usage_heatmap(
     snapshot: Snapshot,
     *,
-    value: str = "fraction",
+    value: str = "load",
     title: str | None = None,
     max_ticks: int = 20,
     max_size: tuple[float, float] = (16.0, 12.0),
@@ -134,8 +147,9 @@ def usage_heatmap(
 
     Args:
         snapshot: the window to draw.
-        value: ``"fraction"`` (usage fraction) or ``"load"`` (fraction x E).
-        title: default ``"Expert usage, step <step>"``.
+        value: ``"load"`` (usage fraction x E, 1 = uniform: the unit of every heatmap
+            moescope draws, training and reports) or ``"fraction"`` (usage fraction).
+        title: default ``"Expert load, step <step>"`` (``"Expert usage, ..."`` for fractions).
         max_ticks: tick labels per axis at most.
         max_size: (width, height) cap in inches.
         dpi: dots per inch (pixel size = inches x dpi).
@@ -143,9 +157,9 @@ def usage_heatmap(
     """
     names, m = usage_matrix(snapshot, value)
     n_layers, n_exp = m.shape
-    w = _clip(3.0 + 0.09 * n_exp, 6.0, max_size[0])
-    h = _clip(1.8 + 0.22 * n_layers, 3.0, max_size[1])
-    fig = _new_figure(w, h, dpi)
+    w = clip(3.0 + 0.09 * n_exp, 6.0, max_size[0])
+    h = clip(1.8 + 0.22 * n_layers, 3.0, max_size[1])
+    fig = new_figure(w, h, dpi)
     ax = fig.add_subplot()
     finite = m[np.isfinite(m)]
     vmax = float(finite.max()) if finite.size else 1.0
@@ -153,19 +167,23 @@ def usage_heatmap(
         np.ma.masked_invalid(m),
         aspect="auto",
         interpolation="nearest",
-        cmap=_cmap(cmap),
+        cmap=colormap(cmap),
         vmin=0.0,
         vmax=max(vmax, 1e-12),
     )
-    short, pattern = _short_names(names)
-    _set_ticks(ax, "x", n_exp, None, max_ticks)
-    _set_ticks(ax, "y", n_layers, short, max_ticks)
+    short, pattern = short_names(names)
+    set_ticks(ax, "x", n_exp, None, max_ticks)
+    set_ticks(ax, "y", n_layers, short, max_ticks)
     ax.set_xlabel("expert")
     ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
     step = "?" if snapshot.step is None else snapshot.step
-    ax.set_title(title if title is not None else f"Expert usage, step {step}")
-    label = "usage fraction" if value == "fraction" else "load (fraction x E; 1 = uniform)"
+    what = "usage" if value == "fraction" else "load"
+    ax.set_title(title if title is not None else f"Expert {what}, step {step}")
+    label = "usage fraction" if value == "fraction" else LOAD_LABEL
     fig.colorbar(im, ax=ax, label=label, shrink=0.9)
+    # why: constrained layout moves a tick label by a pixel between the first and second
+    # draw; settling it here makes every save of the figure (a sink's, save_png) identical.
+    fig.draw_without_rendering()
     return fig
 
 
@@ -192,8 +210,9 @@ def usage_over_time(
 ) -> Figure:
     """Expert usage fraction of one layer over the recorded steps.
 
-    ``kind="area"``: stacked areas (each band one expert, bands sum to 1), legible for a
-    few experts; ``"heatmap"``: experts x steps (colour = usage fraction), legible for 128;
+    ``kind="area"``: stacked areas of the usage fraction (each band one expert, bands sum
+    to 1), legible for a few experts; ``"heatmap"``: experts x steps, colour = load (usage
+    fraction x E, 1 = uniform, as in :func:`usage_heatmap`), legible for 128;
     ``"auto"``: area up to ``max_area_experts`` experts, heatmap beyond. Windows without
     tokens are gaps (grey in the heatmap).
 
@@ -212,16 +231,18 @@ def usage_over_time(
     n_steps, n_exp = frac.shape
     if kind == "auto":
         kind = "area" if n_exp <= max_area_experts else "heatmap"
-    w = _clip(7.0 + 0.02 * n_steps, 8.0, max_size[0])
+    w = clip(7.0 + 0.02 * n_steps, 8.0, max_size[0])
     h = (
-        _clip(2.0 + 0.06 * n_exp, 3.5, max_size[1])
+        clip(2.0 + 0.06 * n_exp, 3.5, max_size[1])
         if kind == "heatmap"
-        else _clip(4.0, 3.0, max_size[1])
+        else clip(4.0, 3.0, max_size[1])
     )
-    fig = _new_figure(w, h, dpi)
+    fig = new_figure(w, h, dpi)
     ax = fig.add_subplot()
     if kind == "area":
-        colours = _cmap("tab20" if n_exp <= 20 else cmap)(np.linspace(0, 1, max(n_exp, 2))[:n_exp])
+        colours = colormap("tab20" if n_exp <= 20 else cmap)(
+            np.linspace(0, 1, max(n_exp, 2))[:n_exp]
+        )
         ax.stackplot(
             steps, np.nan_to_num(frac.T), colors=colours, labels=[f"e{e}" for e in range(n_exp)]
         )
@@ -239,15 +260,15 @@ def usage_over_time(
         mesh = ax.pcolormesh(
             _edges(steps),
             np.arange(n_exp + 1) - 0.5,
-            np.ma.masked_invalid(frac.T),
-            cmap=_cmap(cmap),
+            np.ma.masked_invalid(frac.T * n_exp),
+            cmap=colormap(cmap),
             vmin=0.0,
             shading="flat",
         )
         ax.set_ylim(n_exp - 0.5, -0.5)  # expert 0 on top, like the layer heatmap
-        _set_ticks(ax, "y", n_exp, None, max_ticks)
+        set_ticks(ax, "y", n_exp, None, max_ticks)
         ax.set_ylabel("expert")
-        fig.colorbar(mesh, ax=ax, label="usage fraction", shrink=0.9)
+        fig.colorbar(mesh, ax=ax, label=LOAD_LABEL, shrink=0.9)
     ax.xaxis.set_major_locator(_max_n_locator(max_ticks, w))
     ax.set_xlabel("step")
     ax.set_title(title if title is not None else f"Expert usage over time: {layer}")
@@ -300,11 +321,11 @@ def entropy_over_time(
         m[i, np.searchsorted(all_steps, s)] = v
     if kind == "auto":
         kind = "lines" if len(names) <= max_lines else "heatmap"
-    short, pattern = _short_names(names)
+    short, pattern = short_names(names)
     unit = " (nats)" if metric == "routing_entropy" else ""
-    w = _clip(7.0 + 0.02 * all_steps.size, 8.0, max_size[0])
+    w = clip(7.0 + 0.02 * all_steps.size, 8.0, max_size[0])
     if kind == "lines":
-        fig = _new_figure(w, _clip(4.0, 3.0, max_size[1]), dpi)
+        fig = new_figure(w, clip(4.0, 3.0, max_size[1]), dpi)
         ax = fig.add_subplot()
         for i, n in enumerate(short):
             ax.plot(all_steps, m[i], marker="." if all_steps.size < 50 else None, label=n)
@@ -318,17 +339,17 @@ def entropy_over_time(
                 frameon=False,
             )
     else:
-        fig = _new_figure(w, _clip(2.0 + 0.12 * len(names), 3.5, max_size[1]), dpi)
+        fig = new_figure(w, clip(2.0 + 0.12 * len(names), 3.5, max_size[1]), dpi)
         ax = fig.add_subplot()
         mesh = ax.pcolormesh(
             _edges(all_steps),
             np.arange(len(names) + 1) - 0.5,
             np.ma.masked_invalid(m),
-            cmap=_cmap(cmap),
+            cmap=colormap(cmap),
             shading="flat",
         )
         ax.set_ylim(len(names) - 0.5, -0.5)
-        _set_ticks(ax, "y", len(names), short, max_ticks)
+        set_ticks(ax, "y", len(names), short, max_ticks)
         ax.set_ylabel(f"layer ({pattern})" if pattern else "layer")
         fig.colorbar(mesh, ax=ax, label=f"{metric}{unit}", shrink=0.9)
     ax.xaxis.set_major_locator(_max_n_locator(max_ticks, w))

@@ -1,4 +1,4 @@
-"""Token-level routing capture for the analyses papers publish (``routing_analysis``).
+"""Token-level routing capture for the analyses papers publish (:mod:`moescope.stats.routing`).
 
 The monitor (``moescope.monitor``) keeps O(E) sums per layer; the analyses of the Mixtral
 paper (Jiang et al. 2024, §5: per-domain expert assignment, coloured text, consecutive
@@ -59,7 +59,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,7 +72,9 @@ from moescope.capture.adapter import (
     forward_argument,
 )
 from moescope.capture.record import RoutingBatch, RoutingRecord
-from moescope.monitor import MoEMonitor
+
+if TYPE_CHECKING:
+    from moescope.monitor import MoEMonitor
 
 __all__ = ["RoutingRecorder", "TokenRouting", "record_domains", "record_routing"]
 
@@ -240,6 +242,11 @@ class RoutingRecorder:
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if monitor is None:
+            # why: the monitor is the layer above the consumers; the recorder builds a
+            # private one only on this convenience path (import graph: the one allowed
+            # upward edge, tests/test_import_graph.py).
+            from moescope.monitor import MoEMonitor
+
             monitor = MoEMonitor(
                 model,
                 adapters=None if adapters is None else list(adapters),
