@@ -15,6 +15,9 @@ from moescope.capture.record import RoutingRecord
 from moescope.nn.model import TinyMoEConfig, TinyMoELM
 from moescope.stats import LayerAccumulator, LayerStats, layer_stats_from_state, states_to_numpy
 
+REFERENCE_MODELS = Path(__file__).parent / "data" / "reference" / "models"
+"""Real MoE configs with published and exact parameter counts (tests/data/reference/README.md)."""
+
 
 def random_layer_stats(
     seed: int,

@@ -882,7 +882,9 @@ def check_family(family: str, neurons: bool = True) -> FamilyResult:
     # 2b. a router whose first output is already a distribution is reported as such.
     for path, flags in gt.slot0_is_probs.items():
         info = found.get(path)
-        fn = info.extra.get("score_fn") if info is not None else None
+        # The generic adapter reads score_fn off the router; dedicated ones hard-code theirs.
+        generic = info is not None and info.adapter == "transformers.generic"
+        fn = info.score_fn if generic and info is not None else None
         if fn is not None and flags and all(flags) != (fn == "probs"):
             res.problems.append(
                 f"{path}: router output 0 {'is' if all(flags) else 'is not'} a distribution, "

@@ -359,4 +359,9 @@ def test_tokenizer_name_is_the_model_not_the_class(tmp_path: Path) -> None:
     loaded = load_model(d)
     assert loaded.tokenizer_name == "word-moe"
     assert type(loaded.tokenizer).__name__ not in loaded.tokenizer_name
-    assert load_model(tmp_path / "word-moe" / "config.json").tokenizer_name == "bytes (ids 0-255)"
+    # A config.json given by path uses the tokenizer saved next to it.
+    assert load_model(tmp_path / "word-moe" / "config.json").tokenizer_name == "word-moe"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "config.json").write_text(json.dumps(TINY_MIXTRAL))
+    assert load_model(alone / "config.json").tokenizer_name == "bytes (ids 0-255)"

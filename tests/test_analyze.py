@@ -4,6 +4,7 @@ holds; bad input exits 2 with one line; torchrun splits the data without losing 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -275,9 +276,13 @@ def test_threshold_specs() -> None:
             parse_threshold(bad)
 
 
-def _word_tokenizer_dir(path: Path) -> Any:
-    """A directory with a small word-level tokenizer (built locally) and a Mixtral
-    config.json without weights: random weights + the directory's own tokenizer."""
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def _word_tokenizer_dir(path: Path, chat_template: str | None = None) -> Any:
+    """A directory with a small word-level tokenizer (built locally, with ``chat_template``
+    if given) and a Mixtral config.json without weights: random weights + the directory's
+    own tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -311,7 +316,11 @@ def _word_tokenizer_dir(path: Path) -> Any:
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if chat_template is not None:
+        tok.add_special_tokens(["<|user|>", "<|assistant|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", chat_template=chat_template
+    )
     fast.save_pretrained(path)
     (path / "config.json").write_text(json.dumps({**TINY_MIXTRAL, "vocab_size": 64}))
     return fast
@@ -347,6 +356,40 @@ def test_tokenizer_directory_and_chunked_encoding(tmp_path: Path) -> None:
     tops = summary["routing_analysis"]["top_tokens"]["bisect"]
     decoded = {t[0] for v in tops.values() for t in v}
     assert decoded <= {*fast.get_vocab()}, decoded  # decoded through the tokenizer
+
+
+def test_chat_jsonl_with_the_model_directory_tokenizer(tmp_path: Path) -> None:
+    """Chat records are accepted when the model directory has a tokenizer with a chat
+    template (the pre-flight data check runs before the tokenizer is loaded), also when
+    --model names the config.json next to the tokenizer; the token count is the
+    template's rendering encoded by the tokenizer, independently of moescope."""
+    import jinja2
+
+    from moescope.cli import main
+
+    model_dir = tmp_path / "chatmodel"
+    fast = _word_tokenizer_dir(model_dir, CHAT_TEMPLATE)
+    chats = [
+        [
+            {"role": "user", "content": "def x ( a ) :"},
+            {"role": "assistant", "content": "return a"},
+        ],
+        [{"role": "user", "content": "for x in a : mid = lo + hi"}],
+    ] * 20
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    render = env.from_string(CHAT_TEMPLATE)
+    want = sum(
+        len(fast(render.render(messages=c), add_special_tokens=False)["input_ids"]) for c in chats
+    )
+    for i, model in enumerate((model_dir, model_dir / "config.json")):
+        out = tmp_path / f"o{i}"
+        args = ["analyze", "--model", str(model), "--data", str(data), "--out", str(out)]
+        assert main([*args, "--seq-len", "16", "--batch-size", "2", "--no-progress"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["total_tokens"] == want
+        assert summary["model"]["tokenizer"].startswith("WordLevel"), summary["model"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -554,9 +597,10 @@ def test_ctrl_c_exits_130_with_a_partial_report(ckpt: Path, tmp_path: Path) -> N
 
     def read() -> None:
         assert proc.stderr is not None
-        for chunk in iter(lambda: proc.stderr.read(64), ""):
-            err.append(chunk)
-            if "ktok" in "".join(err)[-400:]:  # the bar shows thousands of tokens done
+        # stderr is a pipe, so no bar: whole lines, the first one once a forward is done
+        for line in iter(proc.stderr.readline, ""):
+            err.append(line)
+            if "streaming (first forward done)" in line:
                 started.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -577,7 +621,7 @@ def test_ctrl_c_exits_130_with_a_partial_report(ckpt: Path, tmp_path: Path) -> N
     assert stdout.strip() == f"report: {out / 'report.html'}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partial"] is True
-    assert 1000 <= summary["total_tokens"] < big.stat().st_size
+    assert 2 * 32 <= summary["total_tokens"] < big.stat().st_size  # >= the first forward
     assert summary["total_tokens"] == summary["data"][0]["tokens"]
     assert "Partial report" in (out / "report.html").read_text()
 
@@ -726,3 +770,31 @@ def test_stdin_data_and_dtype_flag(ckpt: Path, tmp_path: Path) -> None:
     ]  # 300 = 4 forwards of [2, 32], [1, 32], [1, 12]
     assert summary["model"]["dtype"] == "bfloat16" and summary["total_tokens"] == 300
     assert summary["settings"]["dtype"] == "bfloat16"
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr redirected to a file or pipe: no bar, so no line per update in the log;
+    on a terminal the bar is drawn (tqdm)."""
+    from moescope.analysis import run as run_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = run_mod._progress(None, True)
+    bar.update(5)
+    bar.close()
+    assert "moescope analyze" in term.getvalue()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = run_mod._progress(None, True)
+    for _ in range(30):
+        bar.update(5)
+    bar.close()
+    # Two lines whatever the number of updates: streaming started, tokens at the end.
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
+    assert lines[0] == "moescope analyze: streaming (first forward done)"
+    assert lines[1].startswith("moescope analyze: 150 tokens in ")

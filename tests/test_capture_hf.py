@@ -83,7 +83,7 @@ def test_layers_found_by_structure(family: str) -> None:
         assert info.adapter == "transformers.generic"
         assert (info.num_experts, info.top_k) == (8, 2)
         want = "sigmoid" if family in SIGMOID_FAMILIES else "softmax"
-        assert info.extra["score_fn"] == want
+        assert info.score_fn == want
 
 
 @pytest.mark.parametrize("family", FAMILIES)

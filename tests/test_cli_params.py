@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
+from conftest import REFERENCE_MODELS
 from moescope.cli import main
 from moescope.cost import count_parameters, flops_per_token
 
 pytest.importorskip("transformers")
 
-MODELS_DIR = Path(__file__).parents[1].parent / "shared" / "reference" / "models"
+MODELS_DIR = REFERENCE_MODELS
 
 TINY_CONFIG: dict[str, Any] = {
     "model_type": "mixtral",
@@ -68,8 +69,6 @@ def test_json_subprocess_equals_api(tiny_config: Path) -> None:
 @pytest.mark.parametrize("name", ["deepseek-v3", "gpt-oss-20b"])
 def test_reference_file_json_in_process(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = MODELS_DIR / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"reference config {path} not found (shared/ next to the repo)")
     exact = json.loads(path.read_text())["exact"]
     for conv in ("both", "head", "none"):
         assert main(["params", str(path), "--embeddings", conv, "--json"]) == 0
@@ -171,6 +170,19 @@ def test_bad_option_values(tiny_config: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown convention
         main(["params", str(tiny_config), "--embeddings", "input"])
     assert exc.value.code == 2
+    capsys.readouterr()
+    # --attention sets how attention FLOPs are counted: without --seq-len there are none.
+    assert main(["params", str(tiny_config), "--attention", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "--attention full" in err and "add --seq-len" in err
+    # With --seq-len, full attention counts S keys per token, causal (the default) (S+1)/2.
+    runs = {}
+    for extra in ([], ["--attention", "causal"], ["--attention", "full"]):
+        assert main(["params", str(tiny_config), "--seq-len", "16", "--json", *extra]) == 0
+        runs[tuple(extra)] = json.loads(capsys.readouterr().out)["flops"]
+    assert runs[()] == runs[("--attention", "causal")]
+    full, causal = runs[("--attention", "full")], runs[()]
+    assert full["attention_flops"] == pytest.approx(causal["attention_flops"] * 16 / 8.5)
 
 
 def test_multimodal_config_reports_towers(
@@ -196,3 +208,25 @@ def test_multimodal_config_reports_towers(
     assert (
         out["total_params"] == api.total_params == sum(p.numel() for p in built.model.parameters())
     )
+
+
+def test_saved_tiny_moe_directory(tmp_path: Path) -> None:
+    """A saved TinyMoELM directory (model_type moescope_tiny_moe) is counted like any
+    save_pretrained directory; the counts equal the real model's parameters."""
+    from conftest import save_tiny_checkpoint
+    from moescope.nn.hf import TinyMoEForCausalLM
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    model = TinyMoEForCausalLM.from_pretrained(ckpt)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    # per routed expert: gate/up (H -> I twice) and down (I -> H), no biases
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    inactive = cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    # A fresh process: nothing has imported moescope.nn.hf (which registers the type).
+    proc = _run("params", str(ckpt), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model_type"] == "moescope_tiny_moe"
+    assert out["total_params"] == total
+    assert out["active_params"] == total - inactive

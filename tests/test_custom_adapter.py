@@ -215,3 +215,33 @@ def test_user_adapter_wins_over_builtin() -> None:
     finally:
         unregister_adapter(mine)
     assert mine not in default_adapters()
+
+
+def test_layer_info_carries_typed_fields_not_extra() -> None:
+    """What adapters, neuron capture and cost read from each other are typed LayerInfo
+    fields; ``extra`` stays empty for the built-in adapters (private to an adapter)."""
+    model = G3MoE()
+    adapter = SimpleAdapter(
+        match=lambda path, m: isinstance(m, G3MoE),
+        target="router",
+        num_experts=6,
+        top_k=2,
+        extract=lambda mod, args, out: {"topk_weight": out[0], "topk_index": out[1]},
+    )
+    (info,) = MoEMonitor(model, adapters=[adapter], attach=False).layers
+    assert info.hooked is model.router and info.extra == {}
+    assert info.experts is None and info.score_fn == "softmax"
+
+    pytest.importorskip("transformers")
+    import inspect
+
+    from hf_tiny import build_tiny
+
+    hf, _ = build_tiny("qwen3_moe")
+    infos = MoEMonitor(hf, attach=False).layers
+    assert infos
+    for info in infos:
+        experts = info.module.experts
+        names = list(inspect.signature(experts.forward).parameters)
+        assert info.experts is experts and info.extra == {}
+        assert (info.index_arg, info.weight_arg) == (names[1], names[2])

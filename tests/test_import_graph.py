@@ -27,8 +27,10 @@ PKG = SRC / "moescope"
 #: (``moescope`` itself, the package ``__init__``, re-exports the public API and is the top.)
 LAYERS: tuple[tuple[str, ...], ...] = (
     (
+        "moescope._cliopts",
         "moescope._json",
         "moescope._optional",
+        "moescope._rundir",
         "moescope._text",
         "moescope.errors",
         "moescope.layer_names",

@@ -146,7 +146,7 @@ def test_fit_with_validation_and_grad_accumulation(tmp_path) -> None:
             assert m[f"moe/{layer}/num_tokens"] == micro * BATCH * SEQ
         assert math.isfinite(m["moe/avg_routing_entropy"])
         assert "moe/total_unused_experts" in m
-    history = cb.session.train_monitor.history
+    history = cb.session.monitor.history
     for layer in LAYERS:
         steps, counts = history.as_array(layer)
         assert steps.tolist() == [2, 4, 5]

@@ -131,8 +131,11 @@ def test_session_hooks_every_module_exactly_like_one_monitor(track_eval: bool) -
     session.attach(model)  # idempotent
     assert _delta(_hook_table(model), before) == one_monitor
     assert session.monitor is not None and session.monitor.split_by_mode
-    assert session.train_monitor is session.monitor
-    assert session.eval_monitor is (session.monitor if track_eval else None)
+    # One monitor; the 0.1.0 leftovers train_monitor / eval_monitor are gone.
+    assert not hasattr(session, "train_monitor") and not hasattr(session, "eval_monitor")
+    # Options are read from the one frozen options object, not copied onto the session.
+    assert session.track_eval is session.options.track_eval is track_eval
+    assert "track_eval" not in vars(session)
 
     session.force_window("train")
     assert session.monitor.window == "train"

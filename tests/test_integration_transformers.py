@@ -170,7 +170,7 @@ def test_trainer_logs_train_and_eval_windows(build, tmp_path) -> None:
                 assert f"moe/{layer}/{m}" in h
 
     # Usage counts per window (monitor history): T_valid x K per layer.
-    history = cb.session.train_monitor.history
+    history = cb.session.monitor.history
     for layer in layers:
         steps, counts = history.as_array(layer)
         assert steps.tolist() == [2, 4]

@@ -206,3 +206,22 @@ def test_lightning_callback_takes_options_or_the_same_keywords() -> None:
         MoELightningCallback(50)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Lightning"):
         MoELightningCallback(log_every_n_steps=None)
+
+
+def test_factory_defaults_are_the_option_defaults() -> None:
+    """Each default is written once, in MoECallbackOptions: the factories' signatures
+    take theirs from ``DEFAULTS`` (the plain-loop factory's own log_every_n_steps=100 and
+    log_dir="moe_logs" aside; layer_metrics / monitor_kwargs None mean the field's)."""
+    pytest.importorskip("transformers")
+    from moescope import create_moe_callback_for_transformers
+    from moescope.integrations.options import DEFAULTS
+
+    own = {"model", "report_to_trainer", "layer_metrics", "monitor_kwargs"}
+    for fn, its_own in (
+        (create_moe_callback_for_transformers, set()),
+        (create_moe_callback_for_pytorch, {"log_every_n_steps", "log_dir"}),
+    ):
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in own or name in its_own:
+                continue
+            assert p.default is getattr(DEFAULTS, name), (fn.__name__, name)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import moescope
+from conftest import REFERENCE_MODELS
 from moescope.cost import (
     BREAKDOWN_KEYS,
     CostConfigError,
@@ -23,13 +24,9 @@ from moescope.nn import GroupedExperts, MoELayer, TopKRouter
 
 transformers = pytest.importorskip("transformers")
 
-REF_DIR = Path(__file__).parents[1].parent / "shared" / "reference"
-MODELS_DIR = REF_DIR / "models"
-REF_FILES = sorted(MODELS_DIR.glob("*.json")) if MODELS_DIR.is_dir() else []
-needs_refs = pytest.mark.skipif(
-    not REF_FILES,
-    reason=f"reference configs not found at {MODELS_DIR} (the shared/ directory next to the repo)",
-)
+MODELS_DIR = REFERENCE_MODELS
+REF_FILES = sorted(MODELS_DIR.glob("*.json"))
+assert len(REF_FILES) == 6, f"reference configs missing from {MODELS_DIR}"
 CONVENTIONS = ("both", "head", "none")
 
 
@@ -47,7 +44,6 @@ def _check_sums(r: ParamReport) -> None:
 # ------------------------------------------------------------------ reference models
 
 
-@needs_refs
 @pytest.mark.parametrize("path", REF_FILES, ids=[p.stem for p in REF_FILES])
 def test_reference_models_exact(path: Path) -> None:
     ref = _load(path)
@@ -64,7 +60,6 @@ def test_reference_models_exact(path: Path) -> None:
         _check_sums(r)
 
 
-@needs_refs
 @pytest.mark.parametrize("path", REF_FILES[:2], ids=[p.stem for p in REF_FILES[:2]])
 def test_config_object_dict_and_plain_config_json_agree(path: Path, tmp_path: Path) -> None:
     ref = _load(path)
@@ -91,7 +86,6 @@ def _mixtral_hand_count(c: dict[str, Any]) -> tuple[int, int]:
     return total, active
 
 
-@needs_refs
 def test_mixtral_matches_hand_formula() -> None:
     path = MODELS_DIR / "mixtral-8x7b-v0.1.json"
     if not path.exists():
@@ -101,7 +95,6 @@ def test_mixtral_matches_hand_formula() -> None:
     assert (r.total_params, r.active_params) == (total, active)
 
 
-@needs_refs
 def test_deepseek_v3_meta_build_is_fast() -> None:
     path = MODELS_DIR / "deepseek-v3.json"
     if not path.exists():
@@ -115,7 +108,6 @@ def test_deepseek_v3_meta_build_is_fast() -> None:
     assert elapsed < 20, f"meta-device build of DeepSeek-V3 took {elapsed:.1f} s"
 
 
-@needs_refs
 def test_deepseek_breakdown_categories() -> None:
     path = MODELS_DIR / "deepseek-v3.json"
     if not path.exists():

@@ -38,7 +38,7 @@ from moescope.sinks import (
     read_jsonl,
     resolve_loggers,
 )
-from moescope.sinks.console import shorten_layer_names
+from moescope.sinks.console import format_model_line, shorten_layer_names
 from moescope.stats import (
     LayerAccumulator,
     LayerStats,
@@ -459,23 +459,16 @@ def test_resolve_unknown_raises_naming_accepted(bad: object) -> None:
         resolve_loggers(bad)
 
 
-def test_base_sink_is_a_noop_and_old_methods_are_deprecated_shims(
-    tmp_path: Path, monitor_run
-) -> None:
+def test_base_sink_is_a_noop_and_write_is_the_whole_protocol(tmp_path: Path, monitor_run) -> None:
     snap, alerts = monitor_run
     s = Sink()
     s.write(LogEvent(step=1, snapshot=snap, metrics=snap.to_dict(), alerts=alerts))
     s.flush()
     s.close()
     assert not s.wants_figures
-    # The pre-LogEvent methods still work, each as an event with one part, and warn.
-    path = tmp_path / "shim.jsonl"
-    with JsonlSink(path) as sink:
-        with pytest.warns(DeprecationWarning, match=r"sink\.write\(LogEvent"):
-            sink.log_snapshot(snap, 5)
-        with pytest.warns(DeprecationWarning):
-            sink.log_alerts(alerts, 5)
-    assert [(r["kind"], r["step"]) for r in read_jsonl(path)] == [("snapshot", 5), ("alerts", 5)]
+    # The pre-LogEvent per-part methods are gone (0.1.0): write(LogEvent) is the protocol.
+    for name in ("log_metrics", "log_snapshot", "log_alerts"):
+        assert not hasattr(Sink, name) and not hasattr(JsonlSink, name), name
 
 
 @pytest.mark.parametrize(
@@ -551,3 +544,30 @@ def test_real_lightning_csv_logger(tmp_path: Path, monitor_run) -> None:
     assert float(row["moe/model.layers.1.mlp/aux_loss"]) == pytest.approx(
         snap.layers["model.layers.1.mlp"].aux_loss, rel=1e-9
     )
+
+
+@pytest.mark.parametrize("rich", [False, True])
+def test_console_table_does_not_break_a_live_progress_bar(
+    monitor_run: tuple[Snapshot, list[Alert]], rich: bool
+) -> None:
+    """A tqdm bar (the Trainer's) on the same stream: the bar is cleared before the
+    table and alert lines and redrawn after, so no table line starts inside the bar."""
+    from tqdm.auto import tqdm
+
+    snap, alerts = monitor_run
+    buf = io.StringIO()
+    bar = tqdm(total=10, file=buf, desc="train", ascii=True, mininterval=0)
+    try:
+        bar.update(3)
+        sink = ConsoleSink(stream=buf, rich=rich, width=120)
+        sink.write(LogEvent(step=5, snapshot=snap, metrics=snap.to_dict(), alerts=alerts))
+    finally:
+        bar.close()
+    text = buf.getvalue()
+    model_line = format_model_line(snap, 5)
+    (line,) = [seg for seg in text.split("\n") if model_line[:20] in seg]
+    # What precedes the model line on its terminal line is only the bar's clearing.
+    before = line.split(model_line[:20])[0].split("\r")[-1]
+    assert before.strip() == "", repr(line)
+    after = text.split(model_line[:20], 1)[1]
+    assert "3/10" in after  # redrawn below the table

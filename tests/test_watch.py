@@ -86,7 +86,8 @@ def test_watch_once_frame_matches_the_snapshot(run_dir: tuple[Path, dict[str, fl
     assert lines[0] == f"moescope watch {log}"
     assert lines[1].startswith("step 6 | 3 windows | ")
     snap = load_snapshots(log)[-1]
-    header = next(i for i, ln in enumerate(lines) if ln.startswith("layer (model.layers.*.mlp)"))
+    assert any(ln.startswith("layer = model.layers.*.mlp") for ln in lines)
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["layer", "tokens"])
     for i, name in enumerate(snap.layers):
         cells = lines[header + 1 + i].split()
         c = snap.layers[name].usage_counts.astype(np.float64)  # float64 reference
@@ -230,3 +231,28 @@ def test_usage_bar_pools_many_experts() -> None:
     assert len(bar) == 64  # 4 experts per cell
     assert bar[0] == "█" and set(bar[1:32]) == {"▂"} and set(bar[32:]) == {"·"}
     assert usage_bar([0, 0]) == "··" and usage_bar([]) == ""
+
+
+@pytest.mark.parametrize("width", [80, 64])
+def test_frame_fits_narrow_terminals_without_cutting_numbers(
+    run_dir: tuple[Path, dict[str, float]], width: int
+) -> None:
+    """At 80 columns (and less) every number is whole: the rows equal the wide frame's
+    text cells, no line is longer than the width and nothing is elided."""
+    log = run_dir[0] / "moe_logs" / "moe_detailed.jsonl"
+    state = WatchState()
+    for r in read_jsonl(log):
+        state.feed(r)
+    wide = frame_text(state, "run", width=200, now=0.0).splitlines()
+    narrow = frame_text(state, "run", width=width, now=0.0).splitlines()
+    assert all(len(ln) <= width for ln in narrow), narrow
+    assert not any("…" in ln for ln in narrow), narrow
+
+    def rows(lines: list[str]) -> list[list[str]]:
+        i = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["layer", "tokens"])
+        return [ln.split()[:6] for ln in lines[i + 1 : i + 3]]
+
+    assert rows(narrow) == rows(wide)
+    snap = load_snapshots(log)[-1]
+    for cells, s in zip(rows(narrow), snap.layers.values(), strict=True):
+        assert cells[1] == f"{s.num_tokens:,}" and cells[2] == f"{s.max_over_mean:.2f}"

@@ -1,27 +1,34 @@
 """The ``moescope`` command.
 
-Subcommands (each one ``add_<name>_parser`` + ``_run_<name>`` pair registered in
-:data:`SUBCOMMANDS`, so new ones plug in without touching the others):
+Each subcommand is one entry of :data:`SUBCOMMANDS`: ``name -> (add_parser(subparsers),
+run(args) -> exit status)``. Commands whose settings are an options dataclass
+(``analyze``: :class:`~moescope.analysis.AnalyzeOptions`, ``compare``:
+:class:`~moescope.analysis.compare.CompareOptions`, ``params``:
+:class:`~moescope.cost.options.ParamsOptions`, ``watch``:
+:class:`~moescope.watch.WatchOptions`) are registered with :func:`options_command`: their
+flags, defaults and help come from the dataclass fields (:mod:`moescope._cliopts`), and
+``run`` receives the options object. A module adds its own subcommand with one line::
 
-- ``moescope params CONFIG.json [--embeddings both|head|none] [--seq-len S] [--json]``:
-  total and active parameters (and FLOPs per token with ``--seq-len``) of an MoE model
-  described by a transformers ``config.json`` or a moescope reference file (its
-  ``config`` key). Nothing is downloaded; the model is built on the meta device.
-- ``moescope analyze --model DIR_OR_CONFIG --data INPUT [--data INPUT2 ...] [--neurons]
-  ... --out DIR``: stream data through an MoE model and write ``report.html``,
-  ``summary.json`` and PNG figures (:mod:`moescope.analysis.run` computes,
-  :mod:`moescope.report.analysis_report` renders; docs/analyze.md).
-- ``moescope compare A B [--out DIR] [--labels a,b]``: one report from two analyze outputs
-  or two training JSONL logs (:mod:`moescope.analysis.compare`).
+    SUBCOMMANDS["prune"] = lazy_command("moescope.prune", "add_prune_parser", "run_prune")
 
-The flags live here; the library takes option dataclasses. Bad input prints one line on
-stderr (what is wrong, what to do) and exits with status 2; Ctrl-C exits with status 130
-after one line (``analyze`` first writes a partial report).
+- ``moescope params CONFIG``: total and active parameters (FLOPs per token with
+  ``--seq-len``); nothing is downloaded, the model is built on the meta device.
+- ``moescope analyze --model M --data INPUT [...]``: an HTML report of the routing on
+  data (docs/analyze.md).
+- ``moescope compare A B``: two analyses or two training logs side by side.
+- ``moescope plan-ep``, ``moescope watch``: expert placement, a live view of a run.
+
+Both ``analyze`` and ``compare`` write into ``--out`` (default ``moescope-analysis`` /
+``moescope-compare``), refusing a non-empty folder that is not a moescope output unless
+``--overwrite``. Bad input prints one line on stderr (what is wrong, what to do; an
+unknown flag gets a "did you mean" suggestion) and exits with status 2; Ctrl-C exits with
+status 130 after one line (``analyze`` first writes a partial report).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
@@ -29,18 +36,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moescope import __version__
+from moescope._cliopts import add_options, options_from_args
 from moescope._optional import MissingExtraError
 from moescope.errors import UnsupportedModelError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
-
-_CONVENTION_HELP = {
-    "both": "input embedding and output head counted",
-    "head": "output head counted, input embedding not",
-    "none": "neither embedding counted",
-}
 
 
 class CLIError(Exception):
@@ -61,46 +63,9 @@ def _fmt_short(n: float) -> str:
 # --------------------------------------------------------------------------- params
 
 
-def add_params_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``moescope params``."""
-    p = sub.add_parser(
-        "params",
-        help="total / active parameters (and FLOPs per token) of an MoE config",
-        description=(
-            "Count the total and per-token active parameters of a Mixture-of-Experts model "
-            "from its transformers config.json (or a moescope reference file with a "
-            "'config' key). The model is built on the meta device: no weights, no memory."
-        ),
-    )
-    p.add_argument("config", help="path to config.json (or a reference file with a 'config' key)")
-    p.add_argument(
-        "--embeddings",
-        choices=("both", "head", "none"),
-        default="both",
-        help="which embedding matrices count as active: "
-        + "; ".join(f"{k}: {v}" for k, v in _CONVENTION_HELP.items())
-        + " (default: both)",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        metavar="S",
-        help="also report theoretical forward FLOPs per token at context length S",
-    )
-    p.add_argument(
-        "--attention",
-        choices=("causal", "full"),
-        default="causal",
-        help="attention-score FLOPs: mean keys over a causal sequence, or S keys per token "
-        "(Chinchilla; one decoding step at context S). Only with --seq-len.",
-    )
-    p.add_argument("--top-k", type=int, default=None, help="override experts per token K")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p
-
-
 def _params_table(report: Any, flops: Any | None) -> str:
+    from moescope.cost.options import CONVENTION_HELP
+
     lines: list[str] = []
     head = f"model_type: {report.model_type}"
     if report.num_moe_layers:
@@ -112,7 +77,7 @@ def _params_table(report: Any, flops: Any | None) -> str:
     lines.append(head)
     tied = " (tied embedding/head matrix, counted once)" if report.tied_embeddings else ""
     lines.append(
-        f"embeddings convention: {report.embeddings} ({_CONVENTION_HELP[report.embeddings]}){tied}"
+        f"embeddings convention: {report.embeddings} ({CONVENTION_HELP[report.embeddings]}){tied}"
     )
     lines.append("")
     w = 22
@@ -159,23 +124,20 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _run_params(args: argparse.Namespace) -> int:
+def _run_params(opts: Any) -> int:
     # why: the cost stack imports torch; `moescope --help` and other subcommands stay light
     from moescope.cost.flops import flops_from_anatomy
     from moescope.cost.params import analyze_model, build_meta_model, report_from_anatomy
 
-    if args.seq_len is not None and args.seq_len <= 0:
-        raise CLIError(f"--seq-len must be a positive integer, got {args.seq_len}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")
     _quiet_transformers()
-    model = build_meta_model(args.config)
-    anatomy = analyze_model(model, top_k=args.top_k)
-    report = report_from_anatomy(anatomy, args.embeddings)
+    model = build_meta_model(opts.config)
+    anatomy = analyze_model(model, top_k=opts.top_k)
+    report = report_from_anatomy(anatomy, opts.embeddings)
     flops = None
-    if args.seq_len is not None:
-        flops = flops_from_anatomy(anatomy, args.seq_len, args.embeddings, args.attention)
-    if args.json:
+    if opts.seq_len is not None:
+        attention = opts.attention or "causal"
+        flops = flops_from_anatomy(anatomy, opts.seq_len, opts.embeddings, attention)
+    if opts.json:
         out = report.to_dict()
         if flops is not None:
             out["flops"] = flops.to_dict()
@@ -188,171 +150,16 @@ def _run_params(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- analyze
 
 
-def _size(text: str) -> int:
-    """Bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number (argparse type)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad size {text!r}; use bytes or a suffix, e.g. 512M or 2G"
-        ) from None
-
-
-def add_analyze_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``moescope analyze`` (every flag is here; the library takes options)."""
-    p = sub.add_parser(
-        "analyze",
-        help="stream text through an MoE model and write an HTML report",
-        description=(
-            "Stream one or more inputs through a Mixture-of-Experts model (a transformers "
-            "model directory, a saved TinyMoELM, or a config.json with random weights), monitor "
-            "its routing (and neurons with --neurons) and write report.html (self-contained), "
-            "summary.json and the figures as PNG into --out. Nothing is downloaded unless "
-            "--allow-download. Under torchrun the data is split across processes and rank 0 "
-            "writes. Ctrl-C stops after the current forward and writes a partial report "
-            "(exit status 130); a second Ctrl-C, or one while the model loads, aborts "
-            "without one."
-        ),
-    )
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        required=True,
-        metavar="DIR_OR_CONFIG",
-        help="transformers model directory (config.json + safetensors), a saved "
-        "TinyMoELM, or a config.json (random weights, labelled so)",
-    )
-    g.add_argument(
-        "--dtype",
-        default=None,
-        metavar="DTYPE",
-        help="load the weights in this dtype (float32, bfloat16, float16; default: "
-        "the checkpoint's)",
-    )
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument(
-        "--device-map",
-        default=None,
-        metavar="MAP",
-        help="spread a model too large for one device (e.g. auto; needs accelerate)",
-    )
-    g.add_argument(
-        "--allow-download",
-        action="store_true",
-        help="allow fetching --model from the Hugging Face hub (off: local files only)",
-    )
-    g.add_argument(
-        "--force",
-        action="store_true",
-        help="load even when the model looks too large for the memory available",
-    )
-    g.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow a checkpoint's own modelling code (review it first)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of random weights from a config")
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="INPUT",
-        help="text, JSONL, parquet, a datasets folder, or - for stdin; repeat for "
-        "several domains (label = file stem)",
-    )
-    g.add_argument(
-        "--text-field",
-        default=None,
-        metavar="KEY",
-        help="JSONL key / column holding the text (default: text)",
-    )
-    g.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N tokens of each input",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        metavar="B",
-        help="rows per forward (default 8; capped by --memory-budget)",
-    )
-    g.add_argument(
-        "--seq-len",
-        type=int,
-        default=256,
-        metavar="S",
-        help="tokens per row (default 256; also the context of the FLOP count)",
-    )
-    g.add_argument(
-        "--memory-budget",
-        type=_size,
-        default=None,
-        metavar="SIZE",
-        help="activation memory one forward may use, e.g. 512M, 4G (default 2G; on "
-        "CUDA a quarter of the free memory); larger batches run in several forwards",
-    )
-    g = p.add_argument_group("analyses")
-    g.add_argument(
-        "--neurons",
-        action="store_true",
-        help="also count activated neurons inside the chosen experts",
-    )
-    g.add_argument(
-        "--threshold",
-        default=None,
-        metavar="SPEC",
-        help="neuron threshold: TAU, absolute:TAU, magnitude:ALPHA (default 0.1), "
-        "relative:P or calibrated:SPARSITY (needs --neurons)",
-    )
-    g.add_argument(
-        "--embeddings",
-        choices=("both", "head", "none"),
-        default="both",
-        help="which embedding matrices count as active parameters (default both)",
-    )
-    g.add_argument(
-        "--coact-layer",
-        default=None,
-        metavar="LAYER",
-        help="layer index or path for the co-activation plot (default: first)",
-    )
-    g.add_argument(
-        "--token-layer",
-        default=None,
-        metavar="LAYER",
-        help="layer index or path for the coloured tokens (default: middle)",
-    )
-    g.add_argument(
-        "--compare",
-        default=None,
-        metavar="DIR",
-        help="a second checkpoint: router agreement with --model on the first input",
-    )
-    g.add_argument(
-        "--record-tokens",
-        type=int,
-        default=20000,
-        metavar="N",
-        help="tokens per input kept for the token-level analyses (default 20000)",
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty directory that is not a moescope output",
-    )
-    g.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
-    )
-    return p
+_ANALYZE_DESCRIPTION = (
+    "Stream one or more inputs through a Mixture-of-Experts model (a transformers model "
+    "directory, a saved TinyMoELM, a config.json with random weights, or a hub id from the "
+    "local Hugging Face cache), monitor its routing (and neurons with --neurons) and write "
+    "report.html (self-contained), summary.json and the figures as PNG into --out. Nothing "
+    "is downloaded unless --allow-download. Under torchrun the data is split across "
+    "processes and rank 0 writes. Ctrl-C stops after the current forward and writes a "
+    "partial report (exit status 130); a second Ctrl-C, or one while the model loads, "
+    "aborts without one."
+)
 
 
 class _Interrupted(Exception):
@@ -404,28 +211,20 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _options(args: argparse.Namespace, cls: Any) -> Any:
-    from dataclasses import fields
-
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def _run_analyze(args: argparse.Namespace) -> int:
+def _run_analyze(opts: Any) -> int:
     import os
 
     # why: moescope.analysis imports torch; only `analyze` pays for it
-    from moescope.analysis import AnalyzeError, AnalyzeOptions, analyze, write_outputs
+    from moescope.analysis import analyze, write_outputs
 
     try:
-        opts = _options(args, AnalyzeOptions)
         with _StopOnSigint() as stop:
             try:
                 result = analyze(opts, should_stop=stop.poll)
             except KeyboardInterrupt:
                 raise _Interrupted("interrupted; no report written") from None
         report = write_outputs(result)
-    except (AnalyzeError, UnsupportedModelError) as err:
+    except UnsupportedModelError as err:
         raise CLIError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"report: {report}")
@@ -439,91 +238,121 @@ def _run_analyze(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- compare
 
 
-def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``moescope compare``."""
-    p = sub.add_parser(
-        "compare",
-        help="one report comparing two analyses or two training logs",
-        description=(
-            "Compare two runs in one self-contained HTML report: A and B are each a "
-            "`moescope analyze` output directory (its summary.json) or a training log "
-            "written by moescope's JSONL sink (moe_detailed.jsonl, or a folder holding "
-            "one). The report shows per-layer expert usage side by side, the Jensen-Shannon "
-            "divergence between the two usage distributions per layer, balance metrics, "
-            "the alerts of both and, for training logs, the metrics over steps."
-        ),
-    )
-    p.add_argument("a", metavar="A", help="analyze output dir / summary.json, or a JSONL log")
-    p.add_argument("b", metavar="B", help="the same for the second run")
-    p.add_argument(
-        "--out",
-        default="moescope-compare",
-        metavar="DIR",
-        help="output directory (default moescope-compare)",
-    )
-    p.add_argument(
-        "--labels",
-        default=None,
-        metavar="A,B",
-        help="names of the two runs in the report (default: from their paths)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty directory that is not a moescope output",
-    )
-    return p
+_COMPARE_DESCRIPTION = (
+    "Compare two runs in one self-contained HTML report: A and B are each a `moescope "
+    "analyze` output directory (its summary.json) or a training log written by moescope's "
+    "JSONL sink (moe_detailed.jsonl, or a run folder holding one). The report shows "
+    "per-layer expert usage side by side, the Jensen-Shannon divergence between the two "
+    "usage distributions per layer, balance metrics, the alerts of both and, for training "
+    "logs, the metrics over steps."
+)
 
 
-def _run_compare(args: argparse.Namespace) -> int:
+def _run_compare(opts: Any) -> int:
     # why: moescope.analysis imports torch; only `compare` pays for it
-    from moescope.analysis import AnalyzeError
-    from moescope.analysis.compare import compare_sources, write_comparison
+    from moescope.analysis.compare import run_compare
 
-    labels = None
-    if args.labels is not None:
-        labels = [x.strip() for x in args.labels.split(",")]
-        if len(labels) != 2 or not all(labels) or labels[0] == labels[1]:
-            raise CLIError(
-                f"--labels needs two different names separated by a comma, got {args.labels!r}"
-            )
-    try:
-        cmp = compare_sources(args.a, args.b, labels=labels)
-        report = write_comparison(cmp, args.out, overwrite=args.overwrite)
-    except AnalyzeError as err:
-        raise CLIError(str(err)) from None
-    print(f"report: {report}")
+    print(f"report: {run_compare(opts)}")
     return EXIT_OK
+
+
+def _run_watch(opts: Any) -> int:
+    from moescope.watch import run_watch
+
+    return run_watch(opts)
+
+
+def _run_plan_ep(args: argparse.Namespace) -> int:
+    from moescope._rundir import resolve_run_input
+    from moescope.placement import run_plan_ep
+
+    # A run folder, as watch and compare take it: its summary.json or its JSONL log.
+    args.input = str(resolve_run_input(args.input))
+    return int(run_plan_ep(args))
 
 
 # --------------------------------------------------------------------------- main
 
 
-def _elsewhere(module: str, add: str, run: str) -> tuple[Any, Any]:
-    """A subcommand whose parser and runner live in ``module``, imported when used (so
-    that ``moescope`` starts without torch and a Ctrl-C at any time is one line)."""
+AddParser = Callable[[Any], argparse.ArgumentParser]
+RunCommand = Callable[[Any], int]
+
+
+def lazy_command(module: str, add: str, run: str) -> tuple[AddParser, RunCommand]:
+    """A subcommand whose ``add(subparsers)`` and ``run(args)`` live in ``module``,
+    imported only when the parser is built or the command runs."""
 
     def add_parser(sub: Any) -> argparse.ArgumentParser:
         return getattr(importlib.import_module(module), add)(sub)
 
-    def run_cmd(args: argparse.Namespace) -> int:
+    def run_cmd(args: Any) -> int:
         return int(getattr(importlib.import_module(module), run)(args))
 
     return add_parser, run_cmd
 
 
-SUBCOMMANDS: dict[
-    str,
-    tuple[Callable[[Any], argparse.ArgumentParser], Callable[[argparse.Namespace], int]],
-] = {
-    "params": (add_params_parser, _run_params),
-    "analyze": (add_analyze_parser, _run_analyze),
-    "compare": (add_compare_parser, _run_compare),
-    "plan-ep": _elsewhere("moescope.placement", "add_plan_ep_parser", "run_plan_ep"),
-    "watch": _elsewhere("moescope.watch", "add_watch_parser", "run_watch"),
-    "prune": _elsewhere("moescope.prune.cli", "register", "run"),
+def options_command(
+    name: str, options: str, run: RunCommand, *, help: str, description: str
+) -> tuple[AddParser, RunCommand]:
+    """A subcommand whose flags are the fields of the options dataclass ``options``
+    (``"module:Class"``, imported when used); ``run`` gets the options object."""
+
+    def cls() -> type:
+        module, _, attr = options.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def add_parser(sub: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        add_options(p, cls())
+        return p
+
+    def run_cmd(args: argparse.Namespace) -> int:
+        return run(options_from_args(args, cls()))
+
+    return add_parser, run_cmd
+
+
+SUBCOMMANDS: dict[str, tuple[AddParser, RunCommand]] = {
+    "params": options_command(
+        "params",
+        "moescope.cost.options:ParamsOptions",
+        _run_params,
+        help="total / active parameters (and FLOPs per token) of an MoE config",
+        description="Count the total and per-token active parameters of a Mixture-of-Experts "
+        "model from its transformers config.json or model directory (or a moescope "
+        "reference file with a 'config' key). The model is built on the meta device: no "
+        "weights, no memory, nothing downloaded.",
+    ),
+    "analyze": options_command(
+        "analyze",
+        "moescope.analysis.run:AnalyzeOptions",
+        _run_analyze,
+        help="stream text through an MoE model and write an HTML report",
+        description=_ANALYZE_DESCRIPTION,
+    ),
+    "compare": options_command(
+        "compare",
+        "moescope.analysis.compare:CompareOptions",
+        _run_compare,
+        help="one report comparing two analyses or two training logs",
+        description=_COMPARE_DESCRIPTION,
+    ),
+    "plan-ep": (
+        lazy_command("moescope.placement", "add_plan_ep_parser", "run_plan_ep")[0],
+        _run_plan_ep,
+    ),
+    "watch": options_command(
+        "watch",
+        "moescope.watch:WatchOptions",
+        _run_watch,
+        help="live terminal view of a training run's MoE routing (tails its JSONL log)",
+        description="Tail the detailed JSONL log of a monitored training run "
+        "(save_detailed_logs=True: <log_dir>/moe_detailed.jsonl) and show per-layer usage, "
+        "balance and the alerts firing now. Works from another shell or over ssh.",
+    ),
+    "prune": lazy_command("moescope.prune.cli", "register", "run"),
 }
-"""name -> (add_parser(subparsers), run(args) -> exit status). Add new subcommands here."""
+"""name -> (add_parser(subparsers), run(args) -> exit status); one line adds a command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,8 +366,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (add, run) in SUBCOMMANDS.items():
         sp = add(sub)
-        sp.set_defaults(_run=run, _name=name)
+        sp.set_defaults(_run=run, _name=name, _parser=sp)
     return parser
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_flags(name: str, words: list[str], parser: argparse.ArgumentParser) -> None:
+    """An unknown ``--flag`` of command ``name``, before argparse reports anything else
+    (a missing required option would hide the typo behind the usage)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        name
+    ]
+    known = list(sub._option_string_actions)
+    for w in words:
+        if w == "--":
+            return
+        if not w.startswith("--") or w in ("--",):
+            continue
+        flag = w.split("=", 1)[0]
+        if flag in known or sum(k.startswith(flag) for k in known) == 1:
+            continue  # exact, or an abbreviation argparse accepts
+        raise CLIError(
+            f"unknown option {flag}{_suggest(flag, known)} "
+            f"(moescope {name} --help lists the options)"
+        )
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    """Parse ``words``; an unknown command or flag is one line with a suggestion."""
+    first = next((w for w in words if not w.startswith("-")), None)
+    if first is not None and first not in SUBCOMMANDS and words and words[0] == first:
+        raise CLIError(
+            f"unknown command {first!r}{_suggest(first, list(SUBCOMMANDS))} "
+            f"(commands: {', '.join(SUBCOMMANDS)}; moescope --help lists them)"
+        )
+    parser = build_parser()
+    if first is not None and first in SUBCOMMANDS:
+        _check_flags(first, words[words.index(first) + 1 :], parser)
+    args, extras = parser.parse_known_args(words)
+    if extras:
+        flags = list(args._parser._option_string_actions)
+        bad = next((w for w in extras if w.startswith("-")), extras[0])
+        if bad.startswith("-"):
+            flag = bad.split("=", 1)[0]
+            raise CLIError(
+                f"unknown option {flag}{_suggest(flag, flags)} "
+                f"(moescope {args._name} --help lists the options)"
+            )
+        raise CLIError(
+            f"unexpected argument {bad!r} (moescope {args._name} --help shows the usage)"
+        )
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,13 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = "moescope" + next((f" {w}" for w in words if w in SUBCOMMANDS), "")
     try:
         # why: cost.params imports torch; imported inside the try so a Ctrl-C here is one line
+        from moescope._rundir import RunDirError
+        from moescope.analysis.errors import AnalyzeError
         from moescope.cost.params import CostConfigError
 
-        args = build_parser().parse_args(words)
-        name = f"moescope {args._name}"
         try:
+            args = _parse(words)
+            name = f"moescope {args._name}"
             return int(args._run(args))
-        except (CLIError, CostConfigError, MissingExtraError) as err:
+        except (CLIError, CostConfigError, MissingExtraError, AnalyzeError, RunDirError) as err:
             msg = " ".join(str(err).split())  # one line, whatever the exception held
             print(f"{name}: error: {msg}", file=sys.stderr)
             return EXIT_USAGE

@@ -33,22 +33,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from moescope._cliopts import option
 from moescope._optional import require
+from moescope._rundir import LOG_NAME
+from moescope._rundir import find_log as _find_run_log
 from moescope.alerts import Alert, AlertTracker
 from moescope.sinks.console import _table_parts, format_model_line
 from moescope.stats.snapshot import Snapshot
 
 __all__ = [
     "JsonlTail",
+    "WatchOptions",
     "WatchState",
-    "add_watch_parser",
     "find_log",
     "render_frame",
     "run_watch",
     "usage_bar",
 ]
 
-LOG_NAME = "moe_detailed.jsonl"
 _BLOCKS = "▁▂▃▄▅▆▇█"
 _UNUSED = "·"
 _ALERT_FIELDS = tuple(f.name for f in fields(Alert))
@@ -57,26 +59,16 @@ _ALERT_FIELDS = tuple(f.name for f in fields(Alert))
 def find_log(path: str | os.PathLike[str]) -> Path | None:
     """The JSONL file to watch for ``path`` (a file, or a run folder), or None yet.
 
-    A folder is searched for ``moe_detailed.jsonl``, then ``moe_logs/moe_detailed.jsonl``,
-    then the newest ``moe_detailed.jsonl`` up to three levels down (e.g.
-    ``<output_dir>/moe_logs``). A path ending in ``.jsonl`` is the file itself, whether
-    or not it exists yet.
+    A folder is searched as :func:`moescope._rundir.find_log` does (``moe_detailed.jsonl``,
+    ``moe_logs/moe_detailed.jsonl``, the newest one up to three levels down). A path
+    ending in ``.jsonl`` is the file itself, whether or not it exists yet.
     """
     p = Path(path)
     if p.suffix == ".jsonl" or p.is_file():
         return p
     if not p.is_dir():
         return None
-    for cand in (p / LOG_NAME, p / "moe_logs" / LOG_NAME):
-        if cand.is_file():
-            return cand
-    found = [
-        q
-        for pat in ("*/" + LOG_NAME, "*/*/" + LOG_NAME, "*/*/*/" + LOG_NAME)
-        for q in p.glob(pat)
-        if q.is_file()
-    ]
-    return max(found, key=lambda q: q.stat().st_mtime) if found else None
+    return _find_run_log(p)
 
 
 def _start_of_last_lines(f: Any, n: int, size: int) -> int:
@@ -292,14 +284,39 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
 
 
+_MIN_BAR = 8  # usage cells below which the trend column is dropped instead
+
+
+def _layout(
+    cells: Sequence[Sequence[str]], width: int, e_max: int, windows: int = 24
+) -> tuple[int, int, int]:
+    """(usage column width, usage bar cells, trend cells) so that a row of ``cells`` (the
+    text columns) plus both fits ``width`` columns without rich shrinking (and cutting) a
+    number; trend 0 = no trend column. Columns are separated by 2 spaces (padding 1 each
+    side, no edge)."""
+    fixed = sum(max(len(c) for c in col) for col in cells) + 2 * len(cells)
+    room = width - fixed
+    bar = max(_MIN_BAR, min(48, e_max or 48, room - 8))
+    trend = min(24, max(windows, len("trend")), room - bar - 2)
+    if trend < 5:  # too short to show a direction: keep the room for usage
+        trend = 0
+    usage_room = max(bar, room - (trend + 2 if trend else 0))
+    return usage_room, min(bar, usage_room), trend
+
+
 def render_frame(
     state: WatchState,
     source: str,
     max_layers: int = 32,
     now: float | None = None,
     waiting: bool = False,
+    width: int | None = None,
 ) -> Any:
-    """The rich renderable of one frame (a ``Group`` of header, table, alerts)."""
+    """The rich renderable of one frame (a ``Group`` of header, table, alerts).
+
+    ``width``: the columns it is drawn in (None: 120). The numbers are never cut: the
+    usage bar pools experts into fewer cells, and below about 90 columns the max/mean
+    trend column is shortened, then dropped."""
     from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
@@ -323,6 +340,15 @@ def render_frame(
     header, rows, shown, footer = _table_parts(snap, max_layers)
     short = {n: r[0] for n, r in zip(shown, rows, strict=True)}
     e_max = max((s.num_experts for s in snap.layers.values()), default=0)
+    text_rows = [_row_text(snap.layers[n], short[n]) for n in shown]
+    names = ("layer", "tokens", "max/mean", "cv", "entropy", "unused")
+    pattern = header.removeprefix("layer").strip(" ()")
+    cols = [[h, *(r[i] for r in text_rows)] for i, h in enumerate(names)]
+    windows = max((len(v) for v in state.trend.values()), default=0)
+    usage_room, bar_w, trend_w = _layout(cols, width or 120, e_max, windows)
+    usage_head = f"usage per expert (E={e_max})"
+    if len(usage_head) > usage_room:
+        usage_head = f"usage E={e_max}" if usage_room >= len(f"usage E={e_max}") else f"E={e_max}"
     table = Table(
         box=None,
         pad_edge=False,
@@ -331,33 +357,25 @@ def render_frame(
         caption=escape(footer) if footer else None,
         caption_justify="left",
     )
-    table.add_column(escape(header), no_wrap=True)
-    for c in ("tokens", "max/mean", "cv", "entropy", "unused"):
+    table.add_column("layer", no_wrap=True)
+    for c in names[1:]:
         table.add_column(c, justify="right", no_wrap=True)
-    table.add_column(f"usage per expert (E={e_max})", no_wrap=True)
-    table.add_column("max/mean trend", no_wrap=True)
-    for name in shown:
+    table.add_column(usage_head, no_wrap=True, min_width=bar_w)
+    if trend_w:
+        table.add_column("trend"[:trend_w], no_wrap=True)
+    for name, cells in zip(shown, text_rows, strict=True):
         s = snap.layers[name]
-        unused = (
-            f"{int(s.unused_experts)}/{s.num_experts}"
-            if math.isfinite(s.unused_experts)
-            else f"-/{s.num_experts}"
-        )
-        ratio = _f(s.max_over_mean, 2)
         bad = math.isfinite(s.max_over_mean) and any(
             a.layer == name and a.rule == "imbalance"
             for a in (x.last for x in state.tracker.active)
         )
-        table.add_row(
-            escape(short[name]),
-            f"{s.num_tokens:,}",
-            f"[bold red]{ratio}[/]" if bad else ratio,
-            _f(s.cv, 3),
-            _f(s.routing_entropy, 3),
-            unused,
-            usage_bar(s.usage_counts),
-            sparkline(list(state.trend.get(name, ()))),
-        )
+        row = [escape(c) for c in cells]
+        if bad:
+            row[2] = f"[bold red]{row[2]}[/]"
+        row.append(usage_bar(s.usage_counts, width=bar_w))
+        if trend_w:
+            row.append(sparkline(list(state.trend.get(name, ()))[-trend_w:]))
+        table.add_row(*row)
     active = state.tracker.active
     alerts = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
     for col in ("rule", "layer", "since", "detail"):
@@ -375,9 +393,34 @@ def render_frame(
         style="bold yellow" if active else "green",
     )
     model_line = format_model_line(snap, rec.get("step")).split(" | ")
+    legend = [f"layer = {pattern}"] if pattern else []
+    if trend_w:
+        legend.append("trend = max/mean over the last windows")
     return Group(
-        head, Text(" | ".join(model_line[1:])), table, title, *([alerts] if active else [])
+        head,
+        Text(" | ".join(model_line[1:])),
+        *([Text(" | ".join(legend))] if legend else []),
+        table,
+        title,
+        *([alerts] if active else []),
     )
+
+
+def _row_text(s: Any, short: str) -> list[str]:
+    """The text cells of one layer: name, tokens, max/mean, cv, entropy, unused."""
+    unused = (
+        f"{int(s.unused_experts)}/{s.num_experts}"
+        if math.isfinite(s.unused_experts)
+        else f"-/{s.num_experts}"
+    )
+    return [
+        short,
+        f"{s.num_tokens:,}",
+        _f(s.max_over_mean, 2),
+        _f(s.cv, 3),
+        _f(s.routing_entropy, 3),
+        unused,
+    ]
 
 
 def frame_text(
@@ -400,47 +443,31 @@ def frame_text(
         highlight=False,
         emoji=False,
         soft_wrap=False,
-    ).print(render_frame(state, source, max_layers, now=now, waiting=waiting))
+    ).print(render_frame(state, source, max_layers, now=now, waiting=waiting, width=width))
     return buf.getvalue()
 
 
-def add_watch_parser(sub: Any) -> argparse.ArgumentParser:
-    """The ``watch`` subcommand's parser."""
-    p = sub.add_parser(
-        "watch",
-        help="live terminal view of a training run's MoE routing (tails its JSONL log)",
-        description="Tail the detailed JSONL log of a monitored training run "
-        "(save_detailed_logs=True: <log_dir>/moe_detailed.jsonl) and show per-layer "
-        "usage, balance and the alerts firing now. Works from another shell or over ssh.",
+@dataclass
+class WatchOptions:
+    """Settings of ``moescope watch`` (every flag is one field; the CLI is derived)."""
+
+    path: Path = option(
+        help="the run folder (searched for moe_detailed.jsonl: moe_logs/ and up to three "
+        "levels down), or the .jsonl file itself",
+        type=Path,
+        positional=True,
     )
-    p.add_argument(
-        "path", type=Path, help="the run folder (or its moe_logs/), or the .jsonl file itself"
+    once: bool = option(False, help="print one frame and exit (no terminal needed)")
+    interval: float = option(1.0, help="seconds between two reads of the file", metavar="SECONDS")
+    history: int = option(200, help="lines read back from the end at start (0 = all)", metavar="N")
+    max_layers: int = option(
+        32, help="table rows at most; the most imbalanced layers are kept", metavar="N"
     )
-    p.add_argument(
-        "--once", action="store_true", help="print one frame and exit (no terminal needed)"
+    width: int | None = option(
+        None,
+        help="columns (default: the terminal's, 120 without one)",
+        metavar="COLUMNS",
     )
-    p.add_argument(
-        "--interval",
-        type=float,
-        default=1.0,
-        help="seconds between two reads of the file (default 1)",
-    )
-    p.add_argument(
-        "--history",
-        type=int,
-        default=200,
-        help="lines read back from the end at start (default 200; 0 = all)",
-    )
-    p.add_argument(
-        "--max-layers",
-        type=int,
-        default=32,
-        help="table rows at most; the most imbalanced layers are kept",
-    )
-    p.add_argument(
-        "--width", type=int, default=None, help="columns (default: the terminal's, 120 without one)"
-    )
-    return p
 
 
 def _usage_error(msg: str) -> int:
@@ -448,7 +475,7 @@ def _usage_error(msg: str) -> int:
     return 2
 
 
-def run_watch(args: argparse.Namespace, stream: TextIO | None = None) -> int:
+def run_watch(args: WatchOptions | argparse.Namespace, stream: TextIO | None = None) -> int:
     """Run ``moescope watch``; returns the exit status (Ctrl-C: 0)."""
     require("rich", "console")
     if args.interval <= 0:
@@ -494,7 +521,7 @@ def run_watch(args: argparse.Namespace, stream: TextIO | None = None) -> int:
 
 
 def _follow_plain(
-    args: argparse.Namespace,
+    args: WatchOptions | argparse.Namespace,
     out: TextIO,
     tail: JsonlTail,
     state: WatchState,
@@ -513,7 +540,7 @@ def _follow_plain(
 
 
 def _follow_live(
-    args: argparse.Namespace,
+    args: WatchOptions | argparse.Namespace,
     out: TextIO,
     tail: JsonlTail,
     state: WatchState,
@@ -527,7 +554,11 @@ def _follow_live(
 
     def frame() -> Any:
         return render_frame(
-            state, source(), args.max_layers, waiting=tail.path is None or not tail.path.exists()
+            state,
+            source(),
+            args.max_layers,
+            waiting=tail.path is None or not tail.path.exists(),
+            width=console.size.width,
         )
 
     with Live(

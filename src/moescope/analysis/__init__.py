@@ -9,6 +9,7 @@
 :mod:`moescope.report` only renders what this package computes.
 """
 
+from moescope.analysis.compare import CompareOptions, run_compare
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.run import (
@@ -24,9 +25,11 @@ __all__ = [
     "AnalysisResult",
     "AnalyzeError",
     "AnalyzeOptions",
+    "CompareOptions",
     "analyze",
     "iter_batches",
     "parse_threshold",
     "run_analyze",
+    "run_compare",
     "write_outputs",
 ]

@@ -21,11 +21,14 @@ alerts of both and, for logs, the time series. :func:`write_comparison` writes
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moescope._cliopts import option
+from moescope._rundir import SUMMARY_NAME, RunDirError, resolve_run_input
 from moescope._text import plural
 from moescope.analysis.compare_result import Comparison, LayerComparison, RunSide
 from moescope.analysis.errors import AnalyzeError
@@ -40,11 +43,14 @@ from moescope.stats.snapshot import LayerStats, Snapshot
 __all__ = [
     "BALANCE_METRICS",
     "SERIES_METRICS",
+    "CompareOptions",
     "Comparison",
     "LayerComparison",
     "RunSide",
     "compare_sources",
     "load_side",
+    "parse_labels",
+    "run_compare",
     "write_comparison",
 ]
 
@@ -74,14 +80,6 @@ SERIES_METRICS = (
 # --------------------------------------------------------------------------- reading
 
 
-def _find_jsonl(d: Path) -> Path | None:
-    for cand in (d / "moe_detailed.jsonl", d / "moe_logs" / "moe_detailed.jsonl"):
-        if cand.is_file():
-            return cand
-    found = sorted(d.glob("*.jsonl")) or sorted(d.glob("moe_logs/*.jsonl"))
-    return found[0] if len(found) == 1 else None
-
-
 def _default_label(path: Path, kind: str) -> str:
     if kind == "training":
         # .../<run>/moe_logs/moe_detailed.jsonl -> <run>
@@ -106,15 +104,13 @@ def load_side(spec: str | Path, label: str | None = None) -> RunSide:
             "directory or a training JSONL log"
         )
     if p.is_dir():
-        if (p / "summary.json").is_file():
-            return _load_summary(p / "summary.json", label)
-        log = _find_jsonl(p)
-        if log is None:
-            raise AnalyzeError(
-                f"{p} holds neither summary.json (a moescope analyze output) nor one JSONL "
-                "log (moe_detailed.jsonl); pass one of those"
-            )
-        return _load_log(log, label)
+        try:
+            found = resolve_run_input(p)
+        except RunDirError as err:
+            raise AnalyzeError(str(err)) from None
+        if found.name == SUMMARY_NAME:
+            return _load_summary(found, label)
+        return _load_log(found, label)
     if p.suffix in (".jsonl", ".ndjson"):
         return _load_log(p, label)
     return _load_summary(p, label)
@@ -245,6 +241,53 @@ def compare_sides(a: RunSide, b: RunSide) -> Comparison:
     )
     healthier, reasons = compare_health(a.label, va, a.snapshot, b.label, vb, b.snapshot)
     return Comparison(a, b, out, only_a, only_b, notes, va, vb, healthier, reasons)
+
+
+def parse_labels(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (two different non-empty names)."""
+    labels = [x.strip() for x in str(text).split(",")]
+    if len(labels) != 2 or not all(labels) or labels[0] == labels[1]:
+        raise AnalyzeError(f"--labels needs two different names separated by a comma, got {text!r}")
+    return labels
+
+
+@dataclass
+class CompareOptions:
+    """Settings of ``moescope compare`` (every flag is one field; the CLI is derived).
+
+    ``labels`` also accepts a list of two names.
+    """
+
+    a: str = option(
+        help="a moescope analyze output folder or its summary.json, a training JSONL log, "
+        "or a run folder holding one (moe_logs/ and up to three levels down)",
+        metavar="A",
+        positional=True,
+    )
+    b: str = option(help="the same for the second run", metavar="B", positional=True)
+    out: str = option("moescope-compare", help="output directory", metavar="DIR")
+    labels: str | None = option(
+        None,
+        help="names of the two runs in the report, comma-separated (default: from their paths)",
+        metavar="A,B",
+    )
+    overwrite: bool = option(
+        False, help="write into a non-empty directory that is not a moescope output"
+    )
+
+    def label_pair(self) -> list[str] | None:
+        """The two labels, or None (validated)."""
+        if self.labels is None:
+            return None
+        if isinstance(self.labels, (list, tuple)):
+            return parse_labels(",".join(self.labels))
+        return parse_labels(self.labels)
+
+
+def run_compare(options: CompareOptions) -> Path:
+    """Compare, write the report; returns the path of ``report.html``."""
+    cmp = compare_sources(options.a, options.b, labels=options.label_pair())
+    return write_comparison(cmp, options.out, overwrite=options.overwrite)
 
 
 def compare_sources(

@@ -769,15 +769,17 @@ def load_model(
             "describe an untrained model"
         )
     tokenizer = None
-    if path.is_dir() and _has_tokenizer(path):
+    # A config.json given by path uses the tokenizer saved next to it, as its directory would.
+    tok_dir = path if path.is_dir() else path.parent
+    if _has_tokenizer(tok_dir):
         try:
             tokenizer = tr.AutoTokenizer.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=trust_remote_code
+                str(tok_dir), local_files_only=True, trust_remote_code=trust_remote_code
             )
         except Exception as err:
             raise AnalyzeError(
-                f"cannot load the tokenizer in {path} ({_first_line(err)}); fix or remove its "
-                "tokenizer files (without them, bytes 0-255 are used)"
+                f"cannot load the tokenizer in {tok_dir} ({_first_line(err)}); fix or remove "
+                "its tokenizer files (without them, bytes 0-255 are used)"
             ) from None
     cfg: Any = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

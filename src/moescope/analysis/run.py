@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from moescope._cliopts import option, parse_size
 from moescope.alerts import AlertRules
 from moescope.analysis.decode import decode_bytes, make_decoder
 from moescope.analysis.errors import AnalyzeError
@@ -83,42 +84,143 @@ _RECORDER_LIMIT = 1 << 30  # bytes the token recorder may keep (or the budget, i
 
 @dataclass
 class AnalyzeOptions:
-    """Settings of one analysis (what the ``moescope analyze`` flags set).
+    """Settings of one analysis: every ``moescope analyze`` flag is one field (the CLI is
+    derived from these fields; each field's help is its documentation, shown by
+    ``moescope analyze --help`` and :func:`moescope._cliopts.option_help`).
 
-    ``data``: inputs, one domain each (label = file stem; ``-`` = stdin).
-    ``threshold``: neuron threshold spec (:func:`parse_threshold`). ``coact_layer`` /
-    ``token_layer``: layer index or module path (None: first / middle MoE layer).
-    ``record_tokens``: tokens per domain kept for the token-level analyses.
-    ``device``: "auto" (CUDA when available), "cpu", "cuda", "cuda:1" ...
-    ``memory_budget``: bytes of activations one forward may use (None: 2 GiB, or a
-    quarter of the free GPU memory on CUDA); larger ``batch_size`` values are processed
-    in several forwards. ``compare``: a second checkpoint for router agreement.
+    ``model`` and ``data`` are required; ``data`` also accepts one path. ``device``:
+    "auto" (CUDA when available), "cpu", "cuda", "cuda:1" ... ``memory_budget`` is in
+    bytes here (the flag takes 512M, 2G ...).
     """
 
-    model: str
-    data: list[str]
-    out: str = "moescope-analysis"
-    neurons: bool = False
-    threshold: str | None = None
-    max_tokens: int | None = None
-    batch_size: int = 8
-    seq_len: int = 256
-    embeddings: str = "both"
-    coact_layer: str | None = None
-    token_layer: str | None = None
-    compare: str | None = None
-    trust_remote_code: bool = False
-    device: str = "auto"
-    dtype: str | None = None
-    device_map: str | None = None
-    allow_download: bool = False
-    force: bool = False
-    text_field: str | None = None
-    overwrite: bool = False
-    seed: int = 0
-    record_tokens: int = 20000
-    memory_budget: int | None = None
-    progress: bool = True
+    model: str = option(
+        help="a transformers model directory (config.json + safetensors), a saved TinyMoELM, "
+        "a config.json (random weights, labelled so; a tokenizer next to it is used), or a "
+        "hub id org/name[@revision] from the local Hugging Face cache (--allow-download "
+        "fetches it if absent)",
+        metavar="DIR_CONFIG_OR_HUB_ID",
+        group="model",
+    )
+    data: list[str] = option(
+        help="text, JSONL (a 'text' field, or chat 'messages' rendered with the tokenizer's "
+        "chat template), parquet, a datasets folder, or - for stdin; repeat for several "
+        "domains (label = file stem)",
+        metavar="INPUT",
+        group="data",
+    )
+    out: str = option(
+        "moescope-analysis",
+        help="output directory (report.html, summary.json, figures)",
+        metavar="DIR",
+        group="output",
+    )
+    neurons: bool = option(
+        False, help="also count activated neurons inside the chosen experts", group="analyses"
+    )
+    threshold: str | None = option(
+        None,
+        help="neuron threshold: TAU, absolute:TAU, magnitude:ALPHA (the default, 0.1), "
+        "relative:P or calibrated:SPARSITY (needs --neurons)",
+        metavar="SPEC",
+        group="analyses",
+    )
+    max_tokens: int | None = option(
+        None, help="stop after N tokens of each input", metavar="N", group="data"
+    )
+    batch_size: int = option(
+        8, help="rows per forward (capped by --memory-budget)", metavar="B", group="data"
+    )
+    seq_len: int = option(
+        256,
+        help="tokens per row (also the context of the FLOP count)",
+        metavar="S",
+        group="data",
+    )
+    embeddings: str = option(
+        "both",
+        help="which embedding matrices count as active parameters",
+        choices=("both", "head", "none"),
+        group="analyses",
+    )
+    coact_layer: str | None = option(
+        None,
+        help="layer index or path for the co-activation plot (default: the first MoE layer)",
+        metavar="LAYER",
+        group="analyses",
+    )
+    token_layer: str | None = option(
+        None,
+        help="layer index or path for the coloured tokens (default: the middle MoE layer)",
+        metavar="LAYER",
+        group="analyses",
+    )
+    compare: str | None = option(
+        None,
+        help="a second checkpoint: router agreement with --model on the first input",
+        metavar="DIR",
+        group="analyses",
+    )
+    trust_remote_code: bool = option(
+        False, help="allow a checkpoint's own modelling code (review it first)", group="model"
+    )
+    device: str = option(
+        "auto", help="auto (CUDA when available), cpu, cuda, cuda:N", group="model"
+    )
+    dtype: str = option(
+        "auto",
+        help="weights dtype: auto (the dtype the config names, else float32), float32, "
+        "bfloat16, float16",
+        metavar="DTYPE",
+        group="model",
+    )
+    device_map: str | None = option(
+        None,
+        help="auto: spread a model too large for one device (needs accelerate)",
+        metavar="MAP",
+        group="model",
+    )
+    allow_download: bool = option(
+        False,
+        help="allow fetching a hub id from the Hugging Face hub (off: local files and the "
+        "local cache only)",
+        group="model",
+    )
+    force: bool = option(
+        False,
+        help="load even when the model looks too large for the memory available",
+        group="model",
+    )
+    text_field: str | None = option(
+        None,
+        help="JSONL key / column holding the text (default: text, or messages for chat)",
+        metavar="KEY",
+        group="data",
+    )
+    overwrite: bool = option(
+        False,
+        help="write into a non-empty directory that is not a moescope output",
+        group="output",
+    )
+    seed: int = option(0, help="seed of random weights built from a config", group="model")
+    record_tokens: int = option(
+        20000,
+        help="tokens per input kept for the token-level analyses",
+        metavar="N",
+        group="analyses",
+    )
+    memory_budget: int | None = option(
+        None,
+        help="activation memory one forward may use, e.g. 512M, 4G (default 2G; on CUDA a "
+        "quarter of the free memory); larger batches run in several forwards",
+        type=parse_size,
+        metavar="SIZE",
+        group="data",
+    )
+    progress: bool = option(
+        True,
+        help="no progress bar on stderr (none is drawn when stderr is not a terminal)",
+        group="output",
+    )
 
     def __post_init__(self) -> None:
         data: Any = self.data  # one path (str / PathLike) or None are accepted too
@@ -126,6 +228,8 @@ class AnalyzeOptions:
             data = [data]
         self.data = [str(d) for d in (data or [])]
         self.model = str(self.model) if self.model is not None else self.model
+        if self.dtype is None:
+            self.dtype = "auto"
         self.out = str(self.out)
         if self.compare is not None:
             self.compare = str(self.compare)
@@ -447,9 +551,37 @@ class _NoBar:
         pass
 
 
+class _LogProgress:
+    """Progress for a log file (stderr not a terminal): two lines, not one per update:
+    when the first forward is done and when the run ends."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        if self.tokens == 0:
+            print("moescope analyze: streaming (first forward done)", file=sys.stderr, flush=True)
+        self.tokens += int(n)
+
+    def close(self) -> None:
+        if self.tokens:
+            dt = time.perf_counter() - self.t0
+            print(
+                f"moescope analyze: {self.tokens:,} tokens in {dt:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def _progress(total: int | None, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
+    # A bar only on a terminal: redirected to a log file, tqdm's redraws would be one
+    # line per update.
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return _LogProgress()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
@@ -515,7 +647,7 @@ def analyze(
         field = opts.text_field or "text"
         for d in opts.data:  # a bad input fails before minutes of model loading
             if d != "-":
-                open_data(d, text_field=field, label=_label(d))
+                open_data(d, text_field=field, label=_label(d), tokenizer_pending=True)
         loaded = _load(opts.model, opts, device)
         sources = [
             open_data(d, text_field=field, tokenizer=loaded.tokenizer, label=_label(d))

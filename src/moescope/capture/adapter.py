@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from moescope.capture.record import RoutingRecord
+from moescope.capture.record import RecordScoreFn, RoutingRecord
 
 Emit = Callable[[RoutingRecord], None]
 Detach = Callable[[], None]
@@ -25,8 +25,22 @@ class LayerInfo:
     """One MoE block a monitor found.
 
     ``path`` is the module path (``model.layers.3.mlp``), ``adapter`` the adapter's name,
-    ``num_experts`` E (routed), ``top_k`` K, ``module`` the block itself, and ``extra``
-    whatever the adapter needs to remember (child modules, layout flags).
+    ``num_experts`` E (routed), ``top_k`` K, ``module`` the block itself.
+
+    What adapters, neuron capture and cost accounting read from each other is a typed
+    field (set what applies, leave the rest at its default):
+
+    - ``experts``: the one fused module the routed experts run in (transformers'
+      ``experts`` child called as ``experts(hidden, index, weights)``), None when the
+      block has none; neuron capture hooks it.
+    - ``index_arg`` / ``weight_arg``: the names of ``experts.forward``'s routing index
+      [T, K] and weight [T, K] parameters (positions 1 and 2).
+    - ``score_fn``: how the router's logits become a distribution (``softmax``,
+      ``sigmoid``, ``probs``), as in :class:`~moescope.capture.record.RoutingRecord`.
+    - ``hooked``: the module the adapter hooks when it is not ``module`` (a
+      :class:`~moescope.capture.custom.SimpleAdapter` target, doge's ``down_embed``).
+    - ``extra``: private to the adapter that built the info (its own remembered
+      state); nothing else in moescope reads it.
 
     Parameter accounting (:mod:`moescope.cost`) reads the same object, so what is
     monitored and what is counted are one detection:
@@ -46,10 +60,15 @@ class LayerInfo:
     num_experts: int
     top_k: int
     module: nn.Module
-    extra: dict[str, object] = field(default_factory=dict)
     expert_modules: tuple[nn.Module, ...] = ()
     router: nn.Module | None = None
     active_top_k: int | None = None
+    experts: nn.Module | None = None
+    index_arg: str = "top_k_index"
+    weight_arg: str = "top_k_weights"
+    score_fn: RecordScoreFn = "softmax"
+    hooked: nn.Module | None = None
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 class CaptureContext:

@@ -88,11 +88,11 @@ class SimpleAdapter:
             num_experts=int(e),
             top_k=int(k),
             module=module,
-            extra={"hooked": hooked},
+            hooked=hooked,
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
-        hooked: nn.Module = info.extra["hooked"]  # type: ignore[assignment]
+        hooked = info.hooked if info.hooked is not None else info.module
 
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if not ctx.counting:

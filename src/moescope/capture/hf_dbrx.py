@@ -52,14 +52,14 @@ class DbrxAdapter:
             module=module,
             expert_modules=(experts,),
             router=router,
-            extra={"experts": experts},
+            experts=experts,
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Hook router output and experts input; returns a function removing both hooks."""
         router = info.router
         assert router is not None  # every match() of this adapter names it
-        experts = info.extra["experts"]
+        experts = info.experts
         assert isinstance(router, nn.Module) and isinstance(experts, nn.Module)
         path = info.path
         num_experts = info.num_experts

@@ -67,12 +67,12 @@ class EmbeddingExpertsAdapter:
             module=module,
             expert_modules=(down, up),
             router=found[1],
-            extra={"down_embed": down},
+            hooked=down,
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
-        down = info.extra["down_embed"]
-        assert isinstance(down, nn.Module)
+        down = info.hooked
+        assert down is not None  # every match() of this adapter sets it
         path = info.path
         e = info.num_experts
 

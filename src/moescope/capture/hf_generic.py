@@ -52,7 +52,7 @@ from moescope.capture.hf_structure import (
     routed_experts,
     router_score_fn,
 )
-from moescope.capture.record import RecordScoreFn, RoutingRecord
+from moescope.capture.record import RoutingRecord
 
 
 def _positional_names(fn: Any) -> list[str]:
@@ -90,7 +90,7 @@ class GenericHFAdapter:
         found = find_router(module, exclude=experts)
         if found is None:
             return None
-        router_name, router = found
+        _, router = found
         config = None
         for owner in (module, router, experts):
             config = getattr(owner, "config", None)
@@ -108,23 +108,20 @@ class GenericHFAdapter:
             module=module,
             expert_modules=(experts,),
             router=router,
-            extra={
-                "router_name": router_name,
-                "experts": experts,
-                "score_fn": router_score_fn(router, config),
-                # Names of experts.forward's index / weight parameters (positions 1, 2).
-                "index_arg": names[1] if len(names) > 1 else "top_k_index",
-                "weight_arg": names[2] if len(names) > 2 else "top_k_weights",
-            },
+            experts=experts,
+            score_fn=router_score_fn(router, config),
+            # Names of experts.forward's index / weight parameters (positions 1, 2).
+            index_arg=names[1] if len(names) > 1 else "top_k_index",
+            weight_arg=names[2] if len(names) > 2 else "top_k_weights",
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         router = info.router
         assert router is not None  # every match() of this adapter names it
-        experts: nn.Module = info.extra["experts"]  # type: ignore[assignment]
-        score_fn: RecordScoreFn = info.extra["score_fn"]  # type: ignore[assignment]
-        index_arg = str(info.extra["index_arg"])
-        weight_arg = str(info.extra["weight_arg"])
+        experts = info.experts
+        assert experts is not None  # every match() of this adapter names it
+        score_fn = info.score_fn
+        index_arg, weight_arg = info.index_arg, info.weight_arg
         # Router logits of the current block call, consumed by the experts pre-hook.
         slot: dict[str, torch.Tensor | None] = {"logits": None}
 

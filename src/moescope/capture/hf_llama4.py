@@ -56,10 +56,7 @@ class Llama4Adapter:
             module=module,
             expert_modules=(experts,),
             router=router,
-            extra={
-                "experts": experts,
-                "shared_expert": getattr(module, "shared_expert", None),
-            },
+            experts=experts,
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
-from moescope.capture.hf_structure import block_token_mask, is_decoder_path
+from moescope.capture.hf_structure import block_token_mask
 from moescope.capture.record import RoutingRecord
 
 __all__ = ["ADAPTERS", "NllbMoeAdapter", "SwitchTransformersAdapter", "stack_token_mask"]
@@ -43,7 +43,6 @@ def _has_class(module: object, class_name: str) -> bool:
 
 # The rule lives in hf_structure (one for every adapter); kept here under its old name.
 stack_token_mask = block_token_mask
-_is_decoder_path = is_decoder_path
 
 
 def _match_block(
@@ -65,7 +64,7 @@ def _match_block(
         module=module,
         expert_modules=(experts,),
         router=router,
-        extra={"experts": experts, "decoder": _is_decoder_path(path)},
+        experts=experts,
     )
 
 

@@ -89,7 +89,7 @@ def neuron_tap(info: LayerInfo) -> NeuronTap | None:
     """The neuron capture of ``info``'s layer, or None when moescope cannot see its
     intermediate activations (dbrx, llama4, custom adapters)."""
     module = info.module
-    experts = info.extra.get("experts", getattr(module, "experts", None))
+    experts = info.experts if info.experts is not None else getattr(module, "experts", None)
     if not isinstance(experts, nn.Module):
         return None
     if info.adapter == "moescope.nn":
@@ -154,7 +154,7 @@ def _attach_fused(
     path = info.path
     # The model's PretrainedConfig (a plain attribute, which torch types Tensor | Module).
     config: Any = experts.config
-    index_arg = str(info.extra.get("index_arg", "top_k_index"))
+    index_arg = info.index_arg
     # Routing of the call in flight: (sorted expert ids [N], row validity [N] | None).
     pending: dict[str, Any] = {}
     switched: dict[str, Any] = {}

@@ -176,7 +176,12 @@ class ParamReport:
 
 
 def _transformers() -> Any:
-    return require("transformers", "hf")
+    tr = require("transformers", "hf")
+    # why: a saved TinyMoELM (model_type moescope_tiny_moe) is known to the Auto classes
+    # only once moescope.nn.hf registered it; transformers itself is checked just above
+    import moescope.nn.hf  # noqa: F401
+
+    return tr
 
 
 def load_config_source(source: Any) -> Any:

@@ -1,12 +1,15 @@
 """Training integrations: they decide *when* to snapshot and where metrics go (no metric
 math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per framework:
 
-- :func:`create_moe_callback_for_transformers` (``transformers.Trainer``; extra ``hf``)
-- :func:`create_moe_callback_for_pytorch` (plain loops; torch only)
+- :class:`MoETrainerCallback` (``transformers.Trainer``; extra ``hf``)
+- :class:`MoEPyTorchCallback` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
 
-All of them take the same frozen :class:`MoECallbackOptions` (one docstring lists every
-setting); the factories keep the seeds' signatures and build it from their arguments.
+One class per framework, named ``MoE<Framework>Callback``, each taking the same frozen
+:class:`MoECallbackOptions` (one docstring lists every setting) or its fields as
+keywords. The seeds' factories :func:`create_moe_callback_for_transformers` and
+:func:`create_moe_callback_for_pytorch` keep the seeds' signatures and build the first two;
+Lightning instantiates callbacks by class, so it has none.
 
 Framework modules are imported lazily, so importing this package needs torch only.
 """

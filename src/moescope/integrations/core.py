@@ -45,6 +45,7 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -75,6 +76,7 @@ _log = logging.getLogger("moescope")
 
 #: File name of the detailed JSONL log inside ``log_dir``.
 DETAILED_LOG_NAME = "moe_detailed.jsonl"
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(MoECallbackOptions))
 
 
 def is_rank_zero() -> bool:
@@ -105,21 +107,19 @@ class TrainingSession:
         monitor: the one :class:`MoEMonitor` (None before :meth:`attach`); its window
             ``"train"`` holds the train counts, ``"eval"`` the eval counts, and its
             ``history`` the train snapshots only.
-        train_monitor, eval_monitor: backward-compatible names; both are :attr:`monitor`
-            (``eval_monitor`` is None when ``track_eval=False``). Not two monitors.
+        log_dir: ``options.log_dir`` as a Path; the one setting a framework adapter may
+            fill in at train start.
+        alert_rules, on_alert: the rules in force and the user's callback (a ready
+            ``AlertRules``' own ``on_alert`` is moved here, after the sinks).
 
-    The options are also readable as attributes (``session.log_every_n_steps``, ...);
-    ``log_dir`` is the one a framework adapter may fill in at train start.
+    Every other option is read from :attr:`options` (``session.log_every_n_steps`` is
+    ``session.options.log_every_n_steps``): the options are written once, in
+    :class:`MoECallbackOptions`, and never copied field by field.
     """
 
     def __init__(self, options: MoECallbackOptions | None = None, **overrides: Any) -> None:
         opts = options_from(options, overrides)
         self.options = opts
-        self.log_every_n_steps = opts.log_every_n_steps
-        self.log_heatmap_every = opts.log_heatmap_every
-        self.logger = opts.logger
-        self.log_to_console = opts.log_to_console
-        self.save_detailed_logs = opts.save_detailed_logs
         self.log_dir: Path | None = Path(opts.log_dir) if opts.log_dir is not None else None
         on_alert = opts.on_alert
         if opts.alert_rules is not None:
@@ -135,12 +135,6 @@ class TrainingSession:
                 entropy_threshold=opts.entropy_threshold,
             )
         self.on_alert = on_alert
-        self.stop_on_alert = opts.stop_on_alert
-        self.track_eval = opts.track_eval
-        self.per_layer = opts.per_layer
-        self.layer_metrics = opts.layer_metrics
-        self.prefix = opts.prefix
-        self.monitor_kwargs = dict(opts.monitor_kwargs)
         logger = opts.logger
         # Resolve now so a bad ``logger=`` fails at construction, not at the first log step.
         self._user_sinks = resolve_loggers(logger)
@@ -152,7 +146,7 @@ class TrainingSession:
         self._forced_mode: str | None = None
         self._sinks: list[Any] | None = None
         self._extra_sinks: list[Any] = []
-        self._next_heatmap: int | None = self.log_heatmap_every
+        self._next_heatmap: int | None = opts.log_heatmap_every
         self._plots_missing_warned = False
         self.last_train_step: int | None = None
         self.should_stop = False
@@ -163,15 +157,12 @@ class TrainingSession:
 
     # ------------------------------------------------------------------ attach / detach
 
-    @property
-    def train_monitor(self) -> MoEMonitor | None:
-        """The monitor (backward-compatible name): its ``"train"`` window and history."""
-        return self.monitor
-
-    @property
-    def eval_monitor(self) -> MoEMonitor | None:
-        """The same monitor (its ``"eval"`` window), or None when ``track_eval=False``."""
-        return self.monitor if self.track_eval else None
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not set on the instance: the options' fields, read-only.
+        opts = self.__dict__.get("options")
+        if opts is not None and name in _OPTION_FIELDS:
+            return getattr(opts, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def attached(self) -> bool:

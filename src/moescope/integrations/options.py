@@ -28,7 +28,7 @@ from typing import Any
 from moescope.alerts import Alert, AlertRules
 from moescope.stats.snapshot import LAYER_SCALAR_METRICS
 
-__all__ = ["AlertCallback", "MoECallbackOptions", "factory_options", "options_from"]
+__all__ = ["DEFAULTS", "AlertCallback", "MoECallbackOptions", "factory_options", "options_from"]
 
 AlertCallback = Callable[[Alert], None]
 
@@ -237,3 +237,8 @@ def factory_options(arguments: Mapping[str, Any]) -> MoECallbackOptions:
     """
     names = {f.name for f in dataclasses.fields(MoECallbackOptions)}
     return MoECallbackOptions(**{k: v for k, v in arguments.items() if k in names})
+
+
+DEFAULTS: MoECallbackOptions = MoECallbackOptions()
+"""The default options: the seed factories' signatures take their defaults from here, so
+each default is written once (in the field)."""

@@ -50,7 +50,12 @@ from typing import Any, Literal
 
 from moescope._optional import require
 from moescope.integrations.core import ExtrasOnlySink, TrainingSession, finite_only
-from moescope.integrations.options import AlertCallback, MoECallbackOptions, factory_options
+from moescope.integrations.options import (
+    DEFAULTS,
+    AlertCallback,
+    MoECallbackOptions,
+    factory_options,
+)
 from moescope.sinks import resolve_loggers
 
 require("transformers", "hf")
@@ -375,23 +380,23 @@ def _eval_name(logs: dict[str, Any]) -> str | None:
 
 
 def create_moe_callback_for_transformers(
-    log_every_n_steps: int | None = 50,
-    logger: Any = None,
-    log_to_console: bool = True,
-    log_heatmap_every: int | None = 500,
-    alert_threshold_imbalance: float | None = 4.0,
-    unused_expert_threshold: float | None = 0.25,
-    entropy_threshold: float | None = 0.1,
-    save_detailed_logs: bool = False,
+    log_every_n_steps: int | None = DEFAULTS.log_every_n_steps,
+    logger: Any = DEFAULTS.logger,
+    log_to_console: bool = DEFAULTS.log_to_console,
+    log_heatmap_every: int | None = DEFAULTS.log_heatmap_every,
+    alert_threshold_imbalance: float | None = DEFAULTS.alert_threshold_imbalance,
+    unused_expert_threshold: float | None = DEFAULTS.unused_expert_threshold,
+    entropy_threshold: float | None = DEFAULTS.entropy_threshold,
+    save_detailed_logs: bool = DEFAULTS.save_detailed_logs,
     *,
-    log_dir: str | Path | None = None,
-    on_alert: AlertCallback | None = None,
-    stop_on_alert: bool = False,
-    track_eval: bool = True,
-    per_layer: bool = True,
+    log_dir: str | Path | None = DEFAULTS.log_dir,
+    on_alert: AlertCallback | None = DEFAULTS.on_alert,
+    stop_on_alert: bool = DEFAULTS.stop_on_alert,
+    track_eval: bool = DEFAULTS.track_eval,
+    per_layer: bool = DEFAULTS.per_layer,
     layer_metrics: list[str] | tuple[str, ...] | None = None,
     report_to_trainer: bool | None = None,
-    alert_rules: Any = None,
+    alert_rules: Any = DEFAULTS.alert_rules,
     monitor_kwargs: dict[str, Any] | None = None,
 ) -> MoETrainerCallback:
     """A transformers ``TrainerCallback`` logging MoE routing statistics (seed-001 API).

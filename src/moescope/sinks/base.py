@@ -9,15 +9,7 @@ and tables), the alerts, the figures. This module imports no concrete sink;
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
-
 from moescope.sinks.event import LogEvent
-
-if TYPE_CHECKING:
-    from moescope.alerts import Alert
-    from moescope.stats.snapshot import Snapshot
 
 __all__ = ["Sink"]
 
@@ -37,30 +29,6 @@ class Sink:
 
     def write(self, event: LogEvent) -> None:
         """Log one event (train or eval window; see :class:`LogEvent` for its parts)."""
-
-    # Deprecated shims of the pre-LogEvent protocol (one part per call); they build an
-    # event with that part only. Use ``write(LogEvent(...))``.
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Deprecated: ``write(LogEvent(step=step, metrics=metrics))``."""
-        self._shim("log_metrics", step, metrics=metrics)
-
-    def log_snapshot(self, snapshot: Snapshot, step: int) -> None:
-        """Deprecated: ``write(LogEvent(step=step, snapshot=snapshot))``."""
-        self._shim("log_snapshot", step, snapshot=snapshot)
-
-    def log_alerts(self, alerts: Sequence[Alert], step: int) -> None:
-        """Deprecated: ``write(LogEvent(step=step, alerts=alerts))``."""
-        self._shim("log_alerts", step, alerts=tuple(alerts))
-
-    def _shim(self, name: str, step: int, **part: object) -> None:
-        warnings.warn(
-            f"Sink.{name}() is deprecated; call sink.write(LogEvent(step=..., "
-            f"{next(iter(part))}=...)) instead.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        self.write(LogEvent(step=step, **part))  # type: ignore[arg-type]
 
     def flush(self) -> None:
         """Push buffered data to the destination."""

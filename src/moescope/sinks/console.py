@@ -23,9 +23,11 @@ it resolves. Eval events print nothing (their scalars go to the other sinks).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from moescope.alerts import AlertTracker, AlertUpdate, format_update
@@ -135,6 +137,20 @@ def format_table(snapshot: Snapshot, max_layers: int = 16) -> str:
     return "\n".join(out)
 
 
+@contextlib.contextmanager
+def progress_bars_cleared(out: TextIO) -> Iterator[None]:
+    """Write to ``out`` without breaking a live tqdm progress bar (the Trainer's, any
+    other): the bars sharing the terminal are cleared first and redrawn after, as
+    ``tqdm.write`` does. Nothing is imported when tqdm is not in use."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    bar_cls = getattr(tqdm_std, "tqdm", None)
+    if bar_cls is None or not getattr(bar_cls, "_instances", None):
+        yield
+        return
+    with bar_cls.external_write_mode(file=out):
+        yield
+
+
 class ConsoleSink(Sink):
     """Prints a compact per-layer table per train event and the grouped alert lines.
 
@@ -190,13 +206,14 @@ class ConsoleSink(Sink):
     def write(self, event: LogEvent) -> None:
         if event.mode != "train":
             return
-        if self.table and event.snapshot is not None:
-            self.print_table(event.snapshot, event.step)
-        lines = format_update(self._alert_update(event), self._hinted)
-        if lines:
-            out = self._out()
-            out.write("\n".join(lines) + "\n")
-            out.flush()
+        out = self._out()
+        with progress_bars_cleared(out):
+            if self.table and event.snapshot is not None:
+                self.print_table(event.snapshot, event.step)
+            lines = format_update(self._alert_update(event), self._hinted)
+            if lines:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
 
     def _alert_update(self, event: LogEvent) -> AlertUpdate:
         if not self.group_alerts:
@@ -208,12 +225,13 @@ class ConsoleSink(Sink):
     def print_table(self, snapshot: Snapshot, step: int | None = None) -> None:
         """The model line and the per-layer table of one snapshot."""
         out = self._out()
-        if not self.use_rich:
-            out.write(format_model_line(snapshot, step) + "\n")
-            out.write(format_table(snapshot, self.max_layers) + "\n")
-            out.flush()
-            return
-        self._rich_table(snapshot, step, out)
+        with progress_bars_cleared(out):
+            if not self.use_rich:
+                out.write(format_model_line(snapshot, step) + "\n")
+                out.write(format_table(snapshot, self.max_layers) + "\n")
+                out.flush()
+                return
+            self._rich_table(snapshot, step, out)
 
     def _rich_table(self, snapshot: Snapshot, step: int | None, out: TextIO) -> None:
         from rich import box
