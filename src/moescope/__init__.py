@@ -44,6 +44,8 @@ _LAZY: dict[str, str] = {
     "RoutingRecorder": "moescope.stats.token_recorder",
     "TokenRouting": "moescope.stats.token_recorder",
     "UnsupportedModelError": "moescope.errors",
+    "UnknownWindowError": "moescope.core",
+    "MonitorCore": "moescope.core",
     # capture: what a layer is, what a layer call gives, custom adapters
     "LayerInfo": "moescope.capture.adapter",
     "MoEAdapter": "moescope.capture.adapter",
@@ -145,6 +147,7 @@ __all__ = [
     "MoEPyTorchCallback",
     "MoETrainerCallback",
     "ModelInfo",
+    "MonitorCore",
     "NeuronOptions",
     "NeuronThreshold",
     "ParamReport",
@@ -161,6 +164,7 @@ __all__ = [
     "Summary",
     "TokenRouting",
     "TrainingSession",
+    "UnknownWindowError",
     "UnsupportedModelError",
     "UsageHistory",
     "__version__",
@@ -195,6 +199,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.cost.flops import AttentionLayerSpec, FlopReport, flops_per_token
     from moescope.cost.measured import MeasuredCost, MeasuredLayerCost, measured_cost
     from moescope.cost.params import MoELayerParams, ParamReport, count_parameters
+    from moescope.core import MonitorCore, UnknownWindowError
     from moescope.errors import UnsupportedModelError
     from moescope.integrations.core import TrainingSession
     from moescope.integrations.lightning import MoELightningCallback
