@@ -46,6 +46,7 @@ _LAZY: dict[str, str] = {
     "UnsupportedModelError": "moescope.errors",
     "UnknownWindowError": "moescope.core",
     "MonitorCore": "moescope.core",
+    "CoreLayer": "moescope.core",
     # capture: what a layer is, what a layer call gives, custom adapters
     "LayerInfo": "moescope.capture.adapter",
     "MoEAdapter": "moescope.capture.adapter",
@@ -130,6 +131,7 @@ __all__ = [
     "CaptureContext",
     "CompareOptions",
     "ConsoleSink",
+    "CoreLayer",
     "DomainInfo",
     "FigureDirSink",
     "FlopReport",
@@ -196,10 +198,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.capture.custom import SimpleAdapter
     from moescope.capture.record import RoutingBatch, RoutingRecord
     from moescope.capture.registry import register_adapter, unregister_adapter
+    from moescope.core import CoreLayer, MonitorCore, UnknownWindowError
     from moescope.cost.flops import AttentionLayerSpec, FlopReport, flops_per_token
     from moescope.cost.measured import MeasuredCost, MeasuredLayerCost, measured_cost
     from moescope.cost.params import MoELayerParams, ParamReport, count_parameters
-    from moescope.core import MonitorCore, UnknownWindowError
     from moescope.errors import UnsupportedModelError
     from moescope.integrations.core import TrainingSession
     from moescope.integrations.lightning import MoELightningCallback
