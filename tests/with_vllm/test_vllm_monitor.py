@@ -286,3 +286,110 @@ def test_vllm_serve_exports_prometheus_metrics(tmp_path: Path) -> None:
     assert sum(experts.values()) == 2 * 2 * fed  # 2 layers x K=2 slots per token
     sched = _metric(text, "moescope_vllm_scheduled_tokens_total")
     assert list(sched.values()) == [fed]
+
+
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+         "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
+         "--no-enable-prefix-caching"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("served") / "ckpt", "qwen3_moe")
+
+
+@pytest.mark.parametrize("case", ["port_abc", "port_busy", "jsonl_unwritable", "bool_typo"])
+def test_bad_settings_stop_the_server_before_weights_load(
+    served_model: Path, tmp_path: Path, case: str
+) -> None:
+    """Each bad setting ends the real server start with one line naming the variable,
+    before any engine process loads weights."""
+    env = _env()
+    env["MOESCOPE_VLLM"] = "1"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    env.update(
+        {
+            "port_abc": {"MOESCOPE_VLLM_PROMETHEUS_PORT": "abc"},
+            "port_busy": {"MOESCOPE_VLLM_PROMETHEUS_PORT": str(port)},
+            "jsonl_unwritable": {"MOESCOPE_VLLM_JSONL": str(blocker / "routing.jsonl")},
+            "bool_typo": {"MOESCOPE_VLLM_COUNTS_ONLY": "enable"},
+        }[case]
+    )
+    expect = {
+        "port_abc": "MOESCOPE_VLLM_PROMETHEUS_PORT='abc' is not a port number",
+        "port_busy": f"127.0.0.1:{port} set by MOESCOPE_VLLM_PROMETHEUS_PORT",
+        "jsonl_unwritable": "set by MOESCOPE_VLLM_JSONL",
+        "bool_typo": "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean",
+    }[case]
+    try:
+        proc = subprocess.run(
+            [*SERVE, "--model", str(served_model), "--port", str(_free_port())],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        busy.close()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("moescope.integrations.vllm.VllmSettingsError: "), log[-3000:]
+    assert expect in last
+    assert "Loading weights" not in log and "EngineCore" not in log
+
+
+def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Path) -> None:
+    """SIGINT to the API server: the one open window (interval 600 s) reaches the JSONL
+    log, as a 'serve' line, with every routed token; COUNTS_ONLY=on is honoured."""
+    import signal
+
+    jsonl = tmp_path / "routing.jsonl"
+    api = _free_port()
+    env = _env()
+    env.update(
+        MOESCOPE_VLLM="1",
+        MOESCOPE_VLLM_JSONL=str(jsonl),
+        MOESCOPE_VLLM_INTERVAL="600",
+        MOESCOPE_VLLM_COUNTS_ONLY="on",
+    )
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [*SERVE, "--model", str(served_model), "--port", str(api)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                _get(f"http://127.0.0.1:{api}/health")
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not become healthy"
+                time.sleep(2)
+        body = json.dumps(
+            {"model": str(served_model), "prompt": _prompts()[1], "max_tokens": MAX_TOKENS,
+             "temperature": 0.0, "ignore_eos": True}
+        ).encode()  # fmt: skip
+        usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
+        fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        assert not jsonl.exists() or jsonl.read_text() == ""  # the window is still open
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    lines = read_jsonl(jsonl)
+    assert [ln["kind"] for ln in lines] == ["metrics", "snapshot"], lines
+    assert {ln["mode"] for ln in lines} == {"serve"}
+    assert lines[0]["metrics"]["vllm/routed_tokens"] == fed
+    layers = lines[1]["snapshot"]["layers"]
+    assert len(layers) == 2
+    for layer in layers.values():
+        assert layer["num_tokens"] == fed
+        assert sum(layer["usage_counts"]) == 2 * fed
+        assert layer["routing_entropy"] is None  # counts only

@@ -17,7 +17,12 @@ vLLM, not transformers).
 from __future__ import annotations
 
 import json
+import math
+import os
+import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moescope.stats.snapshot import Snapshot
@@ -26,16 +31,21 @@ __all__ = [
     "CONFIG_KEY",
     "ENV",
     "MoescopeWorkerExtension",
+    "VllmSettingsError",
     "VllmSnapshot",
     "check_options",
+    "env_options",
     "options",
+    "parse_bool",
     "plugin",
+    "preflight",
     "snapshot",
 ]
 
 #: Key of moescope's options in vLLM's ``additional_config``.
 CONFIG_KEY = "moescope"
-#: ``1`` (or a JSON object of options) turns monitoring on in a vLLM process tree.
+#: ``1`` (or a JSON object of options) turns monitoring on in a vLLM process tree; flags
+#: accept 1/0, true/false, yes/no, on/off (any case).
 ENV = "MOESCOPE_VLLM"
 ENV_JSONL = "MOESCOPE_VLLM_JSONL"
 ENV_PORT = "MOESCOPE_VLLM_PROMETHEUS_PORT"
@@ -51,6 +61,91 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "prometheus_host": (str,),
     "interval": (int, float),
 }
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class VllmSettingsError(ValueError):
+    """A moescope vLLM setting (environment variable or ``additional_config`` option) that
+    cannot be used; the message is one line naming the setting and the fix."""
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """An environment flag: ``1/0``, ``true/false``, ``yes/no``, ``on/off`` (any case).
+
+    Raises:
+        VllmSettingsError: naming ``name`` for any other spelling.
+    """
+    v = raw.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise VllmSettingsError(
+        f"{name}={raw!r} is not a boolean: set 1/0, true/false, yes/no or on/off"
+    )
+
+
+def env_options(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The options set by ``MOESCOPE_VLLM*`` environment variables, validated, or None
+    when ``MOESCOPE_VLLM`` is unset or false (the other variables are then ignored).
+
+    Raises:
+        VllmSettingsError: one line naming the variable and what to set instead.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV, "").strip()
+    if not raw:
+        return None
+    if raw.startswith("{"):
+        try:
+            opts = json.loads(raw)
+        except ValueError as err:
+            raise VllmSettingsError(
+                f"{ENV} is not valid JSON ({err}); set {ENV}=1 or a JSON object of options "
+                'such as {"counts_only": true}'
+            ) from None
+        if not isinstance(opts, dict):
+            raise VllmSettingsError(f"{ENV} must be 1/0 or a JSON object of options")
+        try:
+            check_options(opts)
+        except ValueError as err:
+            raise VllmSettingsError(f"{ENV}: {err}") from None
+    elif parse_bool(ENV, raw):
+        opts = {}
+    else:
+        return None
+    if env.get(ENV_JSONL, "").strip():
+        opts.setdefault("jsonl", env[ENV_JSONL].strip())
+    port = env.get(ENV_PORT, "").strip()
+    if port:
+        try:
+            value = int(port)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= 65535:
+            raise VllmSettingsError(
+                f"{ENV_PORT}={port!r} is not a port number: set an integer in 0..65535 "
+                "(0 = any free port) or unset it"
+            )
+        opts.setdefault("prometheus_port", value)
+    interval = env.get(ENV_INTERVAL, "").strip()
+    if interval:
+        try:
+            seconds = float(interval)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise VllmSettingsError(
+                f"{ENV_INTERVAL}={interval!r} is not a positive number of seconds: set e.g. "
+                f"{ENV_INTERVAL}=15 or unset it"
+            )
+        opts.setdefault("interval", seconds)
+    counts_only = env.get(ENV_COUNTS_ONLY, "").strip()
+    if counts_only:
+        opts.setdefault("counts_only", parse_bool(ENV_COUNTS_ONLY, counts_only))
+    return opts
 
 
 def check_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +167,70 @@ def check_options(opts: dict[str, Any]) -> dict[str, Any]:
     if port is not None and not 0 <= port <= 65535:
         raise ValueError(f"prometheus_port must be in [0, 65535] (0 = any free port), got {port}")
     interval = opts.get("interval")
-    if interval is not None and interval <= 0:
+    if interval is not None and not (math.isfinite(interval) and interval > 0):
         raise ValueError(f"interval must be a positive number of seconds, got {interval}")
     return dict(opts)
+
+
+def _setting(key: str, from_env: bool) -> str:
+    names = {"jsonl": ENV_JSONL, "prometheus_port": ENV_PORT}
+    if from_env and key in names:
+        return names[key]
+    return f"additional_config['{CONFIG_KEY}']['{key}']"
+
+
+def jsonl_path(path: str, index: int) -> str:
+    """The JSONL file of reporting worker ``index`` (0: ``path`` itself; i > 0: a ``.i``
+    suffix before the extension, one file per pipeline stage / data-parallel replica)."""
+    base, ext = os.path.splitext(str(path))
+    return f"{base}.{index}{ext}" if index else str(path)
+
+
+def preflight(opts: Mapping[str, Any], replicas: int = 1, from_env: Iterable[str] = ()) -> None:
+    """Check, before a model loads, that the outputs asked for can be opened: the JSONL
+    file(s) can be appended to and the Prometheus port(s) are free on their host.
+
+    Args:
+        opts: validated options (:func:`check_options`).
+        replicas: reporting workers (pipeline stages x data-parallel replicas); replica i
+            writes :func:`jsonl_path` (path, i) and listens on ``port + i``.
+        from_env: option keys that came from environment variables (named in errors).
+
+    Raises:
+        VllmSettingsError: one line naming the setting and the fix.
+    """
+    env_keys = set(from_env)
+    path = opts.get("jsonl")
+    if path:
+        for i in range(max(1, replicas)):
+            target = Path(jsonl_path(str(path), i))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "a", encoding="utf-8"):
+                    pass
+            except OSError as err:
+                raise VllmSettingsError(
+                    f"moescope: cannot write the JSONL log {target} set by "
+                    f"{_setting('jsonl', 'jsonl' in env_keys)} ({err.strerror or err}); "
+                    "choose a writable file path"
+                ) from None
+    port = opts.get("prometheus_port")
+    if port:  # 0 = any free port: nothing to check
+        host = str(opts.get("prometheus_host", "127.0.0.1"))
+        for i in range(max(1, replicas)):
+            try:
+                with socket.socket(
+                    socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+                ) as s:
+                    # Same option as the exporter's HTTP server: only a live listener blocks.
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, int(port) + i))
+            except OSError as err:
+                raise VllmSettingsError(
+                    f"moescope: cannot serve Prometheus metrics on {host}:{int(port) + i} set "
+                    f"by {_setting('prometheus_port', 'prometheus_port' in env_keys)} "
+                    f"({err.strerror or err}); pick a free port, or 0 for any free port"
+                ) from None
 
 
 def options(
@@ -115,7 +271,11 @@ def options(
 
 
 def plugin() -> None:
-    """Entry point of the ``vllm.general_plugins`` group (runs in every vLLM process)."""
+    """Entry point of the ``vllm.general_plugins`` group (runs in every vLLM process).
+
+    Bad ``MOESCOPE_VLLM*`` environment variables fail here, in the first vLLM process,
+    before any engine starts (:class:`VllmSettingsError`, one line)."""
+    env_options()
     from moescope.integrations.vllm.worker import register
 
     register()

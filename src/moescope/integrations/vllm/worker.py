@@ -30,9 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -58,41 +56,42 @@ _PATCHED: set[str] = set()
 # -------------------------------------------------------------------- options
 
 
-def _env_options() -> dict[str, Any] | None:
-    from moescope.integrations.vllm import ENV, ENV_COUNTS_ONLY, ENV_INTERVAL, ENV_JSONL, ENV_PORT
-
-    raw = os.environ.get(ENV, "").strip()
-    if raw.lower() in ("", "0", "false", "no", "off"):
-        return None
-    opts: dict[str, Any] = json.loads(raw) if raw.startswith("{") else {}
-    if os.environ.get(ENV_JSONL):
-        opts.setdefault("jsonl", os.environ[ENV_JSONL])
-    if os.environ.get(ENV_PORT):
-        opts.setdefault("prometheus_port", int(os.environ[ENV_PORT]))
-    if os.environ.get(ENV_INTERVAL):
-        opts.setdefault("interval", float(os.environ[ENV_INTERVAL]))
-    if os.environ.get(ENV_COUNTS_ONLY, "").lower() in ("1", "true", "yes"):
-        opts.setdefault("counts_only", True)
-    return opts
-
-
 def resolve_options(vllm_config: Any) -> dict[str, Any] | None:
     """The monitoring options of this engine, or None when monitoring is off.
 
     Environment options are copied into ``vllm_config.additional_config["moescope"]``
-    (a field vLLM hashes into its compile-cache key)."""
-    from moescope.integrations.vllm import CONFIG_KEY, check_options
+    (a field vLLM hashes into its compile-cache key).
+
+    Raises:
+        VllmSettingsError: a bad environment variable or ``additional_config`` option
+            (one line naming it and the fix).
+    """
+    from moescope.integrations.vllm import (
+        CONFIG_KEY,
+        VllmSettingsError,
+        check_options,
+        env_options,
+    )
 
     extra = getattr(vllm_config, "additional_config", None)
     given = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    env = _env_options()
+    if given is not None and not isinstance(given, dict):
+        raise VllmSettingsError(
+            f"additional_config['{CONFIG_KEY}'] must be a dict of options, got {given!r}; "
+            "use moescope.integrations.vllm.options()"
+        )
+    env = env_options()
     if given is None and env is None:
         return None
-    opts = {**(env or {}), **(given if isinstance(given, dict) else {})}
+    opts = {**(env or {}), **(given or {})}
     opts.setdefault("enabled", True)
+    try:
+        opts = check_options(opts)
+    except ValueError as err:
+        raise VllmSettingsError(f"additional_config['{CONFIG_KEY}']: {err}") from None
     if not opts["enabled"]:
         return None
-    opts = check_options(opts)
+    STATE["from_env"] = sorted(k for k in (env or {}) if k not in (given or {}))
     if isinstance(extra, dict):
         extra[CONFIG_KEY] = dict(opts)
     else:
@@ -101,6 +100,31 @@ def resolve_options(vllm_config: Any) -> dict[str, Any] | None:
             "monitored run apart. Set VLLM_DISABLE_COMPILE_CACHE=1 or pass "
             "additional_config={'moescope': {...}}."
         )
+    return opts
+
+
+def reporting_workers(vllm_config: Any) -> int:
+    """Workers that report (own a JSONL file / exporter port): one per pipeline stage
+    and data-parallel replica (tensor-parallel replicas of the same tokens do not)."""
+    par = getattr(vllm_config, "parallel_config", None)
+    if par is None:
+        return 1
+    try:
+        across = int(par.world_size_across_dp)
+        tp = max(1, int(par.tensor_parallel_size))
+    except (AttributeError, TypeError, ValueError):
+        return 1
+    return max(1, across // tp)
+
+
+def check_config(vllm_config: Any) -> dict[str, Any] | None:
+    """Resolve and check the options of an engine before any model loads (process 0:
+    right after vLLM built its config; the worker: before loading weights)."""
+    from moescope.integrations.vllm import preflight
+
+    opts = resolve_options(vllm_config)
+    if opts is not None:
+        preflight(opts, reporting_workers(vllm_config), STATE.get("from_env", ()))
     return opts
 
 
@@ -258,17 +282,30 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
     interval = float(opts.get("interval", 15.0))
     path = opts.get("jsonl")
     if path:
+        from moescope.integrations.vllm import jsonl_path
         from moescope.sinks.event import LogEvent
         from moescope.sinks.jsonl import JsonlSink
 
-        base, ext = os.path.splitext(str(path))
-        sink = JsonlSink(f"{base}.{index}{ext}" if index else str(path), metrics=True)
+        sink = JsonlSink(jsonl_path(str(path), index), metrics=True)
         STATE["jsonl"] = sink
 
         def write(snap: Any, tokens: dict[str, int]) -> None:
             served = {f"vllm/{k}": v for k, v in served_summary(snap, tokens).items()}
-            sink.write(LogEvent(step=int(snap.step or 0), snapshot=snap, metrics=served))
-            sink.flush()
+            try:
+                sink.write(
+                    LogEvent(step=int(snap.step or 0), snapshot=snap, metrics=served, mode="serve")
+                )
+                sink.flush()
+            except OSError as err:
+                # Monitoring never stops the job: one warning, then no more JSONL lines.
+                _log.warning(
+                    "moescope: cannot write the JSONL log %s (%s); no more routing windows "
+                    "will be written to it",
+                    sink.path,
+                    err.strerror or err,
+                )
+                with contextlib.suppress(ValueError):
+                    monitor.window_listeners.remove(write)
 
         monitor.window_listeners.append(write)
     port = opts.get("prometheus_port")
@@ -283,7 +320,15 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
             lock_forwards=False,  # the runner patch holds monitor.lock around each step
         )
         exporter.registry.register(_TokenCollector(monitor))
-        exporter.start()
+        try:
+            exporter.start()
+        except OSError as err:
+            from moescope.integrations.vllm import VllmSettingsError
+
+            raise VllmSettingsError(
+                f"moescope: cannot serve Prometheus metrics on {exporter.host}:{exporter.port} "
+                f"({err.strerror or err}); pick a free port, or 0 for any free port"
+            ) from None
         STATE["exporter"] = exporter
         _log.info("moescope: Prometheus metrics on %s", exporter.url)
     elif path:
@@ -301,6 +346,20 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
         STATE["timer"] = (timer, stop)
     if path or port is not None:
         atexit.register(shutdown)
+
+
+def flush() -> bool:
+    """Close the open window now, so the JSONL log holds every token counted so far
+    (what a clean shutdown of the engine asks every worker before it stops them).
+
+    Returns:
+        True when a JSONL log got the window.
+    """
+    monitor = STATE["monitor"]
+    if monitor is None or STATE["jsonl"] is None:
+        return False
+    monitor.snapshot(reset=True)
+    return True
 
 
 def shutdown() -> None:
@@ -409,27 +468,100 @@ def _patch_worker() -> None:
     def moescope_reset(self: Any) -> None:
         rpc_snapshot(reset=True)
 
+    def moescope_flush(self: Any) -> bool:
+        return flush()
+
     WorkerBase.moescope_snapshot = moescope_snapshot
     WorkerBase.moescope_reset = moescope_reset
+    WorkerBase.moescope_flush = moescope_flush
     _PATCHED.add("worker")
 
 
+#: Seconds a shutting-down front end waits for the workers to write their open window.
+FLUSH_TIMEOUT_S = 10.0
+
+
+def _flush_before_shutdown(engine: Any) -> None:
+    """Ask every engine's workers to write their open window (``moescope_flush``) before
+    vLLM stops them: with ``shutdown_timeout=0`` (the default) the API server sends
+    SIGTERM and then SIGKILL to the engine-core process at once, and the workers never
+    reach their own exit handlers. Runs in the front end's shutdown thread while its
+    event loop still runs; best effort (a warning, never an exception)."""
+    import asyncio
+
+    from moescope.integrations.vllm import CONFIG_KEY
+
+    extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None)
+    opts = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    if not isinstance(opts, dict) or not opts.get("enabled", True) or not opts.get("jsonl"):
+        return
+    core = getattr(engine, "engine_core", None)
+    if core is None or getattr(getattr(core, "resources", None), "engine_dead", False):
+        return
+    handler = getattr(engine, "output_handler", None)
+    loop = handler.get_loop() if handler is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return  # no request was ever served: the open window is empty
+    with contextlib.suppress(RuntimeError):
+        if asyncio.get_running_loop() is loop:
+            return  # called from the loop itself (e.g. __del__): cannot wait on it
+    rpc = ("collective_rpc", "moescope_flush", FLUSH_TIMEOUT_S, (), None)
+    all_engines = getattr(core, "call_utility_all_async", None)
+    coro = all_engines(*rpc) if all_engines is not None else core.call_utility_async(*rpc)
+    try:
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=FLUSH_TIMEOUT_S + 2)
+    except Exception as err:  # monitoring never stops the shutdown
+        _log.warning("moescope: the workers could not write their last window (%r)", err)
+
+
 def register() -> None:
-    """Patch the model loader (idempotent): the plugin's work in every vLLM process."""
+    """Patch vLLM (idempotent): the plugin's work in every vLLM process.
+
+    - ``EngineArgs.create_engine_config`` (the front end, before any engine process
+      starts): resolve and check the options (bad settings fail here, in one line);
+    - ``BaseModelLoader.load_model`` (the worker): check again before the weights load,
+      install the capture right after;
+    - ``AsyncLLM.shutdown`` (the API server): the workers write their open window first.
+    """
     if "loader" in _PATCHED:
         return
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     load = BaseModelLoader.load_model
 
     @functools.wraps(load)
     def load_model(self, vllm_config, model_config, *args, **kwargs):
-        model = load(self, vllm_config, model_config, *args, **kwargs)
-        opts = resolve_options(vllm_config)
+        target = model_config is getattr(vllm_config, "model_config", None)
         # The target model only (a speculative-decoding drafter is loaded the same way).
-        if opts is not None and model_config is getattr(vllm_config, "model_config", None):
+        opts = check_config(vllm_config) if target else None
+        model = load(self, vllm_config, model_config, *args, **kwargs)
+        if opts is not None:
             install(model, vllm_config, opts)
         return model
 
     BaseModelLoader.load_model = load_model
+
+    create = EngineArgs.create_engine_config
+
+    @functools.wraps(create)
+    def create_engine_config(self, *args, **kwargs):
+        config = create(self, *args, **kwargs)
+        check_config(config)
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError:  # pragma: no cover - a vLLM without the v1 async engine
+        AsyncLLM = None
+    if AsyncLLM is not None:
+        stop = AsyncLLM.shutdown
+
+        @functools.wraps(stop)
+        def shutdown_engine(self, *args, **kwargs):
+            _flush_before_shutdown(self)
+            return stop(self, *args, **kwargs)
+
+        AsyncLLM.shutdown = shutdown_engine
     _PATCHED.add("loader")
