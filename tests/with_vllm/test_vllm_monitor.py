@@ -298,47 +298,90 @@ def served_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("served") / "ckpt", "qwen3_moe")
 
 
-@pytest.mark.parametrize("case", ["port_abc", "port_busy", "jsonl_unwritable", "bool_typo"])
-def test_bad_settings_stop_the_server_before_weights_load(
-    served_model: Path, tmp_path: Path, case: str
-) -> None:
-    """Each bad setting ends the real server start with one line naming the variable,
-    before any engine process loads weights."""
+def test_bad_setting_stops_the_server_before_weights_load(served_model: Path) -> None:
+    """A real server start with a bad variable ends with one line naming it, before any
+    engine process starts (the plugin checks the environment in the API server)."""
     env = _env()
-    env["MOESCOPE_VLLM"] = "1"
+    env.update(MOESCOPE_VLLM="1", MOESCOPE_VLLM_PROMETHEUS_PORT="abc")
+    proc = subprocess.run(
+        [*SERVE, "--model", str(served_model), "--port", str(_free_port())],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last == (
+        "moescope.integrations.vllm.VllmSettingsError: MOESCOPE_VLLM_PROMETHEUS_PORT='abc' "
+        "is not a port number: set an integer in 0..65535 (0 = any free port) or unset it"
+    ), log[-3000:]
+    assert "Loading weights" not in log and "EngineCore" not in log
+
+
+CHECK_SETTINGS = """
+import json, os, sys
+from vllm.engine.arg_utils import EngineArgs
+import moescope.integrations.vllm as mv
+out = {}
+for case, env in json.loads(sys.argv[2]).items():
+    for k in [k for k in os.environ if k.startswith("MOESCOPE_VLLM")]:
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        mv.plugin()  # what vLLM's plugin loader runs first in every process
+        EngineArgs(model=sys.argv[1], max_model_len=512, dtype="float32").create_engine_config()
+        out[case] = "started"
+    except mv.VllmSettingsError as err:
+        out[case] = str(err)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_bad_settings_fail_when_vllm_builds_the_engine_config(
+    served_model: Path, tmp_path: Path
+) -> None:
+    """Every bad setting fails in the front end, where vLLM builds the engine config
+    (before any engine process or weight load), in one line naming the setting."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
-    env.update(
-        {
-            "port_abc": {"MOESCOPE_VLLM_PROMETHEUS_PORT": "abc"},
-            "port_busy": {"MOESCOPE_VLLM_PROMETHEUS_PORT": str(port)},
-            "jsonl_unwritable": {"MOESCOPE_VLLM_JSONL": str(blocker / "routing.jsonl")},
-            "bool_typo": {"MOESCOPE_VLLM_COUNTS_ONLY": "enable"},
-        }[case]
-    )
-    expect = {
-        "port_abc": "MOESCOPE_VLLM_PROMETHEUS_PORT='abc' is not a port number",
-        "port_busy": f"127.0.0.1:{port} set by MOESCOPE_VLLM_PROMETHEUS_PORT",
-        "jsonl_unwritable": "set by MOESCOPE_VLLM_JSONL",
-        "bool_typo": "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean",
-    }[case]
+    cases = {
+        "port_busy": {"MOESCOPE_VLLM": "1", "MOESCOPE_VLLM_PROMETHEUS_PORT": str(port)},
+        "jsonl_unwritable": {
+            "MOESCOPE_VLLM": "yes",
+            "MOESCOPE_VLLM_JSONL": str(blocker / "routing.jsonl"),
+        },
+        "bool_typo": {"MOESCOPE_VLLM": "1", "MOESCOPE_VLLM_COUNTS_ONLY": "enable"},
+        "json_option": {"MOESCOPE_VLLM": '{"interval": -1}'},
+        "fine": {"MOESCOPE_VLLM": "ON", "MOESCOPE_VLLM_COUNTS_ONLY": "off"},
+    }
     try:
         proc = subprocess.run(
-            [*SERVE, "--model", str(served_model), "--port", str(_free_port())],
-            env=env, capture_output=True, text=True, timeout=300,
+            [sys.executable, "-c", CHECK_SETTINGS, str(served_model), json.dumps(cases)],
+            env=_env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:
         busy.close()
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-3000:]
-    last = log.strip().splitlines()[-1]
-    assert last.startswith("moescope.integrations.vllm.VllmSettingsError: "), log[-3000:]
-    assert expect in last
-    assert "Loading weights" not in log and "EngineCore" not in log
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert got["port_busy"] == (
+        f"moescope: cannot serve Prometheus metrics on 127.0.0.1:{port} set by "
+        "MOESCOPE_VLLM_PROMETHEUS_PORT (Address already in use); pick a free port, or 0 "
+        "for any free port"
+    )
+    assert got["jsonl_unwritable"].startswith(
+        f"moescope: cannot write the JSONL log {blocker / 'routing.jsonl'} set by "
+        "MOESCOPE_VLLM_JSONL ("
+    )
+    assert got["bool_typo"] == (
+        "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean: set 1/0, true/false, yes/no or "
+        "on/off"
+    )
+    assert got["json_option"].startswith("MOESCOPE_VLLM: interval must be a positive number")
+    assert got["fine"] == "started"
 
 
 def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Path) -> None:
