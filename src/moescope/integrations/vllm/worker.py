@@ -143,6 +143,53 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     return out
 
 
+#: vLLM's custom routing functions -> how their ``router_logits`` map to a distribution
+#: (keyed by module and function name; read off vLLM 0.32). The router's own
+#: ``scoring_func`` attribute does not say: ``CPURouter`` keeps its default "softmax"
+#: beside any custom function (Llama-4 routes top-k -> sigmoid).
+CUSTOM_ROUTING_SCORES: dict[tuple[str, str], str] = {
+    ("vllm.model_executor.models.llama4", "custom_routing_function"): "sigmoid",
+    ("vllm.model_executor.models.cohere2_moe", "token_choice_with_bias"): "sigmoid",
+    ("vllm.model_executor.models.gemma4", "routing_function"): "softmax",
+    ("vllm.model_executor.models.phimoe", "phimoe_routing_function"): "softmax",
+    ("vllm.model_executor.models.interns1_pro", "_custom_routing_function"): "softmax",
+}
+#: vLLM's Transformers backend: its routing function returns the top-k weights that the
+#: transformers router already computed; the ``router_logits`` it is given are those
+#: [T, K] weights, not [T, E] logits.
+TRANSFORMERS_BACKEND = "vllm.model_executor.models.transformers.moe"
+
+
+def _function_key(fn: Any) -> tuple[str, str]:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    name = str(getattr(fn, "__qualname__", getattr(fn, "__name__", type(fn).__name__)))
+    return str(getattr(fn, "__module__", "")), name.rsplit(".", 1)[-1]
+
+
+def score_function(router: Any) -> tuple[str | None, str]:
+    """How a vLLM router's ``router_logits`` map to a distribution.
+
+    Returns:
+        ``(score_fn, why)``: ``"softmax"`` / ``"sigmoid"``, or None when moescope cannot
+        read the scores (then the layer's counts and weights are kept, the
+        router-probability metrics are not); ``why`` names the rule.
+    """
+    custom = getattr(router, "custom_routing_function", None)
+    if custom is not None:
+        key = _function_key(custom)
+        if key[0] == TRANSFORMERS_BACKEND:
+            return None, "vLLM's Transformers backend passes top-k weights, not logits"
+        if key in CUSTOM_ROUTING_SCORES:
+            return CUSTOM_ROUTING_SCORES[key], f"custom routing function {key[0]}.{key[1]}"
+        return None, f"unknown custom routing function {key[0]}.{key[1]}"
+    score = str(getattr(router, "scoring_func", "softmax"))
+    if score in ("softmax", "sigmoid"):
+        return score, f"scoring_func={score}"
+    return None, f"scoring_func={score} (not softmax/sigmoid)"
+
+
 def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) -> VllmLayer:
     cfg = getattr(mod, "moe_config", None)
     e = getattr(cfg, "num_logical_experts", None) or getattr(router, "global_num_experts", None)
@@ -152,13 +199,20 @@ def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) ->
             f"moescope: cannot read the expert count / top_k of vLLM layer {path} "
             f"({type(router).__name__}); report the vLLM version and model"
         )
-    score = str(getattr(router, "scoring_func", "softmax"))
+    score, why = score_function(router)
+    if score is None:
+        _log.warning(
+            "moescope: layer %s: %s; counting its expert ids and weights only (no "
+            "entropy / top-1 / aux loss for it)",
+            path,
+            why,
+        )
     return VllmLayer(
         path=path,
         num_experts=int(e),
         top_k=int(k),
-        score_fn=score if score in ("softmax", "sigmoid") else "softmax",
-        scores=score in ("softmax", "sigmoid"),
+        score_fn=score or "softmax",
+        scores=score is not None,
         device=str(device),
         module=mod,
     )
@@ -169,7 +223,20 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
 
     ticket, mid = monitor.ticket, monitor.id
     with_logits = layer.scores
+    num_experts = layer.num_experts
     op = torch.ops.moescope_vllm.capture
+
+    def scores(router_logits: Any) -> Any:
+        # Only [T, E] logits are scores; anything else (a router that scores another
+        # layout) leaves this layer with counts and weights, never a crash.
+        if (
+            with_logits
+            and isinstance(router_logits, torch.Tensor)
+            and router_logits.dim() == 2
+            and router_logits.shape[-1] == num_experts
+        ):
+            return router_logits
+        return None
 
     if isinstance(router, BaseRouter):
         # Logical ids (before EPLB mapping) with the logits and weights that chose them.
@@ -178,7 +245,7 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
         @functools.wraps(inner)
         def compute_routing(hidden_states, router_logits, indices_type, **kw):
             weights, ids = inner(hidden_states, router_logits, indices_type, **kw)
-            op(ticket, mid, index, ids, router_logits if with_logits else None, weights)
+            op(ticket, mid, index, ids, scores(router_logits), weights)
             return weights, ids
 
         router._compute_routing = compute_routing
@@ -194,7 +261,7 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
     @functools.wraps(inner_sel)
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, **kw):
         weights, ids = inner_sel(hidden_states, router_logits, topk_indices_dtype, **kw)
-        op(ticket, mid, index, ids, router_logits if with_logits else None, weights)
+        op(ticket, mid, index, ids, scores(router_logits), weights)
         return weights, ids
 
     router.select_experts = select_experts
