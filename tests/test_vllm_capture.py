@@ -275,3 +275,51 @@ def test_preflight_names_the_setting_of_an_unwritable_log_or_a_busy_port(tmp_pat
         with pytest.raises(mv.VllmSettingsError, match=rf"127.0.0.1:{port} set by additional"):
             mv.preflight({"prometheus_port": port - 1}, replicas=2)
     mv.preflight({"prometheus_port": port})  # free again
+
+
+def test_data_parallel_replicas_add_up_to_one_monitor_of_all_tokens() -> None:
+    """Two replicas' RPC results (each worker's totals and accumulator states) merge into
+    exactly what one monitor that saw every token reports: counts, entropy, top-1, aux
+    loss, co-activation, token counters; pipeline stages sit side by side."""
+    import json
+
+    from moescope.integrations.vllm import worker
+
+    whole = VllmRoutingMonitor(_layers())
+    replicas = [VllmRoutingMonitor(_layers()) for _ in range(2)]
+    for s in range(8):
+        logits, w, ids = _route(3 + s, s)
+        for mon in (whole, replicas[s % 2]):
+            mon.record(s % 2, ids, logits, w)
+            mon.count_tokens(3 + s, prefix_cached=s % 3)
+        if s == 4:
+            replicas[0].snapshot(reset=True)  # a closed window is part of the total
+    payloads = []
+    try:
+        for rank, mon in enumerate(replicas):
+            worker.STATE["monitor"] = mon
+            payload = json.loads(json.dumps(worker.rpc_snapshot()))  # what the RPC carries
+            payloads.append({**payload, "dp_rank": rank})
+    finally:
+        worker.STATE["monitor"] = None
+    got = mv.parse_rpc(payloads)
+    want, tokens = whole.total()
+    assert got.tokens == tokens and len(got.ranks) == 2
+    for name, ref in want.layers.items():
+        g = got.snapshot.layers[name]
+        np.testing.assert_array_equal(g.usage_counts, ref.usage_counts)
+        np.testing.assert_array_equal(g.coactivation, ref.coactivation)
+        assert g.num_tokens == ref.num_tokens
+        for metric in ("routing_entropy", "top1_prob", "top1_margin", "aux_loss", "z_loss",
+                       "cv", "unique_experts_per_batch"):  # fmt: skip
+            assert getattr(g, metric) == pytest.approx(getattr(ref, metric), rel=1e-12), metric
+        assert g.unique_experts_max == ref.unique_experts_max
+    # Pipeline stages: different layers, the same tokens (not added).
+    stage1 = {**payloads[1], "dp_rank": 0, "pp_rank": 1}
+    stage1["snapshot"] = json.dumps(
+        {**json.loads(stage1["snapshot"]),
+         "layers": {"model.layers.9.mlp.experts": json.loads(stage1["snapshot"])["layers"][
+             "model.layers.0.mlp.experts"]}}
+    )  # fmt: skip
+    both = mv.parse_rpc([payloads[0], stage1])
+    assert len(both.snapshot.layers) == 3 and both.tokens == payloads[0]["tokens"]

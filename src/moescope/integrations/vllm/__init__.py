@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moescope.stats.snapshot import Snapshot
 
 __all__ = [
@@ -287,11 +289,14 @@ class VllmSnapshot:
 
     Attributes:
         snapshot: per-layer routing statistics since the last reset (layer keys are vLLM
-            module paths, e.g. ``model.layers.0.mlp.experts``).
+            module paths, e.g. ``model.layers.0.mlp.experts``), data-parallel replicas
+            added together, pipeline stages side by side.
         tokens: ``scheduled_tokens`` (tokens fed through the model), ``prefix_cached_tokens``
-            (prompt tokens served from the prefix cache, never routed), ``forwards``.
-        ranks: the same for every reporting worker (one per pipeline-/data-parallel
-            replica; tensor-parallel replicas of the same tokens are left out).
+            (prompt tokens served from the prefix cache, never routed), ``forwards``;
+            summed over data-parallel replicas.
+        ranks: each reporting worker's own snapshot and counters (one per pipeline stage
+            and data-parallel replica; tensor-parallel replicas of the same tokens are
+            left out).
     """
 
     snapshot: Snapshot
@@ -306,21 +311,77 @@ class VllmSnapshot:
         return served_summary(self.snapshot, self.tokens)
 
 
+def merge_layer_states(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Add two host copies of one layer's accumulator state (two data-parallel replicas)
+    entry by entry with its rule in ``REDUCE_OPS`` (sum; max for ``unique_max``).
+    ``a=None`` copies ``b``."""
+    from moescope.stats.accumulator import REDUCE_OPS
+
+    if a is None:
+        return {k: np.array(v, copy=True) for k, v in b.items()}
+    out: dict[str, np.ndarray] = {}
+    for key, vb in b.items():
+        va, vb_ = np.asarray(a[key]), np.asarray(vb)
+        out[key] = np.maximum(va, vb_) if REDUCE_OPS.get(key) == "max" else va + vb_
+    return out
+
+
+def _rank_entry(r: Mapping[str, Any]) -> tuple[Snapshot, dict[str, int]]:
+    return Snapshot.from_json(r["snapshot"]), {k: int(v) for k, v in r["tokens"].items()}
+
+
+def _sum_replicas(replicas: list[Mapping[str, Any]]) -> tuple[Snapshot, dict[str, int]]:
+    """One pipeline stage: its data-parallel replicas added (states, then metrics)."""
+    from moescope.stats.snapshot import layer_stats_from_state
+
+    if len(replicas) == 1:
+        return _rank_entry(replicas[0])
+    missing = [i for i, r in enumerate(replicas) if not isinstance(r.get("states"), dict)]
+    if missing:
+        raise RuntimeError(
+            "moescope: a data-parallel replica sent no accumulator states (an older "
+            "moescope in the workers?); install the same moescope in every process"
+        )
+    first = Snapshot.from_json(replicas[0]["snapshot"])
+    layers = {}
+    for name, stats in first.layers.items():
+        merged: dict[str, np.ndarray] | None = None
+        for r in replicas:
+            state = {k: np.nan if v is None else v for k, v in r["states"][name].items()}
+            merged = merge_layer_states(merged, state)
+        assert merged is not None
+        layers[name] = layer_stats_from_state(merged, stats.num_experts, stats.top_k)
+    tokens: dict[str, int] = {}
+    for r in replicas:
+        for k, v in r["tokens"].items():
+            tokens[k] = tokens.get(k, 0) + int(v)
+    return Snapshot(step=first.step, layers=layers, time=first.time), tokens
+
+
 def parse_rpc(results: list[dict[str, Any]]) -> VllmSnapshot:
-    """Turn the per-worker results of ``collective_rpc("moescope_snapshot")`` into a
-    :class:`VllmSnapshot` (the first reporting worker's; all of them in ``ranks``)."""
-    ranks = [
-        (Snapshot.from_json(r["snapshot"]), {k: int(v) for k, v in r["tokens"].items()})
-        for r in results
-        if r.get("enabled") and r.get("reports", True)
-    ]
-    if not ranks:
+    """Turn the per-worker results of ``collective_rpc("moescope_snapshot")`` into one
+    :class:`VllmSnapshot`: data-parallel replicas of a pipeline stage are added (their
+    accumulator states, so every metric is the one of all their tokens together),
+    pipeline stages (different layers, the same tokens) are put side by side; every
+    reporting worker's own result stays in ``ranks``."""
+    reporting = [r for r in results if r.get("enabled") and r.get("reports", True)]
+    if not reporting:
         raise RuntimeError(
             "moescope monitoring is off in this vLLM engine: pass "
             "additional_config=moescope.integrations.vllm.options() to LLM(...) or set "
             "MOESCOPE_VLLM=1 before it starts"
         )
-    return VllmSnapshot(snapshot=ranks[0][0], tokens=ranks[0][1], ranks=ranks)
+    stages: dict[int, list[Mapping[str, Any]]] = {}
+    for r in reporting:
+        stages.setdefault(int(r.get("pp_rank", 0)), []).append(r)
+    summed = [_sum_replicas(stages[p]) for p in sorted(stages)]
+    snap = summed[0][0]
+    if len(summed) > 1:
+        layers = {name: s for stage, _ in summed for name, s in stage.layers.items()}
+        snap = Snapshot(step=snap.step, layers=layers, time=snap.time)
+    return VllmSnapshot(
+        snapshot=snap, tokens=summed[0][1], ranks=[_rank_entry(r) for r in reporting]
+    )
 
 
 def snapshot(llm: Any, reset: bool = False) -> VllmSnapshot:

@@ -508,19 +508,54 @@ def _patch_runner() -> None:
     _PATCHED.add("runner")
 
 
+def _total_with_states(
+    monitor: VllmRoutingMonitor, reset: bool
+) -> tuple[Any, dict[str, int], dict[str, dict[str, Any]]]:
+    """``monitor.total(reset)`` plus the per-layer accumulator states it was computed
+    from (host numpy, keyed by layer path): what lets the caller add replicas exactly."""
+    fn = getattr(monitor, "total_states", None)
+    if fn is not None:  # a monitor that hands its states out itself
+        return fn(reset=reset)  # type: ignore[no-any-return]
+    from moescope.integrations.vllm.capture import merge_raw, subtract_raw
+
+    # The arithmetic of VllmRoutingMonitor.total(), under the same lock, on the same sums.
+    with monitor.lock:
+        raw, _ = monitor._read(reset=False)
+        merged = merge_raw(monitor._closed, subtract_raw(raw, monitor._baseline))
+        snap, tokens = monitor.total(reset=reset)
+    per_layer = monitor.stats.layer_states(merged)
+    states = {info.path: per_layer[i] for i, info in enumerate(monitor.layers)}
+    return snap, tokens, states
+
+
+def _parallel_ranks() -> dict[str, int]:
+    try:
+        from vllm.distributed.parallel_state import get_dp_group, get_pp_group
+
+        return {"dp_rank": get_dp_group().rank_in_group, "pp_rank": get_pp_group().rank_in_group}
+    except Exception:  # not initialised (tests) -> a single replica
+        return {"dp_rank": 0, "pp_rank": 0}
+
+
 def rpc_snapshot(reset: bool = False) -> dict[str, Any]:
-    """This worker's totals as JSON-able data (what ``collective_rpc`` carries back)."""
+    """This worker's totals as JSON-able data (what ``collective_rpc`` carries back):
+    the snapshot, the token counters, the per-layer states (so that data-parallel
+    replicas add up exactly) and the worker's data- / pipeline-parallel ranks."""
+    from moescope._json import json_safe
+
     monitor = STATE["monitor"]
     index, reports = _output_index()
     if monitor is None:
         return {"enabled": False, "index": index, "reports": reports}
-    snap, tokens = monitor.total(reset=reset)
+    snap, tokens, states = _total_with_states(monitor, reset)
     return {
         "enabled": True,
         "index": index,
         "reports": reports,
+        **_parallel_ranks(),
         "snapshot": snap.to_json(),
         "tokens": tokens,
+        "states": json_safe(states),
     }
 
 
