@@ -50,6 +50,13 @@ def vllm_moe_families() -> list[tuple[str, str]]:
     return out
 
 
+#: What a family needs beyond the generic tiny config (real checkpoints have these).
+FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llama4_text": {"num_experts_per_tok": 1},  # vLLM: router weight on input needs top-1
+    "axk1": {"q_lora_rank": 16},
+}
+
+
 def tiny_config(model_type: str, vocab_size: int, eos: int, **overrides: Any) -> Any:
     """A small float32 config of ``model_type``: 2 layers, hidden 64, 8 routed experts,
     top-2, every layer MoE where the family has such a switch."""
@@ -75,6 +82,7 @@ def tiny_config(model_type: str, vocab_size: int, eos: int, **overrides: Any) ->
     for key in TOPK_KEYS:
         if isinstance(getattr(base, key, None), int):
             small[key] = 2
+    overrides = {**FAMILY_OVERRIDES.get(model_type, {}), **overrides}
     kw = {k: v for k, v in {**small, **overrides}.items() if hasattr(base, k) or k in overrides}
     cfg = AutoConfig.for_model(model_type, **kw)
     cfg.torch_dtype = "float32"

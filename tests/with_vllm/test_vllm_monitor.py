@@ -377,8 +377,7 @@ def test_bad_settings_fail_when_vllm_builds_the_engine_config(
         "MOESCOPE_VLLM_JSONL ("
     )
     assert got["bool_typo"] == (
-        "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean: set 1/0, true/false, yes/no or "
-        "on/off"
+        "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean: set 1/0, true/false, yes/no or on/off"
     )
     assert got["json_option"].startswith("MOESCOPE_VLLM: interval must be a positive number")
     assert got["fine"] == "started"

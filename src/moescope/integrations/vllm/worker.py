@@ -191,14 +191,8 @@ def score_function(router: Any) -> tuple[str | None, str]:
 
 
 def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) -> VllmLayer:
-    cfg = getattr(mod, "moe_config", None)
-    e = getattr(cfg, "num_logical_experts", None) or getattr(router, "global_num_experts", None)
-    k = getattr(router, "top_k", None) or getattr(cfg, "experts_per_token", None)
-    if not e or not k:
-        raise RuntimeError(
-            f"moescope: cannot read the expert count / top_k of vLLM layer {path} "
-            f"({type(router).__name__}); report the vLLM version and model"
-        )
+    base = _layer_info_counts(path, mod, device)
+    e, k = base.num_experts, base.top_k
     score, why = score_function(router)
     if score is None:
         _log.warning(
@@ -216,6 +210,40 @@ def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) ->
         device=str(device),
         module=mod,
     )
+
+
+def _hf_layer_info(
+    path: str, mod: nn.Module, hf_router: nn.Module, model: nn.Module, device: torch.device
+) -> VllmLayer:
+    """A Transformers-backend layer: E and K from the vLLM side, the score function from
+    the transformers router (as moescope's HF adapter reads it)."""
+    from moescope.capture.hf_structure import router_score_fn
+
+    info = _layer_info_counts(path, mod, device)
+    config = getattr(model, "config", None)
+    score = router_score_fn(hf_router, getattr(config, "text_config", None) or config)
+    return VllmLayer(
+        path=path,
+        num_experts=info.num_experts,
+        top_k=info.top_k,
+        score_fn=score if score in ("softmax", "sigmoid") else "softmax",
+        scores=score in ("softmax", "sigmoid"),
+        device=str(device),
+        module=mod,
+    )
+
+
+def _layer_info_counts(path: str, mod: nn.Module, device: torch.device) -> VllmLayer:
+    router = getattr(mod, "router", None)
+    cfg = getattr(mod, "moe_config", None)
+    e = getattr(cfg, "num_logical_experts", None) or getattr(router, "global_num_experts", None)
+    k = getattr(router, "top_k", None) or getattr(cfg, "experts_per_token", None)
+    if not e or not k:
+        raise RuntimeError(
+            f"moescope: cannot read the expert count / top_k of vLLM layer {path} "
+            f"({type(router).__name__}); report the vLLM version and model"
+        )
+    return VllmLayer(path=path, num_experts=int(e), top_k=int(k), device=str(device))
 
 
 def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer) -> None:
@@ -267,6 +295,49 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
     router.select_experts = select_experts
 
 
+def _hf_router_of(model: nn.Module, name: str, mod: nn.Module) -> nn.Module | None:
+    """The transformers router beside a FusedMoE that vLLM's Transformers backend put in
+    place of a block's ``experts`` (external routing: the router still runs in
+    transformers and returns ``(logits [T, E], weights [T, K], ids [T, K])``)."""
+    from moescope.capture.hf_structure import find_router
+
+    parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    found = find_router(parent, exclude=mod)
+    return None if found is None else found[1]
+
+
+def _wrap_hf_router(
+    hf_router: nn.Module, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer
+) -> None:
+    """Capture at the transformers router itself: its real [T, E] logits with the ids and
+    weights it chose (what the vLLM router of this layer is only handed back)."""
+    ticket, mid = monitor.ticket, monitor.id
+    num_experts = layer.num_experts
+    op = torch.ops.moescope_vllm.capture
+    inner = hf_router.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 3:
+            logits, weights, ids = out
+            if (
+                isinstance(logits, torch.Tensor)
+                and logits.dim() == 2
+                and logits.shape[-1] == num_experts
+            ):
+                op(ticket, mid, index, ids, logits, weights)
+            else:
+                op(ticket, mid, index, ids, None, weights)
+        return out
+
+    hf_router.forward = forward  # type: ignore[method-assign]
+
+
 def _padding() -> torch.Tensor | None:
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -308,14 +379,33 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
             "monitor with LLM(..., enforce_eager=True) or "
             "compilation_config={'cudagraph_mode': 'NONE'} (vllm serve: --enforce-eager)"
         )
-    layers = [_layer_info(p, m, r, device) for p, m, r in found]
+    # vLLM's Transformers backend with external routing: the transformers router
+    # computes the real logits; capture there instead of at the vLLM router.
+    hf_routers: dict[int, nn.Module] = {}
+    for i, (path, mod, router) in enumerate(found):
+        if _function_key(getattr(router, "custom_routing_function", None))[0] == (
+            TRANSFORMERS_BACKEND
+        ):
+            name = next((n for n, m in model.named_modules() if m is mod), path)
+            hf = _hf_router_of(model, name, mod)
+            if hf is not None:
+                hf_routers[i] = hf
+    layers = [
+        _hf_layer_info(p, m, hf_routers[i], model, device)
+        if i in hf_routers
+        else _layer_info(p, m, r, device)
+        for i, (p, m, r) in enumerate(found)
+    ]
     monitor = VllmRoutingMonitor(
         layers,
         counts_only=bool(opts.get("counts_only", False)),
         coactivation=bool(opts.get("coactivation", True)),
     )
     for i, ((_, _, router), info) in enumerate(zip(found, layers, strict=True)):
-        _wrap_router(router, monitor, i, info)
+        if i in hf_routers:
+            _wrap_hf_router(hf_routers[i], monitor, i, info)
+        else:
+            _wrap_router(router, monitor, i, info)
     set_runtime_context(padding=_padding, paused=_paused)
     STATE["monitor"] = monitor
     _patch_runner()
