@@ -80,7 +80,7 @@ def tiny_config(model_type: str, vocab_size: int, eos: int, **overrides: Any) ->
         if isinstance(getattr(base, key, None), int):
             small[key] = 8
     for key in TOPK_KEYS:
-        if isinstance(getattr(base, key, None), int):
+        if hasattr(base, key) and not isinstance(getattr(base, key), bool):
             small[key] = 2
     overrides = {**FAMILY_OVERRIDES.get(model_type, {}), **overrides}
     kw = {k: v for k, v in {**small, **overrides}.items() if hasattr(base, k) or k in overrides}

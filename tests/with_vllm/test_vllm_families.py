@@ -35,7 +35,9 @@ FAMILIES: dict[str, str] = {
     "mixtral": "softmax -> top-k, renormalised",
     "olmoe": "softmax -> top-k",
     "qwen2_moe": "softmax -> top-k, shared expert",
-    "llama4_text": "top-k on logits -> sigmoid (vLLM custom routing function)",
+    "llama4_text": "top-1 on logits -> sigmoid (vLLM custom routing function)",
+    # vLLM's Transformers backend, external routing: captured at the transformers router.
+    "granitemoe@transformers": "top-k on logits -> softmax, transformers router",
 }
 MAX_TOKENS = 4
 
@@ -45,13 +47,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
     tmp = tmp_path_factory.mktemp("families")
     specs = {}
     for family in FAMILIES:
-        ckpt = build_checkpoint(tmp / family, family)
+        model_type, _, impl = family.partition("@")
+        ckpt = build_checkpoint(tmp / family, model_type)
         specs[family] = {
             "model": str(ckpt),
             "prompts": _prompts()[:2],
             "max_tokens": MAX_TOKENS,
             "eager": True,
             "options": {},
+            "model_impl": impl or "auto",
         }
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"runs": specs}))

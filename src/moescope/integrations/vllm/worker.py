@@ -217,15 +217,18 @@ def _hf_layer_info(
 ) -> VllmLayer:
     """A Transformers-backend layer: E and K from the vLLM side, the score function from
     the transformers router (as moescope's HF adapter reads it)."""
-    from moescope.capture.hf_structure import router_score_fn
+    from moescope.capture.hf_structure import find_top_k, router_score_fn
 
     info = _layer_info_counts(path, mod, device)
     config = getattr(model, "config", None)
-    score = router_score_fn(hf_router, getattr(config, "text_config", None) or config)
+    config = getattr(config, "text_config", None) or config
+    score = router_score_fn(hf_router, config)
+    # K as the transformers router picks it (vLLM's runner may hold another default).
+    k = find_top_k(hf_router, None, config) or info.top_k
     return VllmLayer(
         path=path,
         num_experts=info.num_experts,
-        top_k=info.top_k,
+        top_k=int(k),
         score_fn=score if score in ("softmax", "sigmoid") else "softmax",
         scores=score in ("softmax", "sigmoid"),
         device=str(device),
@@ -310,32 +313,42 @@ def _hf_router_of(model: nn.Module, name: str, mod: nn.Module) -> nn.Module | No
     return None if found is None else found[1]
 
 
+def _router_outputs(out: Any, num_experts: int, top_k: int) -> tuple[Any, Any, Any]:
+    """``(ids [T, K], logits [T, E] or None, weights [T, K] or None)`` of a transformers
+    router's output tuple, told apart by dtype and shape (families return them in
+    different orders: ``(logits, weights, ids)`` mostly, granitemoe 5.19
+    ``(ids, weights, logits)``); ``(None, None, None)`` when there are no [T, K] ids."""
+    if not isinstance(out, tuple):
+        return None, None, None
+    tensors = [t for t in out if isinstance(t, torch.Tensor) and t.dim() == 2]
+    ids = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == top_k), None)
+    if ids is None:
+        return None, None, None
+    floats = [t for t in tensors if t.is_floating_point() and t.shape[0] == ids.shape[0]]
+    logits = next((t for t in floats if t.shape[-1] == num_experts), None)
+    weights = next((t for t in floats if t.shape[-1] == top_k and t is not logits), None)
+    return ids, logits, weights
+
+
 def _wrap_hf_router(
     hf_router: nn.Module, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer
 ) -> None:
     """Capture at the transformers router itself: its real [T, E] logits with the ids and
     weights it chose (what the vLLM router of this layer is only handed back)."""
     ticket, mid = monitor.ticket, monitor.id
-    num_experts = layer.num_experts
+    num_experts, top_k = layer.num_experts, layer.top_k
     op = torch.ops.moescope_vllm.capture
     inner = hf_router.forward
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = inner(*args, **kwargs)
-        if isinstance(out, tuple) and len(out) == 3:
-            logits, weights, ids = out
-            if (
-                isinstance(logits, torch.Tensor)
-                and logits.dim() == 2
-                and logits.shape[-1] == num_experts
-            ):
-                op(ticket, mid, index, ids, logits, weights)
-            else:
-                op(ticket, mid, index, ids, None, weights)
+        ids, logits, weights = _router_outputs(out, num_experts, top_k)
+        if ids is not None:
+            op(ticket, mid, index, ids, logits, weights)
         return out
 
-    hf_router.forward = forward  # type: ignore[method-assign]
+    hf_router.forward = forward
 
 
 def _padding() -> torch.Tensor | None:
@@ -605,7 +618,7 @@ def _total_with_states(
     from (host numpy, keyed by layer path): what lets the caller add replicas exactly."""
     fn = getattr(monitor, "total_states", None)
     if fn is not None:  # a monitor that hands its states out itself
-        return fn(reset=reset)  # type: ignore[no-any-return]
+        return fn(reset=reset)
     from moescope.integrations.vllm.capture import merge_raw, subtract_raw
 
     # The arithmetic of VllmRoutingMonitor.total(), under the same lock, on the same sums.
