@@ -54,6 +54,9 @@ def vllm_moe_families() -> list[tuple[str, str]]:
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "llama4_text": {"num_experts_per_tok": 1},  # vLLM: router weight on input needs top-1
     "axk1": {"q_lora_rank": 16},
+    # vLLM's MLA kernels take kv_lora_rank + qk_rope_head_dim in {320, 512, 576} only.
+    "deepseek_v2": {"kv_lora_rank": 256, "qk_rope_head_dim": 64},
+    "deepseek_v3": {"kv_lora_rank": 256, "qk_rope_head_dim": 64},
 }
 
 
