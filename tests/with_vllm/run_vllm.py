@@ -64,8 +64,10 @@ def run_engine(spec: dict) -> dict:
         ]
 
     def snap(reset: bool) -> dict:
-        s = mv.snapshot(llm, reset=reset)
-        return {"snapshot": s.snapshot.to_json(), "tokens": s.tokens}
+        # What mv.snapshot(llm) does, keeping the workers' raw RPC payloads too.
+        payloads = llm.collective_rpc("moescope_snapshot", args=(reset,))
+        s = mv.parse_rpc(payloads)
+        return {"snapshot": s.snapshot.to_json(), "tokens": s.tokens, "payloads": payloads}
 
     result: dict = {"warmup": snap(True)}
     result["distinct"] = {"requests": run(spec["prompts"])}

@@ -199,6 +199,66 @@ def test_jsonl_windows_add_up_to_the_totals(qwen: Any) -> None:
     assert cached == res["repeat"]["tokens"]["prefix_cached_tokens"]
 
 
+def hf_router_reference(
+    model_dir: Path, parts: list[tuple[list[int], int]], top_k: int
+) -> list[dict[str, Any]]:
+    """Per layer, float64 metrics of transformers' own router logits over the rows
+    ``seq[start:]`` of every part (softmax router): counts, entropy, top-1, aux loss."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for seq, start in parts:
+            out = model(torch.tensor([seq]), output_router_logits=True)
+            for i, logits in enumerate(out.router_logits):
+                if len(rows) <= i:
+                    rows.append([])
+                rows[i].append(logits[start:].double().numpy())
+    refs = []
+    for chunks in rows:
+        x = np.concatenate(chunks)
+        n, e = x.shape
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ids = np.argsort(-x, axis=-1, kind="stable")[:, :top_k]
+        counts = np.bincount(ids.reshape(-1), minlength=e)
+        refs.append(
+            {
+                "counts": counts,
+                "entropy": float(np.mean(-(p * np.log(p)).sum(-1))),
+                "top1": float(np.mean(p.max(-1))),
+                "aux": float(e * np.sum(counts / n * p.mean(0))),
+                "tokens": n,
+            }
+        )
+    return refs
+
+
+def test_data_parallel_merge_of_real_worker_payloads(qwen: Any) -> None:
+    """The RPC payloads of two real vLLM windows of disjoint tokens, merged as two
+    data-parallel replicas by mv.parse_rpc, give the metrics of all their tokens together
+    (float64 recomputation from transformers' router logits over the same rows)."""
+    import moescope.integrations.vllm as mv
+
+    model, res, _ = qwen
+    a = [{**p, "dp_rank": 0} for p in res["distinct"]["payloads"]]
+    b = [{**p, "dp_rank": 1} for p in res["repeat"]["payloads"]]
+    merged = mv.parse_rpc(a + b)
+    first, second = res["repeat"]["requests"]
+    parts = [(fed_tokens(r), 0) for r in res["distinct"]["requests"]]
+    parts += [(fed_tokens(first), 0), (fed_tokens(second), second["cached"])]
+    refs = hf_router_reference(model, parts, top_k=2)
+    for k in ("scheduled_tokens", "prefix_cached_tokens", "forwards"):
+        assert merged.tokens[k] == res["distinct"]["tokens"][k] + res["repeat"]["tokens"][k]
+    for (name, g), ref in zip(vllm_layers(merged.snapshot), refs, strict=True):
+        assert g.num_tokens == ref["tokens"], name
+        np.testing.assert_array_equal(g.usage_counts, ref["counts"], err_msg=name)
+        assert g.routing_entropy == pytest.approx(ref["entropy"], rel=1e-4), name
+        assert g.top1_prob == pytest.approx(ref["top1"], rel=1e-4), name
+        assert g.aux_loss == pytest.approx(ref["aux"], rel=1e-4), name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
