@@ -188,7 +188,12 @@ def jsonl_path(path: str, index: int) -> str:
     return f"{base}.{index}{ext}" if index else str(path)
 
 
-def preflight(opts: Mapping[str, Any], replicas: int = 1, from_env: Iterable[str] = ()) -> None:
+def preflight(
+    opts: Mapping[str, Any],
+    replicas: int = 1,
+    from_env: Iterable[str] = (),
+    indices: Iterable[int] | None = None,
+) -> None:
     """Check, before a model loads, that the outputs asked for can be opened: the JSONL
     file(s) can be appended to and the Prometheus port(s) are free on their host.
 
@@ -197,14 +202,16 @@ def preflight(opts: Mapping[str, Any], replicas: int = 1, from_env: Iterable[str
         replicas: reporting workers (pipeline stages x data-parallel replicas); replica i
             writes :func:`jsonl_path` (path, i) and listens on ``port + i``.
         from_env: option keys that came from environment variables (named in errors).
+        indices: check only these replicas (a worker checks its own); default all.
 
     Raises:
         VllmSettingsError: one line naming the setting and the fix.
     """
     env_keys = set(from_env)
+    which = list(range(max(1, replicas)) if indices is None else indices)
     path = opts.get("jsonl")
     if path:
-        for i in range(max(1, replicas)):
+        for i in which:
             target = Path(jsonl_path(str(path), i))
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +226,7 @@ def preflight(opts: Mapping[str, Any], replicas: int = 1, from_env: Iterable[str
     port = opts.get("prometheus_port")
     if port:  # 0 = any free port: nothing to check
         host = str(opts.get("prometheus_host", "127.0.0.1"))
-        for i in range(max(1, replicas)):
+        for i in which:
             try:
                 with socket.socket(
                     socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM

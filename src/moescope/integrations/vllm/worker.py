@@ -117,14 +117,22 @@ def reporting_workers(vllm_config: Any) -> int:
     return max(1, across // tp)
 
 
-def check_config(vllm_config: Any) -> dict[str, Any] | None:
-    """Resolve and check the options of an engine before any model loads (process 0:
-    right after vLLM built its config; the worker: before loading weights)."""
+def check_config(vllm_config: Any, worker: bool = False) -> dict[str, Any] | None:
+    """Resolve and check the options of an engine before any model loads (the front
+    end, right after vLLM built its config: every replica's outputs; a worker, before
+    loading weights: its own outputs, if it reports)."""
     from moescope.integrations.vllm import preflight
 
     opts = resolve_options(vllm_config)
-    if opts is not None:
-        preflight(opts, reporting_workers(vllm_config), STATE.get("from_env", ()))
+    if opts is None:
+        return None
+    from_env = STATE.get("from_env", ())
+    if not worker:
+        preflight(opts, reporting_workers(vllm_config), from_env)
+    else:
+        index, reports = _output_index()
+        if reports:  # other workers' exporters may already listen on their own ports
+            preflight(opts, from_env=from_env, indices=[index])
     return opts
 
 
@@ -739,7 +747,7 @@ def register() -> None:
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         target = model_config is getattr(vllm_config, "model_config", None)
         # The target model only (a speculative-decoding drafter is loaded the same way).
-        opts = check_config(vllm_config) if target else None
+        opts = check_config(vllm_config, worker=True) if target else None
         model = load(self, vllm_config, model_config, *args, **kwargs)
         if opts is not None:
             install(model, vllm_config, opts)
