@@ -139,11 +139,13 @@ def run_engines(args: argparse.Namespace, model: Path) -> None:
             if variants[name] is not None:
                 # Inside the timed region: the reduction of everything this batch staged
                 # (it is deferred to the next snapshot) and the RPC that brings it back.
-                mv.snapshot(engines[name])
+                mv.snapshot(engines[name], reset=False)
             dt = time.perf_counter() - t0
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             rates[name].append(n / dt)
-    snap = mv.snapshot(engines["full"])  # totals since the start (snapshots do not reset)
+    snap = mv.snapshot(
+        engines["full"], reset=False
+    )  # totals since the start (snapshots do not reset)
     med = {n: statistics.median(v) for n, v in rates.items()}
     print(
         f"\nQwen3-MoE shape: {args.layers} layers, E={args.experts}, K={args.top_k}, hidden "

@@ -347,8 +347,8 @@ def summary_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     in n_group=4 groups)."""
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
-    from moescope.data import stdlib_dir
     from moescope.analysis import run_analyze
+    from moescope.data import stdlib_dir
 
     root = tmp_path_factory.mktemp("analyze")
     cfg = root / "config.json"

@@ -79,7 +79,7 @@ def hf_counts(model_dir: Path, sequences: list[list[int]]) -> Snapshot:
     with torch.no_grad():
         for seq in sequences:
             model(torch.tensor([seq]))
-    snap = mon.snapshot()
+    snap = mon.snapshot(reset=False)
     mon.detach()
     return snap
 
