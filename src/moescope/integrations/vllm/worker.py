@@ -14,7 +14,12 @@ What it patches, and why (facts read off vLLM 0.32; see docs/vllm.md):
 - ``GPUModelRunner.execute_model``: every step runs under the monitor's lock (a snapshot
   never splits a forward) and adds the scheduler's token bookkeeping (tokens scheduled,
   prompt tokens of new requests already computed = prefix-cache hits).
-- ``WorkerBase`` gains ``moescope_snapshot`` / ``moescope_reset`` so that
+- ``EngineArgs.create_engine_config`` (the front end, before any engine process starts)
+  and the loader (the worker, before the weights load) check the options: a bad setting
+  stops the start in one line naming it (:class:`~moescope.integrations.vllm.VllmSettingsError`).
+- ``AsyncLLM.shutdown`` (the API server, on SIGINT / SIGTERM): every engine's workers
+  write their open window (``moescope_flush``) before vLLM kills the engine processes.
+- ``WorkerBase`` gains ``moescope_snapshot`` / ``moescope_reset`` / ``moescope_flush`` so that
   ``llm.collective_rpc("moescope_snapshot")`` brings the totals back to the caller (no
   ``worker_extension_cls`` needed; :class:`~moescope.integrations.vllm.MoescopeWorkerExtension`
   offers the same methods for setups that load no plugins).
