@@ -57,6 +57,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # vLLM's MLA kernels take kv_lora_rank + qk_rope_head_dim in {320, 512, 576} only.
     "deepseek_v2": {"kv_lora_rank": 256, "qk_rope_head_dim": 64},
     "deepseek_v3": {"kv_lora_rank": 256, "qk_rope_head_dim": 64},
+    "gpt_oss": {"sliding_window": 128},  # its layer_types alternate sliding attention
 }
 
 

@@ -35,6 +35,8 @@ FAMILIES: dict[str, str] = {
     "mixtral": "softmax -> top-k, renormalised",
     "olmoe": "softmax -> top-k",
     "qwen2_moe": "softmax -> top-k, shared expert",
+    "ernie4_5_moe": "softmax -> top-k, dense first layer",
+    "gpt_oss": "top-k on logits -> softmax over K, router bias",
     "llama4_text": "top-1 on logits -> sigmoid (vLLM custom routing function)",
     "granitemoe": "top-k on logits -> softmax over K",
     # vLLM's Transformers backend, external routing: captured at the transformers router.
