@@ -99,13 +99,19 @@ def main(argv: list[str] | None = None) -> None:
         op_cost(args.batch, args.experts, args.top_k, args.layers, calls=200)
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # The checkpoint (about 400 MB at the default shape) lives only as long as the run,
+    # whatever ends it (an error, Ctrl-C).
+    with tempfile.TemporaryDirectory(prefix="moescope-vllm-bench-") as tmp:
+        model = build_model(Path(tmp) / "ckpt", args.layers, args.hidden, args.experts, args.top_k)
+        run_engines(args, model)
 
+
+def run_engines(args: argparse.Namespace, model: Path) -> None:
+    """Time the three engines on ``model`` and print the table."""
     from vllm import LLM, SamplingParams
 
     import moescope.integrations.vllm as mv
 
-    tmp = Path(tempfile.mkdtemp(prefix="moescope-vllm-bench-"))
-    model = build_model(tmp / "ckpt", args.layers, args.hidden, args.experts, args.top_k)
     variants: dict[str, dict[str, Any] | None] = {
         "off": None,
         "full": mv.options(),
@@ -133,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
             if variants[name] is not None:
                 # Inside the timed region: the reduction of everything this batch staged
                 # (it is deferred to the next snapshot) and the RPC that brings it back.
-                mv.snapshot(engines[name])
+                mv.snapshot(engines[name], reset=False)
             dt = time.perf_counter() - t0
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             rates[name].append(n / dt)
-    snap = mv.snapshot(engines["full"])  # totals since the start (snapshots do not reset)
+    snap = mv.snapshot(
+        engines["full"], reset=False
+    )  # totals since the start (snapshots do not reset)
     med = {n: statistics.median(v) for n, v in rates.items()}
     print(
         f"\nQwen3-MoE shape: {args.layers} layers, E={args.experts}, K={args.top_k}, hidden "

@@ -318,7 +318,7 @@ def test_cli_on_real_jsonl(
         row = next(line for line in out.splitlines() if line.startswith(n))
         assert f"{ref.balance_before[i]:.3f}" in row and f"{ref.balance_after[i]:.3f}" in row
     _check_invariants(last, ref, 4)
-    assert "last snapshot line (step 30) of 3" in out
+    assert "last non-empty snapshot line (step 30) of 3" in out
 
     rc, out, err = _run_cli([str(path), "--gpus", "2", "--records", "0", "--json"], capsys)
     assert rc == 0, err
@@ -328,7 +328,7 @@ def test_cli_on_real_jsonl(
         assert doc["layers"][n]["total_load"] == float(total[i].sum())
         assert doc["layers"][n]["gpu_load_after"] == pytest.approx(ref_all.gpu_load_after[i])
         assert "physical_to_logical" not in doc["layers"][n]  # --json is the summary
-    assert "sum of 3 snapshot lines (steps 10..30)" in doc["loads"]
+    assert "sum of 3 non-empty snapshot lines (steps 10, 20, 30)" in doc["loads"]
 
     rc, out, _ = _run_cli(
         [str(path), "--gpus", "2", "--records", "2", "--layer", "1", "--layer", names[2], "--json"],
@@ -537,3 +537,48 @@ def test_cli_unwritable_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     blocker.write_text("")
     rc, _, err = _run_cli([str(path), "--gpus", "2", "--out", str(blocker / "x.json")], capsys)
     assert rc == 2 and "choose a writable path" in err
+
+
+def test_cli_skips_empty_windows_of_a_served_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server's log ends with idle windows: plan-ep places the last window with traffic,
+    says which, and fails in one line when every window is empty."""
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32, num_experts=8, top_k=2
+    )
+    model = TinyMoELM(cfg).eval()
+    mon = MoEMonitor(model)
+    path, idle = tmp_path / "served.jsonl", tmp_path / "idle.jsonl"
+    sink, idle_sink = JsonlSink(path), JsonlSink(idle)
+    with torch.no_grad():
+        for step in range(5):
+            if step in (1, 2):
+                model(torch.randint(0, 256, (2, 16)))
+            snap = mon.snapshot(reset=True, step=step)
+            sink.write(LogEvent(step=step, snapshot=snap, mode="serve"))
+            if step in (0, 3, 4):
+                idle_sink.write(LogEvent(step=step, snapshot=snap, mode="serve"))
+            if step == 2:
+                busy = snap
+    sink.close()
+    idle_sink.close()
+    mon.detach()
+    rc, out, err = _run_cli([str(path), "--gpus", "2", "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["loads"] == (
+        "JSONL log: last non-empty snapshot line (step 2) of 5, 3 empty windows skipped"
+    )
+    for name, layer in busy.layers.items():
+        assert doc["layers"][name]["total_load"] == float(layer.usage_counts.sum()) == 64
+        assert doc["layers"][name]["max_over_mean_after"] is not None  # not "n/a"
+    rc, out, _ = _run_cli([str(path), "--gpus", "2", "--records", "0", "--json"], capsys)
+    assert "sum of 2 non-empty snapshot lines (steps 1, 2) of 5" in json.loads(out)["loads"]
+    rc, out, err = _run_cli([str(idle), "--gpus", "2"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip() == (
+        f"moescope plan-ep: error: {idle}: all 3 snapshot lines are empty windows (no routed "
+        "tokens); pass a log written while the model served or trained"
+    )

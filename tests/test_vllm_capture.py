@@ -221,3 +221,115 @@ def test_env_switch_is_written_into_additional_config(monkeypatch: pytest.Monkey
     off = Cfg()
     off.additional_config = {"moescope": {"enabled": False}}
     assert resolve_options(off) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [("1", True), ("TRUE", True), ("yes", True), ("On", True), ("0", False), ("off", False),
+     ("No", False), ("false", False)],
+)  # fmt: skip
+def test_boolean_environment_values_accept_the_usual_spellings(raw: str, want: bool) -> None:
+    env = {mv.ENV: "1", mv.ENV_COUNTS_ONLY: raw}
+    assert mv.env_options(env) == {"counts_only": want}
+    assert (mv.env_options({mv.ENV: raw}) is not None) == want
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({mv.ENV_PORT: "abc"}, r"MOESCOPE_VLLM_PROMETHEUS_PORT='abc' is not a port number"),
+        ({mv.ENV_PORT: "70000"}, r"MOESCOPE_VLLM_PROMETHEUS_PORT='70000' is not a port"),
+        ({mv.ENV_COUNTS_ONLY: "enabled"}, r"MOESCOPE_VLLM_COUNTS_ONLY='enabled' is not a bool"),
+        ({mv.ENV_INTERVAL: "-3"}, r"MOESCOPE_VLLM_INTERVAL='-3' is not a positive number"),
+        ({mv.ENV_INTERVAL: "nan"}, r"MOESCOPE_VLLM_INTERVAL='nan' is not a positive number"),
+        ({mv.ENV: "maybe"}, r"MOESCOPE_VLLM='maybe' is not a boolean"),
+        ({mv.ENV: "{bad"}, r"MOESCOPE_VLLM is not valid JSON"),
+        ({mv.ENV: '{"port": 1}'}, r"MOESCOPE_VLLM: unknown moescope vLLM option 'port'"),
+    ],
+)
+def test_bad_environment_values_fail_in_one_line_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(mv.VllmSettingsError, match=message) as info:
+        mv.env_options({mv.ENV: "1", **env})
+    assert "\n" not in str(info.value)
+
+
+def test_environment_is_ignored_while_monitoring_is_off() -> None:
+    assert mv.env_options({mv.ENV_PORT: "abc"}) is None
+    assert mv.env_options({mv.ENV: "off", mv.ENV_PORT: "abc"}) is None
+
+
+def test_preflight_names_the_setting_of_an_unwritable_log_or_a_busy_port(tmp_path) -> None:
+    import socket
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(mv.VllmSettingsError, match=r"cannot write the JSONL log .* set by "
+                       r"MOESCOPE_VLLM_JSONL \(File exists\); choose a writable"):  # fmt: skip
+        mv.preflight({"jsonl": str(blocker / "r.jsonl")}, from_env=["jsonl"])
+    with pytest.raises(mv.VllmSettingsError, match=r"additional_config\['moescope'\]\['jsonl'\]"):
+        mv.preflight({"jsonl": str(tmp_path)})  # a directory
+    mv.preflight({"jsonl": str(tmp_path / "sub" / "r.jsonl")}, replicas=2)
+    assert (tmp_path / "sub" / "r.jsonl").exists() and (tmp_path / "sub" / "r.1.jsonl").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(mv.VllmSettingsError, match=rf"127.0.0.1:{port} set by "
+                           r"MOESCOPE_VLLM_PROMETHEUS_PORT \(Address already in use\)"):  # fmt: skip
+            mv.preflight({"prometheus_port": port}, from_env=["prometheus_port"])
+        # replica 1 of a port below a busy one
+        with pytest.raises(mv.VllmSettingsError, match=rf"127.0.0.1:{port} set by additional"):
+            mv.preflight({"prometheus_port": port - 1}, replicas=2)
+        # a worker checks only its own port (its neighbour may be listening already)
+        mv.preflight({"prometheus_port": port - 1}, replicas=2, indices=[0])
+    mv.preflight({"prometheus_port": port})  # free again
+
+
+def test_data_parallel_replicas_add_up_to_one_monitor_of_all_tokens() -> None:
+    """Two replicas' RPC results (each worker's totals and accumulator states) merge into
+    exactly what one monitor that saw every token reports: counts, entropy, top-1, aux
+    loss, co-activation, token counters; pipeline stages sit side by side."""
+    import json
+
+    from moescope.integrations.vllm import worker
+
+    whole = VllmRoutingMonitor(_layers())
+    replicas = [VllmRoutingMonitor(_layers()) for _ in range(2)]
+    for s in range(8):
+        logits, w, ids = _route(3 + s, s)
+        for mon in (whole, replicas[s % 2]):
+            mon.record(s % 2, ids, logits, w)
+            mon.count_tokens(3 + s, prefix_cached=s % 3)
+        if s == 4:
+            replicas[0].snapshot(reset=True)  # a closed window is part of the total
+    payloads = []
+    try:
+        for rank, mon in enumerate(replicas):
+            worker.STATE["monitor"] = mon
+            payload = json.loads(json.dumps(worker.rpc_snapshot()))  # what the RPC carries
+            payloads.append({**payload, "dp_rank": rank})
+    finally:
+        worker.STATE["monitor"] = None
+    got = mv.parse_rpc(payloads)
+    want, tokens = whole.total()
+    assert got.tokens == tokens and len(got.ranks) == 2
+    for name, ref in want.layers.items():
+        g = got.snapshot.layers[name]
+        np.testing.assert_array_equal(g.usage_counts, ref.usage_counts)
+        np.testing.assert_array_equal(g.coactivation, ref.coactivation)
+        assert g.num_tokens == ref.num_tokens
+        for metric in ("routing_entropy", "top1_prob", "top1_margin", "aux_loss", "z_loss",
+                       "cv", "unique_experts_per_batch"):  # fmt: skip
+            assert getattr(g, metric) == pytest.approx(getattr(ref, metric), rel=1e-12), metric
+        assert g.unique_experts_max == ref.unique_experts_max
+    # Pipeline stages: different layers, the same tokens (not added).
+    stage1 = {**payloads[1], "dp_rank": 0, "pp_rank": 1}
+    stage1["snapshot"] = json.dumps(
+        {**json.loads(stage1["snapshot"]),
+         "layers": {"model.layers.9.mlp.experts": json.loads(stage1["snapshot"])["layers"][
+             "model.layers.0.mlp.experts"]}}
+    )  # fmt: skip
+    both = mv.parse_rpc([payloads[0], stage1])
+    assert len(both.snapshot.layers) == 3 and both.tokens == payloads[0]["tokens"]

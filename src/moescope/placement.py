@@ -580,8 +580,9 @@ def loads_from_summary(
 def loads_from_jsonl(
     records: Sequence[Mapping[str, Any]], last: int = 1, path: str = "JSONL log"
 ) -> LoadSource:
-    """Loads of a JsonlSink log: the usage counts of its last ``last`` snapshot lines
-    summed (``last=0``: every snapshot line).
+    """Loads of a JsonlSink log: the usage counts of its last ``last`` non-empty snapshot
+    lines summed (``last=0``: every non-empty line). Empty windows (no routed token: a
+    server between requests) are skipped; the description says which lines were used.
 
     Each snapshot line of a monitor counts one window (``MoEMonitor.snapshot()`` resets
     the counts by default), so the sum over lines is the load over those windows; the
@@ -600,23 +601,37 @@ def loads_from_jsonl(
     ]
     if not snaps:
         raise PlacementError(f"{path}: no 'snapshot' line; pass a JSONL log written by JsonlSink")
-    chosen = snaps if last == 0 or last >= len(snaps) else snaps[-last:]
+    rows = [_rows(s.get("layers"), path) for s in snaps]
+    # An idle window (a server between requests, the window open at shutdown) has no
+    # load to place: only windows with routed tokens count.
+    busy = [i for i, r in enumerate(rows) if any(np.nansum(v) > 0 for v in r.values())]
+    if not busy:
+        raise PlacementError(
+            f"{path}: all {len(snaps)} snapshot lines are empty windows (no routed tokens); "
+            "pass a log written while the model served or trained"
+        )
+    chosen = busy if last == 0 or last >= len(busy) else busy[-last:]
     total: dict[str, np.ndarray] = {}
-    for s in chosen:
-        for n, row in _rows(s.get("layers"), path).items():
+    for i in chosen:
+        for n, row in rows[i].items():
             if n in total and total[n].shape != row.shape:
                 raise PlacementError(
                     f"{path}: layer {n!r} changes its expert count between snapshot lines; "
                     "use --records 1"
                 )
             total[n] = total[n] + row if n in total else row
-    steps = [s.get("step") for s in chosen]
-    which = (
-        f"last snapshot line (step {steps[-1]})"
-        if len(chosen) == 1
-        else f"sum of {len(chosen)} snapshot lines (steps {steps[0]}..{steps[-1]})"
-    )
-    return LoadSource(total, "jsonl", f"JSONL log: {which} of {len(snaps)}")
+    steps = [snaps[i].get("step") for i in chosen]
+    if len(chosen) == 1:
+        which = f"last non-empty snapshot line (step {steps[0]})"
+    elif len(chosen) <= 8:
+        which = (
+            f"sum of {len(chosen)} non-empty snapshot lines (steps {', '.join(map(str, steps))})"
+        )
+    else:
+        which = f"sum of {len(chosen)} non-empty snapshot lines (steps {steps[0]}..{steps[-1]})"
+    skipped = len(snaps) - len(busy)
+    empty = f", {skipped} empty window{'s' if skipped != 1 else ''} skipped" if skipped else ""
+    return LoadSource(total, "jsonl", f"JSONL log: {which} of {len(snaps)}{empty}")
 
 
 def load_expert_loads(path: str | os.PathLike[str], records: int = 1) -> LoadSource:
@@ -715,8 +730,8 @@ def add_plan_ep_parser(sub: Any) -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="K",
-        help="JSONL log only: sum the last K snapshot lines (0 = all; default 1, "
-        "the most recent window)",
+        help="JSONL log only: sum the last K non-empty snapshot lines (0 = all; default 1, "
+        "the most recent window with routed tokens; empty windows are skipped)",
     )
     p.add_argument(
         "--json",

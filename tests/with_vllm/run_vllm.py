@@ -1,9 +1,11 @@
 """Run one monitored vLLM scenario in a fresh process and print its results as JSON.
 
 Usage: ``python run_vllm.py SPEC.json`` where the spec holds ``model``, ``prompts``,
-``repeat_prompt``, ``max_tokens``, ``eager``, ``options`` (moescope's vLLM options) and
-``linger`` (seconds to wait before exiting, so timed windows close). A separate process
-per engine keeps the tests independent of how vLLM tears an engine down.
+``repeat_prompt``, ``max_tokens``, ``eager``, ``options`` (moescope's vLLM options),
+``model_impl`` (vLLM's, default ``auto``) and ``linger`` (seconds to wait before exiting,
+so timed windows close). A spec ``{"runs": {name: spec, ...}}`` runs several engines one
+after the other in this process (one vLLM import for all; a failing engine is reported
+as ``{"error": ...}`` and the next one still runs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,24 @@ import time
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "runs" not in spec:
+        print("RESULT " + json.dumps(run_engine(spec)))
+        return
+    import gc
+    import traceback
+
+    results: dict = {}
+    for name, one in spec["runs"].items():
+        try:
+            results[name] = run_engine(one)
+        except Exception as err:
+            tb = traceback.format_exc().strip().splitlines()
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:500], "trace": tb[-6:]}
+        gc.collect()  # the engine's finalizer stops its processes before the next one
+    print("RESULT " + json.dumps(results))
+
+
+def run_engine(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     import moescope.integrations.vllm as mv
@@ -27,6 +47,7 @@ def main() -> None:
         dtype="float32",
         seed=0,
         enforce_eager=bool(spec.get("eager", False)),
+        model_impl=spec.get("model_impl", "auto"),
         additional_config=mv.options(**spec.get("options", {})),
     )
     params = SamplingParams(max_tokens=int(spec["max_tokens"]), temperature=0.0)
@@ -43,8 +64,10 @@ def main() -> None:
         ]
 
     def snap(reset: bool) -> dict:
-        s = mv.snapshot(llm, reset=reset)
-        return {"snapshot": s.snapshot.to_json(), "tokens": s.tokens}
+        # What mv.snapshot(llm) does, keeping the workers' raw RPC payloads too.
+        payloads = llm.collective_rpc("moescope_snapshot", args=(reset,))
+        s = mv.parse_rpc(payloads)
+        return {"snapshot": s.snapshot.to_json(), "tokens": s.tokens, "payloads": payloads}
 
     result: dict = {"warmup": snap(True)}
     result["distinct"] = {"requests": run(spec["prompts"])}
@@ -53,7 +76,8 @@ def main() -> None:
         reqs = run([spec["repeat_prompt"]]) + run([spec["repeat_prompt"]])
         result["repeat"] = {"requests": reqs, **snap(True)}
     time.sleep(float(spec.get("linger", 0)))
-    print("RESULT " + json.dumps(result))
+    llm.llm_engine.engine_core.shutdown()
+    return result
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def hf_counts(model_dir: Path, sequences: list[list[int]]) -> Snapshot:
     with torch.no_grad():
         for seq in sequences:
             model(torch.tensor([seq]))
-    snap = mon.snapshot()
+    snap = mon.snapshot(reset=False)
     mon.detach()
     return snap
 
@@ -199,25 +199,64 @@ def test_jsonl_windows_add_up_to_the_totals(qwen: Any) -> None:
     assert cached == res["repeat"]["tokens"]["prefix_cached_tokens"]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
-def test_other_families_counts_equal_transformers(tmp_path: Path, family: str) -> None:
-    model = build_checkpoint(tmp_path / "ckpt", family)
-    spec = {
-        "model": str(model),
-        "prompts": _prompts()[:2],
-        "max_tokens": MAX_TOKENS,
-        "eager": True,
-        "options": {"counts_only": True},
-    }
-    res = run_scenario(tmp_path, spec)
-    reqs = res["distinct"]["requests"]
-    got = Snapshot.from_json(res["distinct"]["snapshot"])
-    ref = hf_counts(model, [fed_tokens(r) for r in reqs])
-    n_fed = sum(len(fed_tokens(r)) for r in reqs)
-    for (name, g), (_, r) in zip(vllm_layers(got), ref.layers.items(), strict=True):
-        assert g.num_tokens == n_fed, name
-        np.testing.assert_array_equal(g.usage_counts, r.usage_counts, err_msg=name)
-        assert np.isnan(g.routing_entropy)  # counts_only: no router scores staged
+def hf_router_reference(
+    model_dir: Path, parts: list[tuple[list[int], int]], top_k: int
+) -> list[dict[str, Any]]:
+    """Per layer, float64 metrics of transformers' own router logits over the rows
+    ``seq[start:]`` of every part (softmax router): counts, entropy, top-1, aux loss."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for seq, start in parts:
+            out = model(torch.tensor([seq]), output_router_logits=True)
+            for i, logits in enumerate(out.router_logits):
+                if len(rows) <= i:
+                    rows.append([])
+                rows[i].append(logits[start:].double().numpy())
+    refs = []
+    for chunks in rows:
+        x = np.concatenate(chunks)
+        n, e = x.shape
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ids = np.argsort(-x, axis=-1, kind="stable")[:, :top_k]
+        counts = np.bincount(ids.reshape(-1), minlength=e)
+        refs.append(
+            {
+                "counts": counts,
+                "entropy": float(np.mean(-(p * np.log(p)).sum(-1))),
+                "top1": float(np.mean(p.max(-1))),
+                "aux": float(e * np.sum(counts / n * p.mean(0))),
+                "tokens": n,
+            }
+        )
+    return refs
+
+
+def test_data_parallel_merge_of_real_worker_payloads(qwen: Any) -> None:
+    """The RPC payloads of two real vLLM windows of disjoint tokens, merged as two
+    data-parallel replicas by mv.parse_rpc, give the metrics of all their tokens together
+    (float64 recomputation from transformers' router logits over the same rows)."""
+    import moescope.integrations.vllm as mv
+
+    model, res, _ = qwen
+    a = [{**p, "dp_rank": 0} for p in res["distinct"]["payloads"]]
+    b = [{**p, "dp_rank": 1} for p in res["repeat"]["payloads"]]
+    merged = mv.parse_rpc(a + b)
+    first, second = res["repeat"]["requests"]
+    parts = [(fed_tokens(r), 0) for r in res["distinct"]["requests"]]
+    parts += [(fed_tokens(first), 0), (fed_tokens(second), second["cached"])]
+    refs = hf_router_reference(model, parts, top_k=2)
+    for k in ("scheduled_tokens", "prefix_cached_tokens", "forwards"):
+        assert merged.tokens[k] == res["distinct"]["tokens"][k] + res["repeat"]["tokens"][k]
+    for (name, g), ref in zip(vllm_layers(merged.snapshot), refs, strict=True):
+        assert g.num_tokens == ref["tokens"], name
+        np.testing.assert_array_equal(g.usage_counts, ref["counts"], err_msg=name)
+        assert g.routing_entropy == pytest.approx(ref["entropy"], rel=1e-4), name
+        assert g.top1_prob == pytest.approx(ref["top1"], rel=1e-4), name
+        assert g.aux_loss == pytest.approx(ref["aux"], rel=1e-4), name
 
 
 def _free_port() -> int:
@@ -286,3 +325,152 @@ def test_vllm_serve_exports_prometheus_metrics(tmp_path: Path) -> None:
     assert sum(experts.values()) == 2 * 2 * fed  # 2 layers x K=2 slots per token
     sched = _metric(text, "moescope_vllm_scheduled_tokens_total")
     assert list(sched.values()) == [fed]
+
+
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+         "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
+         "--no-enable-prefix-caching"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("served") / "ckpt", "qwen3_moe")
+
+
+def test_bad_setting_stops_the_server_before_weights_load(served_model: Path) -> None:
+    """A real server start with a bad variable ends with one line naming it, before any
+    engine process starts (the plugin checks the environment in the API server)."""
+    env = _env()
+    env.update(MOESCOPE_VLLM="1", MOESCOPE_VLLM_PROMETHEUS_PORT="abc")
+    proc = subprocess.run(
+        [*SERVE, "--model", str(served_model), "--port", str(_free_port())],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last == (
+        "moescope.integrations.vllm.VllmSettingsError: MOESCOPE_VLLM_PROMETHEUS_PORT='abc' "
+        "is not a port number: set an integer in 0..65535 (0 = any free port) or unset it"
+    ), log[-3000:]
+    assert "Loading weights" not in log and "EngineCore" not in log
+
+
+CHECK_SETTINGS = """
+import json, os, sys
+from vllm.engine.arg_utils import EngineArgs
+import moescope.integrations.vllm as mv
+out = {}
+for case, env in json.loads(sys.argv[2]).items():
+    for k in [k for k in os.environ if k.startswith("MOESCOPE_VLLM")]:
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        mv.plugin()  # what vLLM's plugin loader runs first in every process
+        EngineArgs(model=sys.argv[1], max_model_len=512, dtype="float32").create_engine_config()
+        out[case] = "started"
+    except mv.VllmSettingsError as err:
+        out[case] = str(err)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_bad_settings_fail_when_vllm_builds_the_engine_config(
+    served_model: Path, tmp_path: Path
+) -> None:
+    """Every bad setting fails in the front end, where vLLM builds the engine config
+    (before any engine process or weight load), in one line naming the setting."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    cases = {
+        "port_busy": {"MOESCOPE_VLLM": "1", "MOESCOPE_VLLM_PROMETHEUS_PORT": str(port)},
+        "jsonl_unwritable": {
+            "MOESCOPE_VLLM": "yes",
+            "MOESCOPE_VLLM_JSONL": str(blocker / "routing.jsonl"),
+        },
+        "bool_typo": {"MOESCOPE_VLLM": "1", "MOESCOPE_VLLM_COUNTS_ONLY": "enable"},
+        "json_option": {"MOESCOPE_VLLM": '{"interval": -1}'},
+        "fine": {"MOESCOPE_VLLM": "ON", "MOESCOPE_VLLM_COUNTS_ONLY": "off"},
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHECK_SETTINGS, str(served_model), json.dumps(cases)],
+            env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        busy.close()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert got["port_busy"] == (
+        f"moescope: cannot serve Prometheus metrics on 127.0.0.1:{port} set by "
+        "MOESCOPE_VLLM_PROMETHEUS_PORT (Address already in use); pick a free port, or 0 "
+        "for any free port"
+    )
+    assert got["jsonl_unwritable"].startswith(
+        f"moescope: cannot write the JSONL log {blocker / 'routing.jsonl'} set by "
+        "MOESCOPE_VLLM_JSONL ("
+    )
+    assert got["bool_typo"] == (
+        "MOESCOPE_VLLM_COUNTS_ONLY='enable' is not a boolean: set 1/0, true/false, yes/no or on/off"
+    )
+    assert got["json_option"].startswith("MOESCOPE_VLLM: interval must be a positive number")
+    assert got["fine"] == "started"
+
+
+def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Path) -> None:
+    """SIGINT to the API server: the one open window (interval 600 s) reaches the JSONL
+    log, as a 'serve' line, with every routed token; COUNTS_ONLY=on is honoured."""
+    import signal
+
+    jsonl = tmp_path / "routing.jsonl"
+    api = _free_port()
+    env = _env()
+    env.update(
+        MOESCOPE_VLLM="1",
+        MOESCOPE_VLLM_JSONL=str(jsonl),
+        MOESCOPE_VLLM_INTERVAL="600",
+        MOESCOPE_VLLM_COUNTS_ONLY="on",
+    )
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [*SERVE, "--model", str(served_model), "--port", str(api)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                _get(f"http://127.0.0.1:{api}/health")
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not become healthy"
+                time.sleep(2)
+        body = json.dumps(
+            {"model": str(served_model), "prompt": _prompts()[1], "max_tokens": MAX_TOKENS,
+             "temperature": 0.0, "ignore_eos": True}
+        ).encode()  # fmt: skip
+        usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
+        fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        assert not jsonl.exists() or jsonl.read_text() == ""  # the window is still open
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    lines = read_jsonl(jsonl)
+    assert [ln["kind"] for ln in lines] == ["metrics", "snapshot"], lines
+    assert {ln["mode"] for ln in lines} == {"serve"}
+    assert lines[0]["metrics"]["vllm/routed_tokens"] == fed
+    layers = lines[1]["snapshot"]["layers"]
+    assert len(layers) == 2
+    for layer in layers.values():
+        assert layer["num_tokens"] == fed
+        assert sum(layer["usage_counts"]) == 2 * fed
+        assert layer["routing_entropy"] is None  # counts only

@@ -74,9 +74,18 @@ def build_checkpoint(
     """
     import transformers
 
-    cfg_name, model_name, extra = FAMILIES[family]
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out)
+    if family not in FAMILIES:  # any other MoE model_type: a generic tiny config
+        from families import tiny_config
+
+        cfg = tiny_config(family, len(tok), tok.eos_token_id, **overrides)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32)
+        _sharpen_routers(model)
+        model.save_pretrained(out)
+        return out
+    cfg_name, model_name, extra = FAMILIES[family]
     cfg = getattr(transformers, cfg_name)(
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -95,14 +104,24 @@ def build_checkpoint(
     cfg.dtype = "float32"
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).to(torch.float32)
-    # Larger router weights than the default init, so routing is far from uniform and
-    # top-k ties (which two implementations may break differently) do not occur.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and "experts" not in name:
-                p.normal_(0.0, 0.5)
+    _sharpen_routers(model)
     model.save_pretrained(out)
     return out
+
+
+def _sharpen_routers(model: Any) -> None:
+    """Larger router weights than the default init, so routing is far from uniform and
+    top-k ties (which two implementations may break differently) do not occur."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 2)
+            if (
+                len(leaf) == 3
+                and leaf[1] in ("gate", "router")
+                and leaf[2] == "weight"
+                and "experts" not in name
+            ):
+                p.normal_(0.0, 0.5)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MODES", "LogEvent"]
 
-#: Window kinds an event can come from.
-MODES: tuple[str, ...] = ("train", "eval")
+#: Window kinds an event can come from (``"serve"``: a serving engine's window, e.g. the
+#: vLLM plugin's JSONL log; sinks write it like a train window).
+MODES: tuple[str, ...] = ("train", "eval", "serve")
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -38,8 +39,9 @@ class LogEvent:
 
     Attributes:
         step: the training step the window ended at.
-        mode: ``"train"`` or ``"eval"``; eval events carry metrics (``moe/eval/...``)
-            and their snapshot, and no alerts.
+        mode: ``"train"``, ``"eval"`` or ``"serve"``; eval events carry metrics
+            (``moe/eval/...``) and their snapshot, and no alerts; serve events (windows of
+            a serving engine) are written like train ones by the JSONL sink.
         snapshot: the window's :class:`~moescope.stats.snapshot.Snapshot` (per-layer
             vectors: ``usage_counts`` [E], ``coactivation`` [E, E] ...), or None for an
             event that carries only some parts (e.g. :class:`ExtrasOnlySink`'s view).

@@ -10,8 +10,8 @@ Schema (field ``schema``: :data:`SCHEMA_VERSION` = 2; lines without it are versi
 which had the full co-activation matrix on every line and ``"images"`` lines). Line kinds
 (field ``kind``):
 
-- ``"snapshot"``, one per train event: ``{"kind", "schema", "step", "time", "mode":
-  "train", "snapshot": <Snapshot.to_json() object: per-layer scalars and vectors>,
+- ``"snapshot"``, one per train (or serve) event: ``{"kind", "schema", "step", "time",
+  "mode": "train" (or "serve"), "snapshot": <Snapshot.to_json() object: per-layer scalars and vectors>,
   "alerts": [...], "figures": [keys]}`` (``figures`` only when the event had some; the
   figures themselves go to the figure sinks, e.g. PNG files in ``<log_dir>/heatmaps``).
   Co-activation ([E, E] per layer, O(E^2): 281 KB per line at E=256 with 2 layers) is
@@ -180,7 +180,7 @@ class JsonlSink(Sink):
                     "metrics": json_safe(dict(event.metrics)),
                 }
             )
-        if event.mode != "train":
+        if event.mode == "eval":
             return
         alerts = [_alert_dict(a) for a in event.alerts]
         snap = event.snapshot

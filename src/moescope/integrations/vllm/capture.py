@@ -297,6 +297,15 @@ class VllmRoutingMonitor:
         ``reset=True`` starts the total again; the open window (the exporter's, the JSONL
         log's) is left whole. ``unique_experts_max`` of a total read after a reset may
         include calls of the window that was open at the reset."""
+        snap, counters, _ = self.total_states(reset)
+        return snap, counters
+
+    def total_states(
+        self, reset: bool = False
+    ) -> tuple[Snapshot, dict[str, int], dict[str, dict[str, np.ndarray]]]:
+        """:meth:`total` plus the per-layer accumulator states it was computed from (host
+        arrays keyed by layer path): what lets a caller add data-parallel replicas
+        exactly (``stats.accumulator.merge_states``)."""
         with self.lock:
             raw, tokens = self._read(reset=False)
             merged = merge_states(self._closed, subtract_states(raw, self._baseline))
@@ -309,7 +318,9 @@ class VllmRoutingMonitor:
                 self._closed_tokens = dict.fromkeys(TOKEN_COUNTERS, 0)
                 self._baseline = raw
                 self._baseline_tokens = tokens
-        return self._snapshot(merged, None), counters
+        per_layer = self.core.window("default").routing.layer_states(merged)
+        states = {info.path: per_layer[i] for i, info in enumerate(self.layers)}
+        return self._snapshot(merged, None), counters, states
 
 
 def served_summary(snap: Snapshot, tokens: Mapping[str, int]) -> dict[str, float]:

@@ -8,13 +8,19 @@ What it patches, and why (facts read off vLLM 0.32; see docs/vllm.md):
   ``BaseRouter._compute_routing``, which returns the *logical* ``topk_ids`` (before the
   EPLB logical-to-physical mapping) next to the ``router_logits`` and ``topk_weights``; it
   never touches ``router.capture_fn`` (vLLM's own routed-experts capturer keeps that slot).
-  The wrapper calls the opaque op ``moescope_vllm::capture``, so a compiled graph keeps it.
+  The wrapper calls ``VllmRoutingMonitor.capture``, which a compiled graph keeps as the
+  one opaque capture op ``moescope::capture``.
 - ``GPUModelRunner._dummy_run`` (the profiling / warm-up / graph-capture forwards; the CPU
   runner inherits it): counting is paused inside it.
 - ``GPUModelRunner.execute_model``: every step runs under the monitor's lock (a snapshot
   never splits a forward) and adds the scheduler's token bookkeeping (tokens scheduled,
   prompt tokens of new requests already computed = prefix-cache hits).
-- ``WorkerBase`` gains ``moescope_snapshot`` / ``moescope_reset`` so that
+- ``EngineArgs.create_engine_config`` (the front end, before any engine process starts)
+  and the loader (the worker, before the weights load) check the options: a bad setting
+  stops the start in one line naming it (:class:`~moescope.integrations.vllm.VllmSettingsError`).
+- ``AsyncLLM.shutdown`` (the API server, on SIGINT / SIGTERM): every engine's workers
+  write their open window (``moescope_flush``) before vLLM kills the engine processes.
+- ``WorkerBase`` gains ``moescope_snapshot`` / ``moescope_reset`` / ``moescope_flush`` so that
   ``llm.collective_rpc("moescope_snapshot")`` brings the totals back to the caller (no
   ``worker_extension_cls`` needed; :class:`~moescope.integrations.vllm.MoescopeWorkerExtension`
   offers the same methods for setups that load no plugins).
@@ -30,9 +36,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -58,41 +62,42 @@ _PATCHED: set[str] = set()
 # -------------------------------------------------------------------- options
 
 
-def _env_options() -> dict[str, Any] | None:
-    from moescope.integrations.vllm import ENV, ENV_COUNTS_ONLY, ENV_INTERVAL, ENV_JSONL, ENV_PORT
-
-    raw = os.environ.get(ENV, "").strip()
-    if raw.lower() in ("", "0", "false", "no", "off"):
-        return None
-    opts: dict[str, Any] = json.loads(raw) if raw.startswith("{") else {}
-    if os.environ.get(ENV_JSONL):
-        opts.setdefault("jsonl", os.environ[ENV_JSONL])
-    if os.environ.get(ENV_PORT):
-        opts.setdefault("prometheus_port", int(os.environ[ENV_PORT]))
-    if os.environ.get(ENV_INTERVAL):
-        opts.setdefault("interval", float(os.environ[ENV_INTERVAL]))
-    if os.environ.get(ENV_COUNTS_ONLY, "").lower() in ("1", "true", "yes"):
-        opts.setdefault("counts_only", True)
-    return opts
-
-
 def resolve_options(vllm_config: Any) -> dict[str, Any] | None:
     """The monitoring options of this engine, or None when monitoring is off.
 
     Environment options are copied into ``vllm_config.additional_config["moescope"]``
-    (a field vLLM hashes into its compile-cache key)."""
-    from moescope.integrations.vllm import CONFIG_KEY, check_options
+    (a field vLLM hashes into its compile-cache key).
+
+    Raises:
+        VllmSettingsError: a bad environment variable or ``additional_config`` option
+            (one line naming it and the fix).
+    """
+    from moescope.integrations.vllm import (
+        CONFIG_KEY,
+        VllmSettingsError,
+        check_options,
+        env_options,
+    )
 
     extra = getattr(vllm_config, "additional_config", None)
     given = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    env = _env_options()
+    if given is not None and not isinstance(given, dict):
+        raise VllmSettingsError(
+            f"additional_config['{CONFIG_KEY}'] must be a dict of options, got {given!r}; "
+            "use moescope.integrations.vllm.options()"
+        )
+    env = env_options()
     if given is None and env is None:
         return None
-    opts = {**(env or {}), **(given if isinstance(given, dict) else {})}
+    opts = {**(env or {}), **(given or {})}
     opts.setdefault("enabled", True)
+    try:
+        opts = check_options(opts)
+    except ValueError as err:
+        raise VllmSettingsError(f"additional_config['{CONFIG_KEY}']: {err}") from None
     if not opts["enabled"]:
         return None
-    opts = check_options(opts)
+    STATE["from_env"] = sorted(k for k in (env or {}) if k not in (given or {}))
     if isinstance(extra, dict):
         extra[CONFIG_KEY] = dict(opts)
     else:
@@ -101,6 +106,39 @@ def resolve_options(vllm_config: Any) -> dict[str, Any] | None:
             "monitored run apart. Set VLLM_DISABLE_COMPILE_CACHE=1 or pass "
             "additional_config={'moescope': {...}}."
         )
+    return opts
+
+
+def reporting_workers(vllm_config: Any) -> int:
+    """Workers that report (own a JSONL file / exporter port): one per pipeline stage
+    and data-parallel replica (tensor-parallel replicas of the same tokens do not)."""
+    par = getattr(vllm_config, "parallel_config", None)
+    if par is None:
+        return 1
+    try:
+        across = int(par.world_size_across_dp)
+        tp = max(1, int(par.tensor_parallel_size))
+    except (AttributeError, TypeError, ValueError):
+        return 1
+    return max(1, across // tp)
+
+
+def check_config(vllm_config: Any, worker: bool = False) -> dict[str, Any] | None:
+    """Resolve and check the options of an engine before any model loads (the front
+    end, right after vLLM built its config: every replica's outputs; a worker, before
+    loading weights: its own outputs, if it reports)."""
+    from moescope.integrations.vllm import preflight
+
+    opts = resolve_options(vllm_config)
+    if opts is None:
+        return None
+    from_env = STATE.get("from_env", ())
+    if not worker:
+        preflight(opts, reporting_workers(vllm_config), from_env)
+    else:
+        index, reports = _output_index()
+        if reports:  # other workers' exporters may already listen on their own ports
+            preflight(opts, from_env=from_env, indices=[index])
     return opts
 
 
@@ -119,19 +157,91 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     return out
 
 
-def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) -> VllmLayer:
-    cfg = getattr(mod, "moe_config", None)
-    e = getattr(cfg, "num_logical_experts", None) or getattr(router, "global_num_experts", None)
-    k = getattr(router, "top_k", None) or getattr(cfg, "experts_per_token", None)
-    if not e or not k:
-        raise RuntimeError(
-            f"moescope: cannot read the expert count / top_k of vLLM layer {path} "
-            f"({type(router).__name__}); report the vLLM version and model"
-        )
+#: vLLM's custom routing functions -> how their ``router_logits`` map to a distribution
+#: (keyed by module and function name; read off vLLM 0.32). The router's own
+#: ``scoring_func`` attribute does not say: ``CPURouter`` keeps its default "softmax"
+#: beside any custom function (Llama-4 routes top-k -> sigmoid).
+CUSTOM_ROUTING_SCORES: dict[tuple[str, str], str] = {
+    ("vllm.model_executor.models.llama4", "custom_routing_function"): "sigmoid",
+    ("vllm.model_executor.models.cohere2_moe", "token_choice_with_bias"): "sigmoid",
+    ("vllm.model_executor.models.gemma4", "routing_function"): "softmax",
+    ("vllm.model_executor.models.phimoe", "phimoe_routing_function"): "softmax",
+    ("vllm.model_executor.models.interns1_pro", "_custom_routing_function"): "softmax",
+}
+#: vLLM's Transformers backend: its routing function returns the top-k weights that the
+#: transformers router already computed; the ``router_logits`` it is given are those
+#: [T, K] weights, not [T, E] logits.
+TRANSFORMERS_BACKEND = "vllm.model_executor.models.transformers.moe"
+
+
+def _function_key(fn: Any) -> tuple[str, str]:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    name = str(getattr(fn, "__qualname__", getattr(fn, "__name__", type(fn).__name__)))
+    return str(getattr(fn, "__module__", "")), name.rsplit(".", 1)[-1]
+
+
+def score_function(router: Any) -> tuple[str | None, str]:
+    """How a vLLM router's ``router_logits`` map to a distribution.
+
+    Returns:
+        ``(score_fn, why)``: ``"softmax"`` / ``"sigmoid"``, or None when moescope cannot
+        read the scores (then the layer's counts and weights are kept, the
+        router-probability metrics are not); ``why`` names the rule.
+    """
+    custom = getattr(router, "custom_routing_function", None)
+    if custom is not None:
+        key = _function_key(custom)
+        if key[0] == TRANSFORMERS_BACKEND:
+            return None, "vLLM's Transformers backend passes top-k weights, not logits"
+        if key in CUSTOM_ROUTING_SCORES:
+            return CUSTOM_ROUTING_SCORES[key], f"custom routing function {key[0]}.{key[1]}"
+        return None, f"unknown custom routing function {key[0]}.{key[1]}"
     score = str(getattr(router, "scoring_func", "softmax"))
+    if score in ("softmax", "sigmoid"):
+        return score, f"scoring_func={score}"
+    return None, f"scoring_func={score} (not softmax/sigmoid)"
+
+
+def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) -> VllmLayer:
+    base = _layer_info_counts(path, mod, device)
+    e, k = base.num_experts, base.top_k
+    score, why = score_function(router)
+    if score is None:
+        _log.warning(
+            "moescope: layer %s: %s; counting its expert ids and weights only (no "
+            "entropy / top-1 / aux loss for it)",
+            path,
+            why,
+        )
     return VllmLayer(
         path=path,
         num_experts=int(e),
+        top_k=int(k),
+        score_fn=score or "softmax",
+        scores=score is not None,
+        device=str(device),
+        module=mod,
+    )
+
+
+def _hf_layer_info(
+    path: str, mod: nn.Module, hf_router: nn.Module, model: nn.Module, device: torch.device
+) -> VllmLayer:
+    """A Transformers-backend layer: E and K from the vLLM side, the score function from
+    the transformers router (as moescope's HF adapter reads it)."""
+    from moescope.capture.hf_structure import find_top_k, router_score_fn
+
+    info = _layer_info_counts(path, mod, device)
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    score = router_score_fn(hf_router, config)
+    # K as the transformers router picks it (vLLM's runner may hold another default).
+    k = find_top_k(hf_router, None, config) or info.top_k
+    return VllmLayer(
+        path=path,
+        num_experts=info.num_experts,
         top_k=int(k),
         score_fn=score if score in ("softmax", "sigmoid") else "softmax",
         scores=score in ("softmax", "sigmoid"),
@@ -140,8 +250,36 @@ def _layer_info(path: str, mod: nn.Module, router: Any, device: torch.device) ->
     )
 
 
+def _layer_info_counts(path: str, mod: nn.Module, device: torch.device) -> VllmLayer:
+    router = getattr(mod, "router", None)
+    cfg = getattr(mod, "moe_config", None)
+    e = getattr(cfg, "num_logical_experts", None) or getattr(router, "global_num_experts", None)
+    k = getattr(router, "top_k", None) or getattr(cfg, "experts_per_token", None)
+    if not e or not k:
+        raise RuntimeError(
+            f"moescope: cannot read the expert count / top_k of vLLM layer {path} "
+            f"({type(router).__name__}); report the vLLM version and model"
+        )
+    return VllmLayer(path=path, num_experts=int(e), top_k=int(k), device=str(device))
+
+
 def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer) -> None:
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    with_logits = layer.scores
+    num_experts = layer.num_experts
+
+    def scores(router_logits: Any) -> Any:
+        # Only [T, E] logits are scores; anything else (a router that scores another
+        # layout) leaves this layer with counts and weights, never a crash.
+        if (
+            with_logits
+            and isinstance(router_logits, torch.Tensor)
+            and router_logits.dim() == 2
+            and router_logits.shape[-1] == num_experts
+        ):
+            return router_logits
+        return None
 
     if isinstance(router, BaseRouter):
         # Logical ids (before EPLB mapping) with the logits and weights that chose them.
@@ -150,7 +288,7 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
         @functools.wraps(inner)
         def compute_routing(hidden_states, router_logits, indices_type, **kw):
             weights, ids = inner(hidden_states, router_logits, indices_type, **kw)
-            monitor.capture(index, ids, router_logits, weights)
+            monitor.capture(index, ids, scores(router_logits), weights)
             return weights, ids
 
         router._compute_routing = compute_routing
@@ -166,10 +304,61 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
     @functools.wraps(inner_sel)
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, **kw):
         weights, ids = inner_sel(hidden_states, router_logits, topk_indices_dtype, **kw)
-        monitor.capture(index, ids, router_logits, weights)
+        monitor.capture(index, ids, scores(router_logits), weights)
         return weights, ids
 
     router.select_experts = select_experts
+
+
+def _hf_router_of(model: nn.Module, name: str, mod: nn.Module) -> nn.Module | None:
+    """The transformers router beside a FusedMoE that vLLM's Transformers backend put in
+    place of a block's ``experts`` (external routing: the router still runs in
+    transformers and returns ``(logits [T, E], weights [T, K], ids [T, K])``)."""
+    from moescope.capture.hf_structure import find_router
+
+    parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    found = find_router(parent, exclude=mod)
+    return None if found is None else found[1]
+
+
+def _router_outputs(out: Any, num_experts: int, top_k: int) -> tuple[Any, Any, Any]:
+    """``(ids [T, K], logits [T, E] or None, weights [T, K] or None)`` of a transformers
+    router's output tuple, told apart by dtype and shape (families return them in
+    different orders: ``(logits, weights, ids)`` mostly, granitemoe 5.19
+    ``(ids, weights, logits)``); ``(None, None, None)`` when there are no [T, K] ids."""
+    if not isinstance(out, tuple):
+        return None, None, None
+    tensors = [t for t in out if isinstance(t, torch.Tensor) and t.dim() == 2]
+    ids = next((t for t in tensors if not t.is_floating_point() and t.shape[-1] == top_k), None)
+    if ids is None:
+        return None, None, None
+    floats = [t for t in tensors if t.is_floating_point() and t.shape[0] == ids.shape[0]]
+    logits = next((t for t in floats if t.shape[-1] == num_experts), None)
+    weights = next((t for t in floats if t.shape[-1] == top_k and t is not logits), None)
+    return ids, logits, weights
+
+
+def _wrap_hf_router(
+    hf_router: nn.Module, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer
+) -> None:
+    """Capture at the transformers router itself: its real [T, E] logits with the ids and
+    weights it chose (what the vLLM router of this layer is only handed back)."""
+    num_experts, top_k = layer.num_experts, layer.top_k
+    inner = hf_router.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        ids, logits, weights = _router_outputs(out, num_experts, top_k)
+        if ids is not None:
+            monitor.capture(index, ids, logits, weights)
+        return out
+
+    hf_router.forward = forward
 
 
 def _padding() -> torch.Tensor | None:
@@ -215,7 +404,23 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
             "dense models"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    layers = [_layer_info(p, m, r, device) for p, m, r in found]
+    # vLLM's Transformers backend with external routing: the transformers router
+    # computes the real logits; capture there instead of at the vLLM router.
+    hf_routers: dict[int, nn.Module] = {}
+    for i, (path, mod, router) in enumerate(found):
+        if _function_key(getattr(router, "custom_routing_function", None))[0] == (
+            TRANSFORMERS_BACKEND
+        ):
+            name = next((n for n, m in model.named_modules() if m is mod), path)
+            hf = _hf_router_of(model, name, mod)
+            if hf is not None:
+                hf_routers[i] = hf
+    layers = [
+        _hf_layer_info(p, m, hf_routers[i], model, device)
+        if i in hf_routers
+        else _layer_info(p, m, r, device)
+        for i, (p, m, r) in enumerate(found)
+    ]
     monitor = VllmRoutingMonitor(
         layers,
         counts_only=bool(opts.get("counts_only", False)),
@@ -223,7 +428,10 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
         graph_safe=uses_cuda_graphs(vllm_config, device) or bool(opts.get("graph_safe")),
     )
     for i, ((_, _, router), info) in enumerate(zip(found, layers, strict=True)):
-        _wrap_router(router, monitor, i, info)
+        if i in hf_routers:
+            _wrap_hf_router(hf_routers[i], monitor, i, info)
+        else:
+            _wrap_router(router, monitor, i, info)
     set_runtime_context(padding=_padding, paused=_paused)
     STATE["monitor"] = monitor
     _patch_runner()
@@ -257,17 +465,30 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
     interval = float(opts.get("interval", 15.0))
     path = opts.get("jsonl")
     if path:
+        from moescope.integrations.vllm import jsonl_path
         from moescope.sinks.event import LogEvent
         from moescope.sinks.jsonl import JsonlSink
 
-        base, ext = os.path.splitext(str(path))
-        sink = JsonlSink(f"{base}.{index}{ext}" if index else str(path), metrics=True)
+        sink = JsonlSink(jsonl_path(str(path), index), metrics=True)
         STATE["jsonl"] = sink
 
         def write(snap: Any, tokens: dict[str, int]) -> None:
             served = {f"vllm/{k}": v for k, v in served_summary(snap, tokens).items()}
-            sink.write(LogEvent(step=int(snap.step or 0), snapshot=snap, metrics=served))
-            sink.flush()
+            try:
+                sink.write(
+                    LogEvent(step=int(snap.step or 0), snapshot=snap, metrics=served, mode="serve")
+                )
+                sink.flush()
+            except OSError as err:
+                # Monitoring never stops the job: one warning, then no more JSONL lines.
+                _log.warning(
+                    "moescope: cannot write the JSONL log %s (%s); no more routing windows "
+                    "will be written to it",
+                    sink.path,
+                    err.strerror or err,
+                )
+                with contextlib.suppress(ValueError):
+                    monitor.window_listeners.remove(write)
 
         monitor.window_listeners.append(write)
     port = opts.get("prometheus_port")
@@ -282,7 +503,15 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
             lock_forwards=False,  # the runner patch holds monitor.lock around each step
         )
         exporter.registry.register(_TokenCollector(monitor))
-        exporter.start()
+        try:
+            exporter.start()
+        except OSError as err:
+            from moescope.integrations.vllm import VllmSettingsError
+
+            raise VllmSettingsError(
+                f"moescope: cannot serve Prometheus metrics on {exporter.host}:{exporter.port} "
+                f"({err.strerror or err}); pick a free port, or 0 for any free port"
+            ) from None
         STATE["exporter"] = exporter
         _log.info("moescope: Prometheus metrics on %s", exporter.url)
     elif path:
@@ -300,6 +529,20 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
         STATE["timer"] = (timer, stop)
     if path or port is not None:
         atexit.register(shutdown)
+
+
+def flush() -> bool:
+    """Close the open window now, so the JSONL log holds every token counted so far
+    (what a clean shutdown of the engine asks every worker before it stops them).
+
+    Returns:
+        True when a JSONL log got the window.
+    """
+    monitor = STATE["monitor"]
+    if monitor is None or STATE["jsonl"] is None:
+        return False
+    monitor.snapshot(reset=True)
+    return True
 
 
 def shutdown() -> None:
@@ -395,19 +638,34 @@ def _patch_runner() -> None:
     _PATCHED.add("runner")
 
 
+def _parallel_ranks() -> dict[str, int]:
+    try:
+        from vllm.distributed.parallel_state import get_dp_group, get_pp_group
+
+        return {"dp_rank": get_dp_group().rank_in_group, "pp_rank": get_pp_group().rank_in_group}
+    except Exception:  # not initialised (tests) -> a single replica
+        return {"dp_rank": 0, "pp_rank": 0}
+
+
 def rpc_snapshot(reset: bool = False) -> dict[str, Any]:
-    """This worker's totals as JSON-able data (what ``collective_rpc`` carries back)."""
+    """This worker's totals as JSON-able data (what ``collective_rpc`` carries back):
+    the snapshot, the token counters, the per-layer states (so that data-parallel
+    replicas add up exactly) and the worker's data- / pipeline-parallel ranks."""
+    from moescope._json import json_safe
+
     monitor = STATE["monitor"]
     index, reports = _output_index()
     if monitor is None:
         return {"enabled": False, "index": index, "reports": reports}
-    snap, tokens = monitor.total(reset=reset)
+    snap, tokens, states = monitor.total_states(reset)
     return {
         "enabled": True,
         "index": index,
         "reports": reports,
+        **_parallel_ranks(),
         "snapshot": snap.to_json(),
         "tokens": tokens,
+        "states": json_safe(states),
     }
 
 
@@ -422,27 +680,100 @@ def _patch_worker() -> None:
     def moescope_reset(self: Any) -> None:
         rpc_snapshot(reset=True)
 
+    def moescope_flush(self: Any) -> bool:
+        return flush()
+
     WorkerBase.moescope_snapshot = moescope_snapshot
     WorkerBase.moescope_reset = moescope_reset
+    WorkerBase.moescope_flush = moescope_flush
     _PATCHED.add("worker")
 
 
+#: Seconds a shutting-down front end waits for the workers to write their open window.
+FLUSH_TIMEOUT_S = 10.0
+
+
+def _flush_before_shutdown(engine: Any) -> None:
+    """Ask every engine's workers to write their open window (``moescope_flush``) before
+    vLLM stops them: with ``shutdown_timeout=0`` (the default) the API server sends
+    SIGTERM and then SIGKILL to the engine-core process at once, and the workers never
+    reach their own exit handlers. Runs in the front end's shutdown thread while its
+    event loop still runs; best effort (a warning, never an exception)."""
+    import asyncio
+
+    from moescope.integrations.vllm import CONFIG_KEY
+
+    extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None)
+    opts = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    if not isinstance(opts, dict) or not opts.get("enabled", True) or not opts.get("jsonl"):
+        return
+    core = getattr(engine, "engine_core", None)
+    if core is None or getattr(getattr(core, "resources", None), "engine_dead", False):
+        return
+    handler = getattr(engine, "output_handler", None)
+    loop = handler.get_loop() if handler is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return  # no request was ever served: the open window is empty
+    with contextlib.suppress(RuntimeError):
+        if asyncio.get_running_loop() is loop:
+            return  # called from the loop itself (e.g. __del__): cannot wait on it
+    rpc = ("collective_rpc", "moescope_flush", FLUSH_TIMEOUT_S, (), None)
+    all_engines = getattr(core, "call_utility_all_async", None)
+    coro = all_engines(*rpc) if all_engines is not None else core.call_utility_async(*rpc)
+    try:
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=FLUSH_TIMEOUT_S + 2)
+    except Exception as err:  # monitoring never stops the shutdown
+        _log.warning("moescope: the workers could not write their last window (%r)", err)
+
+
 def register() -> None:
-    """Patch the model loader (idempotent): the plugin's work in every vLLM process."""
+    """Patch vLLM (idempotent): the plugin's work in every vLLM process.
+
+    - ``EngineArgs.create_engine_config`` (the front end, before any engine process
+      starts): resolve and check the options (bad settings fail here, in one line);
+    - ``BaseModelLoader.load_model`` (the worker): check again before the weights load,
+      install the capture right after;
+    - ``AsyncLLM.shutdown`` (the API server): the workers write their open window first.
+    """
     if "loader" in _PATCHED:
         return
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     load = BaseModelLoader.load_model
 
     @functools.wraps(load)
     def load_model(self, vllm_config, model_config, *args, **kwargs):
-        model = load(self, vllm_config, model_config, *args, **kwargs)
-        opts = resolve_options(vllm_config)
+        target = model_config is getattr(vllm_config, "model_config", None)
         # The target model only (a speculative-decoding drafter is loaded the same way).
-        if opts is not None and model_config is getattr(vllm_config, "model_config", None):
+        opts = check_config(vllm_config, worker=True) if target else None
+        model = load(self, vllm_config, model_config, *args, **kwargs)
+        if opts is not None:
             install(model, vllm_config, opts)
         return model
 
     BaseModelLoader.load_model = load_model
+
+    create = EngineArgs.create_engine_config
+
+    @functools.wraps(create)
+    def create_engine_config(self, *args, **kwargs):
+        config = create(self, *args, **kwargs)
+        check_config(config)
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError:  # pragma: no cover - a vLLM without the v1 async engine
+        AsyncLLM = None
+    if AsyncLLM is not None:
+        stop = AsyncLLM.shutdown
+
+        @functools.wraps(stop)
+        def shutdown_engine(self, *args, **kwargs):
+            _flush_before_shutdown(self)
+            return stop(self, *args, **kwargs)
+
+        AsyncLLM.shutdown = shutdown_engine
     _PATCHED.add("loader")
