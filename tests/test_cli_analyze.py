@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import routed_tiny_lm
 from moescope import cli
 from moescope._cliopts import option_help, options_from_args, parse_size
 from moescope.analysis import AnalyzeOptions
@@ -162,7 +163,6 @@ def test_plan_ep_takes_a_run_folder(tmp_path, capsys) -> None:
     `watch` and `compare` do, and gives the plan of the file itself."""
     import json
 
-    from conftest import routed_tiny_lm
     from moescope.monitor import MoEMonitor
     from moescope.sinks import JsonlSink, LogEvent
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REFERENCE_MODELS
+from conftest import REFERENCE_MODELS, save_tiny_checkpoint
 from moescope.cli import main
 from moescope.cost import count_parameters, flops_per_token
 
@@ -213,7 +213,6 @@ def test_multimodal_config_reports_towers(
 def test_saved_tiny_moe_directory(tmp_path: Path) -> None:
     """A saved TinyMoELM directory (model_type moescope_tiny_moe) is counted like any
     save_pretrained directory; the counts equal the real model's parameters."""
-    from conftest import save_tiny_checkpoint
     from moescope.nn.hf import TinyMoEForCausalLM
 
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
