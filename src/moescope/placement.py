@@ -584,11 +584,11 @@ def loads_from_jsonl(
     lines summed (``last=0``: every non-empty line). Empty windows (no routed token: a
     server between requests) are skipped; the description says which lines were used.
 
-    Each snapshot line of a monitor counts one window (``MoEMonitor.snapshot()`` resets
-    the counts by default), so the sum over lines is the load over those windows; the
-    default (the last line) is the most recent window, i.e. the routing the model does
-    now. A log written with ``snapshot(reset=False)`` holds running totals: use its last
-    line only.
+    Each snapshot line of moescope's training integrations and of vLLM serving counts one
+    window (they read with ``snapshot(reset=True)``), so the sum over lines is the load
+    over those windows; the default (the last line) is the most recent window, i.e. the
+    routing the model does now. A log written from plain ``snapshot()`` reads (which never
+    reset) holds running totals: use its last line only.
     """
     if last < 0:
         raise PlacementError(f"--records must be >= 0 (0 = all), got {last}")
