@@ -18,8 +18,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "moescope"
 
@@ -52,15 +50,6 @@ ALLOWED_UPWARD = {
     # passed (RoutingRecorder(model) without monitor=): a lazy import on that path only.
     # Goes away when a consumer can attach to the capture pipeline without a monitor.
     ("moescope.stats.token_recorder", "moescope.monitor"),
-}
-
-#: Known cycles (through lazy imports), each an exact module pair; each has a strict
-#: xfail below, so the test fails once the cycle is gone and the entry must be dropped.
-KNOWN_CYCLES = {
-    # The vLLM plugin entry point stays import-light and imports worker lazily; worker
-    # reads the ENV_* / CONFIG_KEY constants back from the package. Moving those constants
-    # to their own module (integrations/vllm/options.py, say) removes it.
-    "vllm-worker": frozenset({"moescope.integrations.vllm", "moescope.integrations.vllm.worker"}),
 }
 
 
@@ -200,15 +189,8 @@ def test_graph_is_read() -> None:
 
 def test_no_import_cycles() -> None:
     assert not _cycles(module_level=True), "module-level import cycles"
-    cycles = [c for c in _cycles() if frozenset(c) not in KNOWN_CYCLES.values()]
+    cycles = list(_cycles())
     assert not cycles, f"import cycles (lazy imports included): {cycles}"
-
-
-@pytest.mark.xfail(strict=True, reason="known cycle (KNOWN_CYCLES); drop the entry once fixed")
-@pytest.mark.parametrize("name", sorted(KNOWN_CYCLES))
-def test_known_cycle_is_gone(name: str) -> None:
-    cycles = {frozenset(c) for c in _cycles()}
-    assert KNOWN_CYCLES[name] not in cycles, f"{name}: still a cycle"
 
 
 def test_no_upward_imports() -> None:

@@ -72,7 +72,7 @@ def resolve_options(vllm_config: Any) -> dict[str, Any] | None:
         VllmSettingsError: a bad environment variable or ``additional_config`` option
             (one line naming it and the fix).
     """
-    from moescope.integrations.vllm import (
+    from moescope.integrations.vllm.settings import (
         CONFIG_KEY,
         VllmSettingsError,
         check_options,
@@ -127,7 +127,7 @@ def check_config(vllm_config: Any, worker: bool = False) -> dict[str, Any] | Non
     """Resolve and check the options of an engine before any model loads (the front
     end, right after vLLM built its config: every replica's outputs; a worker, before
     loading weights: its own outputs, if it reports)."""
-    from moescope.integrations.vllm import preflight
+    from moescope.integrations.vllm.settings import preflight
 
     opts = resolve_options(vllm_config)
     if opts is None:
@@ -465,7 +465,7 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
     interval = float(opts.get("interval", 15.0))
     path = opts.get("jsonl")
     if path:
-        from moescope.integrations.vllm import jsonl_path
+        from moescope.integrations.vllm.settings import jsonl_path
         from moescope.sinks.event import LogEvent
         from moescope.sinks.jsonl import JsonlSink
 
@@ -506,7 +506,7 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
         try:
             exporter.start()
         except OSError as err:
-            from moescope.integrations.vllm import VllmSettingsError
+            from moescope.integrations.vllm.settings import VllmSettingsError
 
             raise VllmSettingsError(
                 f"moescope: cannot serve Prometheus metrics on {exporter.host}:{exporter.port} "
@@ -701,7 +701,7 @@ def _flush_before_shutdown(engine: Any) -> None:
     event loop still runs; best effort (a warning, never an exception)."""
     import asyncio
 
-    from moescope.integrations.vllm import CONFIG_KEY
+    from moescope.integrations.vllm.settings import CONFIG_KEY
 
     extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None)
     opts = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
