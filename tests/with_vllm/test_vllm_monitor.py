@@ -350,7 +350,7 @@ def test_bad_setting_stops_the_server_before_weights_load(served_model: Path) ->
     assert proc.returncode != 0, log[-3000:]
     last = log.strip().splitlines()[-1]
     assert last == (
-        "moescope.integrations.vllm.VllmSettingsError: MOESCOPE_VLLM_PROMETHEUS_PORT='abc' "
+        "moescope.integrations.vllm.settings.VllmSettingsError: MOESCOPE_VLLM_PROMETHEUS_PORT='abc' "
         "is not a port number: set an integer in 0..65535 (0 = any free port) or unset it"
     ), log[-3000:]
     assert "Loading weights" not in log and "EngineCore" not in log

@@ -17,7 +17,7 @@ What it patches, and why (facts read off vLLM 0.32; see docs/vllm.md):
   prompt tokens of new requests already computed = prefix-cache hits).
 - ``EngineArgs.create_engine_config`` (the front end, before any engine process starts)
   and the loader (the worker, before the weights load) check the options: a bad setting
-  stops the start in one line naming it (:class:`~moescope.integrations.vllm.VllmSettingsError`).
+  stops the start in one line naming it (:class:`~moescope.integrations.vllm.settings.VllmSettingsError`).
 - ``AsyncLLM.shutdown`` (the API server, on SIGINT / SIGTERM): every engine's workers
   write their open window (``moescope_flush``) before vLLM kills the engine processes.
 - ``WorkerBase`` gains ``moescope_snapshot`` / ``moescope_reset`` / ``moescope_flush`` so that
