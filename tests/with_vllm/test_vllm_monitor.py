@@ -271,6 +271,29 @@ def _get(url: str, data: bytes | None = None) -> bytes:
         return r.read()
 
 
+def _wait_healthy(proc: subprocess.Popen, api: int, log_path: Path) -> None:
+    """Until the server at port ``api`` answers /health (fails with its log if it died)."""
+    deadline = time.time() + 600
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-5000:]
+        try:
+            _get(f"http://127.0.0.1:{api}/health")
+            return
+        except OSError:
+            assert time.time() < deadline, "vllm serve did not become healthy"
+            time.sleep(2)
+
+
+def _complete(api: int, model: Path, prompt: str) -> int:
+    """One greedy completion; returns the tokens the model was fed (prompt + generated - 1)."""
+    body = json.dumps(
+        {"model": str(model), "prompt": prompt, "max_tokens": MAX_TOKENS,
+         "temperature": 0.0, "ignore_eos": True}
+    ).encode()  # fmt: skip
+    usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
+    return int(usage["prompt_tokens"] + usage["completion_tokens"] - 1)
+
+
 def _metric(text: str, name: str) -> dict[str, float]:
     out = {}
     for ln in text.splitlines():
@@ -297,21 +320,8 @@ def test_vllm_serve_exports_prometheus_metrics(tmp_path: Path) -> None:
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
-            try:
-                _get(f"http://127.0.0.1:{api}/health")
-                break
-            except OSError:
-                assert time.time() < deadline, "vllm serve did not become healthy"
-                time.sleep(2)
-        body = json.dumps(
-            {"model": str(model), "prompt": _prompts()[0], "max_tokens": MAX_TOKENS,
-             "temperature": 0.0, "ignore_eos": True}
-        ).encode()  # fmt: skip
-        usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
-        fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        _wait_healthy(proc, api, tmp_path / "server.log")
+        fed = _complete(api, model, _prompts()[0])
         time.sleep(2.0)  # a window closes every 0.5 s
         text = _get(f"http://127.0.0.1:{prom}/metrics").decode()
     finally:
@@ -442,21 +452,8 @@ def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Pat
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
-            try:
-                _get(f"http://127.0.0.1:{api}/health")
-                break
-            except OSError:
-                assert time.time() < deadline, "vllm serve did not become healthy"
-                time.sleep(2)
-        body = json.dumps(
-            {"model": str(served_model), "prompt": _prompts()[1], "max_tokens": MAX_TOKENS,
-             "temperature": 0.0, "ignore_eos": True}
-        ).encode()  # fmt: skip
-        usage = json.loads(_get(f"http://127.0.0.1:{api}/v1/completions", body))["usage"]
-        fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        _wait_healthy(proc, api, tmp_path / "server.log")
+        fed = _complete(api, served_model, _prompts()[1])
         assert not jsonl.exists() or jsonl.read_text() == ""  # the window is still open
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
