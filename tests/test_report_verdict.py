@@ -111,6 +111,9 @@ def test_collapsed_analysis_report_opens_with_the_verdict(tmp_path: Path) -> Non
     text = _text(first)
     assert "Unused experts" in text
     summary = json.loads((Path(report).parent / "summary.json").read_text(encoding="utf-8"))
+    assert summary["verdict"]["status"] == "warning"  # the same verdict, for scripts
+    assert summary["verdict"]["headline"] in text
+    assert summary["verdict"]["findings"][0]["rule"] == "unused_experts"
     for i in (0, 1):
         counts = np.array(summary["layers"][f"model.layers.{i}.mlp"]["usage_counts"])
         idle = ", ".join(str(e) for e in np.nonzero(counts == 0)[0])

@@ -9,7 +9,6 @@ from pathlib import Path
 from moescope.analysis.compare_result import Comparison
 from moescope.analysis.outdir import write_bytes, write_text
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.verdict import diagnose
 from moescope.report.analysis_report import render_report as _render_report
 from moescope.report.compare_report import render_comparison as _render_comparison
 
@@ -19,9 +18,8 @@ __all__ = ["render_comparison", "render_report"]
 def render_report(result: AnalysisResult, out_dir: str | Path) -> Path:
     """Write the figures and ``report.html`` of an analysis into ``out_dir`` (prepared by
     :func:`~moescope.analysis.outdir.prepare_out_dir`); returns the report path."""
-    verdict = diagnose(result.snapshot, result.alerts)
     return _render_report(
-        result, out_dir, verdict=verdict, write_bytes=write_bytes, write_text=write_text
+        result, out_dir, verdict=result.verdict(), write_bytes=write_bytes, write_text=write_text
     )
 
 

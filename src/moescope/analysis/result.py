@@ -17,6 +17,7 @@ import numpy as np
 
 from moescope._json import json_safe
 from moescope.analysis import outdir
+from moescope.analysis.verdict import Verdict, diagnose
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -167,6 +168,11 @@ class AnalysisResult:
         """Tokens counted (the maximum over layers, :attr:`Snapshot.total_tokens`)."""
         return int(self.snapshot.total_tokens)
 
+    def verdict(self) -> Verdict:
+        """What is wrong and what to do (the report's first screen), from the snapshot and
+        the alerts."""
+        return diagnose(self.snapshot, self.alerts)
+
     def to_summary(self) -> dict[str, Any]:
         """The content of ``summary.json``: strict-JSON types, NaN as None."""
         snap = self.snapshot
@@ -198,6 +204,8 @@ class AnalysisResult:
             ],
             "seconds": self.seconds,
             "notes": list(self.notes),
+            # The report's first screen, for dashboards and scripts.
+            "verdict": self.verdict().to_json(),
         }
         if self.params is not None:
             out["params"] = self.params.to_dict()
