@@ -59,6 +59,8 @@ _LAZY: dict[str, str] = {
     # training integrations
     "MoECallbackOptions": "moescope.integrations.options",
     "TrainingSession": "moescope.integrations.core",
+    "Verdict": "moescope.analysis.verdict",
+    "Finding": "moescope.analysis.verdict",
     "MoETrainerCallback": "moescope.integrations.transformers",
     "MoEPyTorchCallback": "moescope.integrations.pytorch",
     "MoELightningCallback": "moescope.integrations.lightning",
@@ -134,6 +136,7 @@ __all__ = [
     "CoreLayer",
     "DomainInfo",
     "FigureDirSink",
+    "Finding",
     "FlopReport",
     "JsonlSink",
     "LayerInfo",
@@ -169,6 +172,7 @@ __all__ = [
     "UnknownWindowError",
     "UnsupportedModelError",
     "UsageHistory",
+    "Verdict",
     "__version__",
     "analyze",
     "count_parameters",
@@ -194,6 +198,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
         RoutingAnalysis,
     )
     from moescope.analysis.run import AnalyzeOptions, analyze, write_outputs
+    from moescope.analysis.verdict import Finding, Verdict
     from moescope.capture.adapter import CaptureContext, LayerInfo, MoEAdapter
     from moescope.capture.custom import SimpleAdapter
     from moescope.capture.record import RoutingBatch, RoutingRecord
