@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from moescope.capture.pipeline import DEFAULT_BUDGET_BYTES, CapturePipeline
-from moescope.stats.accumulator import RoutingStats
+from moescope.stats.accumulator import RoutingStats, host_copy
 from moescope.stats.neurons import NeuronOptions, NeuronStats, ThresholdMode, as_threshold
 from moescope.stats.snapshot import LayerStats, Snapshot, layer_stats_from_state
 
-__all__ = ["CoreLayer", "MonitorCore", "UnknownWindowError", "host_copy"]
+__all__ = ["CoreLayer", "MonitorCore", "UnknownWindowError"]
 
 
 class UnknownWindowError(KeyError):
@@ -73,33 +73,6 @@ class _Window:
     def reset(self) -> None:
         for c in self.consumers:
             c.reset()
-
-
-def host_copy(states: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Every tensor of ``states`` on the host with ONE device-to-host copy (all become
-    bytes of one device buffer), whatever the number of layers, keys and dtypes."""
-    out: dict[str, np.ndarray] = {}
-    if not states:
-        return out
-    device = next(iter(states.values())).device
-    chunks: list[torch.Tensor] = []
-    layout: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
-    pos = 0
-    for key, v in states.items():
-        if v.dtype in (torch.bfloat16, torch.float16):
-            v = v.float()  # no numpy equivalent of bfloat16
-        b = v.detach().to(device).reshape(-1).view(torch.uint8)
-        chunks.append(b)
-        layout.append((key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
-        pos += b.numel()
-    host = torch.cat(chunks).cpu().numpy()
-    for key, dt, shape, start, n in layout:
-        out[key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(shape)
-    return out
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 class MonitorCore:

@@ -52,6 +52,7 @@ __all__ = [
     "LayerAccumulator",
     "RoutingStats",
     "RoutingSums",
+    "host_copy",
     "layer_state",
     "merge_states",
     "states_to_numpy",
@@ -531,14 +532,38 @@ def _copy(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
 
 
+def host_copy(states: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every tensor of ``states`` on the host with ONE device-to-host copy (all become
+    bytes of one device buffer), whatever the number of layers, keys and dtypes.
+    bfloat16 / float16 come back as float32 (numpy has no bfloat16)."""
+    out: dict[str, np.ndarray] = {}
+    if not states:
+        return out
+    device = next(iter(states.values())).device
+    chunks: list[torch.Tensor] = []
+    layout: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
+    pos = 0
+    for key, v in states.items():
+        if v.dtype in (torch.bfloat16, torch.float16):
+            v = v.float()
+        b = v.detach().to(device).reshape(-1).view(torch.uint8)
+        chunks.append(b)
+        layout.append((key, _numpy_dtype(v.dtype), tuple(v.shape), pos, b.numel()))
+        pos += b.numel()
+    host = torch.cat(chunks).cpu().numpy()
+    for key, dt, shape, start, n in layout:
+        out[key] = np.frombuffer(host[start : start + n].tobytes(), dtype=dt).reshape(shape)
+    return out
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def states_to_numpy(
     states: Mapping[str, Mapping[str, torch.Tensor]],
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Move many layers' states to host numpy with one transfer per (device, dtype).
-
-    All tensors of one dtype and device are flattened and concatenated on the device,
-    copied once, and split again on the host, so a snapshot of L layers costs a couple
-    of device-to-host copies instead of ~20 L.
+    """Many layers' states on the host with one transfer (:func:`host_copy`).
 
     Args:
         states: ``{layer: LayerAccumulator.state()}``.
@@ -547,16 +572,9 @@ def states_to_numpy(
         ``{layer: {key: np.ndarray}}`` with the original shapes and dtypes (scalars are
         0-d arrays).
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, str, torch.Tensor]]] = {}
-    for layer, st in states.items():
-        for key, v in st.items():
-            groups.setdefault((v.device, v.dtype), []).append((layer, key, v))
+    keys = [(layer, key) for layer, st in states.items() for key in st]
+    host = host_copy({f"{i}": states[layer][key] for i, (layer, key) in enumerate(keys)})
     out: dict[str, dict[str, np.ndarray]] = {layer: {} for layer in states}
-    for items in groups.values():
-        flat = torch.cat([v.detach().reshape(-1) for _, _, v in items]).cpu().numpy()
-        pos = 0
-        for layer, key, v in items:
-            n = v.numel()
-            out[layer][key] = flat[pos : pos + n].reshape(tuple(v.shape)).copy()
-            pos += n
+    for i, (layer, key) in enumerate(keys):
+        out[layer][key] = host[f"{i}"]
     return out

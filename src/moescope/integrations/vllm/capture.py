@@ -191,16 +191,7 @@ class VllmRoutingMonitor:
             router_logits: [T, E'] router scores, or None.
             topk_weights: [T, K] combine weights, or None.
         """
-        info = self.layers[layer]
-        self.pipeline.call(
-            layer,
-            info.num_experts,
-            topk_ids,
-            router_logits if info.scores else None,
-            topk_weights,
-            score_fn=info.score_fn,
-            borrowed=True,
-        )
+        self.record(layer, topk_ids, router_logits, topk_weights)
 
     def record(
         self,
