@@ -17,7 +17,7 @@ LOCK   := requirements/lock.txt
 TORCH  := torch==2.13.0
 PYTEST := -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: demo test lint bench clean setup lock test-latest test-lowest test-vllm gpu-check
+.PHONY: demo test lint bench clean setup lock test-latest test-lowest test-vllm test-engines gpu-check
 
 setup: $(STAMP)
 
@@ -98,3 +98,22 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/with_vllm
+
+# Training-engine integration tests (docs/megatron.md, docs/torchtitan.md, docs/deepspeed.md)
+# in their own venv: Megatron-core, torchtitan and DeepSpeed on the CPU wheel of torch, from
+# requirements/engines-lock.txt. torch first, then the engines under the lock, then moescope
+# itself without dependencies (it needs only torch and numpy, both already there).
+ENGINES_VENV  ?= .venv-engines
+ENGINES_PY    := $(ENGINES_VENV)/bin/python
+ENGINES_LOCK  := requirements/engines-lock.txt
+ENGINES_STAMP := $(ENGINES_VENV)/.moescope-installed
+
+$(ENGINES_STAMP): pyproject.toml $(ENGINES_LOCK)
+	test -x $(ENGINES_PY) || $(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_PY) -m pip install -q $(TORCH)
+	$(ENGINES_PY) -m pip install -q -c $(ENGINES_LOCK) megatron-core torchtitan deepspeed pytest pytest-timeout
+	$(ENGINES_PY) -m pip install -q --no-deps -e .
+	touch $(ENGINES_STAMP)
+
+test-engines: $(ENGINES_STAMP)
+	$(ENGINES_PY) -m pytest -q -p no:cacheprovider tests/with_engines
