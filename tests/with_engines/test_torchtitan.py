@@ -1,0 +1,363 @@
+"""moescope on torchtitan's own MoE model (deepseek_v3 ``debugmodel``), trained on CPU.
+
+Every scenario runs in forked gloo ranks (tests/dist_ranks.py; one rank for the
+single-process run) and drives torchtitan's own parts in the order of
+``Trainer.train_step``: its model registry's model, its ``parallelize_fn`` (FSDP / HSDP),
+its ``OptimizersContainer`` with the model spec's ``post_optimizer_build_fn`` (the
+aux-loss-free bias update, which reads and zeroes ``tokens_per_expert_E`` before every
+optimizer step) and its ``MetricsProcessor`` with TensorBoard, called as the Trainer calls
+it (``should_log(step)`` -> ``log(step, loss, max_loss, grad_norm, extra_metrics=...)``).
+``Trainer`` itself cannot be built on a CPU-only machine (docs/torchtitan.md says why).
+
+References: torchtitan's own ``tokens_per_expert_E`` counter (read before each optimizer
+step, summed over the ranks torchtitan sums it over), the single-process run on the same
+global batch, and the TensorBoard event file read back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from dist_ranks import run_ranks
+
+pytest.importorskip("torchtitan")
+
+SEQ = 32
+GLOBAL = 4  # sequences per step, split over the data-parallel ranks
+STEPS = 4
+LOG_FREQ = 2  # torchtitan logs steps 1, 2, 4: windows {1}, {2}, {3, 4}
+LOG_STEPS = (1, 2, 4)
+MOE = ("layers.1.moe", "layers.2.moe")
+BACKEND = "partial_dtensor"
+
+
+def _cpu_device_module() -> SimpleNamespace:
+    """What torchtitan's DeviceMemoryMonitor asks of ``torch.cuda``, for the CPU."""
+    return SimpleNamespace(
+        get_device_name=lambda *_: "cpu",
+        current_device=lambda: 0,
+        get_device_properties=lambda *_: SimpleNamespace(total_memory=1 << 30),
+        reset_peak_memory_stats=lambda *_: None,
+        empty_cache=lambda: None,
+        memory_stats=lambda *_: {},
+    )
+
+
+def _torchtitan_on_cpu() -> None:
+    # torchtitan picks "cuda" whenever no accelerator is found (tools/utils.py): point its
+    # module-level device globals at the CPU, and pick the SPMD backend the way
+    # Trainer.__init__ does (dist_utils.set_spmd_backend).
+    cpu = _cpu_device_module()
+    for name in (
+        "torchtitan.tools.utils",
+        "torchtitan.distributed.parallel_dims",
+        "torchtitan.distributed.utils",
+        "torchtitan.components.metrics",
+        "torchtitan.models.common.token_dispatcher",
+    ):
+        mod = importlib.import_module(name)
+        if hasattr(mod, "device_type"):
+            mod.device_type = "cpu"
+        if hasattr(mod, "device_module"):
+            mod.device_module = cpu
+    importlib.import_module("torchtitan.distributed.utils").set_spmd_backend(BACKEND)
+
+
+def _spec() -> Any:
+    """deepseek_v3 ``debugmodel`` cut to 3 blocks (1 dense + 2 MoE, 8 experts, top-3):
+    block 1 keeps its softmax router; block 2 gets a sigmoid router with node-limited
+    routing (4 groups, 2 kept) and route_norm. Attention runs SDPA (FlexAttention has no
+    backward on CPU)."""
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.deepseek_v3 import model_registry
+
+    spec = model_registry("debugmodel")
+    cfg = spec.model
+    cfg.layers = cfg.layers[:3]
+    for layer in cfg.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    router = cfg.layers[2].moe.router
+    router.score_func = "sigmoid"
+    router.num_expert_groups = 4
+    router.num_limited_groups = 2
+    router.route_norm = True
+    return spec
+
+
+def _initial_state() -> dict[str, torch.Tensor]:
+    # One deterministic initialisation every layout starts from (DTensor random init on a
+    # CPU mesh differs from the single-process one).
+    torch.manual_seed(0)
+    cfg = _spec().model
+    with torch.device("meta"):
+        model = cfg.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 2048, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
+
+
+def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
+    """One rank of one layout: build, parallelize, train STEPS steps, log at torchtitan's
+    log steps; rank 0 writes what the test compares to ``out``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+    from moescope.integrations.torchtitan import MoETorchtitanCallback, moescope_process_group
+
+    _torchtitan_on_cpu()
+    dp_rep, dp_shard = layout["dp_replicate"], layout["dp_shard"]
+    pd = ParallelDims(
+        dp_replicate=dp_rep,
+        dp_shard=dp_shard,
+        cp=1,
+        tp=1,
+        pp=1,
+        ep=1,
+        world_size=world,
+        spmd_backend=BACKEND,
+    )
+    pd.build_mesh()
+    state = _initial_state()
+    spec = _spec()
+    with torch.device("meta"):
+        model = spec.model.build()
+    if world > 1:
+        model = spec.parallelize_fn(
+            model,
+            parallel_dims=pd,
+            training=TrainingConfig(
+                # FSDP all-gathers bf16 weights by default: float32 keeps step 1 identical
+                # to the single-process run, down to near-tied router scores.
+                local_batch_size=GLOBAL // world, seq_len=SEQ, mixed_precision_param="float32"
+            ),
+            parallelism=ParallelismConfig(
+                data_parallel_replicate_degree=dp_rep,
+                data_parallel_shard_degree=dp_shard,
+                spmd_backend=BACKEND,
+            ),
+            compile_config=CompileConfig(),
+            ac_config=None,
+            dump_folder=out,
+        )
+        for m in model.modules():
+            # torchtitan sets gradient_divide_factor=1.0, which FSDP sends as
+            # PREMUL_SUM(1.0); gloo has only SUM (same result: no division).
+            if isinstance(m, FSDPModule):
+                m.set_force_sum_reduction_for_comms(True)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    model.train()
+
+    optimizers = default_adamw(lr=8e-4).build(model_parts=[model])
+    spec.post_optimizer_build_fn(optimizers, [model], pd)
+    processor = MetricsProcessor.Config(log_freq=LOG_FREQ, enable_tensorboard=True).build(
+        parallel_dims=pd, dump_folder=out
+    )
+    processor.num_flops_per_token = spec.model.get_nparams_and_flops(model, SEQ)[1]
+
+    cb = MoETorchtitanCallback(
+        [model],
+        processor,
+        pd,
+        log_dir=Path(out) / "moe_logs",
+        save_detailed_logs=True,
+        log_to_console=False,
+        log_heatmap_every=None,
+        alert_threshold_imbalance=1.0,  # max/mean > 1 always holds: one alert per window
+    )
+    mon = cb.monitor
+    moes = {p: model.get_submodule(p) for p in MOE}
+    live_bias = {i.path: i.expert_bias is moes[i.path].expert_bias_E for i in mon.layers}
+
+    # Data parallel over every rank (pp = tp = 1): rank r reads its share of the global batch.
+    per_rank = GLOBAL // world
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
+    windows: list[dict[str, Any]] = []
+    for step, batch in enumerate(_batches(), start=1):
+        tokens, labels = batch[lo:hi, :-1], batch[lo:hi, 1:]
+        # What Trainer.batch_generator records for the processor.
+        processor.ntokens_since_last_log += tokens.numel()
+        processor.data_loading_times.append(0.0)
+        optimizers.zero_grad()
+        pred = model(tokens)
+        loss = torch.nn.functional.cross_entropy(
+            pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+        ) / (GLOBAL * SEQ)
+        loss.backward()
+        for p, moe in moes.items():
+            # torchtitan's own counter, before its pre-step hook sums and zeroes it.
+            counter[p] += moe.tokens_per_expert_E.to(torch.float64)
+        optimizers.step()
+        if processor.should_log(step):
+            ref = torch.stack([counter[p] for p in MOE])
+            if world > 1:
+                dist.all_reduce(ref, group=pd.get_mesh("loss").get_group())
+            processor.log(step, float(loss), float(loss), 0.0)
+            snap = mon.last_snapshot
+            assert snap is not None and snap.step == step
+            windows.append(
+                {
+                    "step": step,
+                    "counter": ref.tolist(),
+                    "usage": [snap.layers[p].usage_counts.tolist() for p in MOE],
+                    "bias_after": [moes[p].expert_bias_E.tolist() for p in MOE],
+                    "metrics": {k: v for k, v in cb.last_metrics.items() if math.isfinite(v)},
+                }
+            )
+            counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
+    cb.close()
+    restored = "log" not in processor.__dict__
+    processor.close()
+    if rank == 0:
+        Path(out, "result.json").write_text(
+            json.dumps(
+                {
+                    "windows": windows,
+                    "group_is_false": moescope_process_group(pd) is False,
+                    "live_bias": live_bias,
+                    "restored": restored,
+                    "layers": [(i.path, i.adapter, i.score_fn, i.top_k) for i in mon.layers],
+                }
+            )
+        )
+
+
+def _worker(rank: int, world: int, port: int, layout: dict[str, int], out: str, failures: Any):
+    try:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+        )
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        _train(rank, world, layout, out)
+        dist.destroy_process_group()
+    except BaseException:
+        failures.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def _run(tmp_path: Path, name: str, world: int, dp_replicate: int, dp_shard: int) -> dict:
+    out = tmp_path / name
+    out.mkdir()
+    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard}
+    import time
+    t = time.perf_counter()
+    run_ranks(_worker, world, layout, str(out), timeout=300)
+    print(f"TIMING {name} {time.perf_counter() - t:.1f}s")
+    result = json.loads((out / "result.json").read_text())
+    result["dir"] = out
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("torchtitan")
+    return {
+        "single": _run(tmp, "single", 1, 1, 1),
+        "fsdp2": _run(tmp, "fsdp2", 2, 1, 2),
+        "hsdp4": _run(tmp, "hsdp4", 4, 2, 2),
+    }
+
+
+def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
+    for r in runs.values():
+        assert r["layers"] == [
+            ["layers.1.moe", "torchtitan", "softmax", 3],
+            ["layers.2.moe", "torchtitan", "sigmoid", 3],
+        ]
+        assert r["live_bias"] == {p: True for p in MOE}
+        assert r["restored"]
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4"])
+def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> None:
+    windows = runs[name]["windows"]
+    assert [w["step"] for w in windows] == list(LOG_STEPS)
+    for w in windows:
+        tokens = GLOBAL * SEQ * (1 if w["step"] < 4 else 2)
+        for usage, counter in zip(w["usage"], w["counter"], strict=True):
+            assert usage == [int(c) for c in counter]
+            assert sum(usage) == tokens * 3  # every token to K=3 experts, nothing dropped
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "hsdp4"])
+def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
+    # Step 1 runs the same weights on the same global batch in every layout.
+    single, multi = runs["single"]["windows"][0], runs[name]["windows"][0]
+    assert multi["usage"] == single["usage"]
+    assert multi["bias_after"] == single["bias_after"]
+    assert runs[name]["group_is_false"] is False
+    assert runs["single"]["group_is_false"] is True
+
+
+def test_expert_bias_moves_after_a_step(runs: dict[str, dict]) -> None:
+    # The aux-loss-free update is sign(mean - count) * coeff, centred: its sign pattern
+    # follows the counts moescope reported.
+    w = runs["single"]["windows"][0]
+    for usage, bias in zip(w["usage"], w["bias_after"], strict=True):
+        u = np.asarray(usage, dtype=np.float64)
+        delta = 1e-3 * np.sign(u.mean() - u)
+        np.testing.assert_allclose(bias, delta - delta.mean(), atol=1e-7)
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = [p for p in (folder / "tb").iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp2"])
+def test_metrics_in_torchtitans_tensorboard(runs: dict[str, dict], name: str) -> None:
+    r = runs[name]
+    scalars = _tensorboard_scalars(r["dir"])
+    assert set(scalars["loss_metrics/global_avg_loss"]) == set(LOG_STEPS)
+    for w in r["windows"]:
+        step = w["step"]
+        for path, counter in zip(MOE, w["counter"], strict=True):
+            c = np.asarray(counter, dtype=np.float64)
+            cv = c.std() / c.mean()
+            assert scalars[f"moe/{path}/cv"][step] == pytest.approx(cv, rel=1e-5)
+            assert scalars[f"moe/{path}/max_over_mean"][step] == pytest.approx(
+                c.max() / c.mean(), rel=1e-5
+            )
+        assert scalars["moe/avg_expert_cv"][step] == pytest.approx(
+            np.mean([np.std(c) / np.mean(c) for c in w["counter"]]), rel=1e-5
+        )
+
+
+def test_detailed_log_and_alerts(runs: dict[str, dict]) -> None:
+    lines = (runs["fsdp2"]["dir"] / "moe_logs" / "moe_detailed.jsonl").read_text().splitlines()
+    events = [e for e in map(json.loads, lines) if e["kind"] == "snapshot"]
+    assert [e["step"] for e in events] == list(LOG_STEPS)
+    assert all(e["alerts"] for e in events)
