@@ -12,6 +12,9 @@ it (``should_log(step)`` -> ``log(step, loss, max_loss, grad_norm, extra_metrics
 References: torchtitan's own ``tokens_per_expert_E`` counter (read before each optimizer
 step, summed over the ranks torchtitan sums it over), the single-process run on the same
 global batch, and the TensorBoard event file read back.
+
+torchtitan is imported at the top, once (tests/with_engines/conftest.py collects this file
+only where it is installed): the forked ranks inherit it instead of importing it again.
 """
 
 from __future__ import annotations
@@ -29,9 +32,24 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_ranks import run_ranks
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import default_adamw
+from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.models.deepseek_v3 import model_registry
 
-pytest.importorskip("torchtitan")
+from dist_ranks import run_ranks
+from moescope.integrations.torchtitan import (
+    MoETorchtitanCallback,
+    moescope_process_group,
+)
 
 SEQ = 32
 GLOBAL = 4  # sequences per step, split over the data-parallel ranks
@@ -79,9 +97,6 @@ def _spec() -> Any:
     block 1 keeps its softmax router; block 2 gets a sigmoid router with node-limited
     routing (4 groups, 2 kept) and route_norm. Attention runs SDPA (FlexAttention has no
     backward on CPU)."""
-    from torchtitan.models.common.attention import ScaledDotProductAttention
-    from torchtitan.models.deepseek_v3 import model_registry
-
     spec = model_registry("debugmodel")
     cfg = spec.model
     cfg.layers = cfg.layers[:3]
@@ -98,13 +113,13 @@ def _spec() -> Any:
 def _initial_state() -> dict[str, torch.Tensor]:
     # One deterministic initialisation every layout starts from (DTensor random init on a
     # CPU mesh differs from the single-process one).
-    torch.manual_seed(0)
-    cfg = _spec().model
-    with torch.device("meta"):
-        model = cfg.build()
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.init_weights(buffer_device=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = _spec().model.build()
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            model.init_weights(buffer_device=None)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -113,18 +128,11 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, 2048, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
-def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
+def _train(
+    rank: int, world: int, layout: dict[str, Any], out: str, state: dict[str, torch.Tensor]
+) -> None:
     """One rank of one layout: build, parallelize, train STEPS steps, log at torchtitan's
     log steps; rank 0 writes what the test compares to ``out``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-    from torchtitan.components.metrics import MetricsProcessor
-    from torchtitan.components.optimizer import default_adamw
-    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
-    from torchtitan.distributed.parallel_dims import ParallelDims
-
-    from moescope.integrations.torchtitan import MoETorchtitanCallback, moescope_process_group
-
     _torchtitan_on_cpu()
     dp_rep, dp_shard = layout["dp_replicate"], layout["dp_shard"]
     pd = ParallelDims(
@@ -138,7 +146,6 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
         spmd_backend=BACKEND,
     )
     pd.build_mesh()
-    state = _initial_state()
     spec = _spec()
     with torch.device("meta"):
         model = spec.model.build()
@@ -149,7 +156,9 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
             training=TrainingConfig(
                 # FSDP all-gathers bf16 weights by default: float32 keeps step 1 identical
                 # to the single-process run, down to near-tied router scores.
-                local_batch_size=GLOBAL // world, seq_len=SEQ, mixed_precision_param="float32"
+                local_batch_size=GLOBAL // world,
+                seq_len=SEQ,
+                mixed_precision_param="float32",
             ),
             parallelism=ParallelismConfig(
                 data_parallel_replicate_degree=dp_rep,
@@ -165,6 +174,8 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
             # PREMUL_SUM(1.0); gloo has only SUM (same result: no division).
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
+    if layout.get("full_ac"):
+        FullAC.Config().build(dump_folder=out).apply(model)
     model.to_empty(device="cpu")
     with torch.no_grad():
         model.init_weights(buffer_device=None)
@@ -178,11 +189,16 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
     )
     processor.num_flops_per_token = spec.model.get_nparams_and_flops(model, SEQ)[1]
 
-    cb = MoETorchtitanCallback(
-        [model],
-        processor,
-        pd,
-        log_dir=Path(out) / "moe_logs",
+    # The three attributes attach_to_trainer reads off a torchtitan Trainer (which cannot
+    # be built on a CPU-only machine: docs/torchtitan.md).
+    trainer = SimpleNamespace(
+        model_parts=[model],
+        metrics_processor=processor,
+        parallel_dims=pd,
+        config=SimpleNamespace(dump_folder=out),
+    )
+    cb = MoETorchtitanCallback.attach_to_trainer(
+        trainer,
         save_detailed_logs=True,
         log_to_console=False,
         log_heatmap_every=None,
@@ -210,7 +226,11 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
         loss.backward()
         for p, moe in moes.items():
             # torchtitan's own counter, before its pre-step hook sums and zeroes it.
-            counter[p] += moe.tokens_per_expert_E.to(torch.float64)
+            # Under full activation checkpointing it counts the recomputed forward again;
+            # torchtitan's bias update halves it (optimizer.py), and so does this reference.
+            counter[p] += moe.tokens_per_expert_E.to(torch.float64) / (
+                2 if layout.get("full_ac") else 1
+            )
         optimizers.step()
         if processor.should_log(step):
             ref = torch.stack([counter[p] for p in MOE])
@@ -241,12 +261,21 @@ def _train(rank: int, world: int, layout: dict[str, int], out: str) -> None:
                     "live_bias": live_bias,
                     "restored": restored,
                     "layers": [(i.path, i.adapter, i.score_fn, i.top_k) for i in mon.layers],
+                    "wrapped": [p for p, _ in model.named_modules() if p.endswith(".moe")],
                 }
             )
         )
 
 
-def _worker(rank: int, world: int, port: int, layout: dict[str, int], out: str, failures: Any):
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    layout: dict[str, Any],
+    out: str,
+    state: dict[str, torch.Tensor],
+    failures: Any,
+) -> None:
     try:
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
@@ -257,21 +286,26 @@ def _worker(rank: int, world: int, port: int, layout: dict[str, int], out: str, 
         )
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        _train(rank, world, layout, out)
+        _train(rank, world, layout, out, state)
         dist.destroy_process_group()
     except BaseException:
         failures.put(f"rank {rank}: {traceback.format_exc()}")
         raise
 
 
-def _run(tmp_path: Path, name: str, world: int, dp_replicate: int, dp_shard: int) -> dict:
+def _run(
+    tmp_path: Path,
+    name: str,
+    world: int,
+    dp_replicate: int,
+    dp_shard: int,
+    state: dict[str, torch.Tensor],
+    full_ac: bool = False,
+) -> dict:
     out = tmp_path / name
     out.mkdir()
-    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard}
-    import time
-    t = time.perf_counter()
-    run_ranks(_worker, world, layout, str(out), timeout=300)
-    print(f"TIMING {name} {time.perf_counter() - t:.1f}s")
+    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "full_ac": full_ac}
+    run_ranks(_worker, world, layout, str(out), state, timeout=300)
     result = json.loads((out / "result.json").read_text())
     result["dir"] = out
     return result
@@ -280,10 +314,12 @@ def _run(tmp_path: Path, name: str, world: int, dp_replicate: int, dp_shard: int
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("torchtitan")
+    state = _initial_state()
     return {
-        "single": _run(tmp, "single", 1, 1, 1),
-        "fsdp2": _run(tmp, "fsdp2", 2, 1, 2),
-        "hsdp4": _run(tmp, "hsdp4", 4, 2, 2),
+        "single": _run(tmp, "single", 1, 1, 1, state),
+        "single_ac": _run(tmp, "single_ac", 1, 1, 1, state, full_ac=True),
+        "fsdp2": _run(tmp, "fsdp2", 2, 1, 2, state),
+        "hsdp4": _run(tmp, "hsdp4", 4, 2, 2, state),
     }
 
 
@@ -297,7 +333,7 @@ def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
         assert r["restored"]
 
 
-@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4"])
+@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "hsdp4"])
 def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> None:
     windows = runs[name]["windows"]
     assert [w["step"] for w in windows] == list(LOG_STEPS)
@@ -316,6 +352,15 @@ def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
     assert multi["bias_after"] == single["bias_after"]
     assert runs[name]["group_is_false"] is False
     assert runs["single"]["group_is_false"] is True
+
+
+def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]) -> None:
+    r = runs["single_ac"]
+    assert r["wrapped"] == [
+        "layers.1._checkpoint_wrapped_module.moe",
+        "layers.2._checkpoint_wrapped_module.moe",
+    ]
+    assert [w["usage"] for w in r["windows"]] == [w["usage"] for w in runs["single"]["windows"]]
 
 
 def test_expert_bias_moves_after_a_step(runs: dict[str, dict]) -> None:
@@ -357,6 +402,7 @@ def test_metrics_in_torchtitans_tensorboard(runs: dict[str, dict], name: str) ->
 
 
 def test_detailed_log_and_alerts(runs: dict[str, dict]) -> None:
+    # attach_to_trainer's default log_dir: <dump_folder>/moe_logs.
     lines = (runs["fsdp2"]["dir"] / "moe_logs" / "moe_detailed.jsonl").read_text().splitlines()
     events = [e for e in map(json.loads, lines) if e["kind"] == "snapshot"]
     assert [e["step"] for e in events] == list(LOG_STEPS)

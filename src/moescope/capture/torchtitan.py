@@ -23,9 +23,21 @@ from torch import nn
 from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, as_rows
 from moescope.capture.record import RoutingRecord
 
-__all__ = ["ADAPTERS", "TorchtitanMoEAdapter", "local_tensor"]
+__all__ = ["ADAPTERS", "TorchtitanMoEAdapter", "fqn", "local_tensor"]
 
 _MOE_CLASS = ("torchtitan.models.common.moe", "MoE")
+
+
+# Wrapper children that torchtitan's FQNs leave out (activation checkpointing, compile).
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def fqn(path: str) -> str:
+    """``path`` without the wrapper segments torchtitan's parameter names leave out:
+    ``layers.1._checkpoint_wrapped_module.moe`` -> ``layers.1.moe``."""
+    for w in _WRAPPERS:
+        path = path.replace(w, "")
+    return path
 
 
 def _is_torchtitan_moe(module: nn.Module) -> bool:
@@ -60,7 +72,8 @@ class TorchtitanMoEAdapter:
 
     ``LayerInfo.expert_bias`` is the layer's live ``expert_bias_E`` buffer (None with
     ``load_balance_coeff=None``), which torchtitan's optimizer pre-step hook updates in
-    place. Under tensor or expert parallelism the router's outputs may be DTensors: each
+    place. ``LayerInfo.path`` is torchtitan's FQN (:func:`fqn`: ``layers.1.moe`` also
+    under activation checkpointing or ``torch.compile``). Under tensor or expert parallelism the router's outputs may be DTensors: each
     rank records its own shard (``to_local()``), reduced across ranks at snapshot time
     (see ``moescope.integrations.torchtitan.moescope_process_group``).
     """
@@ -82,7 +95,7 @@ class TorchtitanMoEAdapter:
         inner = getattr(routed, "inner_experts", routed)
         bias = getattr(module, "expert_bias_E", None)
         return LayerInfo(
-            path=path,
+            path=fqn(path),
             adapter=self.name,
             num_experts=num_experts,
             top_k=top_k,
@@ -90,7 +103,9 @@ class TorchtitanMoEAdapter:
             expert_modules=(inner,) if isinstance(inner, nn.Module) else (),
             router=router,
             expert_bias=local_tensor(bias) if isinstance(bias, torch.Tensor) else None,
-            score_fn="sigmoid" if getattr(router, "score_func", "softmax") == "sigmoid" else "softmax",
+            score_fn="sigmoid"
+            if getattr(router, "score_func", "softmax") == "sigmoid"
+            else "softmax",
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:

@@ -4,6 +4,8 @@ math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per 
 - :class:`MoETrainerCallback` (``transformers.Trainer``; extra ``hf``)
 - :class:`MoEPyTorchCallback` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
+- :class:`~moescope.integrations.torchtitan.MoETorchtitanCallback` (torchtitan; logs
+  through its ``MetricsProcessor``)
 
 One class per framework, named ``MoE<Framework>Callback``, each taking the same frozen
 :class:`MoECallbackOptions` (one docstring lists every setting) or its fields as
@@ -22,6 +24,7 @@ __all__ = [
     "MoECallbackOptions",
     "MoELightningCallback",
     "MoEPyTorchCallback",
+    "MoETorchtitanCallback",
     "MoETrainerCallback",
     "TrainingSession",
     "create_moe_callback_for_pytorch",
@@ -42,6 +45,7 @@ _LAZY = {
         "create_moe_callback_for_transformers",
     ),
     "MoELightningCallback": ("moescope.integrations.lightning", "MoELightningCallback"),
+    "MoETorchtitanCallback": ("moescope.integrations.torchtitan", "MoETorchtitanCallback"),
 }
 
 
