@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import traceback
 from pathlib import Path
@@ -197,22 +196,25 @@ def _train(
         parallel_dims=pd,
         config=SimpleNamespace(dump_folder=out),
     )
-    cb = MoETorchtitanCallback.attach_to_trainer(
-        trainer,
-        save_detailed_logs=True,
-        log_to_console=False,
-        log_heatmap_every=None,
-        alert_threshold_imbalance=1.0,  # max/mean > 1 always holds: one alert per window
-    )
-    mon = cb.monitor
     moes = {p: model.get_submodule(p) for p in MOE}
-    live_bias = {i.path: i.expert_bias is moes[i.path].expert_bias_E for i in mon.layers}
+    cb = None
+    if not layout.get("bare"):
+        cb = MoETorchtitanCallback.attach_to_trainer(
+            trainer,
+            save_detailed_logs=True,
+            log_to_console=False,
+            log_heatmap_every=None,
+            alert_threshold_imbalance=1.0,  # max/mean > 1 always holds: one alert per window
+        )
+    layers = [] if cb is None else cb.monitor.layers
+    live_bias = {i.path: i.expert_bias is moes[i.path].expert_bias_E for i in layers}
 
     # Data parallel over every rank (pp = tp = 1): rank r reads its share of the global batch.
     per_rank = GLOBAL // world
     lo, hi = rank * per_rank, (rank + 1) * per_rank
     counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
     windows: list[dict[str, Any]] = []
+    losses: list[float] = []
     for step, batch in enumerate(_batches(), start=1):
         tokens, labels = batch[lo:hi, :-1], batch[lo:hi, 1:]
         # What Trainer.batch_generator records for the processor.
@@ -224,6 +226,7 @@ def _train(
             pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
         ) / (GLOBAL * SEQ)
         loss.backward()
+        losses.append(float(loss.detach()))
         for p, moe in moes.items():
             # torchtitan's own counter, before its pre-step hook sums and zeroes it.
             # Under full activation checkpointing it counts the recomputed forward again;
@@ -237,19 +240,20 @@ def _train(
             if world > 1:
                 dist.all_reduce(ref, group=pd.get_mesh("loss").get_group())
             processor.log(step, float(loss), float(loss), 0.0)
-            snap = mon.last_snapshot
-            assert snap is not None and snap.step == step
-            windows.append(
-                {
-                    "step": step,
-                    "counter": ref.tolist(),
-                    "usage": [snap.layers[p].usage_counts.tolist() for p in MOE],
-                    "bias_after": [moes[p].expert_bias_E.tolist() for p in MOE],
-                    "metrics": {k: v for k, v in cb.last_metrics.items() if math.isfinite(v)},
-                }
-            )
+            window: dict[str, Any] = {
+                "step": step,
+                "counter": ref.tolist(),
+                "bias_after": [moes[p].expert_bias_E.tolist() for p in MOE],
+            }
+            if cb is not None:
+                snap = cb.monitor.last_snapshot
+                assert snap is not None and snap.step == step
+                window["usage"] = [snap.layers[p].usage_counts.tolist() for p in MOE]
+                window["snapshot_bias"] = [snap.layers[p].expert_bias.tolist() for p in MOE]
+            windows.append(window)
             counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
-    cb.close()
+    if cb is not None:
+        cb.close()
     restored = "log" not in processor.__dict__
     processor.close()
     if rank == 0:
@@ -260,7 +264,8 @@ def _train(
                     "group_is_false": moescope_process_group(pd) is False,
                     "live_bias": live_bias,
                     "restored": restored,
-                    "layers": [(i.path, i.adapter, i.score_fn, i.top_k) for i in mon.layers],
+                    "layers": [(i.path, i.adapter, i.score_fn, i.top_k) for i in layers],
+                    "losses": losses,
                     "wrapped": [p for p, _ in model.named_modules() if p.endswith(".moe")],
                 }
             )
@@ -301,10 +306,11 @@ def _run(
     dp_shard: int,
     state: dict[str, torch.Tensor],
     full_ac: bool = False,
+    bare: bool = False,
 ) -> dict:
     out = tmp_path / name
     out.mkdir()
-    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "full_ac": full_ac}
+    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "full_ac": full_ac, "bare": bare}
     run_ranks(_worker, world, layout, str(out), state, timeout=300)
     result = json.loads((out / "result.json").read_text())
     result["dir"] = out
@@ -318,13 +324,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return {
         "single": _run(tmp, "single", 1, 1, 1, state),
         "single_ac": _run(tmp, "single_ac", 1, 1, 1, state, full_ac=True),
+        "single_bare": _run(tmp, "single_bare", 1, 1, 1, state, bare=True),
         "fsdp2": _run(tmp, "fsdp2", 2, 1, 2, state),
         "hsdp4": _run(tmp, "hsdp4", 4, 2, 2, state),
     }
 
 
 def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
-    for r in runs.values():
+    for name, r in runs.items():
+        if name == "single_bare":
+            continue
         assert r["layers"] == [
             ["layers.1.moe", "torchtitan", "softmax", 3],
             ["layers.2.moe", "torchtitan", "sigmoid", 3],
@@ -354,6 +363,15 @@ def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
     assert runs["single"]["group_is_false"] is True
 
 
+def test_monitor_changes_nothing(runs: dict[str, dict]) -> None:
+    # Same losses and the same expert-bias trajectory with and without moescope.
+    bare, watched = runs["single_bare"], runs["single"]
+    assert watched["losses"] == bare["losses"]
+    assert [w["bias_after"] for w in watched["windows"]] == [
+        w["bias_after"] for w in bare["windows"]
+    ]
+
+
 def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]) -> None:
     r = runs["single_ac"]
     assert r["wrapped"] == [
@@ -361,6 +379,14 @@ def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]
         "layers.2._checkpoint_wrapped_module.moe",
     ]
     assert [w["usage"] for w in r["windows"]] == [w["usage"] for w in runs["single"]["windows"]]
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4"])
+def test_snapshot_reports_the_live_expert_bias(runs: dict[str, dict], name: str) -> None:
+    # Read at the log step, after torchtitan's pre-step hook updated it in place.
+    for w in runs[name]["windows"]:
+        np.testing.assert_array_equal(w["snapshot_bias"], w["bias_after"])
+        assert np.any(np.asarray(w["snapshot_bias"]) != 0)
 
 
 def test_expert_bias_moves_after_a_step(runs: dict[str, dict]) -> None:
