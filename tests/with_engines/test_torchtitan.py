@@ -55,6 +55,7 @@ GLOBAL = 4  # sequences per step, split over the data-parallel ranks
 STEPS = 4
 LOG_FREQ = 2  # torchtitan logs steps 1, 2, 4: windows {1}, {2}, {3, 4}
 LOG_STEPS = (1, 2, 4)
+EVAL_AT = 2  # a validation after step 2: its forwards must stay out of window {3, 4}
 MOE = ("layers.1.moe", "layers.2.moe")
 BACKEND = "partial_dtensor"
 
@@ -252,6 +253,13 @@ def _train(
                 window["snapshot_bias"] = [snap.layers[p].expert_bias.tolist() for p in MOE]
             windows.append(window)
             counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
+        if step == EVAL_AT:
+            # What torchtitan's Validator does: eval mode, forwards, log_validation.
+            model.eval()
+            with torch.no_grad():
+                model(_batches()[0][lo:hi, :-1].flip(0))
+            model.train()
+            processor.log_validation(loss=0.0, step=step)
     if cb is not None:
         cb.close()
     restored = "log" not in processor.__dict__
@@ -425,6 +433,9 @@ def test_metrics_in_torchtitans_tensorboard(runs: dict[str, dict], name: str) ->
         assert scalars["moe/avg_expert_cv"][step] == pytest.approx(
             np.mean([np.std(c) / np.mean(c) for c in w["counter"]]), rel=1e-5
         )
+    # The validation's window, under moe/eval/ (torchtitan's counter skips eval forwards).
+    for path in MOE:
+        assert scalars[f"moe/eval/{path}/num_tokens"] == {EVAL_AT: GLOBAL * SEQ}
 
 
 def test_detailed_log_and_alerts(runs: dict[str, dict]) -> None:
