@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -45,6 +46,7 @@ from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.deepseek_v3 import model_registry
 
 from dist_ranks import run_ranks
+from moescope.capture.torchtitan import local_tensor
 from moescope.integrations.torchtitan import (
     MoETorchtitanCallback,
     moescope_process_group,
@@ -135,18 +137,28 @@ def _train(
     log steps; rank 0 writes what the test compares to ``out``."""
     _torchtitan_on_cpu()
     dp_rep, dp_shard = layout["dp_replicate"], layout["dp_shard"]
+    tp, ep = layout.get("tp", 1), layout.get("ep", 1)
     pd = ParallelDims(
         dp_replicate=dp_rep,
         dp_shard=dp_shard,
         cp=1,
-        tp=1,
+        tp=tp,
         pp=1,
-        ep=1,
+        ep=ep,
         world_size=world,
         spmd_backend=BACKEND,
     )
     pd.build_mesh()
     spec = _spec()
+    parallelism = ParallelismConfig(
+        data_parallel_replicate_degree=dp_rep,
+        data_parallel_shard_degree=dp_shard,
+        tensor_parallel_degree=tp,
+        expert_parallel_degree=ep,
+        spmd_backend=BACKEND,
+    )
+    # What Trainer.__init__ does before building: the sharding config (TP, EP) of each module.
+    spec.model.update_from_config(config=SimpleNamespace(parallelism=parallelism))
     with torch.device("meta"):
         model = spec.model.build()
     if world > 1:
@@ -156,15 +168,11 @@ def _train(
             training=TrainingConfig(
                 # FSDP all-gathers bf16 weights by default: float32 keeps step 1 identical
                 # to the single-process run, down to near-tied router scores.
-                local_batch_size=GLOBAL // world,
+                local_batch_size=GLOBAL // (dp_rep * dp_shard),
                 seq_len=SEQ,
                 mixed_precision_param="float32",
             ),
-            parallelism=ParallelismConfig(
-                data_parallel_replicate_degree=dp_rep,
-                data_parallel_shard_degree=dp_shard,
-                spmd_backend=BACKEND,
-            ),
+            parallelism=parallelism,
             compile_config=CompileConfig(),
             ac_config=None,
             dump_folder=out,
@@ -208,11 +216,16 @@ def _train(
             alert_threshold_imbalance=1.0,  # max/mean > 1 always holds: one alert per window
         )
     layers = [] if cb is None else cb.monitor.layers
-    live_bias = {i.path: i.expert_bias is moes[i.path].expert_bias_E for i in layers}
+    # The live buffer itself (its local storage under tensor parallelism).
+    live_bias = {
+        i.path: i.expert_bias.data_ptr() == local_tensor(moes[i.path].expert_bias_E).data_ptr()
+        for i in layers
+    }
 
-    # Data parallel over every rank (pp = tp = 1): rank r reads its share of the global batch.
-    per_rank = GLOBAL // world
-    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    # Data-parallel rank r // tp (the TP axis is innermost) reads its share of the global
+    # batch; the TP ranks of one replica read the same share. EP ranks are data ranks.
+    per_rank = GLOBAL // (dp_rep * dp_shard)
+    lo, hi = (rank // tp) * per_rank, (rank // tp + 1) * per_rank
     counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
     windows: list[dict[str, Any]] = []
     losses: list[float] = []
@@ -223,6 +236,8 @@ def _train(
         processor.data_loading_times.append(0.0)
         optimizers.zero_grad()
         pred = model(tokens)
+        if isinstance(pred, DTensor):
+            pred = pred.full_tensor()  # TP leaves the logits sharded over the vocabulary
         loss = torch.nn.functional.cross_entropy(
             pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
         ) / (GLOBAL * SEQ)
@@ -232,19 +247,24 @@ def _train(
             # torchtitan's own counter, before its pre-step hook sums and zeroes it.
             # Under full activation checkpointing it counts the recomputed forward again;
             # torchtitan's bias update halves it (optimizer.py), and so does this reference.
-            counter[p] += moe.tokens_per_expert_E.to(torch.float64) / (
+            counter[p] += local_tensor(moe.tokens_per_expert_E).to(torch.float64) / (
                 2 if layout.get("full_ac") else 1
             )
         optimizers.step()
         if processor.should_log(step):
             ref = torch.stack([counter[p] for p in MOE])
-            if world > 1:
-                dist.all_reduce(ref, group=pd.get_mesh("loss").get_group())
+            # Summed as torchtitan's bias update sums it (optimizer.py: the loss mesh, and
+            # TP too when EP shards tokens over it).
+            if ep > 1 and tp > 1:
+                dist.all_reduce(ref, group=pd.get_mesh("tp").get_group())
+            loss_mesh = pd.get_optional_mesh("loss")
+            if loss_mesh is not None:
+                dist.all_reduce(ref, group=loss_mesh.get_group())
             processor.log(step, float(loss), float(loss), 0.0)
             window: dict[str, Any] = {
                 "step": step,
                 "counter": ref.tolist(),
-                "bias_after": [moes[p].expert_bias_E.tolist() for p in MOE],
+                "bias_after": [local_tensor(moes[p].expert_bias_E).tolist() for p in MOE],
             }
             if cb is not None:
                 snap = cb.monitor.last_snapshot
@@ -264,6 +284,7 @@ def _train(
         cb.close()
     restored = "log" not in processor.__dict__
     processor.close()
+    Path(out, f"usage_rank{rank}.json").write_text(json.dumps([w.get("usage") for w in windows]))
     if rank == 0:
         Path(out, "result.json").write_text(
             json.dumps(
@@ -315,12 +336,24 @@ def _run(
     state: dict[str, torch.Tensor],
     full_ac: bool = False,
     bare: bool = False,
+    tp: int = 1,
+    ep: int = 1,
 ) -> dict:
     out = tmp_path / name
     out.mkdir()
-    layout = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "full_ac": full_ac, "bare": bare}
+    layout = {
+        "dp_replicate": dp_replicate,
+        "dp_shard": dp_shard,
+        "full_ac": full_ac,
+        "bare": bare,
+        "tp": tp,
+        "ep": ep,
+    }
     run_ranks(_worker, world, layout, str(out), state, timeout=300)
     result = json.loads((out / "result.json").read_text())
+    result["usage_by_rank"] = [
+        json.loads((out / f"usage_rank{r}.json").read_text()) for r in range(world)
+    ]
     result["dir"] = out
     return result
 
@@ -335,6 +368,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         "single_bare": _run(tmp, "single_bare", 1, 1, 1, state, bare=True),
         "fsdp2": _run(tmp, "fsdp2", 2, 1, 2, state),
         "hsdp4": _run(tmp, "hsdp4", 4, 2, 2, state),
+        "ep2": _run(tmp, "ep2", 2, 1, 2, state, ep=2),
+        "tp2": _run(tmp, "tp2", 2, 1, 1, state, tp=2),
     }
 
 
@@ -350,7 +385,7 @@ def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
         assert r["restored"]
 
 
-@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "hsdp4"])
+@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "hsdp4", "ep2", "tp2"])
 def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> None:
     windows = runs[name]["windows"]
     assert [w["step"] for w in windows] == list(LOG_STEPS)
@@ -361,14 +396,17 @@ def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> N
             assert sum(usage) == tokens * 3  # every token to K=3 experts, nothing dropped
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "hsdp4"])
+@pytest.mark.parametrize("name", ["fsdp2", "hsdp4", "ep2", "tp2"])
 def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
     # Step 1 runs the same weights on the same global batch in every layout.
     single, multi = runs["single"]["windows"][0], runs[name]["windows"][0]
     assert multi["usage"] == single["usage"]
     assert multi["bias_after"] == single["bias_after"]
-    assert runs[name]["group_is_false"] is False
+    assert runs[name]["group_is_false"] is (name == "tp2")
     assert runs["single"]["group_is_false"] is True
+    # Every rank holds the same, reduced, snapshot.
+    by_rank = runs[name]["usage_by_rank"]
+    assert all(u == by_rank[0] for u in by_rank)
 
 
 def test_monitor_changes_nothing(runs: dict[str, dict]) -> None:
@@ -380,6 +418,15 @@ def test_monitor_changes_nothing(runs: dict[str, dict]) -> None:
     ]
 
 
+def test_tensor_parallel_replicas_count_once(runs: dict[str, dict]) -> None:
+    # Both TP ranks route the same 4 sequences: no reduction, so each reports them once,
+    # in every window (step 1 also equals the single process: test_ranks_equal_single_process).
+    r = runs["tp2"]
+    assert r["group_is_false"] is True
+    assert r["usage_by_rank"][0] == r["usage_by_rank"][1]
+    assert [sum(u[0]) for u in r["usage_by_rank"][0]] == [GLOBAL * SEQ * 3 * n for n in (1, 1, 2)]
+
+
 def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]) -> None:
     r = runs["single_ac"]
     assert r["wrapped"] == [
@@ -389,7 +436,7 @@ def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]
     assert [w["usage"] for w in r["windows"]] == [w["usage"] for w in runs["single"]["windows"]]
 
 
-@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4"])
+@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4", "ep2", "tp2"])
 def test_snapshot_reports_the_live_expert_bias(runs: dict[str, dict], name: str) -> None:
     # Read at the log step, after torchtitan's pre-step hook updated it in place.
     for w in runs[name]["windows"]:
