@@ -2,7 +2,7 @@
 
 Every scenario runs in forked gloo ranks (tests/dist_ranks.py; one rank for the
 single-process run) and drives torchtitan's own parts in the order of
-``Trainer.train_step``: its model registry's model, its ``parallelize_fn`` (FSDP / HSDP),
+``Trainer.train_step``: its model registry's model, its ``parallelize_fn`` (FSDP, EP, TP),
 its ``OptimizersContainer`` with the model spec's ``post_optimizer_build_fn`` (the
 aux-loss-free bias update, which reads and zeroes ``tokens_per_expert_E`` before every
 optimizer step) and its ``MetricsProcessor`` with TensorBoard, called as the Trainer calls
@@ -260,7 +260,7 @@ def _train(
             loss_mesh = pd.get_optional_mesh("loss")
             if loss_mesh is not None:
                 dist.all_reduce(ref, group=loss_mesh.get_group())
-            processor.log(step, float(loss), float(loss), 0.0)
+            processor.log(step, losses[-1], losses[-1], 0.0)
             window: dict[str, Any] = {
                 "step": step,
                 "counter": ref.tolist(),
@@ -367,7 +367,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         "single_ac": _run(tmp, "single_ac", 1, 1, 1, state, full_ac=True),
         "single_bare": _run(tmp, "single_bare", 1, 1, 1, state, bare=True),
         "fsdp2": _run(tmp, "fsdp2", 2, 1, 2, state),
-        "hsdp4": _run(tmp, "hsdp4", 4, 2, 2, state),
+        # 4 ranks: FSDP 2 x TP 2, with EP 2 (MoE shards tokens over the TP axis, so the
+        # counts are summed over TP as well: moescope_process_group's flattened group).
+        "tpep4": _run(tmp, "tpep4", 4, 1, 2, state, tp=2, ep=2),
         "ep2": _run(tmp, "ep2", 2, 1, 2, state, ep=2),
         "tp2": _run(tmp, "tp2", 2, 1, 1, state, tp=2),
     }
@@ -385,7 +387,7 @@ def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
         assert r["restored"]
 
 
-@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "hsdp4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "tpep4", "ep2", "tp2"])
 def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> None:
     windows = runs[name]["windows"]
     assert [w["step"] for w in windows] == list(LOG_STEPS)
@@ -396,7 +398,7 @@ def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> N
             assert sum(usage) == tokens * 3  # every token to K=3 experts, nothing dropped
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "hsdp4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["fsdp2", "tpep4", "ep2", "tp2"])
 def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
     # Step 1 runs the same weights on the same global batch in every layout.
     single, multi = runs["single"]["windows"][0], runs[name]["windows"][0]
@@ -436,7 +438,7 @@ def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]
     assert [w["usage"] for w in r["windows"]] == [w["usage"] for w in runs["single"]["windows"]]
 
 
-@pytest.mark.parametrize("name", ["single", "fsdp2", "hsdp4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["single", "fsdp2", "tpep4", "ep2", "tp2"])
 def test_snapshot_reports_the_live_expert_bias(runs: dict[str, dict], name: str) -> None:
     # Read at the log step, after torchtitan's pre-step hook updated it in place.
     for w in runs[name]["windows"]:
