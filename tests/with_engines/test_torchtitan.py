@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -46,7 +47,7 @@ from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.deepseek_v3 import model_registry
 
 from dist_ranks import run_ranks
-from moescope.capture.torchtitan import local_tensor
+from moescope.capture.torchtitan import fqn, local_tensor
 from moescope.integrations.torchtitan import (
     MoETorchtitanCallback,
     moescope_process_group,
@@ -130,6 +131,28 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, 2048, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
+def _count_shape_inference(schedule: Any, moes: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What torchtitan's counter adds during the pipeline's one shape-inference forward
+    per stage (at the first step), by layer: filled when it runs."""
+    added: dict[str, torch.Tensor] = {}
+    if schedule is None:
+        return added
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    for stage in stages:
+        infer = stage._forward_metadata_inference
+
+        def measured(*args: Any, _infer: Any = infer, **kwargs: Any) -> Any:
+            before = {p: local_tensor(m.tokens_per_expert_E).double() for p, m in moes.items()}
+            try:
+                return _infer(*args, **kwargs)
+            finally:
+                for p, m in moes.items():
+                    added[p] = local_tensor(m.tokens_per_expert_E).double() - before[p]
+
+        stage._forward_metadata_inference = measured
+    return added
+
+
 def _train(
     rank: int, world: int, layout: dict[str, Any], out: str, state: dict[str, torch.Tensor]
 ) -> None:
@@ -137,13 +160,13 @@ def _train(
     log steps; rank 0 writes what the test compares to ``out``."""
     _torchtitan_on_cpu()
     dp_rep, dp_shard = layout["dp_replicate"], layout["dp_shard"]
-    tp, ep = layout.get("tp", 1), layout.get("ep", 1)
+    tp, ep, pp = layout.get("tp", 1), layout.get("ep", 1), layout.get("pp", 1)
     pd = ParallelDims(
         dp_replicate=dp_rep,
         dp_shard=dp_shard,
         cp=1,
         tp=tp,
-        pp=1,
+        pp=pp,
         ep=ep,
         world_size=world,
         spmd_backend=BACKEND,
@@ -155,43 +178,68 @@ def _train(
         data_parallel_shard_degree=dp_shard,
         tensor_parallel_degree=tp,
         expert_parallel_degree=ep,
+        pipeline_parallel_degree=pp,
+        # Pipeline stages: embeddings + the dense block + MoE block 1 | MoE block 2 + head;
+        # 2 micro-batches of 2 sequences (1F1B).
+        pipeline_parallel_microbatch_size=2,
+        module_fqns_per_model_part=(
+            [["tok_embeddings", "layers.0", "layers.1"], ["layers.2", "norm", "lm_head"]]
+            if pp > 1
+            else None
+        ),
         spmd_backend=BACKEND,
+    )
+    training = TrainingConfig(
+        # FSDP all-gathers bf16 weights by default: float32 keeps step 1 identical to the
+        # single-process run, down to near-tied router scores.
+        local_batch_size=GLOBAL // (dp_rep * dp_shard),
+        seq_len=SEQ,
+        mixed_precision_param="float32",
     )
     # What Trainer.__init__ does before building: the sharding config (TP, EP) of each module.
     spec.model.update_from_config(config=SimpleNamespace(parallelism=parallelism))
     with torch.device("meta"):
         model = spec.model.build()
-    if world > 1:
-        model = spec.parallelize_fn(
+    schedule, first, last = None, True, True
+    build = {
+        "parallel_dims": pd,
+        "training": training,
+        "parallelism": parallelism,
+        "compile_config": CompileConfig(),
+        "ac_config": None,
+        "dump_folder": out,
+    }
+    if pp > 1:
+        schedule, parts, first, last = spec.pipelining_fn(
             model,
-            parallel_dims=pd,
-            training=TrainingConfig(
-                # FSDP all-gathers bf16 weights by default: float32 keeps step 1 identical
-                # to the single-process run, down to near-tied router scores.
-                local_batch_size=GLOBAL // (dp_rep * dp_shard),
-                seq_len=SEQ,
-                mixed_precision_param="float32",
-            ),
-            parallelism=parallelism,
-            compile_config=CompileConfig(),
-            ac_config=None,
-            dump_folder=out,
+            device=torch.device("cpu"),
+            model_config=spec.model,
+            parallelize_fn=spec.parallelize_fn,
+            loss_fn=CrossEntropyLoss.Config().build(),
+            **build,
         )
-        for m in model.modules():
+    else:
+        parts = [spec.parallelize_fn(model, **build) if world > 1 else model]
+    for part in parts:
+        for m in part.modules():
             # torchtitan sets gradient_divide_factor=1.0, which FSDP sends as
             # PREMUL_SUM(1.0); gloo has only SUM (same result: no division).
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
-    if layout.get("full_ac"):
-        FullAC.Config().build(dump_folder=out).apply(model)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.init_weights(buffer_device=None)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    model.train()
+        if layout.get("full_ac"):
+            FullAC.Config().build(dump_folder=out).apply(part)
+        part.to_empty(device="cpu")
+        with torch.no_grad():
+            part.init_weights(buffer_device=None)
+        # A pipeline stage loads the entries of its own modules.
+        set_model_state_dict(
+            part, state, options=StateDictOptions(full_state_dict=True, strict=pp == 1)
+        )
+        part.train()
+    model = parts[0]
 
-    optimizers = default_adamw(lr=8e-4).build(model_parts=[model])
-    spec.post_optimizer_build_fn(optimizers, [model], pd)
+    optimizers = default_adamw(lr=8e-4).build(model_parts=parts)
+    spec.post_optimizer_build_fn(optimizers, parts, pd)
     processor = MetricsProcessor.Config(log_freq=LOG_FREQ, enable_tensorboard=True).build(
         parallel_dims=pd, dump_folder=out
     )
@@ -200,12 +248,15 @@ def _train(
     # The three attributes attach_to_trainer reads off a torchtitan Trainer (which cannot
     # be built on a CPU-only machine: docs/torchtitan.md).
     trainer = SimpleNamespace(
-        model_parts=[model],
+        model_parts=parts,
         metrics_processor=processor,
         parallel_dims=pd,
+        pp_schedule=schedule,
         config=SimpleNamespace(dump_folder=out),
     )
-    moes = {p: model.get_submodule(p) for p in MOE}
+    # This rank's MoE blocks (a pipeline stage holds some of them).
+    moes = {fqn(n): m for part in parts for n, m in part.named_modules() if fqn(n) in MOE}
+    inferred = _count_shape_inference(schedule, moes)
     cb = None
     if not layout.get("bare"):
         cb = MoETorchtitanCallback.attach_to_trainer(
@@ -222,10 +273,11 @@ def _train(
         for i in layers
     }
 
-    # Data-parallel rank r // tp (the TP axis is innermost) reads its share of the global
-    # batch; the TP ranks of one replica read the same share. EP ranks are data ranks.
+    # Data-parallel rank (rank // tp) % dp (mesh order pp, dp, tp) reads its share of the
+    # global batch; the TP ranks and pipeline stages of one replica read the same share.
     per_rank = GLOBAL // (dp_rep * dp_shard)
-    lo, hi = (rank // tp) * per_rank, (rank // tp + 1) * per_rank
+    dp_index = (rank // tp) % (dp_rep * dp_shard)
+    lo, hi = dp_index * per_rank, (dp_index + 1) * per_rank
     counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
     windows: list[dict[str, Any]] = []
     losses: list[float] = []
@@ -235,24 +287,48 @@ def _train(
         processor.ntokens_since_last_log += tokens.numel()
         processor.data_loading_times.append(0.0)
         optimizers.zero_grad()
-        pred = model(tokens)
-        if isinstance(pred, DTensor):
-            pred = pred.full_tensor()  # TP leaves the logits sharded over the vocabulary
-        loss = torch.nn.functional.cross_entropy(
-            pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
-        ) / (GLOBAL * SEQ)
-        loss.backward()
-        losses.append(float(loss.detach()))
+        if schedule is not None:
+            stage_losses: list[torch.Tensor] | None = [] if last else None
+            schedule.step(
+                *((tokens,) if first else ()),
+                target=labels if last else None,
+                losses=stage_losses,
+                return_outputs=False,
+            )
+            losses.append(float(sum(stage_losses).detach()) if stage_losses else 0.0)
+        else:
+            pred = model(tokens)
+            if isinstance(pred, DTensor):
+                pred = pred.full_tensor()  # TP leaves the logits sharded over the vocabulary
+            loss = torch.nn.functional.cross_entropy(
+                pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+            ) / (GLOBAL * SEQ)
+            loss.backward()
+            losses.append(float(loss.detach()))
         for p, moe in moes.items():
             # torchtitan's own counter, before its pre-step hook sums and zeroes it.
             # Under full activation checkpointing it counts the recomputed forward again;
             # torchtitan's bias update halves it (optimizer.py), and so does this reference.
-            counter[p] += local_tensor(moe.tokens_per_expert_E).to(torch.float64) / (
-                2 if layout.get("full_ac") else 1
-            )
+            # It also counts a pipeline stage's shape-inference forward: taken out.
+            counter[p] += (
+                local_tensor(moe.tokens_per_expert_E).to(torch.float64) - inferred.pop(p, 0)
+            ) / (2 if layout.get("full_ac") else 1)
         optimizers.step()
         if processor.should_log(step):
             ref = torch.stack([counter[p] for p in MOE])
+            bias = torch.stack(
+                [
+                    local_tensor(moes[p].expert_bias_E).to(torch.float64)
+                    if p in moes
+                    else torch.zeros(8, dtype=torch.float64)
+                    for p in MOE
+                ]
+            )
+            if pp > 1:
+                # Each stage holds its own blocks: the model's counter and bias are the sum.
+                pp_group = pd.get_mesh("pp").get_group()
+                dist.all_reduce(ref, group=pp_group)
+                dist.all_reduce(bias, group=pp_group)
             # Summed as torchtitan's bias update sums it (optimizer.py: the loss mesh, and
             # TP too when EP shards tokens over it).
             if ep > 1 and tp > 1:
@@ -264,7 +340,7 @@ def _train(
             window: dict[str, Any] = {
                 "step": step,
                 "counter": ref.tolist(),
-                "bias_after": [local_tensor(moes[p].expert_bias_E).tolist() for p in MOE],
+                "bias_after": bias.tolist(),
             }
             if cb is not None:
                 snap = cb.monitor.last_snapshot
@@ -273,7 +349,7 @@ def _train(
                 window["snapshot_bias"] = [snap.layers[p].expert_bias.tolist() for p in MOE]
             windows.append(window)
             counter = {p: torch.zeros(8, dtype=torch.float64) for p in MOE}
-        if step == EVAL_AT:
+        if step == EVAL_AT and schedule is None:
             # What torchtitan's Validator does: eval mode, forwards, log_validation.
             model.eval()
             with torch.no_grad():
@@ -296,6 +372,7 @@ def _train(
                     "layers": [(i.path, i.adapter, i.score_fn, i.top_k) for i in layers],
                     "losses": losses,
                     "wrapped": [p for p, _ in model.named_modules() if p.endswith(".moe")],
+                    "gathered": sorted(cb.monitor.last_snapshot.layers) if cb else [],
                 }
             )
         )
@@ -338,6 +415,7 @@ def _run(
     bare: bool = False,
     tp: int = 1,
     ep: int = 1,
+    pp: int = 1,
 ) -> dict:
     out = tmp_path / name
     out.mkdir()
@@ -348,6 +426,7 @@ def _run(
         "bare": bare,
         "tp": tp,
         "ep": ep,
+        "pp": pp,
     }
     run_ranks(_worker, world, layout, str(out), state, timeout=300)
     result = json.loads((out / "result.json").read_text())
@@ -372,12 +451,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         "tpep4": _run(tmp, "tpep4", 4, 1, 2, state, tp=2, ep=2),
         "ep2": _run(tmp, "ep2", 2, 1, 2, state, ep=2),
         "tp2": _run(tmp, "tp2", 2, 1, 1, state, tp=2),
+        "pp2": _run(tmp, "pp2", 2, 1, 1, state, pp=2),
     }
 
 
 def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
     for name, r in runs.items():
-        if name == "single_bare":
+        if name in ("single_bare", "pp2"):
             continue
         assert r["layers"] == [
             ["layers.1.moe", "torchtitan", "softmax", 3],
@@ -387,7 +467,7 @@ def test_finds_every_moe_layer_with_its_router(runs: dict[str, dict]) -> None:
         assert r["restored"]
 
 
-@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "tpep4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["single", "single_ac", "fsdp2", "tpep4", "ep2", "tp2", "pp2"])
 def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> None:
     windows = runs[name]["windows"]
     assert [w["step"] for w in windows] == list(LOG_STEPS)
@@ -398,13 +478,17 @@ def test_counts_equal_torchtitans_counter(runs: dict[str, dict], name: str) -> N
             assert sum(usage) == tokens * 3  # every token to K=3 experts, nothing dropped
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "tpep4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["fsdp2", "tpep4", "ep2", "tp2", "pp2"])
 def test_ranks_equal_single_process(runs: dict[str, dict], name: str) -> None:
     # Step 1 runs the same weights on the same global batch in every layout.
     single, multi = runs["single"]["windows"][0], runs[name]["windows"][0]
     assert multi["usage"] == single["usage"]
-    assert multi["bias_after"] == single["bias_after"]
-    assert runs[name]["group_is_false"] is (name == "tp2")
+    if name != "pp2":
+        # Under pipeline parallelism torchtitan's counter also holds the stages' one
+        # shape-inference forward (stage 1's on uninitialised activations), which its first
+        # bias update then follows: the bias differs from the single process there.
+        assert multi["bias_after"] == single["bias_after"]
+    assert runs[name]["group_is_false"] is (name in ("tp2", "pp2"))
     assert runs["single"]["group_is_false"] is True
     # Every rank holds the same, reduced, snapshot.
     by_rank = runs[name]["usage_by_rank"]
@@ -429,6 +513,15 @@ def test_tensor_parallel_replicas_count_once(runs: dict[str, dict]) -> None:
     assert [sum(u[0]) for u in r["usage_by_rank"][0]] == [GLOBAL * SEQ * 3 * n for n in (1, 1, 2)]
 
 
+def test_pipeline_stages_report_every_layer(runs: dict[str, dict]) -> None:
+    # Stage 0 holds block 1, stage 1 block 2: each rank's snapshot gathers both (the
+    # counts, checked above, equal torchtitan's counters of the two stages).
+    r = runs["pp2"]
+    assert [x[0] for x in r["layers"]] == ["layers.1.moe"]
+    assert r["gathered"] == list(MOE)
+    assert r["live_bias"] == {"layers.1.moe": True}
+
+
 def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]) -> None:
     r = runs["single_ac"]
     assert r["wrapped"] == [
@@ -438,7 +531,7 @@ def test_activation_checkpointing_counts_each_forward_once(runs: dict[str, dict]
     assert [w["usage"] for w in r["windows"]] == [w["usage"] for w in runs["single"]["windows"]]
 
 
-@pytest.mark.parametrize("name", ["single", "fsdp2", "tpep4", "ep2", "tp2"])
+@pytest.mark.parametrize("name", ["single", "fsdp2", "tpep4", "ep2", "tp2", "pp2"])
 def test_snapshot_reports_the_live_expert_bias(runs: dict[str, dict], name: str) -> None:
     # Read at the log step, after torchtitan's pre-step hook updated it in place.
     for w in runs[name]["windows"]:

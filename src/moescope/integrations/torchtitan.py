@@ -111,6 +111,8 @@ class MoETorchtitanCallback:
         parallel_dims: ``trainer.parallel_dims`` (None: one process). Chooses the group
             counts are reduced over (:func:`moescope_process_group`) and, with pipeline
             parallelism, the stage group; ``monitor_kwargs`` given explicitly win.
+        pp_schedule: ``trainer.pp_schedule`` with pipeline parallelism: the forward each
+            stage runs once at its first step to infer shapes is not counted.
         session: a ready :class:`~moescope.integrations.core.TrainingSession` or
             :class:`~moescope.integrations.options.MoECallbackOptions`; or the options
             as keywords (``save_detailed_logs=True``, ``log_dir=...``, thresholds, ...).
@@ -128,6 +130,7 @@ class MoETorchtitanCallback:
         metrics_processor: Any | None = None,
         parallel_dims: Any | None = None,
         session: TrainingSession | MoECallbackOptions | None = None,
+        pp_schedule: Any | None = None,
         **overrides: Any,
     ) -> None:
         overrides.setdefault("log_every_n_steps", None)
@@ -156,10 +159,13 @@ class MoETorchtitanCallback:
         self.model = _monitored(model_parts)
         self.metrics_processor = metrics_processor
         self._patched: dict[str, Any] = {}
+        self._stages: list[Any] = []
         self._closed = False
         session.attach(self.model)
         if metrics_processor is not None:
             self._wrap(metrics_processor)
+        if pp_schedule is not None:
+            self._skip_shape_inference(pp_schedule)
 
     @classmethod
     def attach_to_trainer(
@@ -179,6 +185,7 @@ class MoETorchtitanCallback:
             trainer.metrics_processor,
             getattr(trainer, "parallel_dims", None),
             session,
+            pp_schedule=getattr(trainer, "pp_schedule", None),
             **overrides,
         )
 
@@ -212,6 +219,29 @@ class MoETorchtitanCallback:
 
             processor.log_validation = moe_log_validation
             self._patched["log_validation"] = log_validation
+
+    def _skip_shape_inference(self, schedule: Any) -> None:
+        # torch.distributed.pipelining runs each stage's module once, at its first step, to
+        # infer shapes (the first stage on the first real micro-batch, later stages on
+        # uninitialised tensors of the right shape). That forward trains nothing: not counted.
+        stages = getattr(schedule, "_stages", None) or [getattr(schedule, "_stage", None)]
+        for stage in stages:
+            infer = getattr(stage, "_forward_metadata_inference", None)
+            if infer is None:
+                continue
+
+            def uncounted(*args: Any, _infer: Any = infer, **kwargs: Any) -> Any:
+                mon = self.session.monitor
+                if mon is None or self._closed:
+                    return _infer(*args, **kwargs)
+                mon.ctx.counting = False
+                try:
+                    return _infer(*args, **kwargs)
+                finally:
+                    mon.ctx.counting = True
+
+            stage._forward_metadata_inference = uncounted
+            self._stages.append(stage)
 
     def on_log_step(self, step: int) -> dict[str, float]:
         """End the train window at ``step`` (every rank: the snapshot reduces across
@@ -252,6 +282,9 @@ class MoETorchtitanCallback:
             # The wrappers were set on the instance: deleting them uncovers the methods.
             self.metrics_processor.__dict__.pop(name, None)
         self._patched.clear()
+        for stage in self._stages:
+            stage.__dict__.pop("_forward_metadata_inference", None)
+        self._stages.clear()
         self.session.close()
 
     def __enter__(self) -> MoETorchtitanCallback:
