@@ -12,10 +12,17 @@ Megatron-core assumes CUDA in a few places that have nothing to do with routing:
   TransformerEngine imports, yet ``RouterGatingLinearFunction`` tests it against None;
   without TE the name is missing (NameError). Here it is None, which selects Megatron's own
   torch matmul fallback, i.e. what the code means to do without TE;
+- the pipeline schedules' token counter, created with ``device="cuda"``
+  (``schedules.torch.zeros(..., device="cuda")``): the schedules module sees a ``torch``
+  whose ``zeros`` puts such tensors on the CPU; ``torch.cuda.synchronize`` (pipeline
+  send/receive) is a no-op;
 - the alltoall dispatcher's side stream for device-to-host copies
   (``torch.cuda.Stream``, ``torch.cuda.current_stream``, ``torch.cuda.stream``,
   ``stream.record_event().synchronize()``): here one inert CPU stream object, so the
-  copies it guards are plain (synchronous) CPU copies.
+  copies it guards are plain (synchronous) CPU copies; and its host copy of the
+  all-to-all split sizes (``maybe_move_tensor_to_cpu(..., as_numpy=True)``) converts only
+  CUDA tensors, so on the CPU the splits stayed tensors, which ``all_to_all_single``
+  rejects: here a CPU tensor asked for as numpy becomes numpy, as a GPU one would.
 
 Nothing here touches a routing decision, a token count or a collective: the router,
 dispatchers and experts run Megatron's own code unchanged. The causal attention mask is
@@ -51,6 +58,19 @@ class _CpuStream:
         return None
 
 
+class _CpuTorch:
+    """``torch`` for Megatron's schedules module: ``zeros(device="cuda")`` on the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
 _STREAM = _CpuStream()
 _installed = False
 
@@ -65,7 +85,21 @@ def install() -> None:
     torch.cuda.current_stream = lambda device=None: _STREAM  # type: ignore[assignment]
     torch.cuda.Stream = lambda *a, **k: _STREAM  # type: ignore[assignment,misc]
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def host_copy(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy
+    schedules.torch = _CpuTorch()  # type: ignore[attr-defined]
 
     from megatron.core.transformer.moe import moe_utils
 
