@@ -125,6 +125,18 @@ class CaptureContext:
         return m[:, -s:].reshape(-1).to(torch.bool)
 
 
+def router_bias(*owners: object) -> torch.Tensor | None:
+    """The live [E] selection-bias tensor of a DeepSeek-V3-style router, looked up on
+    ``owners`` in order (``e_score_correction_bias`` in transformers and moescope.nn,
+    ``expert_bias`` in Megatron-core and torchtitan); None when none has one."""
+    for owner in owners:
+        for name in ("e_score_correction_bias", "expert_bias"):
+            t = getattr(owner, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                return t
+    return None
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward pass.
 
