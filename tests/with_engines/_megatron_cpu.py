@@ -88,7 +88,6 @@ def install() -> None:
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
-
     from megatron.core.transformer.moe import token_dispatcher
 
     to_host = token_dispatcher.maybe_move_tensor_to_cpu

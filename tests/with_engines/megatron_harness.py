@@ -20,7 +20,6 @@ the same rows, so only expert-TP rank 0 adds them.
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import Any
 
 import torch
@@ -60,8 +59,9 @@ def _spec(config: Any) -> Any:
         return layer
     layer.submodules.input_layernorm = SequenceParallelLayerNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    per_stage = config.num_layers // config.pipeline_model_parallel_size
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * config.num_layers, layer_norm=SequenceParallelLayerNorm
+        layer_specs=[layer] * per_stage, layer_norm=SequenceParallelLayerNorm
     )
 
 
@@ -84,7 +84,7 @@ def _config(par: dict[str, int], over: dict[str, Any]) -> Any:
         tensor_model_parallel_size=par.get("tp", 1),
         pipeline_model_parallel_size=par.get("pp", 1),
         expert_model_parallel_size=par.get("ep", 1),
-        sequence_parallel=par.get("tp", 1) > 1,
+        sequence_parallel=par.get("tp", 1) > 1 and not par.get("eval", False),
         pipeline_dtype=torch.float32,
         params_dtype=torch.float32,
     )
@@ -154,10 +154,31 @@ def _hook_counts(model: Any, counts: dict[str, torch.Tensor]) -> None:
         idx = torch.tensor(moe.local_expert_indices)
 
         def pre(mod: Any, args: tuple[Any, ...], key: str = key, idx: torch.Tensor = idx) -> None:
-            if adds and torch.is_grad_enabled():
+            if adds:
                 counts[key].index_add_(0, idx, args[1].to(torch.long).reshape(-1))
 
         moe.experts.register_forward_pre_hook(pre)
+
+
+def _plain(snap: Any) -> dict[str, dict[str, Any]]:
+    """A snapshot's per-layer numbers as picklable tensors and floats."""
+    return {
+        name: {
+            "usage": torch.as_tensor(s.usage_counts),
+            "dropped_counts": None
+            if s.dropped_counts is None
+            else torch.as_tensor(s.dropped_counts),
+            "dropped_fraction": s.dropped_fraction,
+            "num_tokens": s.num_tokens,
+            "entropy": s.routing_entropy,
+            "aux": s.aux_loss,
+            "coactivation": None if s.coactivation is None else torch.as_tensor(s.coactivation),
+            "bias": None
+            if getattr(s, "expert_bias", None) is None
+            else torch.as_tensor(s.expert_bias),
+        }
+        for name, s in snap.layers.items()
+    }
 
 
 def _batches(steps: int, gbs: int, seed: int) -> list[torch.Tensor]:
@@ -185,7 +206,13 @@ def worker(
 
 
 def _worker(
-    rank: int, world: int, port: int, par: dict[str, int], over: dict[str, Any], steps: int, tmp: str
+    rank: int,
+    world: int,
+    port: int,
+    par: dict[str, int],
+    over: dict[str, Any],
+    steps: int,
+    tmp: str,
 ) -> None:
     import _megatron_cpu
 
@@ -223,9 +250,6 @@ def _worker(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(tmp, f"tb_w{world}"))
-    extra: dict[str, Any] = {}
-    if "stage_group" in par:  # pipeline runs before the monitor gathered stages
-        extra["stage_group"] = None
     mm = MegatronMoEMonitor(
         model,
         log_interval=1,
@@ -233,7 +257,6 @@ def _worker(
         wandb_writer=None,
         save_detailed_logs=rank == world - 1,
         log_dir=os.path.join(tmp, f"logs_w{world}"),
-        **extra,
     )
 
     dp = ps.get_data_parallel_world_size()
@@ -257,9 +280,26 @@ def _worker(
 
     fb = get_forward_backward_func()
     windows: list[dict[str, dict[str, Any]]] = []
+    evaluating = bool(par.get("eval", False))
+    if evaluating:
+        model.eval()
     for step, batch in enumerate(_batches(steps, gbs, seed=7)):
         mine = batch[dp_rank * gbs // dp : (dp_rank + 1) * gbs // dp]
         model.zero_grad(set_to_none=True)
+        if evaluating:
+            with torch.no_grad():
+                fb(
+                    forward_step_func=fstep,
+                    data_iterator=iter(list(mine.split(mbs))),
+                    model=[model],
+                    num_microbatches=micro,
+                    seq_length=SEQ,
+                    micro_batch_size=mbs,
+                    forward_only=True,
+                )
+            snap = mm.monitor.snapshot(window="eval", reset=True, record=False)
+            windows.append(_plain(snap))
+            continue
         fb(
             forward_step_func=fstep,
             data_iterator=iter(list(mine.split(mbs))),
@@ -283,24 +323,7 @@ def _worker(
         assert mm.on_step_end(step + 1) is not None
         snap = mm.monitor.last_snapshot
         assert snap is not None
-        windows.append(
-            {
-                name: {
-                    "usage": torch.as_tensor(s.usage_counts),
-                    "dropped_counts": None
-                    if s.dropped_counts is None
-                    else torch.as_tensor(s.dropped_counts),
-                    "dropped_fraction": s.dropped_fraction,
-                    "num_tokens": s.num_tokens,
-                    "entropy": s.routing_entropy,
-                    "aux": s.aux_loss,
-                    "bias": None
-                    if getattr(s, "expert_bias", None) is None
-                    else torch.as_tensor(s.expert_bias),
-                }
-                for name, s in snap.layers.items()
-            }
-        )
+        windows.append(_plain(snap))
     out = {
         "counts": counts,
         "windows": windows,

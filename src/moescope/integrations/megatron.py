@@ -46,8 +46,8 @@ from torch import nn
 
 from moescope.integrations.core import TrainingSession
 from moescope.integrations.options import MoECallbackOptions
-from moescope.sinks import resolve_loggers
 from moescope.monitor import MoEMonitor
+from moescope.sinks import resolve_loggers
 
 __all__ = ["MegatronMoEMonitor", "megatron_process_group", "megatron_stage_group"]
 
