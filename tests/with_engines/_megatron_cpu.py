@@ -16,6 +16,9 @@ Megatron-core assumes CUDA in a few places that have nothing to do with routing:
   (``schedules.torch.zeros(..., device="cuda")``): the schedules module sees a ``torch``
   whose ``zeros`` puts such tensors on the CPU; ``torch.cuda.synchronize`` (pipeline
   send/receive) is a no-op;
+- Megatron's ``@jit_fuser`` helpers (``torch.compile``; e.g. the router's expert-bias
+  token counter) run eagerly: inductor compiles them for seconds in every forked rank,
+  for the same values;
 - the alltoall dispatcher's side stream for device-to-host copies
   (``torch.cuda.Stream``, ``torch.cuda.current_stream``, ``torch.cuda.stream``,
   ``stream.record_event().synchronize()``): here one inert CPU stream object, so the
@@ -86,6 +89,7 @@ def install() -> None:
     torch.cuda.Stream = lambda *a, **k: _STREAM  # type: ignore[assignment,misc]
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch._dynamo.config.disable = True
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import token_dispatcher

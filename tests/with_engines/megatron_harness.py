@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -250,13 +251,17 @@ def _worker(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(tmp, f"tb_w{world}"))
-    mm = MegatronMoEMonitor(
-        model,
-        log_interval=1,
-        writer=writer,
-        wandb_writer=None,
-        save_detailed_logs=rank == world - 1,
-        log_dir=os.path.join(tmp, f"logs_w{world}"),
+    mm = (
+        None
+        if par.get("unmonitored")
+        else MegatronMoEMonitor(
+            model,
+            log_interval=1,
+            writer=writer,
+            wandb_writer=None,
+            save_detailed_logs=rank == world - 1,
+            log_dir=os.path.join(tmp, f"logs_w{world}"),
+        )
     )
 
     dp = ps.get_data_parallel_world_size()
@@ -280,6 +285,7 @@ def _worker(
 
     fb = get_forward_backward_func()
     windows: list[dict[str, dict[str, Any]]] = []
+    losses: list[float] = []
     evaluating = bool(par.get("eval", False))
     if evaluating:
         model.eval()
@@ -300,7 +306,7 @@ def _worker(
             snap = mm.monitor.snapshot(window="eval", reset=True, record=False)
             windows.append(_plain(snap))
             continue
-        fb(
+        res = fb(
             forward_step_func=fstep,
             data_iterator=iter(list(mine.split(mbs))),
             model=[model],
@@ -309,17 +315,16 @@ def _worker(
             micro_batch_size=mbs,
             forward_only=False,
         )
+        losses.extend(float(d["lm loss"]) for d in res or [])
         _sync_grads(model, config)
         with torch.no_grad():
             for p in model.parameters():
                 p -= 0.05 * p.grad
         if config.moe_router_enable_expert_bias:
             # Megatron's own update (what finalize_model_grads runs after each step).
-            from megatron.core.distributed.finalize_model_grads import (
-                _update_router_expert_bias,
-            )
-
             _update_router_expert_bias([model], config)
+        if mm is None:
+            continue
         assert mm.on_step_end(step + 1) is not None
         snap = mm.monitor.last_snapshot
         assert snap is not None
@@ -335,9 +340,12 @@ def _worker(
             )
             for layer in model.decoder.layers
         },
-        "metrics": dict(mm.last_metrics),
+        "metrics": {} if mm is None else dict(mm.last_metrics),
+        "losses": losses,
+        "weights": {k: v.clone() for k, v in model.state_dict().items() if "router" in k},
     }
-    mm.close()
+    if mm is not None:
+        mm.close()
     if writer is not None:
         writer.close()
     torch.save(out, os.path.join(tmp, f"out_w{world}_r{rank}.pt"))

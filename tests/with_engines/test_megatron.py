@@ -106,7 +106,7 @@ LAYOUTS = [
         4, {"tp": 2, "ep": 2}, {"moe_token_dispatcher_type": "allgather"}, id="tp2-sp-ep2-allgather"
     ),
     pytest.param(4, {"pp": 2, "ep": 2}, {}, id="pp2-ep2-dp2"),
-    pytest.param(4, {"tp": 2, "pp": 2}, {}, id="tp2-sp-pp2", marks=pytest.mark.slow),
+    pytest.param(4, {"tp": 2, "pp": 2}, {}, id="tp2-sp-pp2"),
 ]
 
 
@@ -133,6 +133,18 @@ def test_parallel_layout_equals_megatron_and_single_process(
                 assert w[layer]["num_tokens"] == TOKENS
                 assert int(w[layer]["usage"].sum()) == TOKENS * TOP_K
                 assert (w[layer]["usage"] - ref[layer]["usage"]).abs().max() <= 2
+
+
+def test_monitor_changes_nothing(tmp_path_factory: Any) -> None:
+    """Same losses and router weights (expert bias included) with and without moescope."""
+    over = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
+    tmp, out = _single_run(tmp_path_factory, over)
+    plain = _run(tmp, 1, {"unmonitored": 1}, over)[0]
+    assert len(out["losses"]) == STEPS
+    assert out["losses"] == plain["losses"]
+    assert out["weights"].keys() == plain["weights"].keys()
+    for k, v in out["weights"].items():
+        assert torch.equal(v, plain["weights"][k]), k
 
 
 def test_tensor_parallel_replicas_count_once(tmp_path_factory: Any) -> None:
