@@ -63,6 +63,7 @@ see :func:`moescope.integrations.megatron.megatron_process_group`.
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from typing import Any
@@ -104,12 +105,14 @@ def _score_fn(router: Any, config: Any) -> RecordScoreFn:
     if getattr(router, "routing_type", None) == "sinkhorn":
         return "sigmoid" if int(router.topk) == 1 else "softmax"
     fn = getattr(config, "moe_router_score_function", "softmax")
-    if fn not in ("softmax", "sigmoid"):
+    if fn == "sigmoid":
+        return "sigmoid"
+    if fn != "softmax":
         raise ValueError(
             f"Megatron router score function {fn!r} is not one moescope can read "
             "(softmax, sigmoid); monitor this model with a custom adapter"
         )
-    return fn  # type: ignore[no-any-return]
+    return "softmax"
 
 
 class MegatronMoEAdapter:
@@ -146,9 +149,9 @@ class MegatronMoEAdapter:
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:
         """Wrap the router's ``routing`` (this instance only); returns the undo."""
-        router = info.router
+        router: Any = info.router
         assert router is not None  # every match() of this adapter names it
-        config = info.module.config
+        config: Any = info.module.config
         path, num_experts, top_k, score_fn = info.path, info.num_experts, info.top_k, info.score_fn
         capacity = getattr(config, "moe_expert_capacity_factor", None) is not None
         original = router.routing  # the bound method (or an earlier wrapper)
@@ -159,12 +162,9 @@ class MegatronMoEAdapter:
             if getattr(router, "router_replay", None) is not None:
                 return None
             if getattr(router, "routing_type", None) == "sinkhorn":
-                return router.sinkhorn_load_balancing(logits)[1]  # type: ignore[no-any-return]
-            from megatron.core.transformer.moe.moe_utils import (
-                topk_routing_with_score_function,
-            )
-
-            return topk_routing_with_score_function(  # type: ignore[no-any-return]
+                return router.sinkhorn_load_balancing(logits)[1]
+            moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+            return moe_utils.topk_routing_with_score_function(
                 logits,
                 top_k,
                 use_pre_softmax=config.moe_router_pre_softmax,

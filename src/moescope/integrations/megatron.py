@@ -39,6 +39,7 @@ the defaults; megatron-core's pip package has no training loop, so pass them the
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -89,7 +90,7 @@ def megatron_process_group(model: Any = None, sequence_parallel: bool | None = N
             initialised (``parallel_state.initialize_model_parallel`` first).
     """
     try:
-        from megatron.core import parallel_state as ps
+        ps = importlib.import_module("megatron.core.parallel_state")
     except ImportError as err:  # pragma: no cover - only without megatron-core
         raise RuntimeError(
             "megatron_process_group needs megatron-core: pip install megatron-core"
@@ -118,8 +119,7 @@ def megatron_process_group(model: Any = None, sequence_parallel: bool | None = N
 def megatron_stage_group() -> Any:
     """Megatron's pipeline-parallel group (one rank per stage), over which a monitor
     gathers the layers of the other stages; None without pipeline parallelism."""
-    from megatron.core import parallel_state as ps
-
+    ps = importlib.import_module("megatron.core.parallel_state")
     if not ps.model_parallel_is_initialized():
         return None
     if ps.get_pipeline_model_parallel_world_size() <= 1:
@@ -130,7 +130,7 @@ def megatron_stage_group() -> Any:
 def _training_default(name: str) -> Any:
     """``megatron.training``'s writer/args getter result, or None without Megatron-LM."""
     try:
-        from megatron import training as mt  # type: ignore[attr-defined]
+        mt = importlib.import_module("megatron.training")
     except ImportError:
         return None
     try:
