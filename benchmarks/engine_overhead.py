@@ -5,9 +5,12 @@ One process trains the engine's own MoE model; every repetition times a block of
 same model and optimizer; the order alternates between repetitions so slow drifts of the
 machine hit both alike). A monitored block includes the integration's per-step call
 (``on_step_end``), so the snapshots it takes at the log interval (flush, reduction, one
-host copy, metrics, sinks) are inside the timing. The table reports the median block
-time of each, the ratio of the medians (monitored / plain) and the median of the ratios
-within each repetition.
+host copy, metrics, sinks) are inside the timing: keep ``--steps`` a multiple of
+``--log-interval``. Each block is timed twice: wall clock, and the CPU time of this
+process (``time.process_time``, all its threads; with ``--threads 1`` on a shared CPU it
+is what the step costs whatever else runs on the machine, where wall time is not). The
+table reports, for both, the median per step of each, the ratio of the medians
+(monitored / plain) and the median of the ratios within each repetition.
 
 Engines (``--engine``), each in the training-engines venv (``make test-engines``)::
 
@@ -129,31 +132,35 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     step, handle = ENGINES[args.engine](args)
     mon = handle.monitor
 
-    def block(monitored: bool) -> float:
+    def block(monitored: bool) -> tuple[float, float]:
         if monitored:
             mon.attach()
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             step(monitored)
-        dt = time.perf_counter() - t0
+        dw, dc = time.perf_counter() - w0, time.process_time() - c0
         if monitored:
             mon.detach()
-        return dt
+        return dw, dc
 
     for i in range(args.warmup):
         block(i % 2 == 0)
-    on: list[float] = []
-    off: list[float] = []
+    on: list[tuple[float, float]] = []
+    off: list[tuple[float, float]] = []
     for rep in range(args.reps):
         order = (True, False) if rep % 2 == 0 else (False, True)
         for monitored in order:
             (on if monitored else off).append(block(monitored))
-    ratios = [a / b for a, b in zip(on, off, strict=True)]
+        print(f"rep {rep}: on {on[-1]} off {off[-1]}", file=sys.stderr, flush=True)
     per_step = 1e3 / args.steps
     print(
         f"engine={args.engine} layers={args.layers} hidden={args.hidden} E={args.experts} "
