@@ -16,6 +16,7 @@ listed in docs/megatron.md; the workarounds the harness needs are in ``_megatron
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,15 @@ TOP_K = 2
 LAYERS = [f"decoder.layers.{i}.mlp" for i in range(4)]
 
 
-def _run(tmp: Path, world: int, par: dict[str, Any], over: dict[str, Any]) -> list[dict[str, Any]]:
+def _run(
+    tmp: Path, world: int, par: dict[str, Any], over: dict[str, Any], name: str = ""
+) -> list[dict[str, Any]]:
+    """Run ``world`` ranks; ``name``: in their own folder under ``tmp``, from the weights
+    of the single-process run in ``tmp``."""
+    if name:
+        (tmp / name).mkdir()
+        shutil.copy(tmp / "full.pt", tmp / name / "full.pt")
+        tmp = tmp / name
     run_ranks(h.worker, world, par, over, STEPS, str(tmp), timeout=180)
     return [torch.load(tmp / f"out_w{world}_r{r}.pt", weights_only=False) for r in range(world)]
 
@@ -115,7 +124,7 @@ def test_parallel_layout_equals_megatron_and_single_process(
     tmp_path_factory: Any, world: int, par: dict[str, int], over: dict[str, Any]
 ) -> None:
     tmp, single = _single_run(tmp_path_factory, over)
-    outs = _run(tmp, world, par, over)
+    outs = _run(tmp, world, par, over, "-".join(f"{k}{v}" for k, v in par.items()))
     megatron = _megatron_counts(outs)
     assert sorted(megatron) == LAYERS
     for rank, out in enumerate(outs):
@@ -139,7 +148,7 @@ def test_monitor_changes_nothing(tmp_path_factory: Any) -> None:
     """Same losses and router weights (expert bias included) with and without moescope."""
     over = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
     tmp, out = _single_run(tmp_path_factory, over)
-    plain = _run(tmp, 1, {"unmonitored": 1}, over)[0]
+    plain = _run(tmp, 1, {"unmonitored": 1}, over, "unmonitored")[0]
     assert len(out["losses"]) == STEPS
     assert out["losses"] == plain["losses"]
     assert out["weights"].keys() == plain["weights"].keys()
@@ -152,8 +161,8 @@ def test_tensor_parallel_replicas_count_once(tmp_path_factory: Any) -> None:
     route the same tokens; the snapshot counts them once (the data-parallel group)."""
     over: dict[str, Any] = {}
     tmp, _ = _single_run(tmp_path_factory, over)
-    single = _run(tmp, 1, {"eval": 1}, over)[0]
-    outs = _run(tmp, 2, {"tp": 2, "eval": 1}, over)
+    single = _run(tmp, 1, {"eval": 1}, over, "eval-single")[0]
+    outs = _run(tmp, 2, {"tp": 2, "eval": 1}, over, "eval-tp2")
     for out in outs:
         for w, ref in zip(out["windows"], single["windows"], strict=True):
             for layer in LAYERS:
