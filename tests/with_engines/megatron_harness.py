@@ -29,6 +29,10 @@ from megatron.core.distributed.finalize_model_grads import _update_router_expert
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -286,6 +290,7 @@ def _worker(
     fb = get_forward_backward_func()
     windows: list[dict[str, dict[str, Any]]] = []
     losses: list[float] = []
+    megatron_aux: list[torch.Tensor | None] = []
     evaluating = bool(par.get("eval", False))
     if evaluating:
         model.eval()
@@ -316,6 +321,10 @@ def _worker(
             forward_only=False,
         )
         losses.extend(float(d["lm loss"]) for d in res or [])
+        # Megatron's own per-layer load-balancing loss of this step (aux / coefficient)
+        tracked = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        megatron_aux.append(None if tracked is None else tracked["values"].clone())
+        clear_aux_losses_tracker()
         _sync_grads(model, config)
         with torch.no_grad():
             for p in model.parameters():
@@ -342,6 +351,7 @@ def _worker(
         },
         "metrics": {} if mm is None else dict(mm.last_metrics),
         "losses": losses,
+        "megatron_aux": megatron_aux,
         "weights": {k: v.clone() for k, v in model.state_dict().items() if "router" in k},
     }
     if mm is not None:

@@ -144,6 +144,22 @@ def test_parallel_layout_equals_megatron_and_single_process(
                 assert (w[layer]["usage"] - ref[layer]["usage"]).abs().max() <= 2
 
 
+def test_aux_loss_equals_megatron_load_balancing_loss(tmp_path_factory: Any) -> None:
+    """Megatron tracks ``E * sum_e P_e * tokens_e / (K * T^2)`` per layer: moescope's
+    per-layer aux loss (``E * sum_e f_e P_e``, f summing to K) divided by K."""
+    over = {"moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.01}
+    _, out = _single_run(tmp_path_factory, over)
+    assert len(out["megatron_aux"]) == STEPS
+    for w, tracked in zip(out["windows"], out["megatron_aux"], strict=True):
+        assert tracked is not None
+        for i, layer in enumerate(LAYERS):
+            assert w[layer]["aux"] / TOP_K == pytest.approx(float(tracked[i]), rel=1e-5)
+        assert torch.equal(
+            torch.stack([w[layer]["usage"] for layer in LAYERS]).sum(1),
+            torch.full((len(LAYERS),), TOKENS * TOP_K),
+        )
+
+
 def test_monitor_changes_nothing(tmp_path_factory: Any) -> None:
     """Same losses and router weights (expert bias included) with and without moescope."""
     over = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
