@@ -20,6 +20,7 @@ the same rows, so only expert-TP rank 0 adds them.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -279,7 +280,12 @@ def _worker(
 
     def fstep(it: Any, m: Any) -> Any:
         b = next(it)
-        out = m(b[:, :-1], pos.expand(b.shape[0], SEQ), mask, labels=b[:, 1:])
+        kw: dict[str, Any] = {}
+        if pad:  # the last ``pad`` positions of every sequence are padding (True)
+            padding = torch.zeros(b.shape[0], SEQ, dtype=torch.bool)
+            padding[:, SEQ - pad :] = True
+            kw["padding_mask"] = padding
+        out = m(b[:, :-1], pos.expand(b.shape[0], SEQ), mask, labels=b[:, 1:], **kw)
 
         def loss_fn(o: torch.Tensor) -> Any:
             loss = o.float().mean()
@@ -287,6 +293,19 @@ def _worker(
 
         return out, loss_fn
 
+    pad = int(par.get("pad", 0))
+    # The router module's own output, for padding runs: the map's non-padding rows.
+    routed: dict[str, torch.Tensor] = {}
+
+    def router_hook(mod: Any, args: tuple[Any, ...], out: Any, key: str) -> None:
+        padding = args[1] if len(args) > 1 else None
+        rows = out[1] if padding is None else out[1][~padding.reshape(-1)]
+        routed[key] = routed.get(key, 0) + rows.sum(0).long()
+
+    if pad:
+        for layer in model.decoder.layers:
+            key = f"decoder.layers.{layer.layer_number - 1}.mlp"
+            layer.mlp.router.register_forward_hook(partial(router_hook, key=key))
     fb = get_forward_backward_func()
     windows: list[dict[str, dict[str, Any]]] = []
     losses: list[float] = []
@@ -352,6 +371,7 @@ def _worker(
         "metrics": {} if mm is None else dict(mm.last_metrics),
         "losses": losses,
         "megatron_aux": megatron_aux,
+        "routed": routed,
         "weights": {k: v.clone() for k, v in model.state_dict().items() if "router" in k},
     }
     if mm is not None:

@@ -160,6 +160,22 @@ def test_aux_loss_equals_megatron_load_balancing_loss(tmp_path_factory: Any) -> 
         )
 
 
+def test_padding_mask_excludes_padding(tmp_path_factory: Any) -> None:
+    """``GPTModel.forward(padding_mask=...)``: padding tokens are routed and dispatched by
+    Megatron but are not tokens; moescope counts the router's map on non-padding rows
+    (read by a forward hook on the router module), not what the experts received."""
+    tmp, _ = _single_run(tmp_path_factory, {})
+    out = _run(tmp, 1, {"pad": 4}, {}, "pad4")[0]
+    valid = TOKENS - 4 * 4
+    for layer in LAYERS:
+        assert torch.equal(_monitor_total(out, layer), out["routed"][layer]), layer
+        for w in out["windows"]:
+            assert w[layer]["num_tokens"] == valid
+            assert int(w[layer]["usage"].sum()) == valid * TOP_K
+        # the dispatcher still sent the padding tokens to the experts
+        assert int(out["counts"][layer].sum()) == STEPS * TOKENS * TOP_K
+
+
 def test_monitor_changes_nothing(tmp_path_factory: Any) -> None:
     """Same losses and router weights (expert bias included) with and without moescope."""
     over = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
