@@ -237,13 +237,23 @@ def test_token_recorder_source_and_files(mixtral: torch.nn.Module, tmp_path: Pat
     batches = [v[None] for v in toks.values()]
     routing = record_routing(mixtral, batches, weights=True)
     assert set(routing.weights) == set(routing.layers)
+    # The recorded weights are Mixtral's combine weights: softmax, top-2, renormalised
+    # (float64 from transformers' router logits), slot 0 the largest.
+    with torch.no_grad():
+        logits = mixtral(input_ids=batches[0], output_router_logits=True).router_logits
+    for layer, lg in zip(routing.layers, logits, strict=True):
+        top = torch.topk(torch.softmax(lg.double(), -1), 2, dim=-1).values
+        ref = (top / top.sum(-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(routing.weights[layer][: ref.shape[0]], ref, atol=1e-6)
     tr = trace_from_token_routing(routing)
     assert tr.seq_ids == ["0", "1", "2", "3"] and tr.has_weights
     direct = replay(mixtral, list(toks.values()))
     assert agree(tr, direct).exact == 1.0
     # TokenRouting.save files and trace files are both accepted as a side.
     p = routing.save(tmp_path / "routing.npz")
-    assert load_trace(p).seq_ids == tr.seq_ids
+    loaded = load_trace(p)
+    assert loaded.seq_ids == tr.seq_ids and loaded.has_weights
+    np.testing.assert_array_equal(loaded[1].topk_weights, tr[1].topk_weights)
     res = agree(str(p), direct.save(tmp_path / "direct.jsonl"))
     assert res.exact == 1.0 and res.weighted_overlap == pytest.approx(1.0, abs=1e-6)
 
