@@ -291,6 +291,29 @@ def _train(lr: float, steps: int = 3, record: bool = True) -> RoutingTrace:
     return rec.trace()
 
 
+def test_trace_recorder_never_stops_the_forward(
+    mixtral: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moescope import MoEMonitor
+
+    mon = MoEMonitor(mixtral)
+    rec = TraceRecorder(mon, max_tokens=1000).attach()
+
+    def boom() -> None:
+        raise RuntimeError("host copy failed")  # any failure inside the recorder
+
+    with torch.no_grad():
+        mixtral(input_ids=torch.randint(3, 128, (2, 5)))
+        monkeypatch.setattr(rec.recorder, "_flush", boom)
+        with pytest.warns(UserWarning, match="recording switched off.*host copy failed"):
+            mixtral(input_ids=torch.randint(3, 128, (2, 5)))
+        mixtral(input_ids=torch.randint(3, 128, (2, 5)))  # runs, not recorded
+    rec.detach()
+    mon.detach()
+    tr = rec.trace()
+    assert tr.seq_ids == ["0", "1"] and tr.num_tokens == 10
+
+
 def test_two_training_side_traces() -> None:
     a, b, c = _train(0.0), _train(0.0), _train(3.0)
     assert len(a) == 9 and a.has_weights and a.source["engine"] == "moescope-training"

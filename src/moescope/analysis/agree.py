@@ -141,6 +141,12 @@ def replay(
     seqs = _token_sequences(tokens)
     if not seqs:
         raise AnalyzeError("no token sequence to replay; pass a trace or token ids")
+    bad = next((sid for sid, t in seqs if t.size and int(t.min()) < 0), None)
+    if bad is not None:
+        raise AnalyzeError(
+            f"sequence {bad!r} has negative token ids (-1: the recording had no input_ids); "
+            "replay needs the real token ids"
+        )
     total = sum(int(t.shape[0]) for _, t in seqs)
     rec = RoutingRecorder(model, max_tokens=max(total, 1), monitor=monitor, weights=True)
     by_len: dict[int, list[int]] = {}

@@ -26,6 +26,7 @@ recorder usable with any integration.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,36 @@ def trace_from_token_routing(
     return trace
 
 
+class _GuardedRecorder(RoutingRecorder):
+    """A RoutingRecorder that never raises into the forward it watches: the first error
+    switches it off with one warning (what was recorded before is kept)."""
+
+    broken: str | None = None
+
+    def forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.broken is None:
+            self._guard(super().forward_start, args, kwargs)
+
+    def forward_end(self, output: Any) -> None:
+        if self.broken is None:
+            self._guard(super().forward_end, output)
+        else:
+            self._active = False
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # monitoring never stops the job it watches
+            self.broken = f"{type(err).__name__}: {err}"
+            self._active = False
+            self._calls = {}
+            warnings.warn(
+                f"moescope TraceRecorder: recording switched off ({self.broken}); the "
+                "sequences recorded before are kept",
+                stacklevel=2,
+            )
+
+
 class TraceRecorder:
     """Records a bounded :class:`~moescope.trace.RoutingTrace` through ``monitor``'s hooks.
 
@@ -96,6 +127,8 @@ class TraceRecorder:
             training integration's ``session.monitor``; its top-level forward's
             ``input_ids`` are the token ids.
         max_tokens: tokens kept at most (the first ones; later forwards are skipped).
+            An error while recording (e.g. input ids that do not match the routed
+            tokens) switches recording off with one warning; training goes on.
         layers: MoE layer paths to record (default: all).
         source: metadata for the trace (``engine``, ``model``, ``dtype``, ``step`` ...).
     """
@@ -108,7 +141,7 @@ class TraceRecorder:
         layers: Sequence[str] | None = None,
         source: Mapping[str, Any] | None = None,
     ) -> None:
-        self.recorder = RoutingRecorder(
+        self.recorder = _GuardedRecorder(
             monitor.model, max_tokens=max_tokens, layers=layers, monitor=monitor, weights=True
         )
         self.source: dict[str, Any] = {"engine": "moescope-training", **dict(source or {})}
