@@ -409,7 +409,7 @@ class AgreementResult:
         if e >= IDENTICAL:
             what = "routing agrees"
         elif e >= CLOSE:
-            what = "routing agrees except near-ties"
+            what = "routing agrees closely"
         elif e >= ACCEPTABLE:
             what = "routing mismatch"
         else:
