@@ -43,6 +43,7 @@ A file of a newer ``version`` is refused with one line saying to upgrade moescop
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -266,14 +267,19 @@ class RoutingTrace:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to ``path``: ``.jsonl`` or ``.npz`` by its suffix (module doc)."""
         p = Path(path)
-        suffix = _suffix(p)
+        data = self.to_bytes(_suffix(p))
         p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    def to_bytes(self, suffix: str = ".npz") -> bytes:
+        """The content of a ``.jsonl`` or ``.npz`` file (``suffix``) of this trace."""
+        if suffix not in _SUFFIXES:
+            raise TraceFormatError(f"a routing trace is .jsonl or .npz, not {suffix!r}")
         if suffix == ".jsonl":
-            with p.open("w", encoding="utf-8") as f:
-                f.write(json.dumps(self.header(), allow_nan=False) + "\n")
-                for seq in self:
-                    f.write(_sequence_line(seq) + "\n")
-            return p
+            lines = [json.dumps(self.header(), allow_nan=False)]
+            lines += [_sequence_line(seq) for seq in self]
+            return ("\n".join(lines) + "\n").encode("utf-8")
         n = len(self)
         lengths = np.array([t.shape[0] for t in self.token_ids], dtype=np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -286,18 +292,18 @@ class RoutingTrace:
                 weights[:, offsets[i] : offsets[i + 1]] = w
         head = self.header()
         head["seq_ids"] = list(self.seq_ids)
-        with p.open("wb") as f:
-            np.savez_compressed(
-                f,
-                allow_pickle=False,
-                header=np.array(json.dumps(head, allow_nan=False)),
-                token_ids=(np.concatenate(self.token_ids) if n else np.zeros(0, dtype=np.int64)),
-                offsets=offsets,
-                topk_ids=ids,
-                topk_weights=weights,
-                has_weights=np.array([w is not None for w in self.topk_weights], dtype=bool),
-            )
-        return p
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            allow_pickle=False,
+            header=np.array(json.dumps(head, allow_nan=False)),
+            token_ids=(np.concatenate(self.token_ids) if n else np.zeros(0, dtype=np.int64)),
+            offsets=offsets,
+            topk_ids=ids,
+            topk_weights=weights,
+            has_weights=np.array([w is not None for w in self.topk_weights], dtype=bool),
+        )
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RoutingTrace:

@@ -39,7 +39,7 @@ from moescope.trace import RoutingTrace
 if TYPE_CHECKING:
     from moescope.monitor import MoEMonitor
 
-__all__ = ["TraceRecorder", "trace_from_token_routing"]
+__all__ = ["TraceRecorder", "trace_from_recordings", "trace_from_token_routing"]
 
 
 def trace_from_token_routing(
@@ -87,6 +87,34 @@ def trace_from_token_routing(
             None if w is None else w[:, sel],
         )
     return trace
+
+
+def trace_from_recordings(
+    recordings: Mapping[str, TokenRouting], *, source: Mapping[str, Any] | None = None
+) -> RoutingTrace:
+    """One trace of several sources' ``TokenRouting`` (``moescope analyze``'s inputs):
+    sequence ``n`` of source ``label`` is ``"label/n"``. The sources must have the same
+    layers (one model recorded them)."""
+    parts = [
+        (label, trace_from_token_routing(tr, source=source))
+        for label, tr in recordings.items()
+        if tr.num_tokens
+    ]
+    if not parts:
+        raise ValueError("no source recorded a token")
+    first = parts[0][1]
+    out = RoutingTrace(
+        first.layers,
+        max(t.num_experts for _, t in parts),
+        max(t.top_k for _, t in parts),
+        first.source,
+    )
+    for label, t in parts:
+        if t.layers != first.layers:
+            raise ValueError(f"source {label!r} recorded other layers than {parts[0][0]!r}")
+        for seq in t:
+            out.append(f"{label}/{seq.seq_id}", seq.token_ids, seq.topk_ids, seq.topk_weights)
+    return out
 
 
 class _GuardedRecorder(RoutingRecorder):
