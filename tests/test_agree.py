@@ -214,6 +214,21 @@ def test_off_by_one_token_is_refused(mixtral: torch.nn.Module) -> None:
     assert agree(a, rolled).exact < 0.6
 
 
+def test_prefix_compares_the_common_prefix_only(mixtral: torch.nn.Module) -> None:
+    toks = _tokens()
+    a = replay(mixtral, toks)
+    # An engine that never routed the last sampled token: one token fewer per sequence.
+    b = replay(mixtral, {k: v[:-1] for k, v in toks.items()})
+    with pytest.raises(TraceAlignmentError, match="--prefix compares a common prefix"):
+        agree(a, b)
+    res = agree(a, b, prefix=True)
+    assert res.exact == 1.0 and res.num_tokens == sum(LENGTHS) - len(LENGTHS)
+    assert any("4 tokens beyond the common prefix" in n for n in res.notes)
+    shifted = replay(mixtral, {k: v[1:] for k, v in toks.items()})
+    with pytest.raises(TraceAlignmentError, match="shifted by 1"):
+        agree(a, shifted, prefix=True)  # a shift is never a prefix
+
+
 def test_alignment_is_by_seq_id_not_order(mixtral: torch.nn.Module) -> None:
     a = replay(mixtral, _tokens())
     b = a.subset(list(reversed(a.seq_ids))[:3])

@@ -244,6 +244,23 @@ class RoutingTrace:
             out.append(seq.seq_id, seq.token_ids, seq.topk_ids, seq.topk_weights)
         return out
 
+    def renamed(self, seq_ids: Sequence[str | int] | Mapping[str, str | int]) -> RoutingTrace:
+        """The same trace with other sequence ids: a list (one per sequence, in order) or
+        a mapping ``{old: new}`` (ids not in it are kept), e.g. to give a training-side
+        trace the request ids of the rollouts it trained on. Arrays are shared."""
+        if isinstance(seq_ids, Mapping):
+            new = [str(seq_ids.get(s, s)) for s in self.seq_ids]
+        else:
+            new = [str(s) for s in seq_ids]
+            if len(new) != len(self):
+                raise TraceFormatError(
+                    f"renamed needs one id per sequence: {len(self)} sequences, {len(new)} ids"
+                )
+        out = RoutingTrace(self.layers, self.num_experts, self.top_k, dict(self.source))
+        for sid, seq in zip(new, self, strict=True):
+            out.append(sid, seq.token_ids, seq.topk_ids, seq.topk_weights)
+        return out
+
     def header(self) -> dict[str, Any]:
         """The JSON header every file starts with (see the module doc)."""
         return {

@@ -243,6 +243,7 @@ def agree(
     seed: int = 0,
     batch_size: int = 8,
     top_n: int = 10,
+    prefix: bool = False,
 ) -> AgreementResult:
     """Routing agreement of ``a`` and ``b`` on the same token sequences.
 
@@ -260,6 +261,8 @@ def agree(
         device, seed: where a loaded model runs; seed of random weights (config.json).
         batch_size: sequences per replay forward.
         top_n: worst tokens / positions kept.
+        prefix: compare the common prefix of a sequence whose token ids on one side are a
+            prefix of the other's (see :func:`~moescope.analysis.agreement.align_traces`).
 
     Returns:
         :class:`~moescope.analysis.agreement.AgreementResult` (``.verdict``, per-layer
@@ -288,7 +291,7 @@ def agree(
         assert s.model is not None
         s.trace = replay(s.model, src, batch_size=batch_size, source=s.meta)
     assert sa.trace is not None and sb.trace is not None
-    aligned = align_traces(sa.trace, sb.trace)
+    aligned = align_traces(sa.trace, sb.trace, prefix=prefix)
     result = measure_agreement(
         aligned,
         label_a=sa.label,
@@ -301,6 +304,11 @@ def agree(
         result.notes.append(
             f"{aligned.only_a} sequences only in {sa.label} and {aligned.only_b} only in "
             f"{sb.label} were left out"
+        )
+    if aligned.trimmed:
+        result.notes.append(
+            f"{aligned.trimmed} tokens beyond the common prefix of their sequence were left "
+            "out (--prefix)"
         )
     for s in (sa, sb):
         if s.trace is not None and s.trace.source.get("random_weights"):
@@ -346,6 +354,11 @@ class AgreeOptions:
     seed: int = option(0, help="seed of random weights when a side is a config.json")
     batch_size: int = option(8, help="sequences per replay forward")
     top_n: int = option(10, help="worst tokens and positions listed")
+    prefix: bool = option(
+        False,
+        help="where one side's token ids are a prefix of the other's (e.g. an engine that "
+        "never routed the last sampled token), compare the common prefix",
+    )
     overwrite: bool = option(
         False, help="write into a non-empty directory that is not a moescope output"
     )
@@ -367,6 +380,7 @@ def run_agree(options: AgreeOptions) -> tuple[AgreementResult, Path]:
         seed=options.seed,
         batch_size=options.batch_size,
         top_n=options.top_n,
+        prefix=options.prefix,
     )
     return result, write_agreement(result, options.out, overwrite=options.overwrite)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from moescope._json import json_safe
 from moescope.analysis.errors import AnalyzeError
-from moescope.trace import RoutingTrace
+from moescope.trace import RoutingTrace, TraceSequence
 
 __all__ = [
     "AgreementResult",
@@ -84,6 +84,7 @@ class AlignedTraces:
     top_k: int
     only_a: int = 0
     only_b: int = 0
+    trimmed: int = 0
 
 
 def _first_diff(x: np.ndarray, y: np.ndarray) -> int:
@@ -102,9 +103,14 @@ def _shift_hint(x: np.ndarray, y: np.ndarray) -> str:
     return ""
 
 
-def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
+def align_traces(a: RoutingTrace, b: RoutingTrace, *, prefix: bool = False) -> AlignedTraces:
     """Pair the sequences of ``a`` and ``b`` by ``seq_id`` (A's order) and check that
     their token ids are equal.
+
+    ``prefix=True`` also accepts a sequence whose token ids on one side are a prefix of
+    the other side's (e.g. a serving engine that never routed the last sampled token):
+    the common prefix is compared, ``trimmed`` counts the tokens left out. A shifted or
+    otherwise different sequence is refused either way.
 
     Raises:
         TraceAlignmentError: different numbers of MoE layers, experts or K, no common
@@ -133,8 +139,25 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
             "through B's model (moescope agree TRACE MODEL)"
         )
     tok, ia, ib, wa, wb, lens = [], [], [], [], [], []
+    trimmed = 0
     for sid in common:
         sa, sb = a[sid], b[sid]
+        n_a, n_b = sa.token_ids.shape[0], sb.token_ids.shape[0]
+        n = min(n_a, n_b)
+        if prefix and n_a != n_b and np.array_equal(sa.token_ids[:n], sb.token_ids[:n]):
+            trimmed += max(n_a, n_b) - n
+            sa = TraceSequence(
+                sid,
+                sa.token_ids[:n],
+                sa.topk_ids[:, :n],
+                None if sa.topk_weights is None else sa.topk_weights[:, :n],
+            )
+            sb = TraceSequence(
+                sid,
+                sb.token_ids[:n],
+                sb.topk_ids[:, :n],
+                None if sb.topk_weights is None else sb.topk_weights[:, :n],
+            )
         if not np.array_equal(sa.token_ids, sb.token_ids):
             p = _first_diff(sa.token_ids, sb.token_ids)
             at = (
@@ -145,6 +168,7 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
                 f"sequence {sid!r}: token ids differ (A {sa.token_ids.shape[0]} tokens, B "
                 f"{sb.token_ids.shape[0]}; {at}){_shift_hint(sa.token_ids, sb.token_ids)}; "
                 "both traces must route the same tokens in the same order"
+                + ("" if prefix or n_a == n_b else " (--prefix compares a common prefix)")
             )
         tok.append(sa.token_ids)
         ia.append(sa.topk_ids)
@@ -176,6 +200,7 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
         top_k=a.top_k,
         only_a=len(a) - len(common),
         only_b=len(b) - len(common),
+        trimmed=trimmed,
     )
 
 
