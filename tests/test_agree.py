@@ -26,6 +26,7 @@ from moescope.analysis.agreement import (
     position_buckets,
     set_agreement,
 )
+from moescope.analysis.errors import AnalyzeError
 from moescope.stats.token_recorder import record_routing
 from moescope.stats.trace_recorder import TraceRecorder, trace_from_token_routing
 from moescope.trace import RoutingTrace
@@ -94,6 +95,49 @@ def test_chance_levels_by_simulation() -> None:
     assert m["exact"].mean() == pytest.approx(ch["exact"], abs=0.005)
     assert m["jaccard"].mean() == pytest.approx(ch["jaccard"], abs=0.005)
     assert m["top1"].mean() == pytest.approx(ch["top1"], abs=0.01)
+
+
+def _random_trace(seed: int, same_as: RoutingTrace | None = None) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    tr = RoutingTrace(["l0", "l1", "l2"], 6, 2)
+    for i, n in enumerate((5, 9, 40, 1)):
+        ids = np.argsort(rng.random((3, n, 6)), axis=-1)[..., :2]
+        if same_as is not None:  # half the tokens keep the other trace's routing
+            keep = rng.random((3, n)) < 0.5
+            ids = np.where(keep[..., None], same_as[i].topk_ids, ids)
+        tok = same_as[i].token_ids if same_as is not None else rng.integers(0, 9, n)
+        tr.append(str(i), tok, ids, rng.random((3, n, 2)))
+    return tr
+
+
+def test_measure_agreement_in_chunks_equals_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moescope.analysis.agreement as A
+
+    a = _random_trace(0)
+    b = _random_trace(1, same_as=a)
+    al = align_traces(a, b)
+    whole = measure_agreement(al).to_json()
+    monkeypatch.setattr(A, "CHUNK_TOKENS", 7)
+    chunked = measure_agreement(al).to_json()
+    whole.pop("created"), chunked.pop("created")
+
+    def rounded(x: object) -> object:  # sums in another order differ in the last bits
+        if isinstance(x, float):
+            return round(x, 12)
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return x
+
+    assert rounded(whole) == rounded(chunked)
+    m = set_agreement(al.ids_a, al.ids_b, al.w_a, al.w_b)
+    for i, x in enumerate(whole["layers"]):
+        assert x["exact"] == pytest.approx(m["exact"][i].mean(), abs=1e-12)
+        assert x["jaccard"] == pytest.approx(m["jaccard"][i].mean(), abs=1e-12)
+        assert x["weighted_overlap"] == pytest.approx(m["weighted"][i].mean(), abs=1e-12)
+        assert sum(x["expert_lost"]) == int((~m["hit_a"][i]).sum())
+    assert 0.3 < whole["exact"] < 0.8 and whole["tokens"] == 55
 
 
 def test_position_buckets() -> None:
@@ -269,6 +313,9 @@ def test_token_recorder_source_and_files(mixtral: torch.nn.Module, tmp_path: Pat
     loaded = load_trace(p)
     assert loaded.seq_ids == tr.seq_ids and loaded.has_weights
     np.testing.assert_array_equal(loaded[1].topk_weights, tr[1].topk_weights)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(AnalyzeError, match=r"not a readable \.npz"):
+        load_trace(tmp_path / "bad.npz")
     res = agree(str(p), direct.save(tmp_path / "direct.jsonl"))
     assert res.exact == 1.0 and res.weighted_overlap == pytest.approx(1.0, abs=1e-6)
 
@@ -392,7 +439,6 @@ def test_outputs_and_cli(mixtral: torch.nn.Module, tmp_path: Path, capsys) -> No
 
 
 def test_write_agreement_refuses_foreign_dir(mixtral: torch.nn.Module, tmp_path: Path) -> None:
-    from moescope.analysis.errors import AnalyzeError
 
     res = measure_agreement(align_traces(*(2 * [replay(mixtral, _tokens())])))
     (tmp_path / "x").mkdir()

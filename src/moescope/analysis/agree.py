@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,11 @@ def load_trace(path: str | os.PathLike[str]) -> RoutingTrace:
     if not p.is_file():
         raise AnalyzeError(f"{p}: no such trace file; pass a .jsonl/.npz routing trace or a model")
     if p.suffix.lower() == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            is_token_routing = "meta" in z.files and "header" not in z.files
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                is_token_routing = "meta" in z.files and "header" not in z.files
+        except (OSError, ValueError, zipfile.BadZipFile):
+            is_token_routing = False  # RoutingTrace.load below says what is wrong
         if is_token_routing:
             return trace_from_token_routing(TokenRouting.load(p), source={"file": str(p)})
     try:
