@@ -439,7 +439,6 @@ def test_outputs_and_cli(mixtral: torch.nn.Module, tmp_path: Path, capsys) -> No
 
 
 def test_write_agreement_refuses_foreign_dir(mixtral: torch.nn.Module, tmp_path: Path) -> None:
-
     res = measure_agreement(align_traces(*(2 * [replay(mixtral, _tokens())])))
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "mine.txt").write_text("keep")
