@@ -89,7 +89,7 @@ class TraceSequence:
     topk_weights: np.ndarray | None  # float32 [L, S, K]
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no truth value: compare traces field by field
 class RoutingTrace:
     """Per-token top-k routing of N sequences through L MoE layers (module doc).
 
