@@ -444,3 +444,35 @@ def test_write_agreement_refuses_foreign_dir(mixtral: torch.nn.Module, tmp_path:
     (tmp_path / "x" / "mine.txt").write_text("keep")
     with pytest.raises(AnalyzeError):
         write_agreement(res, tmp_path / "x")
+
+
+def test_training_option_writes_the_trace_when_full(tmp_path: Path) -> None:
+    """``routing_trace_tokens=N`` on any integration: the file appears as soon as N tokens
+    are in (not only at the end, so a crash later loses nothing) and equals a recorder
+    attached by hand to the same run."""
+    from moescope import MoECallbackOptions, MoEPyTorchCallback
+    from moescope.nn.model import TinyMoEConfig, TinyMoELM
+
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+                        intermediate_size=16, num_experts=4, top_k=2, max_seq_len=32)  # fmt: skip
+    model = TinyMoELM(cfg)
+    opts = MoECallbackOptions(log_every_n_steps=1, log_to_console=False, log_heatmap_every=None,
+                              log_dir=str(tmp_path), routing_trace_tokens=60)  # fmt: skip
+    cb = MoEPyTorchCallback(model, opts)
+    by_hand = TraceRecorder(cb.monitor, max_tokens=60).attach()
+    path = tmp_path / "routing_trace.npz"
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        ids = torch.randint(0, 64, (3, 10), generator=gen)
+        cb.on_step_begin()
+        with torch.no_grad():
+            model(input_ids=ids)
+        cb.on_step_end()
+        assert path.exists() == (step >= 1)  # 30 tokens per step: full after the second
+    cb.cleanup()
+    by_hand.detach()
+    written = load_trace(path)
+    assert written.num_tokens == 60 and written.has_weights
+    res = agree(written, by_hand.trace())
+    assert res.exact == 1.0 and res.weighted_overlap == pytest.approx(1.0, abs=1e-9)
