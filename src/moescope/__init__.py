@@ -9,7 +9,7 @@ lists the whole API. The subpackages (``moescope.cost``, ``moescope.analysis``,
   layer (:class:`LayerInfo` describes each layer found); :class:`AlertRules`,
   :class:`NeuronOptions` / :class:`NeuronThreshold`, :class:`RoutingRecorder`.
 - Training: :class:`MoECallbackOptions`; :class:`MoETrainerCallback`,
-  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback` (and the factories
+  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`, :class:`MegatronMoEMonitor` (and the factories
   :func:`create_moe_callback_for_transformers`, :func:`create_moe_callback_for_pytorch`).
 - Cost: :func:`count_parameters`, :func:`flops_per_token`, :func:`measured_cost`.
 - Analysis: :func:`analyze` (:class:`AnalyzeOptions` -> :class:`AnalysisResult`),
@@ -67,6 +67,7 @@ _LAZY: dict[str, str] = {
     "MoETrainerCallback": "moescope.integrations.transformers",
     "MoEPyTorchCallback": "moescope.integrations.pytorch",
     "MoELightningCallback": "moescope.integrations.lightning",
+    "MegatronMoEMonitor": "moescope.integrations.megatron",
     "create_moe_callback_for_transformers": "moescope.integrations.transformers",
     "create_moe_callback_for_pytorch": "moescope.integrations.pytorch",
     # sinks
@@ -160,6 +161,7 @@ __all__ = [
     "LogEvent",
     "MeasuredCost",
     "MeasuredLayerCost",
+    "MegatronMoEMonitor",
     "MoEAdapter",
     "MoECallbackOptions",
     "MoELayerParams",
@@ -235,6 +237,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.errors import UnsupportedModelError
     from moescope.integrations.core import TrainingSession
     from moescope.integrations.lightning import MoELightningCallback
+    from moescope.integrations.megatron import MegatronMoEMonitor
     from moescope.integrations.options import MoECallbackOptions
     from moescope.integrations.pytorch import MoEPyTorchCallback, create_moe_callback_for_pytorch
     from moescope.integrations.transformers import (
