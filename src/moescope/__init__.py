@@ -9,7 +9,8 @@ lists the whole API. The subpackages (``moescope.cost``, ``moescope.analysis``,
   layer (:class:`LayerInfo` describes each layer found); :class:`AlertRules`,
   :class:`NeuronOptions` / :class:`NeuronThreshold`, :class:`RoutingRecorder`.
 - Training: :class:`MoECallbackOptions`; :class:`MoETrainerCallback`,
-  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`, :class:`MegatronMoEMonitor` (and the factories
+  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`,
+  :class:`MegatronMoEMonitor` (and the factories
   :func:`create_moe_callback_for_transformers`, :func:`create_moe_callback_for_pytorch`).
 - Cost: :func:`count_parameters`, :func:`flops_per_token`, :func:`measured_cost`.
 - Analysis: :func:`analyze` (:class:`AnalyzeOptions` -> :class:`AnalysisResult`),
