@@ -70,6 +70,14 @@ def _monitor_total(out: dict[str, Any], layer: str) -> torch.Tensor:
     return sum(w[layer]["usage"] for w in out["windows"])  # type: ignore[return-value]
 
 
+def _scalar_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
 def test_global_layer_path() -> None:
     assert global_layer_path("decoder.layers.0.mlp", 3) == "decoder.layers.2.mlp"
     assert global_layer_path("module.module.decoder.layers.1.mlp", 7) == "decoder.layers.6.mlp"
@@ -124,7 +132,8 @@ def test_parallel_layout_equals_megatron_and_single_process(
     tmp_path_factory: Any, world: int, par: dict[str, int], over: dict[str, Any]
 ) -> None:
     tmp, single = _single_run(tmp_path_factory, over)
-    outs = _run(tmp, world, par, over, "-".join(f"{k}{v}" for k, v in par.items()))
+    name = "-".join(f"{k}{v}" for k, v in par.items())
+    outs = _run(tmp, world, par, over, name)
     megatron = _megatron_counts(outs)
     assert sorted(megatron) == LAYERS
     for rank, out in enumerate(outs):
@@ -142,6 +151,9 @@ def test_parallel_layout_equals_megatron_and_single_process(
                 assert w[layer]["num_tokens"] == TOKENS
                 assert int(w[layer]["usage"].sum()) == TOKENS * TOP_K
                 assert (w[layer]["usage"] - ref[layer]["usage"]).abs().max() <= 2
+    # The last rank (Megatron's writer rank) wrote every stage's layers to TensorBoard.
+    tags = _scalar_tags(tmp / name / f"tb_w{world}")
+    assert {f"moe/{layer}/cv" for layer in LAYERS} <= tags
 
 
 def test_aux_loss_equals_megatron_load_balancing_loss(tmp_path_factory: Any) -> None:
