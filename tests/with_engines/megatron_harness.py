@@ -89,6 +89,7 @@ def _config(par: dict[str, int], over: dict[str, Any]) -> Any:
         moe_aux_loss_coeff=0.0,
         tensor_model_parallel_size=par.get("tp", 1),
         pipeline_model_parallel_size=par.get("pp", 1),
+        virtual_pipeline_model_parallel_size=par.get("vp"),
         expert_model_parallel_size=par.get("ep", 1),
         sequence_parallel=par.get("tp", 1) > 1 and not par.get("eval", False),
         pipeline_dtype=torch.float32,
@@ -231,25 +232,35 @@ def _worker(
         tensor_model_parallel_size=par.get("tp", 1),
         pipeline_model_parallel_size=par.get("pp", 1),
         expert_model_parallel_size=par.get("ep", 1),
+        virtual_pipeline_model_parallel_size=par.get("vp"),
     )
     torch.manual_seed(1234)
     config = _config(par, over)
-    model = GPTModel(
-        config,
-        _spec(config),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-    )
+    vp = par.get("vp")
+    # One model chunk per virtual pipeline stage (one chunk without virtual stages).
+    chunks = [
+        GPTModel(
+            config,
+            _spec(config),
+            vocab_size=VOCAB,
+            max_sequence_length=SEQ,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=v),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=v),
+            share_embeddings_and_output_weights=False,
+            vp_stage=v,
+        )
+        for v in (range(vp) if vp else [None])
+    ]
+    model = torch.nn.ModuleList(chunks)  # every chunk's parameters, for the updates
+    layers = [layer for c in chunks for layer in c.decoder.layers]
     full_path = os.path.join(tmp, "full.pt")
     if world == 1 and not os.path.exists(full_path):
-        torch.save(model.state_dict(), full_path)
+        torch.save(chunks[0].state_dict(), full_path)
     full = torch.load(full_path)
-    _load_full(model, full)
     counts: dict[str, torch.Tensor] = {}
-    _hook_counts(model, counts)
+    for c in chunks:
+        _load_full(c, full)
+        _hook_counts(c, counts)
 
     writer = None
     if rank == world - 1:
@@ -260,7 +271,7 @@ def _worker(
         None
         if par.get("unmonitored")
         else MegatronMoEMonitor(
-            model,
+            chunks if vp else chunks[0],
             log_interval=1,
             writer=writer,
             wandb_writer=None,
@@ -303,9 +314,14 @@ def _worker(
         routed[key] = routed.get(key, 0) + rows.sum(0).long()
 
     if pad:
-        for layer in model.decoder.layers:
+        for layer in layers:
             key = f"decoder.layers.{layer.layer_number - 1}.mlp"
             layer.mlp.router.register_forward_hook(partial(router_hook, key=key))
+
+    def batches(mine: torch.Tensor) -> Any:
+        its = [iter(list(mine.split(mbs))) for _ in chunks]
+        return its if vp else its[0]
+
     fb = get_forward_backward_func()
     windows: list[dict[str, dict[str, Any]]] = []
     losses: list[float] = []
@@ -320,8 +336,8 @@ def _worker(
             with torch.no_grad():
                 fb(
                     forward_step_func=fstep,
-                    data_iterator=iter(list(mine.split(mbs))),
-                    model=[model],
+                    data_iterator=batches(mine),
+                    model=chunks,
                     num_microbatches=micro,
                     seq_length=SEQ,
                     micro_batch_size=mbs,
@@ -332,8 +348,8 @@ def _worker(
             continue
         res = fb(
             forward_step_func=fstep,
-            data_iterator=iter(list(mine.split(mbs))),
-            model=[model],
+            data_iterator=batches(mine),
+            model=chunks,
             num_microbatches=micro,
             seq_length=SEQ,
             micro_batch_size=mbs,
@@ -350,7 +366,7 @@ def _worker(
                 p -= 0.05 * p.grad
         if config.moe_router_enable_expert_bias:
             # Megatron's own update (what finalize_model_grads runs after each step).
-            _update_router_expert_bias([model], config)
+            _update_router_expert_bias(chunks, config)
         if mm is None:
             continue
         assert mm.on_step_end(step + 1) is not None
@@ -366,7 +382,7 @@ def _worker(
                 if getattr(layer.mlp.router, "expert_bias", None) is None
                 else layer.mlp.router.expert_bias.clone()
             )
-            for layer in model.decoder.layers
+            for layer in layers
         },
         "metrics": {} if mm is None else dict(mm.last_metrics),
         "losses": losses,

@@ -119,6 +119,7 @@ LAYOUTS = [
     pytest.param(2, {"ep": 2}, {}, id="ep2-dp2-alltoall"),
     pytest.param(2, {"tp": 2}, {}, id="tp2-sp-alltoall"),
     pytest.param(2, {"pp": 2}, {}, id="pp2"),
+    pytest.param(2, {"pp": 2, "vp": 2}, {}, id="pp2-vp2"),
     pytest.param(
         4, {"tp": 2, "ep": 2}, {"moe_token_dispatcher_type": "allgather"}, id="tp2-sp-ep2-allgather"
     ),
