@@ -40,7 +40,6 @@ the defaults; megatron-core's pip package has no training loop, so pass them the
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 from torch import nn
@@ -141,10 +140,6 @@ def _training_default(name: str) -> Any:
         return None
 
 
-def _monitor_takes(name: str) -> bool:
-    return name in inspect.signature(MoEMonitor.__init__).parameters
-
-
 class MegatronMoEMonitor:
     """MoE monitoring of a Megatron-core model, logged to Megatron's own writers.
 
@@ -163,7 +158,7 @@ class MegatronMoEMonitor:
         wandb_writer: the ``wandb`` module or a run (default ``get_wandb_writer()``).
         process_group: the group to reduce over (default :func:`megatron_process_group`).
         stage_group: the group to gather pipeline stages over (default
-            :func:`megatron_stage_group`); used when the monitor supports it.
+            :func:`megatron_stage_group`); None: each rank reports its own stage's layers.
         writer_rank: the global rank that writes (default: the last rank, where
             Megatron keeps its writers; 0 without torch.distributed).
 
@@ -200,15 +195,7 @@ class MegatronMoEMonitor:
             process_group = megatron_process_group(model)
         if stage_group is _AUTO:
             stage_group = megatron_stage_group()
-        groups: dict[str, Any] = {"process_group": process_group}
-        if stage_group is not None:
-            if not _monitor_takes("stage_group"):
-                raise RuntimeError(
-                    "pipeline parallelism needs MoEMonitor(stage_group=...), which this "
-                    "moescope version lacks; upgrade moescope, or pass stage_group=None to "
-                    "monitor each stage's own layers only"
-                )
-            groups["stage_group"] = stage_group
+        groups = {"process_group": process_group, "stage_group": stage_group}
         if isinstance(options, TrainingSession):
             if overrides or log_interval is not None:
                 raise TypeError("pass options either as a TrainingSession or as keywords")
