@@ -147,9 +147,9 @@ class MegatronMoEMonitor:
         model: the model (``GPTModel``, possibly wrapped by DDP / Float16Module) or the
             list of virtual-pipeline chunks Megatron's ``get_model`` returns.
         options: a :class:`~moescope.integrations.options.MoECallbackOptions` (alert
-            thresholds, ``save_detailed_logs``, ``log_dir``, ``per_layer``, ...) or a
-            ready :class:`~moescope.integrations.core.TrainingSession`; keywords
-            override its fields.
+            thresholds, ``save_detailed_logs``, ``log_dir``, ``per_layer``, ...; default
+            its defaults with ``log_to_console=False``: Megatron prints its own log);
+            keywords override its fields.
         log_interval: iterations per window (Megatron's ``--log-interval``); default
             ``megatron.training.get_args().log_interval`` when importable, else the
             options' ``log_every_n_steps``.
@@ -169,7 +169,7 @@ class MegatronMoEMonitor:
     def __init__(
         self,
         model: Any,
-        options: MoECallbackOptions | TrainingSession | None = None,
+        options: MoECallbackOptions | None = None,
         *,
         log_interval: int | None = None,
         writer: Any = _AUTO,
@@ -196,17 +196,12 @@ class MegatronMoEMonitor:
         if stage_group is _AUTO:
             stage_group = megatron_stage_group()
         groups = {"process_group": process_group, "stage_group": stage_group}
-        if isinstance(options, TrainingSession):
-            if overrides or log_interval is not None:
-                raise TypeError("pass options either as a TrainingSession or as keywords")
-            session = options
-        else:
-            base = options if options is not None else MoECallbackOptions(log_to_console=False)
-            kw = dict(overrides)
-            kw["monitor_kwargs"] = {**dict(kw.get("monitor_kwargs", base.monitor_kwargs)), **groups}
-            if log_interval is not None:
-                kw["log_every_n_steps"] = int(log_interval)
-            session = TrainingSession(base, **kw)
+        base = options if options is not None else MoECallbackOptions(log_to_console=False)
+        kw = dict(overrides)
+        kw["monitor_kwargs"] = {**dict(kw.get("monitor_kwargs", base.monitor_kwargs)), **groups}
+        if log_interval is not None:
+            kw["log_every_n_steps"] = int(log_interval)
+        session = TrainingSession(base, **kw)
         if session.log_every_n_steps is None:
             raise ValueError("log_interval must be an int >= 1 (Megatron's --log-interval)")
         self.session = session
