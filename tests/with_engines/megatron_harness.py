@@ -277,6 +277,8 @@ def _worker(
             wandb_writer=None,
             save_detailed_logs=rank == world - 1,
             log_dir=os.path.join(tmp, f"logs_w{world}"),
+            # fires on every window of this small model: the alert path is exercised
+            alert_threshold_imbalance=1.2,
         )
     )
 

@@ -113,6 +113,11 @@ def test_single_process_counts_tensorboard_jsonl(tmp_path_factory: Any) -> None:
     assert len(lines) == STEPS
     last = json.loads(lines[-1])
     assert last["step"] == STEPS
+    assert sorted(last["snapshot"]["layers"]) == LAYERS
+    # an alert fires when a layer's busiest expert passes 1.2 x the mean
+    fired = {a["layer"] for a in last["alerts"]}
+    busy = {layer for layer, s in last["snapshot"]["layers"].items() if s["max_over_mean"] > 1.2}
+    assert busy and fired == busy
 
 
 LAYOUTS = [
