@@ -27,6 +27,9 @@ which had the full co-activation matrix on every line and ``"images"`` lines). L
 - ``"metrics"``: ``{"kind", "schema", "step", "time", "mode", "metrics": {...}}``, only
   with ``metrics=True``, for train and eval events (the snapshot line already holds
   every train metric).
+- other kinds written by :meth:`JsonlSink.write_line`, e.g. the vLLM plugin's
+  ``"request"`` lines (per-request routing summaries, docs/vllm.md); readers skip kinds
+  they do not know.
 
 Each alert is ``{"level", "layer", "rule", "value", "step", "message", "threshold",
 "detail", "text"}`` where ``text`` is the console line of
@@ -142,6 +145,13 @@ class JsonlSink(Sink):
         f.flush()
         if self.fsync:
             os.fsync(f.fileno())
+
+    def write_line(self, obj: Mapping[str, Any]) -> None:
+        """Append one line of another kind (``obj["kind"]`` set, e.g. the vLLM plugin's
+        ``"request"`` summaries), written and flushed like every other line."""
+        if not isinstance(obj.get("kind"), str):
+            raise ValueError("write_line needs a 'kind' field")
+        self._write({"schema": SCHEMA_VERSION, **json_safe(dict(obj))})
 
     def _full_due(self, step: int) -> bool:
         every = self._next_full
