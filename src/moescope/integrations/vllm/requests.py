@@ -23,12 +23,11 @@ Model Runner V2; this recorder is what gives the same data on V1.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
 import logging
 import re
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +183,9 @@ class RequestRecorder:
         """Requests with recorded rows not yet finished."""
         return list(self._pending)
 
-    def finish(self, req_id: str, prompt_ids: Iterable[int], output_ids: Iterable[int]) -> FinishedRequest | None:
+    def finish(
+        self, req_id: str, prompt_ids: Iterable[int], output_ids: Iterable[int]
+    ) -> FinishedRequest | None:
         """Assemble request ``req_id`` (None when nothing of it was recorded).
 
         Rows are placed by position, so a request preempted and recomputed keeps its last
@@ -285,12 +286,18 @@ class RequestStreams:
         self.trace = trace
         self.summaries = summaries
         self.max_summaries = int(max_summaries)
-        self._window = {"requests_finished": 0, "request_summaries": 0, "request_summaries_dropped": 0}
+        self._window = {
+            "requests_finished": 0,
+            "request_summaries": 0,
+            "request_summaries_dropped": 0,
+        }
         # Requests written by a flush while still running: later rows of theirs are
         # ignored so that a trace never holds one id twice.
         self._flushed: set[str] = set()
 
-    def end_step(self, req_ids: Sequence[str], num_scheduled: Mapping[str, int], starts: Mapping[str, int]) -> None:
+    def end_step(
+        self, req_ids: Sequence[str], num_scheduled: Mapping[str, int], starts: Mapping[str, int]
+    ) -> None:
         """After a forward (see :meth:`RequestRecorder.end_step`)."""
         if self._flushed:
             num_scheduled = {r: n for r, n in num_scheduled.items() if r not in self._flushed}

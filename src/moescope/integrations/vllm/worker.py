@@ -164,6 +164,20 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     return out
 
 
+def moe_layer_ids(model: nn.Module) -> list[tuple[int, str]]:
+    """``(decoder layer index, path)`` of every MoE layer (the layer axis of vLLM's
+    returned ``routed_experts`` counts decoder layers, dense ones included)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    out = []
+    for path, _, _ in find_layers(model):
+        try:
+            out.append((int(extract_layer_index(path)), path))
+        except (AssertionError, ValueError):  # a path without one layer number
+            out.append((len(out), path))
+    return out
+
+
 #: vLLM's custom routing functions -> how their ``router_logits`` map to a distribution
 #: (keyed by module and function name; read off vLLM 0.32). The router's own
 #: ``scoring_func`` attribute does not say: ``CPURouter`` keeps its default "softmax"
@@ -691,14 +705,15 @@ def shutdown() -> None:
     monitor = STATE["monitor"]
     with contextlib.suppress(Exception):
         flush_requests()
-    streams, STATE["requests"] = STATE.get("requests"), None
-    if streams is not None and streams.trace is not None:
-        streams.trace.close()
     sink = STATE["jsonl"]
     if monitor is not None and sink is not None:
         with contextlib.suppress(Exception):
             monitor.snapshot(reset=True)
-        STATE["jsonl"] = None
+    streams, STATE["requests"] = STATE.get("requests"), None
+    if streams is not None and streams.trace is not None:
+        streams.trace.close()
+    STATE["jsonl"] = None
+    if sink is not None:
         sink.close()
 
 
@@ -838,9 +853,13 @@ def _patch_worker() -> None:
     def moescope_flush(self: Any) -> bool:
         return flush()
 
+    def moescope_moe_layers(self: Any) -> list[tuple[int, str]]:
+        return moe_layer_ids(self.model_runner.model)
+
     WorkerBase.moescope_snapshot = moescope_snapshot
     WorkerBase.moescope_reset = moescope_reset
     WorkerBase.moescope_flush = moescope_flush
+    WorkerBase.moescope_moe_layers = moescope_moe_layers
     _PATCHED.add("worker")
 
 
@@ -918,6 +937,7 @@ def register() -> None:
         return config
 
     EngineArgs.create_engine_config = create_engine_config
+    _patch_worker()  # the RPC methods answer (monitoring off) even without a monitor
     try:
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError:  # pragma: no cover - a vLLM without the v1 async engine
