@@ -488,6 +488,8 @@ def _make_recorder(
     """The per-request recorder, when the trace stream or request summaries are asked for."""
     if not (opts.get("trace") or opts.get("request_summaries")):
         return None
+    if not _output_index()[1]:
+        return None  # a tensor-parallel replica: rank 0 of its group records the same tokens
     sched = getattr(vllm_config, "scheduler_config", None)
     rows = int(getattr(sched, "max_num_batched_tokens", 0) or 0) or 8192
     rec = RequestRecorder(
