@@ -449,8 +449,8 @@ def test_bad_settings_fail_when_vllm_builds_the_engine_config(
 def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Path) -> None:
     """SIGINT to the API server: the one open window (interval 600 s) reaches the JSONL
     log, as a 'serve' line, with every routed token; COUNTS_ONLY=on is honoured. The
-    request, which the worker was never told had finished (no later step), reaches the
-    token trace stream and the request summaries too."""
+    request reaches the token trace stream and the request summaries too (written when
+    the worker learns it finished, or at the shutdown flush)."""
     import signal
 
     from moescope.trace import RoutingTrace
@@ -475,7 +475,8 @@ def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Pat
     try:
         _wait_healthy(proc, api, tmp_path / "server.log")
         fed = _complete(api, served_model, _prompts()[1])
-        assert not jsonl.exists() or jsonl.read_text() == ""  # the window is still open
+        # The window is still open: no window line yet (a request summary may be there).
+        assert not jsonl.exists() or all(ln["kind"] == "request" for ln in read_jsonl(jsonl))
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:

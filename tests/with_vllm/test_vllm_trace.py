@@ -143,11 +143,31 @@ def test_fp32_vllm_routes_every_token_as_fp32_transformers(engines: Any, referen
     assert total > 100
     assert near_ties == 0
     assert matched == total
+    # The agree API (the trace file against the checkpoint replayed through transformers
+    # + moescope's HF adapter) says the same.
+    from moescope.analysis.agree import agree
+
+    model, tmp, _ = engines
+    result = agree(tmp / "trace-float32.jsonl", model, dtype_b="float32")
+    assert result.num_sequences == len(reqs)
+    assert sum(layer.tokens for layer in result.layers) == total
+    assert [layer.exact for layer in result.layers] == [1.0, 1.0]
+    assert [layer.top1 for layer in result.layers] == [1.0, 1.0]
 
 
-def test_a_one_token_shift_breaks_agreement(reference: Any) -> None:
+def test_a_one_token_shift_breaks_agreement(engines: Any, reference: Any) -> None:
     """The comparison above would fail on an alignment off by one token: the same trace
-    read one position early or late agrees on few tokens."""
+    read one position early or late agrees on few tokens (here and through the agree
+    API)."""
+    from moescope.analysis.agree import agree
+
+    model, _, _ = engines
+    trace = reference["trace"]
+    shifted = RoutingTrace(trace.layers, trace.num_experts, trace.top_k, trace.source)
+    for seq in trace:
+        shifted.append(seq.seq_id, seq.token_ids, np.roll(seq.topk_ids, 1, axis=1))
+    result = agree(shifted, model, dtype_b="float32")
+    assert max(layer.exact for layer in result.layers) < 0.5
     for shift in (-1, 1):
         matched = total = 0
         for seq, logits in zip(reference["trace"], reference["logits"], strict=True):
@@ -218,14 +238,22 @@ def test_bf16_vllm_against_fp32_transformers(engines: Any, reference: Any) -> No
     reqs = requests_of(res["bfloat16"])
     seqs = [np.asarray(r["prompt_ids"] + r["output_ids"]) for r in reqs]
     logits = hf_router_logits(model, seqs)
-    ok_all, gap_all = [], []
+    ok_all, gap_all, per_layer = [], [], np.zeros((2, 2), dtype=np.int64)
     for seq, tok, lg in zip(trace, seqs, logits, strict=True):
         np.testing.assert_array_equal(seq.token_ids, tok)
         ref_ids, gap = topk_sets(lg)
         routed = (seq.topk_ids >= 0).all(-1)
-        ok_all.append(set_match(seq.topk_ids, ref_ids)[routed])
+        match = set_match(seq.topk_ids, ref_ids)
+        ok_all.append(match[routed])
         gap_all.append(gap[routed])
+        per_layer += np.stack([(match & routed).sum(-1), routed.sum(-1)], axis=1)
     ok, gap = np.concatenate(ok_all), np.concatenate(gap_all)
+    # The agree API's per-layer exact match rates are these counts.
+    from moescope.analysis.agree import agree
+
+    result = agree(trace, model, dtype_b="float32")
+    for layer, (m, n) in zip(result.layers, per_layer, strict=True):
+        assert layer.tokens == n and layer.exact == pytest.approx(m / n, abs=1e-12)
     rate = float(ok.mean())
     summary = {"token_layers": int(ok.size), "agreement": rate}
     if (~ok).any():
