@@ -111,20 +111,10 @@ def vllm_layers(snap: Snapshot) -> list[tuple[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Path]:
-    tmp = tmp_path_factory.mktemp("qwen")
-    model = build_checkpoint(tmp / "ckpt", "qwen3_moe")
-    jsonl = tmp / "routing.jsonl"
-    spec = {
-        "model": str(model),
-        "prompts": _prompts(),
-        "repeat_prompt": _repeat_prompt(),
-        "max_tokens": MAX_TOKENS,
-        "eager": False,  # the CPU default: torch.compile
-        "options": {"jsonl": str(jsonl), "interval": 0.5},
-        "linger": 2.0,
-    }
-    return model, run_scenario(tmp, spec), jsonl
+def qwen(qwen_engine: tuple[Path, dict[str, Any], Path]) -> tuple[Path, dict[str, Any], Path]:
+    """The shared engine (conftest.py ``qwen_engine``): checkpoint, results, JSONL log."""
+    model, res, tmp = qwen_engine
+    return model, res, tmp / "routing.jsonl"
 
 
 def test_warmup_and_profiling_runs_are_not_counted(qwen: Any) -> None:

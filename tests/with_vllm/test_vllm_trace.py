@@ -1,8 +1,8 @@
 """Per-token routing from a real vLLM engine (CPU build) against transformers.
 
-One process runs two engines on the same tiny Qwen3-MoE checkpoint (tiny_ckpt.py), with
-the plugin's token trace stream and per-request summaries on: float32 (torch.compile, the
-CPU default) and bfloat16. Ground truth: the same token ids (prompt + what vLLM
+Two engines on the same tiny Qwen3-MoE checkpoint (tiny_ckpt.py) with the plugin's token
+trace stream on: the float32 engine test_vllm_monitor.py also reads (conftest.py
+``qwen_engine``: torch.compile, the CPU default, request summaries on) and a bfloat16 one. Ground truth: the same token ids (prompt + what vLLM
 generated, read from the ``RequestOutput``s, not from the trace) through transformers in
 float32, top-k of its own ``output_router_logits``.
 """
@@ -25,7 +25,6 @@ from moescope.trace import RoutingTrace
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from test_vllm_monitor import MAX_TOKENS, _prompts, _repeat_prompt, run_scenario  # noqa: E402
-from tiny_ckpt import build_checkpoint  # noqa: E402
 
 K = 2
 #: A fp32 near-tie: the K-th and (K+1)-th router logits closer than this may be ordered
@@ -34,32 +33,22 @@ NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("trace")
-    model = build_checkpoint(tmp / "ckpt", "qwen3_moe")
-
-    def spec(dtype: str) -> dict[str, Any]:
-        return {
-            "model": str(model),
-            "prompts": _prompts(),
-            "repeat_prompt": _repeat_prompt(),
-            "max_tokens": MAX_TOKENS,
-            "eager": False,  # the CPU default: torch.compile (the op runs in the graph)
-            "dtype": dtype,
-            "options": {
-                "jsonl": str(tmp / f"routing-{dtype}.jsonl"),
-                "trace": str(tmp / f"trace-{dtype}.jsonl"),
-                "request_summaries": 2,
-                "interval": 600.0,
-            },
-            "flush": True,
-            "trace_info": dtype == "float32",
-        }
-
-    res = run_scenario(tmp, {"runs": {"float32": spec("float32"), "bfloat16": spec("bfloat16")}})
-    for name, one in res.items():
-        assert "error" not in one, (name, one)
-    return model, tmp, res
+def engines(qwen_engine: Any) -> tuple[Path, Path, dict[str, Any]]:
+    """The shared float32 engine (conftest.py ``qwen_engine``) and one bfloat16 engine
+    of the same checkpoint and prompts, with the same trace options."""
+    model, fp32, folder = qwen_engine
+    bf16_dir = folder / "bf16"
+    bf16_dir.mkdir(exist_ok=True)
+    spec = {
+        "model": str(model),
+        "prompts": _prompts(),
+        "repeat_prompt": _repeat_prompt(),
+        "max_tokens": MAX_TOKENS,
+        "dtype": "bfloat16",
+        "options": {"trace": str(bf16_dir / "trace.jsonl"), "interval": 600.0},
+        "flush": True,
+    }
+    return model, folder, {"float32": fp32, "bfloat16": run_scenario(bf16_dir, spec)}
 
 
 def requests_of(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,7 +87,7 @@ def set_match(vllm_ids: np.ndarray, ref_ids: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(engines: Any) -> dict[str, Any]:
     model, tmp, res = engines
-    trace = RoutingTrace.load(tmp / "trace-float32.jsonl")
+    trace = RoutingTrace.load(tmp / "trace.jsonl")
     seqs = [np.asarray(r["prompt_ids"] + r["output_ids"]) for r in requests_of(res["float32"])]
     logits = hf_router_logits(model, seqs)
     return {"trace": trace, "seqs": seqs, "logits": logits}
@@ -148,7 +137,7 @@ def test_fp32_vllm_routes_every_token_as_fp32_transformers(engines: Any, referen
     from moescope.analysis.agree import agree
 
     model, tmp, _ = engines
-    result = agree(tmp / "trace-float32.jsonl", model, dtype_b="float32")
+    result = agree(tmp / "trace.jsonl", model, dtype_b="float32")
     assert result.num_sequences == len(reqs)
     assert sum(layer.tokens for layer in result.layers) == total
     assert [layer.exact for layer in result.layers] == [1.0, 1.0]
@@ -198,7 +187,7 @@ def test_request_summaries_are_bounded_and_exact(engines: Any, reference: Any) -
     recomputation from transformers' routing of that request's routed tokens; the window
     line counts the requests left out."""
     _, tmp, res = engines
-    lines = read_jsonl(tmp / "routing-float32.jsonl")
+    lines = read_jsonl(tmp / "routing.jsonl")
     summaries = [ln for ln in lines if ln["kind"] == "request"]
     metrics = [ln["metrics"] for ln in lines if ln["kind"] == "metrics"]
     n_req = len(requests_of(res["float32"]))
@@ -234,7 +223,7 @@ def test_bf16_vllm_against_fp32_transformers(engines: Any, reference: Any) -> No
     """bfloat16 vLLM routes most tokens as float32 transformers; where it does not, the
     float32 router was close to a tie (the mismatches sit at small K-th/(K+1)-th gaps)."""
     model, tmp, res = engines
-    trace = RoutingTrace.load(tmp / "trace-bfloat16.jsonl")
+    trace = RoutingTrace.load(tmp / "bf16" / "trace.jsonl")
     reqs = requests_of(res["bfloat16"])
     seqs = [np.asarray(r["prompt_ids"] + r["output_ids"]) for r in reqs]
     logits = hf_router_logits(model, seqs)

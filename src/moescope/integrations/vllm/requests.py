@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -291,6 +292,8 @@ class RequestStreams:
             "request_summaries": 0,
             "request_summaries_dropped": 0,
         }
+        # The window timer takes the counters while a model-runner step adds to them.
+        self._counters_lock = threading.Lock()
         # Requests written by a flush while still running: later rows of theirs are
         # ignored so that a trace never holds one id twice.
         self._flushed: set[str] = set()
@@ -336,32 +339,36 @@ class RequestStreams:
         if fin is None:
             return 0
         seq_id = external_id(rid)
-        self._window["requests_finished"] += 1
+        with self._counters_lock:
+            self._window["requests_finished"] += 1
+            summarise = self.summaries is not None
+            if summarise and self._window["request_summaries"] < self.max_summaries:
+                self._window["request_summaries"] += 1
+            elif summarise:
+                self._window["request_summaries_dropped"] += 1
+                summarise = False
         if self.trace is not None:
             try:
                 self.trace.write(seq_id, fin.token_ids, fin.topk_ids)
             except Exception as err:  # monitoring never stops the server
                 _log.warning("moescope: trace stream: request %s not written (%s)", seq_id, err)
-        if self.summaries is not None:
-            if self._window["request_summaries"] < self.max_summaries:
-                line = {
-                    "kind": "request",
-                    "mode": "serve",
-                    "time": time.time(),
-                    "request_id": seq_id,
-                    "prompt_tokens": len(prompt),
-                    "output_tokens": len(output),
-                    **request_summary(fin.topk_ids, self.num_experts, self.layers),
-                }
-                self.summaries(line)
-                self._window["request_summaries"] += 1
-            else:
-                self._window["request_summaries_dropped"] += 1
+        if summarise and self.summaries is not None:
+            line = {
+                "kind": "request",
+                "mode": "serve",
+                "time": time.time(),
+                "request_id": seq_id,
+                "prompt_tokens": len(prompt),
+                "output_tokens": len(output),
+                **request_summary(fin.topk_ids, self.num_experts, self.layers),
+            }
+            self.summaries(line)
         return 1
 
     def take_counters(self) -> dict[str, int]:
         """This window's request counters (then zeroed): requests finished, summaries
         written, summaries left out by the per-window bound."""
-        out = dict(self._window)
-        self._window = dict.fromkeys(out, 0)
+        with self._counters_lock:
+            out = dict(self._window)
+            self._window = dict.fromkeys(out, 0)
         return out
