@@ -881,7 +881,9 @@ def _flush_before_shutdown(engine: Any) -> None:
 
     extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None)
     opts = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    if not isinstance(opts, dict) or not opts.get("enabled", True) or not opts.get("jsonl"):
+    if not isinstance(opts, dict) or not opts.get("enabled", True):
+        return
+    if not (opts.get("jsonl") or opts.get("trace")):
         return
     core = getattr(engine, "engine_core", None)
     if core is None or getattr(getattr(core, "resources", None), "engine_dead", False):
