@@ -247,19 +247,26 @@ class TrainingSession:
     # ------------------------------------------------------------------ metrics
 
     def metrics_from(self, snap: Snapshot, prefix: str) -> dict[str, float]:
-        """Flat ``{key: float}`` of ``snap`` under ``prefix``, filtered by the options."""
-        flat = snap.to_dict(prefix=prefix)
-        if self.per_layer and self.layer_metrics is None:
+        """Flat ``{key: float}`` of ``snap`` under ``prefix`` within the key budget: the
+        model-level keys always, per-layer keys as ``per_layer`` / ``per_layer_limit`` /
+        ``worst_layers`` and ``layer_metrics`` say (see ``MoECallbackOptions``)."""
+        opts = self.options
+        if opts.per_layer == "auto" and len(snap.layers) > opts.per_layer_limit:
+            layers: list[str] | None = snap.worst_layers(opts.worst_layers)
+        elif opts.per_layer:
+            layers = None
+        else:
+            layers = []
+        flat = snap.to_dict(prefix=prefix, layers=layers)
+        if self.layer_metrics is None:
             return flat
-        keep_layer = set(self.layer_metrics) if self.layer_metrics is not None else set()
+        keep_layer = set(self.layer_metrics)
         head = f"{prefix}/" if prefix else ""
         out: dict[str, float] = {}
         for key, value in flat.items():
             rest = key[len(head) :]
-            if "/" not in rest:
-                out[key] = value  # model-level aggregate
-            elif self.per_layer and rest.rsplit("/", 1)[1] in keep_layer:
-                out[key] = value
+            if "/" not in rest or rest.rsplit("/", 1)[1] in keep_layer:
+                out[key] = value  # a model-level key, or a chosen per-layer metric
         return out
 
     def end_train_window(self, step: int, rank_zero: bool | None = None) -> dict[str, float]:

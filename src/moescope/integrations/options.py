@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from moescope.alerts import Alert, AlertRules
 from moescope.stats.snapshot import LAYER_SCALAR_METRICS
@@ -83,8 +83,17 @@ class MoECallbackOptions:
         track_eval: keep a separate eval window (forwards in eval mode / inside the
             framework's evaluation), logged as ``<prefix>/eval/...``. False: eval
             forwards are discarded, never counted in the train window.
-        per_layer: include ``<prefix>/<layer>/<metric>`` keys (else model-level keys
-            only).
+        per_layer: which ``<prefix>/<layer>/<metric>`` keys go to the loggers (the
+            JSONL log always keeps every layer). ``"auto"`` (default): every layer's keys
+            while the model has at most ``per_layer_limit`` MoE layers; above it, only the
+            ``worst_layers`` layers with the highest ``max_over_mean`` in the window (a
+            logger at DeepSeek-V3 scale gets ~100 keys per step instead of ~1,100). True:
+            every layer's keys always. False: model-level keys only. The model-level keys
+            (averages, totals, percentiles across layers) are always sent.
+        per_layer_limit: the MoE-layer count up to which ``per_layer="auto"`` sends every
+            layer's keys (an int >= 0).
+        worst_layers: how many worst layers ``per_layer="auto"`` sends above the limit
+            (an int >= 0).
         layer_metrics: which per-layer metrics (names from
             :data:`~moescope.stats.snapshot.LAYER_SCALAR_METRICS`); None = all. Stored
             as a tuple.
@@ -112,7 +121,9 @@ class MoECallbackOptions:
     on_alert: AlertCallback | None = None
     stop_on_alert: bool = False
     track_eval: bool = True
-    per_layer: bool = True
+    per_layer: bool | Literal["auto"] = "auto"
+    per_layer_limit: int = 16
+    worst_layers: int = 4
     layer_metrics: Sequence[str] | None = None
     prefix: str = "moe"
     monitor_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -176,9 +187,16 @@ class MoECallbackOptions:
             )
         # A private copy behind a read-only view: the options stay what they were built as.
         _set(self, "monitor_kwargs", MappingProxyType(dict(kw)))
-        for name in ("log_to_console", "save_detailed_logs", "stop_on_alert", "track_eval",
-                     "per_layer"):  # fmt: skip
+        for name in ("log_to_console", "save_detailed_logs", "stop_on_alert", "track_eval"):
             _set(self, name, bool(getattr(self, name)))
+        if self.per_layer != "auto":
+            if not isinstance(self.per_layer, (bool, int)) or isinstance(self.per_layer, str):
+                raise ValueError(f"per_layer must be 'auto', True or False, got {self.per_layer!r}")
+            _set(self, "per_layer", bool(self.per_layer))
+        for name in ("per_layer_limit", "worst_layers"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
     def replace(self, **changes: Any) -> MoECallbackOptions:
         """A copy with ``changes`` applied (validated again); unknown names raise
