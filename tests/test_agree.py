@@ -26,6 +26,7 @@ from moescope.analysis.agreement import (
     position_buckets,
     set_agreement,
 )
+from moescope.analysis.errors import AnalyzeError
 from moescope.stats.token_recorder import record_routing
 from moescope.stats.trace_recorder import TraceRecorder, trace_from_token_routing
 from moescope.trace import RoutingTrace
@@ -94,6 +95,49 @@ def test_chance_levels_by_simulation() -> None:
     assert m["exact"].mean() == pytest.approx(ch["exact"], abs=0.005)
     assert m["jaccard"].mean() == pytest.approx(ch["jaccard"], abs=0.005)
     assert m["top1"].mean() == pytest.approx(ch["top1"], abs=0.01)
+
+
+def _random_trace(seed: int, same_as: RoutingTrace | None = None) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    tr = RoutingTrace(["l0", "l1", "l2"], 6, 2)
+    for i, n in enumerate((5, 9, 40, 1)):
+        ids = np.argsort(rng.random((3, n, 6)), axis=-1)[..., :2]
+        if same_as is not None:  # half the tokens keep the other trace's routing
+            keep = rng.random((3, n)) < 0.5
+            ids = np.where(keep[..., None], same_as[i].topk_ids, ids)
+        tok = same_as[i].token_ids if same_as is not None else rng.integers(0, 9, n)
+        tr.append(str(i), tok, ids, rng.random((3, n, 2)))
+    return tr
+
+
+def test_measure_agreement_in_chunks_equals_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moescope.analysis.agreement as A
+
+    a = _random_trace(0)
+    b = _random_trace(1, same_as=a)
+    al = align_traces(a, b)
+    whole = measure_agreement(al).to_json()
+    monkeypatch.setattr(A, "CHUNK_TOKENS", 7)
+    chunked = measure_agreement(al).to_json()
+    whole.pop("created"), chunked.pop("created")
+
+    def rounded(x: object) -> object:  # sums in another order differ in the last bits
+        if isinstance(x, float):
+            return round(x, 12)
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return x
+
+    assert rounded(whole) == rounded(chunked)
+    m = set_agreement(al.ids_a, al.ids_b, al.w_a, al.w_b)
+    for i, x in enumerate(whole["layers"]):
+        assert x["exact"] == pytest.approx(m["exact"][i].mean(), abs=1e-12)
+        assert x["jaccard"] == pytest.approx(m["jaccard"][i].mean(), abs=1e-12)
+        assert x["weighted_overlap"] == pytest.approx(m["weighted"][i].mean(), abs=1e-12)
+        assert sum(x["expert_lost"]) == int((~m["hit_a"][i]).sum())
+    assert 0.3 < whole["exact"] < 0.8 and whole["tokens"] == 55
 
 
 def test_position_buckets() -> None:
@@ -214,6 +258,21 @@ def test_off_by_one_token_is_refused(mixtral: torch.nn.Module) -> None:
     assert agree(a, rolled).exact < 0.6
 
 
+def test_prefix_compares_the_common_prefix_only(mixtral: torch.nn.Module) -> None:
+    toks = _tokens()
+    a = replay(mixtral, toks)
+    # An engine that never routed the last sampled token: one token fewer per sequence.
+    b = replay(mixtral, {k: v[:-1] for k, v in toks.items()})
+    with pytest.raises(TraceAlignmentError, match="--prefix compares a common prefix"):
+        agree(a, b)
+    res = agree(a, b, prefix=True)
+    assert res.exact == 1.0 and res.num_tokens == sum(LENGTHS) - len(LENGTHS)
+    assert any("4 tokens beyond the common prefix" in n for n in res.notes)
+    shifted = replay(mixtral, {k: v[1:] for k, v in toks.items()})
+    with pytest.raises(TraceAlignmentError, match="shifted by 1"):
+        agree(a, shifted, prefix=True)  # a shift is never a prefix
+
+
 def test_alignment_is_by_seq_id_not_order(mixtral: torch.nn.Module) -> None:
     a = replay(mixtral, _tokens())
     b = a.subset(list(reversed(a.seq_ids))[:3])
@@ -237,14 +296,46 @@ def test_token_recorder_source_and_files(mixtral: torch.nn.Module, tmp_path: Pat
     batches = [v[None] for v in toks.values()]
     routing = record_routing(mixtral, batches, weights=True)
     assert set(routing.weights) == set(routing.layers)
+    # The recorded weights are Mixtral's combine weights: softmax, top-2, renormalised
+    # (float64 from transformers' router logits), slot 0 the largest.
+    with torch.no_grad():
+        logits = mixtral(input_ids=batches[0], output_router_logits=True).router_logits
+    for layer, lg in zip(routing.layers, logits, strict=True):
+        top = torch.topk(torch.softmax(lg.double(), -1), 2, dim=-1).values
+        ref = (top / top.sum(-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(routing.weights[layer][: ref.shape[0]], ref, atol=1e-6)
     tr = trace_from_token_routing(routing)
     assert tr.seq_ids == ["0", "1", "2", "3"] and tr.has_weights
     direct = replay(mixtral, list(toks.values()))
     assert agree(tr, direct).exact == 1.0
     # TokenRouting.save files and trace files are both accepted as a side.
     p = routing.save(tmp_path / "routing.npz")
-    assert load_trace(p).seq_ids == tr.seq_ids
+    loaded = load_trace(p)
+    assert loaded.seq_ids == tr.seq_ids and loaded.has_weights
+    np.testing.assert_array_equal(loaded[1].topk_weights, tr[1].topk_weights)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(AnalyzeError, match=r"not a readable \.npz"):
+        load_trace(tmp_path / "bad.npz")
     res = agree(str(p), direct.save(tmp_path / "direct.jsonl"))
+    assert res.exact == 1.0 and res.weighted_overlap == pytest.approx(1.0, abs=1e-6)
+
+
+def test_analyze_save_trace_replays_exactly(tmp_path: Path) -> None:
+    from conftest import save_tiny_checkpoint
+    from moescope.analysis import run_analyze
+    from moescope.data import stdlib_dir
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    data = stdlib_dir() / "bisect.py"
+    report = run_analyze(model=str(ckpt), data=[str(data)], max_tokens=150, batch_size=2,
+                         seq_len=32, save_trace=True, out=str(tmp_path / "out"), progress=False)  # fmt: skip
+    trace = load_trace(report.parent / "routing_trace.npz")
+    # analyze's batches: rows of 32 bytes, then the 22-byte remainder as its own row.
+    assert trace.seq_ids == [f"bisect/{i}" for i in range(5)] and trace.has_weights
+    got = np.concatenate([s.token_ids for s in trace])
+    np.testing.assert_array_equal(got, np.frombuffer(data.read_bytes()[:150], dtype=np.uint8))
+    # The same checkpoint replaying those rows routes every token the same way.
+    res = agree(trace, str(ckpt))
     assert res.exact == 1.0 and res.weighted_overlap == pytest.approx(1.0, abs=1e-6)
 
 
@@ -279,6 +370,29 @@ def _train(lr: float, steps: int = 3, record: bool = True) -> RoutingTrace:
     rec.detach()
     cb.cleanup()
     return rec.trace()
+
+
+def test_trace_recorder_never_stops_the_forward(
+    mixtral: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moescope import MoEMonitor
+
+    mon = MoEMonitor(mixtral)
+    rec = TraceRecorder(mon, max_tokens=1000).attach()
+
+    def boom() -> None:
+        raise RuntimeError("host copy failed")  # any failure inside the recorder
+
+    with torch.no_grad():
+        mixtral(input_ids=torch.randint(3, 128, (2, 5)))
+        monkeypatch.setattr(rec.recorder, "_flush", boom)
+        with pytest.warns(UserWarning, match="recording switched off.*host copy failed"):
+            mixtral(input_ids=torch.randint(3, 128, (2, 5)))
+        mixtral(input_ids=torch.randint(3, 128, (2, 5)))  # runs, not recorded
+    rec.detach()
+    mon.detach()
+    tr = rec.trace()
+    assert tr.seq_ids == ["0", "1"] and tr.num_tokens == 10
 
 
 def test_two_training_side_traces() -> None:
@@ -325,8 +439,6 @@ def test_outputs_and_cli(mixtral: torch.nn.Module, tmp_path: Path, capsys) -> No
 
 
 def test_write_agreement_refuses_foreign_dir(mixtral: torch.nn.Module, tmp_path: Path) -> None:
-    from moescope.analysis.errors import AnalyzeError
-
     res = measure_agreement(align_traces(*(2 * [replay(mixtral, _tokens())])))
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "mine.txt").write_text("keep")

@@ -172,3 +172,14 @@ def test_writer_byte_bound(tmp_path: Path) -> None:
     assert len(RoutingTrace.load(p)) == n < 6
     with pytest.raises(TraceFormatError, match=r"writes a \.jsonl"):
         TraceWriter.like(tr, tmp_path / "s.npz")
+
+
+def test_renamed() -> None:
+    tr = _trace(3)
+    by_list = tr.renamed(["a", "b", "c"])
+    assert by_list.seq_ids == ["a", "b", "c"] and by_list["b"].token_ids is tr[1].token_ids
+    assert tr.renamed({"req-1": "x"}).seq_ids == ["req-0", "x", "req-2"]
+    with pytest.raises(TraceFormatError, match="one id per sequence"):
+        tr.renamed(["a"])
+    with pytest.raises(TraceFormatError, match="already in the trace"):
+        tr.renamed(["a", "a", "b"])

@@ -43,6 +43,7 @@ A file of a newer ``version`` is refused with one line saying to upgrade moescop
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -243,6 +244,23 @@ class RoutingTrace:
             out.append(seq.seq_id, seq.token_ids, seq.topk_ids, seq.topk_weights)
         return out
 
+    def renamed(self, seq_ids: Sequence[str | int] | Mapping[str, str | int]) -> RoutingTrace:
+        """The same trace with other sequence ids: a list (one per sequence, in order) or
+        a mapping ``{old: new}`` (ids not in it are kept), e.g. to give a training-side
+        trace the request ids of the rollouts it trained on. Arrays are shared."""
+        if isinstance(seq_ids, Mapping):
+            new = [str(seq_ids.get(s, s)) for s in self.seq_ids]
+        else:
+            new = [str(s) for s in seq_ids]
+            if len(new) != len(self):
+                raise TraceFormatError(
+                    f"renamed needs one id per sequence: {len(self)} sequences, {len(new)} ids"
+                )
+        out = RoutingTrace(self.layers, self.num_experts, self.top_k, dict(self.source))
+        for sid, seq in zip(new, self, strict=True):
+            out.append(sid, seq.token_ids, seq.topk_ids, seq.topk_weights)
+        return out
+
     def header(self) -> dict[str, Any]:
         """The JSON header every file starts with (see the module doc)."""
         return {
@@ -266,14 +284,19 @@ class RoutingTrace:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to ``path``: ``.jsonl`` or ``.npz`` by its suffix (module doc)."""
         p = Path(path)
-        suffix = _suffix(p)
+        data = self.to_bytes(_suffix(p))
         p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    def to_bytes(self, suffix: str = ".npz") -> bytes:
+        """The content of a ``.jsonl`` or ``.npz`` file (``suffix``) of this trace."""
+        if suffix not in _SUFFIXES:
+            raise TraceFormatError(f"a routing trace is .jsonl or .npz, not {suffix!r}")
         if suffix == ".jsonl":
-            with p.open("w", encoding="utf-8") as f:
-                f.write(json.dumps(self.header(), allow_nan=False) + "\n")
-                for seq in self:
-                    f.write(_sequence_line(seq) + "\n")
-            return p
+            lines = [json.dumps(self.header(), allow_nan=False)]
+            lines += [_sequence_line(seq) for seq in self]
+            return ("\n".join(lines) + "\n").encode("utf-8")
         n = len(self)
         lengths = np.array([t.shape[0] for t in self.token_ids], dtype=np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -286,18 +309,18 @@ class RoutingTrace:
                 weights[:, offsets[i] : offsets[i + 1]] = w
         head = self.header()
         head["seq_ids"] = list(self.seq_ids)
-        with p.open("wb") as f:
-            np.savez_compressed(
-                f,
-                allow_pickle=False,
-                header=np.array(json.dumps(head, allow_nan=False)),
-                token_ids=(np.concatenate(self.token_ids) if n else np.zeros(0, dtype=np.int64)),
-                offsets=offsets,
-                topk_ids=ids,
-                topk_weights=weights,
-                has_weights=np.array([w is not None for w in self.topk_weights], dtype=bool),
-            )
-        return p
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            allow_pickle=False,
+            header=np.array(json.dumps(head, allow_nan=False)),
+            token_ids=(np.concatenate(self.token_ids) if n else np.zeros(0, dtype=np.int64)),
+            offsets=offsets,
+            topk_ids=ids,
+            topk_weights=weights,
+            has_weights=np.array([w is not None for w in self.topk_weights], dtype=bool),
+        )
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RoutingTrace:

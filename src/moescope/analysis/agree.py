@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,11 @@ def load_trace(path: str | os.PathLike[str]) -> RoutingTrace:
     if not p.is_file():
         raise AnalyzeError(f"{p}: no such trace file; pass a .jsonl/.npz routing trace or a model")
     if p.suffix.lower() == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            is_token_routing = "meta" in z.files and "header" not in z.files
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                is_token_routing = "meta" in z.files and "header" not in z.files
+        except (OSError, ValueError, zipfile.BadZipFile):
+            is_token_routing = False  # RoutingTrace.load below says what is wrong
         if is_token_routing:
             return trace_from_token_routing(TokenRouting.load(p), source={"file": str(p)})
     try:
@@ -141,6 +145,12 @@ def replay(
     seqs = _token_sequences(tokens)
     if not seqs:
         raise AnalyzeError("no token sequence to replay; pass a trace or token ids")
+    bad = next((sid for sid, t in seqs if t.size and int(t.min()) < 0), None)
+    if bad is not None:
+        raise AnalyzeError(
+            f"sequence {bad!r} has negative token ids (-1: the recording had no input_ids); "
+            "replay needs the real token ids"
+        )
     total = sum(int(t.shape[0]) for _, t in seqs)
     rec = RoutingRecorder(model, max_tokens=max(total, 1), monitor=monitor, weights=True)
     by_len: dict[int, list[int]] = {}
@@ -237,6 +247,7 @@ def agree(
     seed: int = 0,
     batch_size: int = 8,
     top_n: int = 10,
+    prefix: bool = False,
 ) -> AgreementResult:
     """Routing agreement of ``a`` and ``b`` on the same token sequences.
 
@@ -254,6 +265,8 @@ def agree(
         device, seed: where a loaded model runs; seed of random weights (config.json).
         batch_size: sequences per replay forward.
         top_n: worst tokens / positions kept.
+        prefix: compare the common prefix of a sequence whose token ids on one side are a
+            prefix of the other's (see :func:`~moescope.analysis.agreement.align_traces`).
 
     Returns:
         :class:`~moescope.analysis.agreement.AgreementResult` (``.verdict``, per-layer
@@ -282,7 +295,7 @@ def agree(
         assert s.model is not None
         s.trace = replay(s.model, src, batch_size=batch_size, source=s.meta)
     assert sa.trace is not None and sb.trace is not None
-    aligned = align_traces(sa.trace, sb.trace)
+    aligned = align_traces(sa.trace, sb.trace, prefix=prefix)
     result = measure_agreement(
         aligned,
         label_a=sa.label,
@@ -295,6 +308,11 @@ def agree(
         result.notes.append(
             f"{aligned.only_a} sequences only in {sa.label} and {aligned.only_b} only in "
             f"{sb.label} were left out"
+        )
+    if aligned.trimmed:
+        result.notes.append(
+            f"{aligned.trimmed} tokens beyond the common prefix of their sequence were left "
+            "out (--prefix)"
         )
     for s in (sa, sb):
         if s.trace is not None and s.trace.source.get("random_weights"):
@@ -340,6 +358,11 @@ class AgreeOptions:
     seed: int = option(0, help="seed of random weights when a side is a config.json")
     batch_size: int = option(8, help="sequences per replay forward")
     top_n: int = option(10, help="worst tokens and positions listed")
+    prefix: bool = option(
+        False,
+        help="where one side's token ids are a prefix of the other's (e.g. an engine that "
+        "never routed the last sampled token), compare the common prefix",
+    )
     overwrite: bool = option(
         False, help="write into a non-empty directory that is not a moescope output"
     )
@@ -361,6 +384,7 @@ def run_agree(options: AgreeOptions) -> tuple[AgreementResult, Path]:
         seed=options.seed,
         batch_size=options.batch_size,
         top_n=options.top_n,
+        prefix=options.prefix,
     )
     return result, write_agreement(result, options.out, overwrite=options.overwrite)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from moescope._json import json_safe
 from moescope.analysis.errors import AnalyzeError
-from moescope.trace import RoutingTrace
+from moescope.trace import RoutingTrace, TraceSequence
 
 __all__ = [
     "AgreementResult",
@@ -49,6 +49,9 @@ __all__ = [
     "position_buckets",
     "set_agreement",
 ]
+
+#: Tokens per slot comparison in :func:`measure_agreement` (bounds its memory).
+CHUNK_TOKENS = 1 << 18
 
 #: Verdict bands of the mean exact top-k set match (healthy / warning / critical).
 IDENTICAL = 0.999
@@ -84,6 +87,7 @@ class AlignedTraces:
     top_k: int
     only_a: int = 0
     only_b: int = 0
+    trimmed: int = 0
 
 
 def _first_diff(x: np.ndarray, y: np.ndarray) -> int:
@@ -102,9 +106,14 @@ def _shift_hint(x: np.ndarray, y: np.ndarray) -> str:
     return ""
 
 
-def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
+def align_traces(a: RoutingTrace, b: RoutingTrace, *, prefix: bool = False) -> AlignedTraces:
     """Pair the sequences of ``a`` and ``b`` by ``seq_id`` (A's order) and check that
     their token ids are equal.
+
+    ``prefix=True`` also accepts a sequence whose token ids on one side are a prefix of
+    the other side's (e.g. a serving engine that never routed the last sampled token):
+    the common prefix is compared, ``trimmed`` counts the tokens left out. A shifted or
+    otherwise different sequence is refused either way.
 
     Raises:
         TraceAlignmentError: different numbers of MoE layers, experts or K, no common
@@ -133,8 +142,25 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
             "through B's model (moescope agree TRACE MODEL)"
         )
     tok, ia, ib, wa, wb, lens = [], [], [], [], [], []
+    trimmed = 0
     for sid in common:
         sa, sb = a[sid], b[sid]
+        n_a, n_b = sa.token_ids.shape[0], sb.token_ids.shape[0]
+        n = min(n_a, n_b)
+        if prefix and n_a != n_b and np.array_equal(sa.token_ids[:n], sb.token_ids[:n]):
+            trimmed += max(n_a, n_b) - n
+            sa = TraceSequence(
+                sid,
+                sa.token_ids[:n],
+                sa.topk_ids[:, :n],
+                None if sa.topk_weights is None else sa.topk_weights[:, :n],
+            )
+            sb = TraceSequence(
+                sid,
+                sb.token_ids[:n],
+                sb.topk_ids[:, :n],
+                None if sb.topk_weights is None else sb.topk_weights[:, :n],
+            )
         if not np.array_equal(sa.token_ids, sb.token_ids):
             p = _first_diff(sa.token_ids, sb.token_ids)
             at = (
@@ -145,6 +171,7 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
                 f"sequence {sid!r}: token ids differ (A {sa.token_ids.shape[0]} tokens, B "
                 f"{sb.token_ids.shape[0]}; {at}){_shift_hint(sa.token_ids, sb.token_ids)}; "
                 "both traces must route the same tokens in the same order"
+                + ("" if prefix or n_a == n_b else " (--prefix compares a common prefix)")
             )
         tok.append(sa.token_ids)
         ia.append(sa.topk_ids)
@@ -176,6 +203,7 @@ def align_traces(a: RoutingTrace, b: RoutingTrace) -> AlignedTraces:
         top_k=a.top_k,
         only_a=len(a) - len(common),
         only_b=len(b) - len(common),
+        trimmed=trimmed,
     )
 
 
@@ -409,7 +437,7 @@ class AgreementResult:
         if e >= IDENTICAL:
             what = "routing agrees"
         elif e >= CLOSE:
-            what = "routing agrees except near-ties"
+            what = "routing agrees closely"
         elif e >= ACCEPTABLE:
             what = "routing mismatch"
         else:
@@ -507,53 +535,86 @@ def measure_agreement(
     ``top_n``: how many worst token ids / positions to keep; ``min_count``: a token id
     must occur this often to be listed among the worst (falls back to 1 when none does).
     """
-    m = set_agreement(al.ids_a, al.ids_b, al.w_a, al.w_b)
-    valid, exact, jacc, top1 = m["valid"], m["exact"], m["jaccard"], m["top1"]
     bucket, labels = position_buckets(al.position)
     nb = len(labels)
     e = al.num_experts
+    t_all = int(al.token_ids.shape[0])
+    # Per token instance, summed over layers both routed: for the worst tokens/positions.
+    n_valid = np.zeros(t_all, dtype=np.int64)
+    mismatched = np.zeros(t_all, dtype=np.int64)
+    sum_1mj = np.zeros(t_all, dtype=np.float64)
     layers: list[LayerAgreement] = []
-    for i in range(al.ids_a.shape[0]):  # over layers (a handful), never over experts
-        v = valid[i]
-        n = int(v.sum())
-        cnt = np.bincount(bucket[v], minlength=nb).astype(np.float64)
+
+    def count(ids: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        x = ids[sel & (ids >= 0) & (ids < e)]
+        return np.bincount(x, minlength=e)[:e].astype(np.int64)
+
+    # Layer by layer and in token chunks: the slot comparison is [chunk, K, K], so memory
+    # stays bounded whatever the trace's length (61 layers x 1M tokens x K = 8 would be
+    # 4 GB at once).
+    for i in range(al.ids_a.shape[0]):  # over layers, never over experts
+        sums = np.zeros(4)  # exact, jaccard, top1, weighted
+        weighted_ok = True
+        cnt = np.zeros(nb)
+        pe = np.zeros(nb)
+        pj = np.zeros(nb)
+        chosen_a = np.zeros(e, dtype=np.int64)
+        chosen_b = np.zeros(e, dtype=np.int64)
+        lost = np.zeros(e, dtype=np.int64)
+        gained = np.zeros(e, dtype=np.int64)
+        n = 0
+        for lo in range(0, max(t_all, 1), CHUNK_TOKENS):
+            sl = slice(lo, min(lo + CHUNK_TOKENS, t_all))
+            m = set_agreement(
+                al.ids_a[i, sl],
+                al.ids_b[i, sl],
+                None if al.w_a is None else al.w_a[i, sl],
+                None if al.w_b is None else al.w_b[i, sl],
+            )
+            v = m["valid"]
+            ex, jc = m["exact"], m["jaccard"]
+            n += int(v.sum())
+            w = m["weighted"][v]
+            weighted_ok &= bool(np.isfinite(w).all())
+            sums += [ex[v].sum(), jc[v].sum(), m["top1"][v].sum(), np.nan_to_num(w).sum()]
+            b = bucket[sl][v]
+            cnt += np.bincount(b, minlength=nb)
+            pe += np.bincount(b, weights=ex[v], minlength=nb)
+            pj += np.bincount(b, weights=jc[v], minlength=nb)
+            ia, ib = al.ids_a[i, sl][v], al.ids_b[i, sl][v]
+            ha, hb = m["hit_a"][v], m["hit_b"][v]
+            chosen_a += count(ia, np.ones(ia.shape, dtype=bool))
+            chosen_b += count(ib, np.ones(ib.shape, dtype=bool))
+            lost += count(ia, ~ha)
+            gained += count(ib, ~hb)
+            n_valid[sl] += v
+            mismatched[sl] += v & ~ex
+            sum_1mj[sl] += np.where(v, 1.0 - jc, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            pe = np.bincount(bucket[v], weights=exact[i][v], minlength=nb) / cnt
-            pj = np.bincount(bucket[v], weights=jacc[i][v], minlength=nb) / cnt
-        ia, ib = al.ids_a[i][v], al.ids_b[i][v]
-        ha, hb = m["hit_a"][i][v], m["hit_b"][i][v]
-
-        def count(ids: np.ndarray, sel: np.ndarray) -> np.ndarray:
-            x = ids[sel & (ids >= 0) & (ids < e)]
-            return np.bincount(x, minlength=e)[:e].astype(np.int64)
-
-        ones_a, ones_b = np.ones(ia.shape, dtype=bool), np.ones(ib.shape, dtype=bool)
-        w = m["weighted"][i][v]
+            means = sums / n if n else np.full(4, np.nan)
+            pe, pj = pe / cnt, pj / cnt
         layers.append(
             LayerAgreement(
                 index=i,
                 layer_a=al.layers_a[i],
                 layer_b=al.layers_b[i],
                 tokens=n,
-                exact=float(exact[i][v].mean()) if n else float("nan"),
-                jaccard=float(jacc[i][v].mean()) if n else float("nan"),
-                top1=float(top1[i][v].mean()) if n else float("nan"),
-                weighted_overlap=float(w.mean()) if n and np.isfinite(w).all() else float("nan"),
+                exact=float(means[0]),
+                jaccard=float(means[1]),
+                top1=float(means[2]),
+                weighted_overlap=float(means[3]) if weighted_ok else float("nan"),
                 position_tokens=cnt.astype(np.int64),
                 position_exact=pe,
                 position_jaccard=pj,
-                expert_chosen_a=count(ia, ones_a),
-                expert_chosen_b=count(ib, ones_b),
-                expert_lost=count(ia, ~ha),
-                expert_gained=count(ib, ~hb),
+                expert_chosen_a=chosen_a,
+                expert_chosen_b=chosen_b,
+                expert_lost=lost,
+                expert_gained=gained,
             )
         )
-    # Per token instance, over layers both routed: layers that disagree, mean 1 - Jaccard.
-    n_valid = valid.sum(axis=0)
-    mismatched = (valid & ~exact).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         dis = np.where(n_valid > 0, mismatched / n_valid, np.nan)
-        one_minus_j = np.where(n_valid > 0, ((1.0 - jacc) * valid).sum(axis=0) / n_valid, np.nan)
+        one_minus_j = np.where(n_valid > 0, sum_1mj / n_valid, np.nan)
     worst_tokens = _worst_tokens(al.token_ids, dis, top_n, min_count)
     order = np.lexsort((-np.nan_to_num(one_minus_j), -mismatched))
     worst_positions = [

@@ -80,7 +80,11 @@ def position_lines(res: AgreementResult, dpi: int = 100) -> Figure:
     for i, lay in enumerate(res.layers):
         colour = cmap(i / max(1, len(res.layers) - 1))
         ax.plot(
-            np.arange(len(labels)), lay.position_exact, marker=".", color=colour, label=names[i]
+            np.arange(len(labels)),
+            lay.position_exact,
+            marker=".",
+            color=colour,
+            label=f"layer {names[i]}" if names[i].isdigit() else names[i],
         )
     ax.set_xticks(np.arange(len(labels)), labels)
     ax.set_xlabel("position in the sequence")

@@ -26,6 +26,7 @@ recorder usable with any integration.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from moescope.trace import RoutingTrace
 if TYPE_CHECKING:
     from moescope.monitor import MoEMonitor
 
-__all__ = ["TraceRecorder", "trace_from_token_routing"]
+__all__ = ["TraceRecorder", "trace_from_recordings", "trace_from_token_routing"]
 
 
 def trace_from_token_routing(
@@ -88,6 +89,64 @@ def trace_from_token_routing(
     return trace
 
 
+def trace_from_recordings(
+    recordings: Mapping[str, TokenRouting], *, source: Mapping[str, Any] | None = None
+) -> RoutingTrace:
+    """One trace of several sources' ``TokenRouting`` (``moescope analyze``'s inputs):
+    sequence ``n`` of source ``label`` is ``"label/n"``. The sources must have the same
+    layers (one model recorded them)."""
+    parts = [
+        (label, trace_from_token_routing(tr, source=source))
+        for label, tr in recordings.items()
+        if tr.num_tokens
+    ]
+    if not parts:
+        raise ValueError("no source recorded a token")
+    first = parts[0][1]
+    out = RoutingTrace(
+        first.layers,
+        max(t.num_experts for _, t in parts),
+        max(t.top_k for _, t in parts),
+        first.source,
+    )
+    for label, t in parts:
+        if t.layers != first.layers:
+            raise ValueError(f"source {label!r} recorded other layers than {parts[0][0]!r}")
+        for seq in t:
+            out.append(f"{label}/{seq.seq_id}", seq.token_ids, seq.topk_ids, seq.topk_weights)
+    return out
+
+
+class _GuardedRecorder(RoutingRecorder):
+    """A RoutingRecorder that never raises into the forward it watches: the first error
+    switches it off with one warning (what was recorded before is kept)."""
+
+    broken: str | None = None
+
+    def forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.broken is None:
+            self._guard(super().forward_start, args, kwargs)
+
+    def forward_end(self, output: Any) -> None:
+        if self.broken is None:
+            self._guard(super().forward_end, output)
+        else:
+            self._active = False
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # monitoring never stops the job it watches
+            self.broken = f"{type(err).__name__}: {err}"
+            self._active = False
+            self._calls = {}
+            warnings.warn(
+                f"moescope TraceRecorder: recording switched off ({self.broken}); the "
+                "sequences recorded before are kept",
+                stacklevel=2,
+            )
+
+
 class TraceRecorder:
     """Records a bounded :class:`~moescope.trace.RoutingTrace` through ``monitor``'s hooks.
 
@@ -96,6 +155,8 @@ class TraceRecorder:
             training integration's ``session.monitor``; its top-level forward's
             ``input_ids`` are the token ids.
         max_tokens: tokens kept at most (the first ones; later forwards are skipped).
+            An error while recording (e.g. input ids that do not match the routed
+            tokens) switches recording off with one warning; training goes on.
         layers: MoE layer paths to record (default: all).
         source: metadata for the trace (``engine``, ``model``, ``dtype``, ``step`` ...).
     """
@@ -108,7 +169,7 @@ class TraceRecorder:
         layers: Sequence[str] | None = None,
         source: Mapping[str, Any] | None = None,
     ) -> None:
-        self.recorder = RoutingRecorder(
+        self.recorder = _GuardedRecorder(
             monitor.model, max_tokens=max_tokens, layers=layers, monitor=monitor, weights=True
         )
         self.source: dict[str, Any] = {"engine": "moescope-training", **dict(source or {})}
