@@ -4,6 +4,7 @@ math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per 
 - :class:`MoETrainerCallback` (``transformers.Trainer``; extra ``hf``)
 - :class:`MoEPyTorchCallback` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
+- :class:`MegatronMoEMonitor` (Megatron-core; its TensorBoard/W&B writers)
 - :class:`~moescope.integrations.torchtitan.MoETorchtitanCallback` (torchtitan; logs
   through its ``MetricsProcessor``)
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "MegatronMoEMonitor",
     "MoECallbackOptions",
     "MoELightningCallback",
     "MoEPyTorchCallback",
@@ -33,6 +35,7 @@ __all__ = [
 
 _LAZY = {
     "MoECallbackOptions": ("moescope.integrations.options", "MoECallbackOptions"),
+    "MegatronMoEMonitor": ("moescope.integrations.megatron", "MegatronMoEMonitor"),
     "TrainingSession": ("moescope.integrations.core", "TrainingSession"),
     "MoEPyTorchCallback": ("moescope.integrations.pytorch", "MoEPyTorchCallback"),
     "create_moe_callback_for_pytorch": (

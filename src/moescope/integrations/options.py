@@ -67,6 +67,12 @@ class MoECallbackOptions:
             this; None disables.
         save_detailed_logs: also write every train window (full snapshot + alerts) as
             one strict-JSON line to ``<log_dir>/moe_detailed.jsonl``.
+        routing_trace_tokens: record which experts (top-k ids and combine weights, every
+            layer) the first N tokens of training were routed to, with their token ids,
+            into ``<log_dir>/routing_trace.npz``: a training-side trace for
+            ``moescope agree`` (docs/agree.md), e.g. against the serving engine's trace
+            of the same rollouts. Written once N tokens are in (then recording stops)
+            and at the end of training; on rank 0 with rank 0's tokens. 0: off.
         log_dir: where heatmaps and detailed logs go (created on first write). None:
             the integration's default (transformers: ``<output_dir>/moe_logs``;
             Lightning: ``<trainer.log_dir or default_root_dir>/moe_logs``; plain loops:
@@ -116,6 +122,7 @@ class MoECallbackOptions:
     unused_expert_threshold: float | None = 0.25
     entropy_threshold: float | None = 0.1
     save_detailed_logs: bool = False
+    routing_trace_tokens: int = 0
     log_dir: str | Path | None = None
     alert_rules: AlertRules | None = None
     on_alert: AlertCallback | None = None
@@ -193,7 +200,7 @@ class MoECallbackOptions:
             if not isinstance(self.per_layer, (bool, int)) or isinstance(self.per_layer, str):
                 raise ValueError(f"per_layer must be 'auto', True or False, got {self.per_layer!r}")
             _set(self, "per_layer", bool(self.per_layer))
-        for name in ("per_layer_limit", "worst_layers"):
+        for name in ("per_layer_limit", "worst_layers", "routing_trace_tokens"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
