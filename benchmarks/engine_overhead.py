@@ -24,6 +24,14 @@ Engines (``--engine``), each in the training-engines venv (``make test-engines``
   On a CPU-only torch it needs the test suite's CUDA shims
   (``tests/with_engines/_megatron_cpu.py``; nothing there touches routing); on a GPU
   none is installed and the model runs on the GPU.
+- ``torchtitan``: torchtitan's own deepseek_v3 ``debugmodel`` (dim 256, 2 shared experts,
+  softmax router with the aux-loss-free bias), its first ``--layers`` blocks (the first
+  is dense), E = ``--experts``, K = ``--top-k`` (``--hidden`` is the model's: 256), SDPA
+  attention; forward + cross-entropy + backward + torchtitan's AdamW
+  ``OptimizersContainer`` with its bias-update pre-hook, on the CPU (one process, no
+  mesh); :class:`moescope.integrations.torchtitan.MoETorchtitanCallback` ending a window
+  every ``--log-interval`` steps (``on_log_step``, what torchtitan's
+  ``MetricsProcessor.log`` triggers; no sink).
 """
 
 from __future__ import annotations
@@ -114,8 +122,68 @@ def _megatron(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
     return step, moe  # type: ignore[return-value]
 
 
+def _torchtitan(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
+    """A training step of torchtitan's deepseek_v3 debugmodel and its
+    MoETorchtitanCallback (detached)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.deepseek_v3 import model_registry
+
+    from moescope.integrations.torchtitan import MoETorchtitanCallback
+
+    spec = model_registry("debugmodel")
+    cfg = spec.model
+    cfg.layers = cfg.layers[: max(2, args.layers)]
+    for layer in cfg.layers:
+        # FlexAttention has no backward on CPU.
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+        moe = layer.moe
+        if moe is not None:
+            moe.num_experts = moe.router.num_experts = args.experts
+            moe.routed_experts.inner_experts.num_experts = args.experts
+            moe.routed_experts.token_dispatcher.num_experts = args.experts
+            moe.router.top_k = moe.routed_experts.token_dispatcher.top_k = args.top_k
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = cfg.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    opt = default_adamw(lr=8e-4).build(model_parts=[model])
+    # One process: the bias-update hook reads only these ParallelDims fields.
+    dims = SimpleNamespace(ep_enabled=False, tp=1, get_optional_mesh=lambda *_a, **_k: None)
+    spec.post_optimizer_build_fn(opt, [model], dims)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=g)
+    cb = MoETorchtitanCallback(
+        [model], log_to_console=False, log_heatmap_every=None, save_detailed_logs=False
+    )
+    cb.monitor.detach()
+    state = {"step": 0}
+
+    def step(monitored: bool) -> None:
+        opt.zero_grad()
+        pred = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            pred.flatten(0, 1).float(), tokens[:, 1:].flatten()
+        )
+        loss.backward()
+        opt.step()
+        if monitored:
+            state["step"] += 1
+            if state["step"] % args.log_interval == 0:
+                cb.on_log_step(state["step"])
+
+    return step, cb
+
+
 ENGINES: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., None], Any]]] = {
     "megatron": _megatron,
+    "torchtitan": _torchtitan,
 }
 
 
