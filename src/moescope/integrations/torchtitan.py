@@ -18,7 +18,8 @@ so they land in the same TensorBoard run / W&B run as the loss::
 moe_detailed.jsonl``, global rank 0) work as with every other integration
 (:class:`~moescope.integrations.core.TrainingSession`). A hand-written loop that uses
 torchtitan's parts passes them directly: ``MoETorchtitanCallback(model_parts,
-metrics_processor, parallel_dims)``.
+metrics_processor, parallel_dims, pp_schedule=...)``. Under pipeline parallelism the
+forward each stage runs once to infer shapes (at its first step) is not counted.
 
 Ranks (:func:`moescope_process_group`): counts are summed over the ranks that see
 different tokens of the same layers (torchtitan's ``loss`` mesh: data-parallel replicate,
@@ -58,7 +59,8 @@ def moescope_process_group(parallel_dims: Any) -> Any:
     meshes built. The group is the one torchtitan's aux-loss-free bias update sums
     ``tokens_per_expert_E`` over: the ``loss`` mesh (dp_replicate x dp_shard x cp, which
     contains the expert-parallel ranks) and, when expert parallelism is on with
-    tp > 1 (MoE then shards tokens over the TP axis), the TP ranks as well.
+    tp > 1 (MoE then shards tokens over the TP axis), the TP ranks as well. Call it on
+    every rank: that last group is created by flattening mesh axes (a collective).
     """
     if not _dist_ready():
         return False
@@ -111,13 +113,16 @@ class MoETorchtitanCallback:
         parallel_dims: ``trainer.parallel_dims`` (None: one process). Chooses the group
             counts are reduced over (:func:`moescope_process_group`) and, with pipeline
             parallelism, the stage group; ``monitor_kwargs`` given explicitly win.
-        pp_schedule: ``trainer.pp_schedule`` with pipeline parallelism: the forward each
-            stage runs once at its first step to infer shapes is not counted.
         session: a ready :class:`~moescope.integrations.core.TrainingSession` or
             :class:`~moescope.integrations.options.MoECallbackOptions`; or the options
             as keywords (``save_detailed_logs=True``, ``log_dir=...``, thresholds, ...).
             ``log_every_n_steps`` must stay None: windows end at torchtitan's log steps
             (``metrics.log_freq``).
+        pp_schedule: ``trainer.pp_schedule`` with pipeline parallelism: the forward each
+            stage runs once at its first step to infer shapes is not counted.
+
+    Build it on every rank (choosing the groups may create one, a collective), after the
+    weights are initialised or loaded.
 
     Attributes:
         session: the shared TrainingSession (``session.monitor`` is the MoEMonitor).
