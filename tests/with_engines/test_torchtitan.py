@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -586,3 +587,33 @@ def test_detailed_log_and_alerts(runs: dict[str, dict]) -> None:
     events = [e for e in map(json.loads, lines) if e["kind"] == "snapshot"]
     assert [e["step"] for e in events] == list(LOG_STEPS)
     assert all(e["alerts"] for e in events)
+
+
+def test_unreadable_router_output_switches_the_layer_off() -> None:
+    # A router whose output the adapter cannot read (here: a list, not torchtitan's tuple)
+    # switches that layer off with one warning; the model runs on and the other is counted.
+    from moescope import MoEMonitor
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = _spec().model.build()
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            model.init_weights(buffer_device=None)
+    router = model.get_submodule("layers.1.moe.router")
+    forward = router.forward
+    router.forward = lambda *a, **k: list(forward(*a, **k))
+    mon = MoEMonitor(model)
+    tokens = _batches()[0][:2, :-1]
+    with pytest.warns(RuntimeWarning, match="switched off monitoring of layer layers.1.moe"):
+        model(tokens)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        model(tokens)
+    assert not [w for w in again if "switched off" in str(w.message)]  # warned once
+    snap = mon.snapshot(reset=False)
+    assert snap.layers["layers.1.moe"].num_tokens == 0
+    counter = model.get_submodule("layers.2.moe").tokens_per_expert_E
+    assert snap.layers["layers.2.moe"].usage_counts.tolist() == [int(c) for c in counter]
+    mon.detach()

@@ -15,6 +15,8 @@ name), so importing moescope never imports torchtitan.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +26,8 @@ from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, as
 from moescope.capture.record import RoutingRecord
 
 __all__ = ["ADAPTERS", "TorchtitanMoEAdapter", "fqn", "local_tensor"]
+
+_log = logging.getLogger("moescope")
 
 _MOE_CLASS = ("torchtitan.models.common.moe", "MoE")
 
@@ -119,6 +123,7 @@ class TorchtitanMoEAdapter:
         score_fn = info.score_fn
         # The gate logits of the router call in flight; consumed by the router's hook.
         pending: list[torch.Tensor] = []
+        broken: list[bool] = []  # non-empty once the router's output could not be read
 
         def gate_hook(_mod: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
             pending.clear()
@@ -127,14 +132,20 @@ class TorchtitanMoEAdapter:
 
         def router_hook(_mod: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
             logits = pending.pop() if pending else None
-            if not ctx.counting:
+            if not ctx.counting or broken:
                 return
             if not isinstance(out, tuple) or len(out) < 3:
-                raise RuntimeError(
-                    f"moescope {self.name}: {path}.router returned {type(out).__name__}, not "
-                    "(topk_scores, topk_expert_ids, scores); this torchtitan version is not "
-                    "supported, register a custom adapter (see docs/custom_adapter.md)."
+                # Monitoring never stops the job: this layer is switched off, once, loudly.
+                broken.append(True)
+                msg = (
+                    f"moescope {self.name}: switched off monitoring of layer {path}: its "
+                    f"router returned {type(out).__name__}, not (topk_scores, "
+                    "topk_expert_ids, scores); this torchtitan version is not supported, "
+                    "register a custom adapter (see docs/custom_adapter.md)"
                 )
+                _log.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                return
             weight = as_rows(local_tensor(out[0]).detach(), top_k)
             index = as_rows(local_tensor(out[1]).detach(), top_k)
             fn = score_fn
@@ -164,6 +175,7 @@ class TorchtitanMoEAdapter:
             for h in handles:
                 h.remove()
             pending.clear()
+            broken.clear()
 
         return detach
 
