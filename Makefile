@@ -102,7 +102,8 @@ test-vllm: $(VLLM_STAMP)
 # Training-engine integration tests (docs/megatron.md, docs/torchtitan.md, docs/deepspeed.md)
 # in their own venv: Megatron-core, torchtitan and DeepSpeed on the CPU wheel of torch, from
 # requirements/engines-lock.txt. torch first, then the engines under the lock, then moescope
-# itself without dependencies (it needs only torch and numpy, both already there).
+# itself without dependencies (it needs only torch and numpy, both already there). triton is
+# named because torchtitan 0.3.0 imports it at import time without declaring it.
 ENGINES_VENV  ?= .venv-engines
 ENGINES_PY    := $(ENGINES_VENV)/bin/python
 ENGINES_LOCK  := requirements/engines-lock.txt
@@ -111,7 +112,7 @@ ENGINES_STAMP := $(ENGINES_VENV)/.moescope-installed
 $(ENGINES_STAMP): pyproject.toml $(ENGINES_LOCK)
 	test -x $(ENGINES_PY) || $(PYTHON) -m venv $(ENGINES_VENV)
 	$(ENGINES_PY) -m pip install -q $(TORCH)
-	$(ENGINES_PY) -m pip install -q -c $(ENGINES_LOCK) megatron-core torchtitan deepspeed pytest pytest-timeout
+	$(ENGINES_PY) -m pip install -q -c $(ENGINES_LOCK) megatron-core torchtitan deepspeed triton pytest pytest-timeout
 	$(ENGINES_PY) -m pip install -q --no-deps -e .
 	touch $(ENGINES_STAMP)
 
