@@ -7,7 +7,8 @@ returns a LayerInfo wins a module. Priorities of the built-ins:
   over every built-in one;
 - ``PRIORITY_DEDICATED`` (200): family-specific transformers adapters (switch_transformers,
   nllb_moe, llama4, dbrx; ParallelExperts blocks: jetmoe; embedding experts: doge;
-  task-indexed experts, which raise: vitpose_backbone) living in ``capture/hf_*.py``;
+  task-indexed experts, which raise: vitpose_backbone) living in ``capture/hf_*.py``, and
+  the training engines' MoE layers (DeepSpeed: ``capture/deepspeed.py``);
 - ``PRIORITY_NN`` (100): ``moescope.nn.MoELayer``;
 - ``PRIORITY_GENERIC`` (0): the structural transformers adapter (router + fused experts).
 
@@ -34,7 +35,8 @@ PRIORITY_DEDICATED = 200
 PRIORITY_NN = 100
 PRIORITY_GENERIC = 0
 
-# Modules holding dedicated transformers adapters, written against the same protocol.
+# Modules holding dedicated adapters (transformers families, training engines), written
+# against the same protocol; none imports its framework at module import.
 _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_switch",
     "moescope.capture.hf_llama4",
@@ -42,6 +44,7 @@ _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_jetmoe",
     "moescope.capture.hf_doge",
     "moescope.capture.hf_vitpose",
+    "moescope.capture.deepspeed",
 )
 
 _lock = threading.Lock()
