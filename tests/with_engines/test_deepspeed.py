@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from dist_ranks import run_ranks
 from torch import nn
 
+from dist_ranks import run_ranks
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-import deepspeed  # noqa: E402
-import deepspeed.ops  # noqa: E402
-from deepspeed.moe.layer import MoE  # noqa: E402
+import deepspeed
+import deepspeed.ops
+from deepspeed.moe.layer import MoE
 
 # DeepSpeed builds its shared-memory collective op (a C++ build of about 90 s the first
 # time) for every CPU process group; gloo does these collectives, so skip it.
@@ -150,9 +151,7 @@ def _engine(net: Net, micro: int, **config: Any) -> Any:
         "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
         **config,
     }
-    engine, _, _, _ = deepspeed.initialize(
-        model=net, model_parameters=net.parameters(), config=cfg
-    )
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
     return engine
 
 

@@ -95,9 +95,8 @@ class DeepSpeedMoEAdapter:
         """LayerInfo for a DeepSpeed MoE block, else None."""
         if not is_deepspeed_moe(module):
             return None
-        inner = _moe_layer_of(module)
-        assert inner is not None
-        gate = inner.gate
+        inner: Any = _moe_layer_of(module)
+        gate: Any = inner.gate
         experts = getattr(inner, "experts", None)
         local = getattr(experts, "deepspeed_experts", experts)
         return LayerInfo(
@@ -133,9 +132,7 @@ class DeepSpeedMoEAdapter:
                     stacklevel=2,
                 )
 
-        def hook(
-            _mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-        ) -> None:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             if not ctx.counting or warned:
                 return
             if not (isinstance(out, tuple) and len(out) == 7):
@@ -157,7 +154,7 @@ class DeepSpeedMoEAdapter:
         return handle.remove
 
 
-def _fallback_ids(gate: nn.Module, k: int, logits: torch.Tensor) -> torch.Tensor | None:
+def _fallback_ids(gate: Any, k: int, logits: torch.Tensor) -> torch.Tensor | None:
     """[S, K] expert ids the gate chose before its capacity limit, recomputed with its own
     ops; -1 where noise the hook cannot see decided; None when no slot is recoverable."""
     training = gate.training
@@ -181,7 +178,7 @@ def _fallback_ids(gate: nn.Module, k: int, logits: torch.Tensor) -> torch.Tensor
 
 
 def _record(
-    gate: nn.Module,
+    gate: Any,
     path: str,
     num_experts: int,
     k: int,

@@ -37,6 +37,7 @@ rank 0 writes, as DeepSpeed's ``MonitorMaster`` does.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,8 @@ def reduce_group() -> Any:
     Without an ``mpu`` or device mesh that is the whole world (None). Call it on every rank
     (it may create DeepSpeed's group).
     """
-    from deepspeed.utils import groups
-
+    # Imported here: DeepSpeed is optional (and slow to import); typed Any, it ships no stubs.
+    groups: Any = importlib.import_module("deepspeed.utils.groups")
     if getattr(groups, "mpu", None) is None and getattr(groups, "mesh_device", None) is None:
         return None
     return groups._get_sequence_data_parallel_group()
