@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from moescope.stats.accumulator import RoutingStats, host_copy
 from moescope.stats.neurons import NeuronOptions, NeuronStats, ThresholdMode, as_threshold
 from moescope.stats.snapshot import LayerStats, Snapshot, layer_stats_from_state
 
-__all__ = ["CoreLayer", "MonitorCore", "UnknownWindowError"]
+__all__ = ["CoreLayer", "MonitorCore", "UnknownWindowError", "merge_stages"]
 
 
 class UnknownWindowError(KeyError):
@@ -52,6 +52,8 @@ class CoreLayer:
         top_k: K slots per token.
         device: where its routing tensors live (state is allocated there up front).
         intermediate_size: I of its experts when neurons are tracked for it, else None.
+        expert_bias: the router's live [E] selection bias (``LayerInfo.expert_bias``),
+            copied into ``LayerStats.expert_bias`` at every read; None when it has none.
     """
 
     path: str
@@ -59,6 +61,7 @@ class CoreLayer:
     top_k: int
     device: torch.device
     intermediate_size: int | None = None
+    expert_bias: torch.Tensor | None = field(default=None, compare=False)
 
 
 class _Window:
@@ -90,6 +93,14 @@ class MonitorCore:
         threshold: ``layer path -> (mode, value)``: the neuron rule in force.
         process_group: torch.distributed group to reduce over when reading (default:
             the world when initialised with more than one rank); ``False``: never reduce.
+            The ranks of this group hold the SAME layers (data-, expert-parallel
+            replicas): their sums are added.
+        stage_group: torch.distributed group of ranks that hold DIFFERENT layers
+            (pipeline stages, one rank per stage): after the reduction over
+            ``process_group``, each read gathers the other stages' layers over this
+            group, so every rank's snapshot has every layer, in stage order. Layer paths
+            must be unique across stages (the engine adapters name layers by their
+            global number). None: no gather.
         windows: window names that exist from the start besides ``"default"``.
     """
 
@@ -104,9 +115,11 @@ class MonitorCore:
         neurons: NeuronOptions | None = None,
         threshold: Callable[[str], tuple[ThresholdMode, float]] | None = None,
         process_group: Any | None = None,
+        stage_group: Any | None = None,
         windows: Sequence[str] = (),
     ) -> None:
         self.layers = list(layers)
+        self.stage_group = stage_group
         self.coactivation = bool(coactivation)
         self.neuron_options = neurons
         self._threshold = threshold
@@ -233,13 +246,18 @@ class MonitorCore:
                     states[f"{name}:{key}"] = v
                 for key, op in consumer.reduce_ops().items():
                     ops[f"{name}:{key}"] = op
-            host = host_copy(self._reduce(states, ops))
+            states = self._reduce(states, ops)
+            # Biases are replicated on every rank, never summed; they ride the same copy.
+            for i, info in enumerate(self.layers):
+                if info.expert_bias is not None:
+                    states[f"bias:{i}"] = info.expert_bias.detach().reshape(-1)
+            host = host_copy(states)
             if reset:
                 win.reset()
         out: dict[str, dict[str, np.ndarray]] = {name: {} for name in parts}
         for key, arr in host.items():
             name, sub = key.split(":", 1)
-            out[name][sub] = arr
+            out.setdefault(name, {})[sub] = arr
         return out
 
     def stats(
@@ -260,8 +278,26 @@ class MonitorCore:
                 fields = win.neurons.layer_fields(host["neurons"], i)
                 label = (labels or {}).get(info.path)
                 stats = replace(stats, **fields, neuron_threshold=label)
+            bias = host.get("bias", {}).get(str(i))
+            if bias is not None:
+                stats = replace(stats, expert_bias=np.asarray(bias, dtype=np.float64))
             out[info.path] = stats
-        return out
+        return self._gather_stages(out)
+
+    def _gather_stages(self, layers: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        # Pipeline stages hold different layers: every rank gets all of them (host
+        # objects, once per read, never on the forward path).
+        import torch.distributed as dist
+
+        group = self.stage_group
+        if group is None or not (dist.is_available() and dist.is_initialized()):
+            return layers
+        n = dist.get_world_size(group)
+        if n <= 1:
+            return layers
+        parts: list[Any] = [None] * n
+        dist.all_gather_object(parts, layers, group=group)
+        return merge_stages(parts)
 
     def snapshot(
         self,
@@ -290,3 +326,23 @@ class MonitorCore:
             if win.neurons is not None:
                 total += win.neurons.nbytes()
         return total
+
+
+def merge_stages(parts: Sequence[Mapping[str, LayerStats]]) -> dict[str, LayerStats]:
+    """One ``{path: LayerStats}`` from the layers of each pipeline stage, in stage order.
+
+    Raises:
+        ValueError: a layer path appears on two stages.
+    """
+    merged: dict[str, LayerStats] = {}
+    for stage, part in enumerate(parts):
+        for path, stats in part.items():
+            if path in merged:
+                raise ValueError(
+                    f"layer {path!r} is reported by two pipeline stages (stage {stage} "
+                    "and an earlier one): stage_group must hold one rank per stage, and "
+                    "layer paths must be unique across stages (name layers by their "
+                    "global number in the adapter)"
+                )
+            merged[path] = stats
+    return merged

@@ -86,7 +86,11 @@ class MoEMonitor:
             ``self.last_alerts``).
         attach: install the hooks now (else call ``attach()`` or use ``with monitor:``).
         process_group: the torch.distributed group to reduce over at snapshot time
-            (default: the world, when initialised with more than one rank).
+            (default: the world, when initialised with more than one rank): ranks that
+            see different tokens through the SAME layers (data/expert parallel).
+        stage_group: the group of pipeline stages (ranks holding DIFFERENT layers, one
+            per stage): each snapshot gathers the other stages' layers over it, so every
+            rank reports every layer. None: each rank reports its own layers.
         neurons: also count the activated neurons inside every chosen expert (see
             ``moescope.stats.neurons``): h = act(gate(x)) * up(x) of every kept
             (token, slot), counted as it passes and never stored. ``True`` uses the
@@ -152,6 +156,7 @@ class MoEMonitor:
         alert_rules: Any | None = None,
         attach: bool = True,
         process_group: Any | None = None,
+        stage_group: Any | None = None,
         neurons: bool | NeuronOptions = False,
         counts_only: bool = False,
         split_by_mode: bool = False,
@@ -231,6 +236,7 @@ class MoEMonitor:
                     info.top_k,
                     self._default_device(info),
                     self._taps[info.path].intermediate_size if info.path in self._taps else None,
+                    info.expert_bias,
                 )
                 for info in self.layers
             ],
@@ -241,6 +247,7 @@ class MoEMonitor:
             neurons=options,
             threshold=lambda path: self.neuron_threshold.for_layer(path),
             process_group=process_group,
+            stage_group=stage_group,
             windows=("train", "eval") if self.split_by_mode else (),
         )
         self.pipeline: CapturePipeline = self.core.pipeline

@@ -53,6 +53,10 @@ class LayerInfo:
       adapter has none to name.
     - ``active_top_k``: experts a token uses on average when it differs from the capture
       slots ``top_k`` (expert-choice routing records E slots per token); None = ``top_k``.
+    - ``expert_bias``: the router's live [E] selection bias (DeepSeek-V3's aux-loss-free
+      balancing: Megatron's ``expert_bias``, torchtitan's ``expert_bias``), a reference
+      to the model's own tensor that the trainer updates in place; snapshots copy it into
+      ``LayerStats.expert_bias``. None when the router has none.
     """
 
     path: str
@@ -63,6 +67,7 @@ class LayerInfo:
     expert_modules: tuple[nn.Module, ...] = ()
     router: nn.Module | None = None
     active_top_k: int | None = None
+    expert_bias: torch.Tensor | None = None
     experts: nn.Module | None = None
     index_arg: str = "top_k_index"
     weight_arg: str = "top_k_weights"
@@ -118,6 +123,18 @@ class CaptureContext:
         if s > m.shape[1]:
             return None
         return m[:, -s:].reshape(-1).to(torch.bool)
+
+
+def router_bias(*owners: object) -> torch.Tensor | None:
+    """The live [E] selection-bias tensor of a DeepSeek-V3-style router, looked up on
+    ``owners`` in order (``e_score_correction_bias`` in transformers and moescope.nn,
+    ``expert_bias`` in Megatron-core and torchtitan); None when none has one."""
+    for owner in owners:
+        for name in ("e_score_correction_bias", "expert_bias"):
+            t = getattr(owner, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                return t
+    return None
 
 
 def in_backward() -> bool:

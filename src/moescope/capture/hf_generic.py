@@ -43,7 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, as_rows
+from moescope.capture.adapter import (
+    CaptureContext,
+    Detach,
+    Emit,
+    LayerInfo,
+    as_rows,
+    router_bias,
+)
 from moescope.capture.hf_structure import (
     block_token_mask,
     find_router,
@@ -110,6 +117,7 @@ class GenericHFAdapter:
             router=router,
             experts=experts,
             score_fn=router_score_fn(router, config),
+            expert_bias=router_bias(router, module),
             # Names of experts.forward's index / weight parameters (positions 1, 2).
             index_arg=names[1] if len(names) > 1 else "top_k_index",
             weight_arg=names[2] if len(names) > 2 else "top_k_weights",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo
+from moescope.capture.adapter import CaptureContext, Detach, Emit, LayerInfo, router_bias
 from moescope.capture.record import RoutingRecord
 from moescope.nn.expert_parallel import ExpertParallelMoELayer
 from moescope.nn.layer import MoELayer
@@ -83,6 +83,7 @@ class NNAdapter:
             expert_modules=(experts,) if isinstance(experts, nn.Module) else (),
             router=router,
             active_top_k=active,
+            expert_bias=router_bias(router),
         )
 
     def attach(self, info: LayerInfo, emit: Emit, ctx: CaptureContext) -> Detach:

@@ -60,6 +60,7 @@ _ARRAY_FIELDS = {
     "activated_hist": np.int64,
     "firing_counts": np.int64,
     "hot_neurons": np.int64,
+    "expert_bias": np.float64,
 }
 
 _INT_FIELDS = (
@@ -89,6 +90,11 @@ class LayerStats:
     (neurons never activated; NaN for experts without rows), ``dead_neurons`` (their sum),
     ``hot_neurons`` [E, k] (most frequently firing neuron ids, -1 where fewer than k
     fired), ``neuron_threshold`` (the rule used, e.g. ``"magnitude(alpha=0.1)"``).
+
+    ``expert_bias`` [E] float64: the router's selection bias at the end of the window
+    (DeepSeek-V3-style aux-loss-free balancing: Megatron-core and torchtitan routers,
+    ``moescope.nn`` bias routers), None when the router has none. It is a value at read
+    time, not a sum over the window.
     """
 
     num_experts: int
@@ -133,6 +139,7 @@ class LayerStats:
     firing_counts: np.ndarray | None = None
     hot_neurons: np.ndarray | None = None
     neuron_threshold: str | None = None
+    expert_bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Counts are ints (NaN only where undefined), whatever arithmetic produced them.
