@@ -219,6 +219,10 @@ def _single_process_gates(rank: int, world: int) -> None:
     snap = mon.snapshot(reset=True)
     lay = snap.layers[f"moes.{len(SINGLE_SPECS) - 1}"]
     assert abs(lay.aux_loss - refs.l_aux[-1]) < 1e-5, (lay.aux_loss, refs.l_aux[-1])
+    # Top-k (k > 2): DeepSpeed divides by k what the Switch/HF loss sums over the k slots
+    # (the routes it chose before dropping, which the monitor recovers exactly).
+    lay = snap.layers["moes.5"]
+    assert abs(lay.aux_loss - 3 * refs.l_aux[5]) < 1e-5, (lay.aux_loss, refs.l_aux[5])
     mon.detach()
 
 

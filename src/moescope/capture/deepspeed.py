@@ -189,11 +189,16 @@ def _record(
     ctx: CaptureContext,
 ) -> RoutingRecord:
     with torch.no_grad():
-        # The gate's own op (input.float() @ wg.weight.float().T, no bias): the same values.
-        logits = F.linear(x.detach().float(), gate.wg.weight.detach().float())
+        w = gate.wg.weight
+        logits = None
+        # A weight that is not [E, H] here is partitioned away (ZeRO-3 releases it after the
+        # gate's forward): then counts and drops only, no router probabilities.
+        if w.shape == (num_experts, x.shape[-1]):
+            # The gate's own op (input.float() @ wg.weight.float().T, no bias): same values.
+            logits = F.linear(x.detach().float(), w.detach().float())
         sel = routes.detach().t()  # [S, K]
         dropped = sel < 0
-        fallback = _fallback_ids(gate, k, logits)
+        fallback = None if logits is None else _fallback_ids(gate, k, logits)
         index = sel if fallback is None else torch.where(dropped, fallback, sel)
         mask = ctx.token_mask(sel.shape[0])
         if k == 1 and isinstance(used, torch.Tensor):
