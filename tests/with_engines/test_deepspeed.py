@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,22 @@ def _single_process_gates(rank: int, world: int) -> None:
     # (the routes it chose before dropping, which the monitor recovers exactly).
     lay = snap.layers["moes.5"]
     assert abs(lay.aux_loss - 3 * refs.l_aux[5]) < 1e-5, (lay.aux_loss, refs.l_aux[5])
+
+    # A gate output the adapter cannot read (the dense [S, E, C] form DeepSpeed's gate
+    # returns when called without sparse_routes) switches that layer off with one warning;
+    # the model and the other layers go on.
+    x = _global_batches(1, 1)[0][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            dense = net.moes[6].deepspeed_moe.gate(net.inp(x).reshape(-1, H))
+            engine(x)
+    assert len(dense) == 4 and dense[2].dim() == 3  # l_aux, combine, dispatch [S,E,C], counts
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "moes.6" in msgs[0], msgs
+    snap = mon.snapshot(reset=True)
+    assert snap.layers["moes.6"].num_tokens == 0
+    assert snap.layers["moes.0"].num_tokens == B * S
     mon.detach()
 
 
