@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -326,10 +327,19 @@ def _logging(rank: int, world: int, out: str) -> None:
     Path(f"{out}/usage.json").write_text(json.dumps(usage_at))
 
 
+def _benchmark_smoke(rank: int, world: int, out: str) -> None:
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    import engine_overhead_deepspeed as eod
+
+    eod.main(["--quick", "--json", out])
+
+
 SCENARIOS = {
     "single_process_gates": _single_process_gates,
     "ranks_vs_single": _ranks_vs_single,
     "logging": _logging,
+    "benchmark_smoke": _benchmark_smoke,
 }
 
 
@@ -395,3 +405,11 @@ def test_attach_logs_into_deepspeed_monitor(tmp_path: Path) -> None:
     assert [e.step for e in scalars] == [16, 32]
     for e, snap in zip(scalars, snaps, strict=True):
         assert e.value == pytest.approx(snap.to_dict(prefix="moe")["moe/avg_expert_cv"], rel=1e-6)
+
+
+def test_overhead_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/engine_overhead_deepspeed.py --quick, so that the script does not rot."""
+    run_ranks(_worker, 1, "benchmark_smoke", str(tmp_path / "bench.json"))
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["engine"] == "deepspeed" and len(result["per_rep_ms"]["moescope"]) == 2
+    assert result["ratio_of_medians"] > 0
