@@ -147,7 +147,11 @@ class DeepSpeedMoEAdapter:
                 give_up(f"routes of shape {tuple(getattr(routes, 'shape', ()))}")
                 return
             used = forward_argument(args, kwargs, "used_token", used_pos)
-            record = _record(gate, path, num_experts, k, x, routes, weights, used, ctx)
+            try:
+                record = _record(gate, path, num_experts, k, x, routes, weights, used, ctx)
+            except Exception as err:  # monitoring never stops the job it watches
+                give_up(repr(err))
+                return
             emit(record)
 
         handle = gate.register_forward_hook(hook, with_kwargs=True)
