@@ -122,6 +122,12 @@ def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
             times["moescope"].append(steps(args.steps))
             assert moe.session.last_train_step is not None, "no snapshot inside the rep"
             moe.close()
+        print(
+            f"rep {rep + 1}/{args.reps}: none {1e3 * times['none'][-1]:.1f} ms, "
+            f"moescope {1e3 * times['moescope'][-1]:.1f} ms per step",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def summary(xs: list[float]) -> dict[str, float]:
         q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
