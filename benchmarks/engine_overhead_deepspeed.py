@@ -16,8 +16,10 @@ Method: ONE engine trains throughout; reps alternate between "none" (no monitor)
 "moescope" (``attach`` before the rep, ``close`` after it: both outside the timing), the
 order swapped every rep so that a shared machine's load hits both alike. A rep is
 ``--steps`` optimizer steps (= ``steps_per_print``, so every moescope rep contains one
-snapshot). Per rep: mean step time; result: median over reps of "moescope" / median over
-reps of "none" (ratio of medians), with each variant's IQR.
+snapshot). Per rep: mean step time, in wall time and in this process's CPU time (all
+threads; on a shared machine other processes disturb it far less than wall time); result:
+median over reps of "moescope" / median over reps of "none" (ratio of medians), for both,
+with each variant's IQR.
 
 Run:  OMP_NUM_THREADS=2 python benchmarks/engine_overhead_deepspeed.py --engine deepspeed
 (in the engines venv, ``PYTHONPATH=src``). ``--quick`` for a smoke run. Results:
@@ -100,31 +102,39 @@ def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(args.batch, args.seq, args.hidden, generator=gen) for _ in range(4)]
 
-    def steps(n: int) -> float:
-        t0 = time.perf_counter()
+    def steps(n: int) -> tuple[float, float]:
+        # Wall time and this process's CPU time (all threads) per step: other processes on
+        # a shared machine disturb the second far less.
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             loss = engine(batches[i % len(batches)])
             engine.backward(loss)
             engine.step()
-        return (time.perf_counter() - t0) / n
+        return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
     steps(args.warmup)
     times: dict[str, list[float]] = {"none": [], "moescope": []}
+    cpu: dict[str, list[float]] = {"none": [], "moescope": []}
     for rep in range(args.reps):
         order = ("none", "moescope") if rep % 2 == 0 else ("moescope", "none")
         for variant in order:
             if variant == "none":
-                times["none"].append(steps(args.steps))
+                wall, c = steps(args.steps)
+                times["none"].append(wall)
+                cpu["none"].append(c)
                 continue
             moe = ds_int.attach(
                 engine, log_to_console=False, log_heatmap_every=None, alert_threshold_imbalance=None
             )
-            times["moescope"].append(steps(args.steps))
+            wall, c = steps(args.steps)
+            times["moescope"].append(wall)
+            cpu["moescope"].append(c)
             assert moe.session.last_train_step is not None, "no snapshot inside the rep"
             moe.close()
         print(
             f"rep {rep + 1}/{args.reps}: none {1e3 * times['none'][-1]:.1f} ms, "
-            f"moescope {1e3 * times['moescope'][-1]:.1f} ms per step",
+            f"moescope {1e3 * times['moescope'][-1]:.1f} ms per step (CPU "
+            f"{1e3 * cpu['none'][-1]:.1f} / {1e3 * cpu['moescope'][-1]:.1f} ms)",
             file=sys.stderr,
             flush=True,
         )
@@ -151,7 +161,11 @@ def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
         "none": summary(times["none"]),
         "moescope": summary(times["moescope"]),
         "ratio_of_medians": statistics.median(times["moescope"]) / statistics.median(times["none"]),
+        "cpu_none": summary(cpu["none"]),
+        "cpu_moescope": summary(cpu["moescope"]),
+        "cpu_ratio_of_medians": statistics.median(cpu["moescope"]) / statistics.median(cpu["none"]),
         "per_rep_ms": {k: [round(1e3 * v, 3) for v in xs] for k, xs in times.items()},
+        "per_rep_cpu_ms": {k: [round(1e3 * v, 3) for v in xs] for k, xs in cpu.items()},
     }
     return result
 
