@@ -170,6 +170,40 @@ def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _deepspeed(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The DeepSpeed entry for ``benchmarks/engine_overhead.py``'s ``ENGINES`` table (the
+    Megatron helper's script): returns ``step(monitored)`` and the attached handle, whose
+    ``monitor`` the caller attaches/detaches around timed blocks. Reads ``--layers``,
+    ``--hidden``, ``--experts``, ``--top-k``, ``--batch``, ``--seq``, ``--log-interval``.
+    An unmonitored step calls DeepSpeed's own ``engine.step`` (not moescope's wrapper), so
+    it takes no snapshot."""
+    _setup_single_process()
+    import deepspeed
+    import deepspeed.ops
+
+    from moescope.integrations import deepspeed as ds_int
+
+    deepspeed.ops.__compatible_ops__ = {}
+    torch.manual_seed(0)
+    net = DeepSpeedMoENet(args.hidden, args.experts, args.top_k, args.layers)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    cfg = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": args.log_interval}
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
+    x = torch.randn(args.batch, args.seq, args.hidden, generator=torch.Generator().manual_seed(1))
+    moe = ds_int.attach(
+        engine, log_to_console=False, log_heatmap_every=None, alert_threshold_imbalance=None
+    )
+    moe.monitor.detach()
+    plain_step = moe._orig_step
+
+    def step(monitored: bool) -> None:
+        loss = engine(x)
+        engine.backward(loss)
+        (engine.step if monitored else plain_step)()
+
+    return step, moe
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["deepspeed"], default="deepspeed")
