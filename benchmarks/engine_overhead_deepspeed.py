@@ -12,21 +12,23 @@ square of the head + 0.01 x the gates' l_aux. One step = ``engine(x)``,
 ``engine.backward(loss)``, ``engine.step()`` through ``deepspeed.initialize`` (one process,
 gloo, torch AdamW). Batch ``--batch`` x ``--seq`` tokens.
 
-Method: ONE engine trains throughout; reps alternate between "none" (no monitor) and
-"moescope" (``attach`` before the rep, ``close`` after it: both outside the timing), the
-order swapped every rep so that a shared machine's load hits both alike. A rep is
-``--steps`` optimizer steps (= ``steps_per_print``, so every moescope rep contains one
-snapshot). Per rep: mean step time, in wall time and in this process's CPU time (all
-threads; on a shared machine other processes disturb it far less than wall time); result:
-median over reps of "moescope" / median over reps of "none" (ratio of medians), for both,
-with each variant's IQR.
+Method: ONE engine trains throughout, with ``attach`` done once (outside the timing).
+Blocks of ``--steps`` optimizer steps alternate between "moescope" (the monitor's hooks
+attached, ``engine.step`` through moescope's wrapper, so the snapshot taken every
+``--log-interval`` = ``steps_per_print`` steps is inside the timing: keep ``--steps`` a
+multiple of it) and "none" (hooks detached, DeepSpeed's own ``engine.step``), the order
+swapped every repetition so that a shared machine's load hits both alike. Each block is
+timed in wall time and in this process's CPU time (``time.process_time``, all threads;
+with ``--threads 1`` on a shared CPU it is what the step costs whatever else runs). Per
+clock: the median per step of each variant, the ratio of the medians (moescope / none)
+and the median of the per-repetition ratios. Same method as ``benchmarks/engine_overhead.py``
+(the Megatron helper's script), whose ``ENGINES`` table can take :func:`_deepspeed`.
 
-Run:  OMP_NUM_THREADS=2 python benchmarks/engine_overhead_deepspeed.py --engine deepspeed
-(in the engines venv, ``PYTHONPATH=src``). ``--quick`` for a smoke run. Results:
-``benchmarks/RESULTS.md``.
+Run:  PYTHONPATH=src .venv-engines/bin/python benchmarks/engine_overhead_deepspeed.py
+``--quick`` for a smoke run. Results: ``benchmarks/RESULTS.md``.
 
-This file holds the DeepSpeed mode only (``run_deepspeed``); ``benchmarks/engine_overhead.py``
-(Megatron-core, torchtitan) was not on this branch when it was written.
+A separate file because ``benchmarks/engine_overhead.py`` (Megatron-core) was not on this
+branch when this was written.
 """
 
 from __future__ import annotations
@@ -84,66 +86,46 @@ class DeepSpeedMoENet(nn.Module):
 
 
 def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
-    """Interleaved reps with and without moescope on one DeepSpeed engine; returns the
-    per-rep step times and the ratio of medians."""
-    _setup_single_process()
+    """Interleaved blocks with and without moescope on one DeepSpeed engine; returns the
+    per-block step times (wall and process CPU) and the ratios of medians."""
     import deepspeed
-    import deepspeed.ops
 
-    from moescope.integrations import deepspeed as ds_int
+    step, moe = _deepspeed(args)
+    mon = moe.monitor
 
-    # No shared-memory collective op build (a one-process job has no collectives to speed up).
-    deepspeed.ops.__compatible_ops__ = {}
-    torch.manual_seed(0)
-    net = DeepSpeedMoENet(args.hidden, args.experts, args.top_k, args.layers)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    cfg = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": args.steps}
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randn(args.batch, args.seq, args.hidden, generator=gen) for _ in range(4)]
+    def block(monitored: bool) -> tuple[float, float]:
+        if monitored:
+            mon.attach()
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            step(monitored)
+        dw, dc = time.perf_counter() - w0, time.process_time() - c0
+        if monitored:
+            mon.detach()
+        return dw / args.steps, dc / args.steps
 
-    def steps(n: int) -> tuple[float, float]:
-        # Wall time and this process's CPU time (all threads) per step: other processes on
-        # a shared machine disturb the second far less.
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(n):
-            loss = engine(batches[i % len(batches)])
-            engine.backward(loss)
-            engine.step()
-        return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
-
-    steps(args.warmup)
-    times: dict[str, list[float]] = {"none": [], "moescope": []}
-    cpu: dict[str, list[float]] = {"none": [], "moescope": []}
+    for i in range(args.warmup):
+        block(i % 2 == 0)
+    runs: dict[str, list[tuple[float, float]]] = {"none": [], "moescope": []}
     for rep in range(args.reps):
-        order = ("none", "moescope") if rep % 2 == 0 else ("moescope", "none")
-        for variant in order:
-            if variant == "none":
-                wall, c = steps(args.steps)
-                times["none"].append(wall)
-                cpu["none"].append(c)
-                continue
-            moe = ds_int.attach(
-                engine, log_to_console=False, log_heatmap_every=None, alert_threshold_imbalance=None
-            )
-            wall, c = steps(args.steps)
-            times["moescope"].append(wall)
-            cpu["moescope"].append(c)
-            assert moe.session.last_train_step is not None, "no snapshot inside the rep"
-            moe.close()
+        order = (True, False) if rep % 2 == 0 else (False, True)
+        for monitored in order:
+            runs["moescope" if monitored else "none"].append(block(monitored))
+        on, off = runs["moescope"][-1], runs["none"][-1]
         print(
-            f"rep {rep + 1}/{args.reps}: none {1e3 * times['none'][-1]:.1f} ms, "
-            f"moescope {1e3 * times['moescope'][-1]:.1f} ms per step (CPU "
-            f"{1e3 * cpu['none'][-1]:.1f} / {1e3 * cpu['moescope'][-1]:.1f} ms)",
+            f"rep {rep + 1}/{args.reps}: wall {1e3 * off[0]:.1f} / {1e3 * on[0]:.1f} ms, "
+            f"CPU {1e3 * off[1]:.1f} / {1e3 * on[1]:.1f} ms per step (none / moescope)",
             file=sys.stderr,
             flush=True,
         )
+    assert moe.session.last_train_step is not None, "no snapshot was taken"
+    moe.close()
 
     def summary(xs: list[float]) -> dict[str, float]:
         q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
         return {"median_ms": 1e3 * statistics.median(xs), "iqr_ms": 1e3 * (q[2] - q[0])}
 
-    result = {
+    result: dict[str, Any] = {
         "engine": "deepspeed",
         "deepspeed": deepspeed.__version__,
         "torch": torch.__version__,
@@ -156,17 +138,23 @@ def run_deepspeed(args: argparse.Namespace) -> dict[str, Any]:
             "layers": args.layers,
             "tokens_per_step": args.batch * args.seq,
         },
-        "steps_per_rep": args.steps,
+        "steps_per_block": args.steps,
+        "log_interval": args.log_interval,
         "reps": args.reps,
-        "none": summary(times["none"]),
-        "moescope": summary(times["moescope"]),
-        "ratio_of_medians": statistics.median(times["moescope"]) / statistics.median(times["none"]),
-        "cpu_none": summary(cpu["none"]),
-        "cpu_moescope": summary(cpu["moescope"]),
-        "cpu_ratio_of_medians": statistics.median(cpu["moescope"]) / statistics.median(cpu["none"]),
-        "per_rep_ms": {k: [round(1e3 * v, 3) for v in xs] for k, xs in times.items()},
-        "per_rep_cpu_ms": {k: [round(1e3 * v, 3) for v in xs] for k, xs in cpu.items()},
     }
+    for i, clock in enumerate(("wall", "cpu")):
+        on = [x[i] for x in runs["moescope"]]
+        off = [x[i] for x in runs["none"]]
+        result[clock] = {
+            "none": summary(off),
+            "moescope": summary(on),
+            "ratio_of_medians": statistics.median(on) / statistics.median(off),
+            "median_of_ratios": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+            "per_block_ms": {
+                "none": [round(1e3 * v, 3) for v in off],
+                "moescope": [round(1e3 * v, 3) for v in on],
+            },
+        }
     return result
 
 
@@ -216,14 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", type=int, default=10, help="optimizer steps per rep (= steps_per_print)"
     )
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps (smoke run)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden, args.batch, args.seq, args.reps, args.warmup, args.steps = 32, 2, 16, 2, 1, 2
+        args.hidden, args.batch, args.seq, args.reps, args.warmup = 32, 2, 16, 2, 1
+        args.steps = args.log_interval = 2
     torch.set_num_threads(args.threads)
     result = run_deepspeed(args)
     text = json.dumps(result, indent=2)
