@@ -201,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block")
     p.add_argument(
-        "--steps", type=int, default=10, help="optimizer steps per rep (= steps_per_print)"
+        "--log-interval", type=int, default=10, help="steps_per_print (a divisor of --steps)"
     )
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps (smoke run)")
     p.add_argument("--json", help="also write the result here")
