@@ -81,12 +81,23 @@ class Net(nn.Module):
             MoE(H, expert, num_experts=E, ep_size=ep_size, **_moe_kwargs(s)) for s in specs
         )
         self.head = nn.Linear(H, 1)
+        self.forward_counts = [torch.zeros(E, dtype=torch.long) for _ in specs]
+
+    #: Run each MoE layer under DeepSpeed's activation checkpointing (recomputed in backward).
+    checkpointed = False
 
     def forward(self, x: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
         h = self.inp(x)
         aux = h.new_zeros(())
-        for spec, moe in zip(self.specs, self.moes, strict=True):
-            out, l_aux, _ = moe(h, used) if (spec.get("used") and used is not None) else moe(h)
+        for i, (spec, moe) in enumerate(zip(self.specs, self.moes, strict=True)):
+            if self.checkpointed:
+                out, l_aux, counts = deepspeed.checkpointing.checkpoint(moe, h)
+                # Net.forward runs once per step (the recomputation runs only ``moe``).
+                self.forward_counts[i] += counts.long()
+            elif spec.get("used") and used is not None:
+                out, l_aux, _ = moe(h, used)
+            else:
+                out, l_aux, _ = moe(h)
             h = h + out
             aux = aux + l_aux
         return self.head(h).pow(2).mean() + 0.01 * aux
@@ -327,6 +338,30 @@ def _logging(rank: int, world: int, out: str) -> None:
     Path(f"{out}/usage.json").write_text(json.dumps(usage_at))
 
 
+def _checkpointing(rank: int, world: int) -> None:
+    """DeepSpeed's activation checkpointing re-runs each MoE layer in backward: counted once."""
+    from moescope import MoEMonitor
+
+    torch.manual_seed(0)
+    net = Net(DIST_SPECS[:2])
+    net.checkpointed = True
+    deepspeed.checkpointing.configure(None)
+    engine = _engine(net, B)
+    refs = DeepSpeedCounters(net)  # its hooks also see the recomputation: twice
+    mon = MoEMonitor(engine.module)
+    for x, _ in _global_batches(2, 1):
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+    snap = mon.snapshot()
+    for i, spec in enumerate(DIST_SPECS[:2]):
+        lay = snap.layers[f"moes.{i}"]
+        assert lay.num_tokens == 2 * B * S
+        np.testing.assert_array_equal(lay.usage_counts, net.forward_counts[i].numpy())
+        np.testing.assert_array_equal(2 * lay.usage_counts, refs.exp[i].numpy())
+    mon.detach()
+
+
 def _benchmark_smoke(rank: int, world: int, out: str) -> None:
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench))
@@ -340,6 +375,7 @@ SCENARIOS = {
     "ranks_vs_single": _ranks_vs_single,
     "logging": _logging,
     "benchmark_smoke": _benchmark_smoke,
+    "checkpointing": _checkpointing,
 }
 
 
@@ -349,6 +385,10 @@ SCENARIOS = {
 def test_adapter_matches_every_gate_config_against_deepspeed_counters() -> None:
     """Top-1/top-2/top-3, capacity drops, RTS, RSample/Jitter, used_token, drop_tokens=False."""
     run_ranks(_worker, 1, "single_process_gates")
+
+
+def test_activation_checkpointing_counts_each_forward_once() -> None:
+    run_ranks(_worker, 1, "checkpointing")
 
 
 @pytest.mark.parametrize("world", [2, 4])
