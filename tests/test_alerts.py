@@ -351,3 +351,30 @@ def test_seed_lines_survive_grouping() -> None:
         "⚠️  MoE Alert at step 1500: model.layers.0.mlp: Severe expert imbalance (ratio: 4.52)",
         "⚠️  MoE Alert at step 2300: layers.4.mlp: 3/8 experts unused",
     ]
+
+
+def test_many_layers_of_one_rule_print_the_worst_then_one_line() -> None:
+    """At scale (61 layers) a collapsing model prints the 3 worst layers per rule in
+    full, then one line; the entropy rule's worst is its LOWEST value."""
+    imb = [
+        Alert("warning", f"layers.{i}.mlp", "imbalance", 4.0 + i, 5, f"ratio {4.0 + i}", 4.0)
+        for i in range(10)
+    ]
+    ent = [
+        Alert("warning", f"layers.{i}.mlp", "entropy_collapse", 0.05 - i / 100, 5, "low", 0.1)
+        for i in range(5)
+    ]
+    lines = format_update(AlertTracker().update(imb + ent, 5), None)
+    heads = [ln for ln in lines if not ln.startswith(" ")]
+    assert [h.split(": ")[1] for h in heads] == [
+        "layers.9.mlp", "layers.8.mlp", "layers.7.mlp",  # highest max/mean first
+        "layers.4.mlp", "layers.3.mlp", "layers.2.mlp",  # lowest entropy first
+    ]  # fmt: skip
+    more = [ln for ln in lines if "more layers" in ln]
+    assert more == [
+        "    ... and 7 more layers: imbalance (mildest 4.00: layers.0.mlp)",
+        "    ... and 2 more layers: entropy_collapse (mildest 0.05: layers.0.mlp)",
+    ]
+    # At most max_per_rule per rule: nothing is grouped.
+    few = format_update(AlertTracker().update(imb[:3], 5), None)
+    assert not any("more layers" in ln for ln in few)

@@ -87,7 +87,7 @@ def test_bad_size_is_a_usage_error() -> None:
 
 
 def test_subcommands_table_keeps_every_entry() -> None:
-    assert {"params", "analyze", "compare"} <= set(cli.SUBCOMMANDS)
+    assert {"params", "analyze", "compare", "agree"} <= set(cli.SUBCOMMANDS)
 
 
 def _sub(name: str) -> argparse.ArgumentParser:
@@ -101,6 +101,7 @@ def _sub(name: str) -> argparse.ArgumentParser:
         ("compare", "moescope.analysis.compare:CompareOptions"),
         ("params", "moescope.cost.options:ParamsOptions"),
         ("watch", "moescope.watch:WatchOptions"),
+        ("agree", "moescope.analysis.agree:AgreeOptions"),
     ],
 )
 def test_flags_and_help_come_from_the_option_fields(command: str, cls: str) -> None:

@@ -259,6 +259,8 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             "96",
             "--prune-tokens",
             "96",
+            "--agree-tokens",
+            "96",
         ]
     )
     assert rc == 0
@@ -305,6 +307,12 @@ def test_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert base["kept"] == 16 and "loss on those tokens" in printed
     cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert cfg["num_experts"] == result["kept"]
+    # And `moescope agree`: the balanced checkpoint in float32 vs bfloat16, same 96 bytes.
+    agreed = tmp_path / "agree" / "report.html"
+    assert f"agreement report: {agreed}" in printed and agreed.is_file()
+    agree_summary = _strict_json((tmp_path / "agree" / "summary.json").read_text())
+    assert agree_summary["tokens"] == 96 and len(agree_summary["layers"]) == 4
+    assert agree_summary["verdict"] in printed and 0.0 < agree_summary["exact"] <= 1.0
 
 
 def test_rerun_into_same_folder_replaces_the_old_outputs(tmp_path: Path) -> None:

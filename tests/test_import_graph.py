@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "moescope._text",
         "moescope.errors",
         "moescope.layer_names",
+        "moescope.trace",
     ),
     ("moescope.nn", "moescope.capture", "moescope.data"),
     ("moescope.stats",),

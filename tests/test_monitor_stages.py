@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_ranks import run_ranks
-from moescope import MoEMonitor
+from moescope import MoEMonitor, UnsupportedModelError
 from moescope.nn.experts import GroupedExperts
 from moescope.nn.layer import MoELayer
 from moescope.nn.routers import GroupLimitedRouter
@@ -151,3 +151,44 @@ def _snapshot_of_one() -> Snapshot:
     mon = MoEMonitor(m)
     m(_batches(1)[0])
     return mon.snapshot()
+
+
+class _Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(H, H)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.proj(h)
+
+
+def _dense_stage_worker(rank: int, world: int, port: int, failures: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)  # fmt: skip
+        solo = [dist.new_group([r]) for r in range(world)]
+        model = _model()
+        # Stage 0: the 4 MoE layers; stage 1: dense layers only (no MoE layer at all).
+        part: nn.Module = _stage(model, 0, LAYERS) if rank == 0 else _Dense()
+        mon = MoEMonitor(part, process_group=solo[rank], stage_group=dist.group.WORLD)
+        x = _batches(1)[0]
+        with torch.no_grad():
+            part(x if rank == 0 else _stage(model, 0, LAYERS)(x))
+        snap = mon.snapshot()
+        ref = _reference(1)
+        assert list(snap.layers) == list(ref.layers)
+        for a, b in zip(snap.layers.values(), ref.layers.values(), strict=True):
+            np.testing.assert_array_equal(a.usage_counts, b.usage_counts)
+        dist.destroy_process_group()
+    except BaseException as e:
+        failures.put(f"rank {rank}: {e!r}")
+        raise
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("monitor_stages")
+def test_a_dense_only_stage_joins_the_gather() -> None:
+    run_ranks(_dense_stage_worker, 2)
+    with pytest.raises(UnsupportedModelError):
+        MoEMonitor(_Dense())  # without stage_group it is still an error

@@ -25,7 +25,7 @@ SEED_TRANSFORMERS = [
     ("unused_expert_threshold", 0.25), ("entropy_threshold", 0.1),
     ("save_detailed_logs", False),
     ("log_dir", None), ("on_alert", None), ("stop_on_alert", False), ("track_eval", True),
-    ("per_layer", True), ("layer_metrics", None), ("report_to_trainer", None),
+    ("per_layer", "auto"), ("layer_metrics", None), ("report_to_trainer", None),
     ("alert_rules", None), ("monitor_kwargs", None),
 ]  # fmt: skip
 SEED_PYTORCH = [
@@ -34,7 +34,7 @@ SEED_PYTORCH = [
     ("alert_threshold_imbalance", 4.0), ("unused_expert_threshold", 0.25),
     ("entropy_threshold", 0.1), ("save_detailed_logs", False),
     ("log_dir", "moe_logs"), ("on_alert", None), ("stop_on_alert", False),
-    ("track_eval", True), ("per_layer", True), ("layer_metrics", None),
+    ("track_eval", True), ("per_layer", "auto"), ("layer_metrics", None),
     ("alert_rules", None), ("monitor_kwargs", None),
 ]  # fmt: skip
 _POSITIONAL = 8  # the seed's eight arguments stay positional; the extras are keyword-only
@@ -169,7 +169,7 @@ def test_frozen_reusable_and_derived_with_replace() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.log_every_n_steps = 3  # type: ignore[misc]
     other = opts.replace(per_layer=False)
-    assert other.per_layer is False and opts.per_layer is True
+    assert other.per_layer is False and opts.per_layer == "auto"
     assert other.monitor_kwargs == {"history": 3}
     with pytest.raises(ValueError, match="log_every_n_steps"):
         opts.replace(log_every_n_steps=-1)

@@ -60,8 +60,16 @@ def test_docs_tables_match_the_registry() -> None:
         assert f"| `{name}` |" in text
 
 
+# Added later (round 3: min / max / std of the load within a layer, percentiles across).
+ADDED_LAYER_KEYS = ("min_over_mean",)
+
+
 def test_flat_keys_and_aggregates_keep_their_published_names() -> None:
-    assert LAYER_SCALAR_METRICS == PUBLISHED_LAYER_KEYS
+    # Published keys keep their names and order; new keys are only ever added.
+    assert tuple(k for k in LAYER_SCALAR_METRICS if k not in ADDED_LAYER_KEYS) == (
+        PUBLISHED_LAYER_KEYS
+    )
+    assert set(LAYER_SCALAR_METRICS) == set(PUBLISHED_LAYER_KEYS) | set(ADDED_LAYER_KEYS)
     assert NEURON_SCALAR_METRICS == (
         "neuron_sparsity", "activated_neurons_mean", "activated_neurons_std", "dead_neurons",
     )  # fmt: skip
@@ -84,11 +92,27 @@ def test_aggregates_against_numpy() -> None:
         pool = active if a.over == "active" else list(snap.layers.values())
         vals = np.array([float(getattr(s, m.name)) for s in pool], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
-        ref = {"mean": np.mean, "sum": np.sum, "max": np.max}[a.reduce](vals)
+        ref = {
+            "mean": np.mean,
+            "sum": np.sum,
+            "max": np.max,
+            "min": np.min,
+            "p50": lambda v: np.percentile(v, 50),
+            "p90": lambda v: np.percentile(v, 90),
+        }[a.reduce](vals)
         got = getattr(snap, name)
         assert got == pytest.approx(float(ref), rel=1e-12), name
         assert snap.aggregates()[name] == pytest.approx(float(ref), rel=1e-12)
     assert snap.avg_expert_cv == pytest.approx(np.mean([s.cv for s in active]))
+    # Within a layer: min / max / std of the per-expert load (counts / mean count).
+    for s in active:
+        load = s.usage_counts / s.usage_counts.mean()
+        assert s.min_over_mean == pytest.approx(load.min(), rel=1e-12)
+        assert s.max_over_mean == pytest.approx(load.max(), rel=1e-12)
+        assert s.cv == pytest.approx(load.std(), rel=1e-12)
+    assert snap.p90_max_over_mean == pytest.approx(
+        np.percentile([s.max_over_mean for s in active], 90), rel=1e-12
+    )
     assert snap.total_tokens == 96  # max over layers, not a sum
     assert isinstance(snap.total_unused_experts, int)
     assert isinstance(snap.total_experts, int) and snap.total_experts == 32

@@ -299,6 +299,25 @@ def test_compare_report_renders(chromium: str, report: Path, tmp_path: Path) -> 
     assert "0 nats" in res["text"]  # a run against itself: no divergence
 
 
+def test_agree_report_renders(chromium: str, tmp_path: Path) -> None:
+    import torch
+
+    from moescope.analysis.agree import agree, write_agreement
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 256, (48,), generator=gen) for _ in range(6)]
+    res = agree(str(ckpt), str(ckpt), tokens=tokens, dtype_b="bfloat16", labels=["fp32", "bf16"])
+    page = write_agreement(res, tmp_path / "agree")
+    out = inspect_page(chromium, page, tmp_path)
+    pngs = sorted(page.parent.glob("*.png"))
+    assert len(out["images"]) == len(pngs) >= 2, (out["images"], pngs)
+    assert all(img["complete"] and img["w"] > 0 for img in out["images"]), out["images"]
+    assert out["errors"] == [] and out["resources"] == [] and out["scripts"] == 0
+    assert out["title"] == "moescope agree: fp32 vs bf16"
+    assert res.verdict.split(":")[0] in out["text"] and "Agreement by position" in out["text"]
+
+
 def test_checker_catches_broken_and_external_images(chromium: str, tmp_path: Path) -> None:
     # Negative control: the same checker must flag what a broken report would contain.
     from moescope.report import html as H

@@ -26,7 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from hf_tiny import EXPERTS, TOP_K, VOCAB, build_tiny, experts_modules  # noqa: E402
 from moescope import MoEMonitor  # noqa: E402
-from moescope.serve import DEFAULT_BALANCEDNESS_BUCKETS, PrometheusExporter  # noqa: E402
+from moescope.serve import (  # noqa: E402
+    DEFAULT_BALANCEDNESS_BUCKETS,
+    DEFAULT_LOAD_QUANTILES,
+    PrometheusExporter,
+)
 
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 
@@ -131,7 +135,7 @@ def test_scrape_while_generate_runs_in_another_thread(mixtral: torch.nn.Module) 
 
     mon.snapshot = recording_snapshot  # type: ignore[method-assign]
 
-    exporter = PrometheusExporter(mon, port=0, interval=0.2)
+    exporter = PrometheusExporter(mon, port=0, interval=0.2, per_expert=True)
     assert exporter.host == "127.0.0.1"
     errors: list[BaseException] = []
     done = threading.Event()
@@ -398,6 +402,10 @@ def test_exporters_coexist_and_bad_arguments_say_what_to_do(mixtral: torch.nn.Mo
         PrometheusExporter(mon, port=0, balancedness_buckets=[0.5, 0.2])
     with pytest.raises(TypeError, match="MoEMonitor"):
         PrometheusExporter(mixtral, port=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_experts"):
+        PrometheusExporter(mon, port=0, top_experts=-1)
+    with pytest.raises(ValueError, match="load_quantiles"):
+        PrometheusExporter(mon, port=0, load_quantiles=[0.5, 1.5])
     a = PrometheusExporter(mon, port=0, interval=None)
     b = PrometheusExporter(mon, port=0, interval=None)
     assert a.registry is not b.registry
@@ -415,3 +423,45 @@ def test_exporters_coexist_and_bad_arguments_say_what_to_do(mixtral: torch.nn.Mo
     a.stop()  # idempotent
     mon.detach()
     assert "stopped" in repr(a)
+
+
+def test_default_export_is_bounded_quantiles_and_top_bottom_experts(
+    mixtral: torch.nn.Module,
+) -> None:
+    """Without per_expert, no (layer, expert) series is exported: per layer the load
+    quantiles and the top / bottom experts of the window, equal to a float64
+    recomputation from what the experts modules received (scraped over HTTP)."""
+    ref_counts, remove_ref = _expert_count_hooks(mixtral)
+    mon = MoEMonitor(mixtral)
+    ids = torch.randint(3, VOCAB, (4, 9), generator=torch.Generator().manual_seed(5))
+    with PrometheusExporter(mon, port=0, interval=None, top_experts=2) as exporter:
+        mixtral(ids)
+        exporter.refresh()
+        samples, families = _scrape(exporter.url)
+    remove_ref()
+    mon.detach()
+    assert "moescope_expert_tokens" not in families
+    assert "moescope_expert_load_fraction" not in families
+    n_layers = len(ref_counts)
+    per_layer = {name: len(fam.samples) / n_layers for name, fam in families.items()
+                 if fam.samples and "layer" in fam.samples[0].labels}  # fmt: skip
+    assert per_layer["moescope_layer_expert_load_quantile"] == len(DEFAULT_LOAD_QUANTILES)
+    assert per_layer["moescope_layer_top_expert_load_fraction"] == 2
+    assert per_layer["moescope_layer_bottom_expert_load_fraction"] == 2
+    for layer, counts in ref_counts.items():
+        frac = counts / counts.sum()
+        for q in DEFAULT_LOAD_QUANTILES:
+            got = _get(
+                samples, "moescope_layer_expert_load_quantile", layer=layer, quantile=repr(q)
+            )
+            assert got == pytest.approx(float(np.quantile(frac, q)), rel=1e-12), q
+        order = sorted(range(EXPERTS), key=lambda e: (-counts[e], e))
+        for rank, e in enumerate(order[:2], 1):
+            got = _get(samples, "moescope_layer_top_expert_load_fraction",
+                       layer=layer, rank=str(rank), expert=str(e))  # fmt: skip
+            assert got == pytest.approx(frac[e], rel=1e-12)
+        order = sorted(range(EXPERTS), key=lambda e: (counts[e], e))
+        for rank, e in enumerate(order[:2], 1):
+            got = _get(samples, "moescope_layer_bottom_expert_load_fraction",
+                       layer=layer, rank=str(rank), expert=str(e))  # fmt: skip
+            assert got == pytest.approx(frac[e], rel=1e-12)

@@ -9,11 +9,15 @@ lists the whole API. The subpackages (``moescope.cost``, ``moescope.analysis``,
   layer (:class:`LayerInfo` describes each layer found); :class:`AlertRules`,
   :class:`NeuronOptions` / :class:`NeuronThreshold`, :class:`RoutingRecorder`.
 - Training: :class:`MoECallbackOptions`; :class:`MoETrainerCallback`,
-  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback` (and the factories
+  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`,
+  :class:`MegatronMoEMonitor` (and the factories
   :func:`create_moe_callback_for_transformers`, :func:`create_moe_callback_for_pytorch`).
 - Cost: :func:`count_parameters`, :func:`flops_per_token`, :func:`measured_cost`.
 - Analysis: :func:`analyze` (:class:`AnalyzeOptions` -> :class:`AnalysisResult`),
   :func:`write_outputs`.
+- Routing agreement: :func:`agree` (-> :class:`AgreementResult`) of two
+  :class:`RoutingTrace` sources (files via :class:`TraceWriter`, training via
+  :class:`TraceRecorder`, or models replayed on the same tokens).
 - Serving and placement: :class:`PrometheusExporter`, :func:`plan_expert_placement`.
 - Custom models: :func:`register_adapter`, :class:`SimpleAdapter`, :class:`RoutingRecord`.
 """
@@ -64,6 +68,7 @@ _LAZY: dict[str, str] = {
     "MoETrainerCallback": "moescope.integrations.transformers",
     "MoEPyTorchCallback": "moescope.integrations.pytorch",
     "MoELightningCallback": "moescope.integrations.lightning",
+    "MegatronMoEMonitor": "moescope.integrations.megatron",
     "create_moe_callback_for_transformers": "moescope.integrations.transformers",
     "create_moe_callback_for_pytorch": "moescope.integrations.pytorch",
     # sinks
@@ -93,6 +98,16 @@ _LAZY: dict[str, str] = {
     "RoutingAnalysis": "moescope.analysis.result",
     "Passage": "moescope.analysis.result",
     "write_outputs": "moescope.analysis.run",
+    # routing traces and agreement
+    "RoutingTrace": "moescope.trace",
+    "TraceSequence": "moescope.trace",
+    "TraceWriter": "moescope.trace",
+    "TraceFormatError": "moescope.trace",
+    "TraceRecorder": "moescope.stats.trace_recorder",
+    "agree": "moescope.analysis.agree",
+    "AgreementResult": "moescope.analysis.agreement",
+    "LayerAgreement": "moescope.analysis.agreement",
+    "TraceAlignmentError": "moescope.analysis.agreement",
     # serving, placement
     "PrometheusExporter": "moescope.serve",
     "plan_expert_placement": "moescope.placement",
@@ -117,10 +132,12 @@ _SUBMODULES = (
     "serve",
     "sinks",
     "stats",
+    "trace",
     "watch",
 )
 
 __all__ = [
+    "AgreementResult",
     "Alert",
     "AlertRules",
     "AlertState",
@@ -139,11 +156,13 @@ __all__ = [
     "Finding",
     "FlopReport",
     "JsonlSink",
+    "LayerAgreement",
     "LayerInfo",
     "LayerStats",
     "LogEvent",
     "MeasuredCost",
     "MeasuredLayerCost",
+    "MegatronMoEMonitor",
     "MoEAdapter",
     "MoECallbackOptions",
     "MoELayerParams",
@@ -163,17 +182,24 @@ __all__ = [
     "RoutingBatch",
     "RoutingRecord",
     "RoutingRecorder",
+    "RoutingTrace",
     "SimpleAdapter",
     "Sink",
     "Snapshot",
     "Summary",
     "TokenRouting",
+    "TraceAlignmentError",
+    "TraceFormatError",
+    "TraceRecorder",
+    "TraceSequence",
+    "TraceWriter",
     "TrainingSession",
     "UnknownWindowError",
     "UnsupportedModelError",
     "UsageHistory",
     "Verdict",
     "__version__",
+    "agree",
     "analyze",
     "count_parameters",
     "create_moe_callback_for_pytorch",
@@ -188,6 +214,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.alerts import Alert, AlertRules, AlertState, AlertTracker, AlertUpdate
+    from moescope.analysis.agree import agree
+    from moescope.analysis.agreement import AgreementResult, LayerAgreement, TraceAlignmentError
     from moescope.analysis.compare import CompareOptions
     from moescope.analysis.errors import AnalyzeError
     from moescope.analysis.result import (
@@ -210,6 +238,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.errors import UnsupportedModelError
     from moescope.integrations.core import TrainingSession
     from moescope.integrations.lightning import MoELightningCallback
+    from moescope.integrations.megatron import MegatronMoEMonitor
     from moescope.integrations.options import MoECallbackOptions
     from moescope.integrations.pytorch import MoEPyTorchCallback, create_moe_callback_for_pytorch
     from moescope.integrations.transformers import (
@@ -228,6 +257,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.stats.neurons import NeuronOptions, NeuronThreshold
     from moescope.stats.snapshot import LayerStats, Snapshot, Summary
     from moescope.stats.token_recorder import RoutingRecorder, TokenRouting
+    from moescope.stats.trace_recorder import TraceRecorder
+    from moescope.trace import RoutingTrace, TraceFormatError, TraceSequence, TraceWriter
 
 
 def __getattr__(name: str) -> Any:

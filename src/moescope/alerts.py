@@ -598,24 +598,65 @@ def _summary(states: Sequence[AlertState]) -> str:
     return ", ".join(parts)
 
 
-def format_update(update: AlertUpdate, hinted: set[str] | None = None) -> list[str]:
+#: New alerts of one rule printed in full per window; the rest become one line.
+MAX_NEW_PER_RULE = 3
+
+
+def _worst_first(group: Sequence[Alert]) -> list[Alert]:
+    """``group`` (alerts of one rule) ordered from the worst value (by the direction the
+    rule's registry metric calls healthier) to the mildest, model order among ties."""
+    spec = RULES.get(group[0].rule)
+    better = None
+    if spec is not None:
+        try:
+            better = R.metric(spec.reads).better
+        except KeyError:  # a rule on a vector (cold experts): larger value is worse
+            better = None
+    sign = 1.0 if better == "higher" else -1.0
+
+    def key(ia: tuple[int, Alert]) -> tuple[float, int]:
+        v = ia[1].value
+        return (sign * v if _finite(v) else math.inf, ia[0])
+
+    return [a for _, a in sorted(enumerate(group), key=key)]
+
+
+def format_update(
+    update: AlertUpdate, hinted: set[str] | None = None, max_per_rule: int = MAX_NEW_PER_RULE
+) -> list[str]:
     """Console lines of one window's :class:`AlertUpdate`.
 
-    - every new alert: its seed-format line (:func:`format_alert`), then the indented
-      metric-vs-threshold line, then ``fix: ...`` the first time its rule appears (the
-      rules already hinted are kept in ``hinted``, updated in place; None: always);
+    - new alerts, per rule: the ``max_per_rule`` worst in full (seed-format line
+      (:func:`format_alert`), the indented metric-vs-threshold line, then ``fix: ...`` the
+      first time the rule appears; the rules already hinted are kept in ``hinted``,
+      updated in place; None: always), then, when more layers fired it, one line
+      ``... and N more layers: <rule> (mildest V: <layer>)``: at 61 layers a collapsing
+      model prints a few lines per rule, not a hundred (the JSONL log and the
+      report keep every alert);
     - every resolved one: ``   MoE alert resolved at step S: <layer>: <rule> (firing
       since step F)``;
     - when a reminder is due: one ``   MoE alerts still firing at step S: ...`` line
       grouping the firing (layer, rule) pairs by rule.
     """
     out: list[str] = []
+    by_rule: dict[str, list[Alert]] = {}
     for a in update.new:
-        out.append(format_alert(a))
-        show_fix = hinted is None or a.rule not in hinted
-        out.extend(format_detail(a, remediation=show_fix))
-        if hinted is not None:
-            hinted.add(a.rule)
+        by_rule.setdefault(a.rule, []).append(a)
+    for rule, group in by_rule.items():
+        ranked = _worst_first(group) if len(group) > max_per_rule else group
+        for a in ranked[:max_per_rule]:
+            out.append(format_alert(a))
+            show_fix = hinted is None or a.rule not in hinted
+            out.extend(format_detail(a, remediation=show_fix))
+            if hinted is not None:
+                hinted.add(a.rule)
+        rest = ranked[max_per_rule:]
+        if rest:
+            mild = rest[-1]
+            out.append(
+                f"{DETAIL_INDENT}... and {len(rest)} more layers: {rule} "
+                f"(mildest {mild.value:.2f}: {mild.layer})"
+            )
     at = f" at step {update.step}" if update.step is not None else ""
     for st in update.resolved:
         since = f" (firing since step {st.since})" if st.since is not None else ""

@@ -16,6 +16,8 @@ flags, defaults and help come from the dataclass fields (:mod:`moescope._cliopts
 - ``moescope analyze --model M --data INPUT [...]``: an HTML report of the routing on
   data (docs/analyze.md).
 - ``moescope compare A B``: two analyses or two training logs side by side.
+- ``moescope agree A B``: routing agreement of two traces / models on the same tokens
+  (docs/agree.md).
 - ``moescope plan-ep``, ``moescope watch``: expert placement, a live view of a run.
 
 Both ``analyze`` and ``compare`` write into ``--out`` (default ``moescope-analysis`` /
@@ -256,6 +258,28 @@ def _run_compare(opts: Any) -> int:
     return EXIT_OK
 
 
+_AGREE_DESCRIPTION = (
+    "Measure how often two sources route the same tokens to the same experts: A and B are "
+    "each a routing trace (.jsonl/.npz written by moescope.trace, the vLLM plugin or a "
+    "training-side TraceRecorder) or a model (directory, config.json, cached hub id) that "
+    "replays the other side's token ids (or --tokens). Sequences are aligned by seq_id and "
+    "must have equal token ids. Per MoE layer (matched by ordinal): exact top-k set match, "
+    "mean Jaccard, top-1 agreement, weight-weighted overlap, agreement by position, the "
+    "experts and tokens that disagree most. Writes report.html, summary.json and "
+    "agreement.jsonl into --out and prints the verdict."
+)
+
+
+def _run_agree(opts: Any) -> int:
+    # why: moescope.analysis imports torch; only `agree` pays for it
+    from moescope.analysis.agree import run_agree
+
+    result, report = run_agree(opts)
+    print(result.verdict)
+    print(f"report: {report}")
+    return EXIT_OK
+
+
 def _run_watch(opts: Any) -> int:
     from moescope.watch import run_watch
 
@@ -336,6 +360,13 @@ SUBCOMMANDS: dict[str, tuple[AddParser, RunCommand]] = {
         _run_compare,
         help="one report comparing two analyses or two training logs",
         description=_COMPARE_DESCRIPTION,
+    ),
+    "agree": options_command(
+        "agree",
+        "moescope.analysis.agree:AgreeOptions",
+        _run_agree,
+        help="routing agreement of two engines / dtypes / checkpoints on the same tokens",
+        description=_AGREE_DESCRIPTION,
     ),
     "plan-ep": (
         lazy_command("moescope.placement", "add_plan_ep_parser", "run_plan_ep")[0],

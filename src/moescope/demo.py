@@ -25,7 +25,10 @@ and the alerts as text), the detailed JSONL log, heatmap PNGs and a ``save_pretr
 ``<out>/analysis/``) -> :func:`compare_runs` (``moescope compare`` of the two training
 logs, collapsed vs balanced, ``<out>/compare/report.html``) -> :func:`prune_run`
 (``moescope prune --drop-unused`` of the collapsed run, ``<out>/pruned/``: the experts
-its analysis data never reached are removed, the loss on that data is unchanged).
+its analysis data never reached are removed, the loss on that data is unchanged) ->
+:func:`agree_run` (``moescope agree`` of the balanced checkpoint in float32 against the
+same checkpoint in bfloat16 on the same tokens, ``<out>/agree/``: how many tokens change
+experts with the dtype alone).
 
 Why this setup collapses (measured, not forced)
 -----------------------------------------------
@@ -70,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Subset
@@ -234,6 +238,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=4096,
         help="tokens per data file for the final `moescope prune` step (0 skips it)",
+    )
+    p.add_argument(
+        "--agree-tokens",
+        type=int,
+        default=1024,
+        help="tokens for the final `moescope agree` step, float32 vs bfloat16 (0 skips it)",
     )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "log_every", "max_bytes", "threads"):
@@ -606,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prune_tokens > 0:
         pruned = prune_run(results, args.out, args.prune_tokens, settings.seq_len)
         print(f"\npruning report: {pruned}", flush=True)
+    if args.agree_tokens > 0:
+        agreed = agree_run(results, args.out, args.agree_tokens, settings.seq_len)
+        print(f"\nagreement report: {agreed}", flush=True)
     return 0
 
 
@@ -643,6 +656,32 @@ def compare_runs(results: Sequence[RunResult], out: Path) -> Path:
     print(f"\n--- moescope compare {a.name} {b.name} ---", flush=True)
     cmp = compare_sources(a.jsonl, b.jsonl, labels=[a.name, b.name])
     return write_comparison(cmp, out / "compare", overwrite=True)
+
+
+def agree_run(results: Sequence[RunResult], out: Path, tokens: int, seq_len: int) -> Path:
+    """``moescope agree`` of the balanced checkpoint in float32 against itself in
+    bfloat16, both replaying the same blocks of ``seq_len`` bytes (the first ``tokens``
+    bytes of the first :func:`analysis_sources` file) into ``<out>/agree/`` (returns its
+    ``report.html``); prints the verdict line."""
+    # why: the agreement stack is only needed by this step
+    from moescope.analysis.agree import agree, write_agreement
+
+    by_name = {r.name: r for r in results}
+    run = by_name.get("balanced", results[0])
+    data = np.frombuffer(analysis_sources()[0].read_bytes()[:tokens], dtype=np.uint8)
+    n = max(1, data.shape[0] // seq_len)
+    blocks = [data[i * seq_len : (i + 1) * seq_len].astype(np.int64) for i in range(n)]
+    print(f"\n--- moescope agree {run.checkpoint} float32 vs bfloat16 ---", flush=True)
+    result = agree(
+        run.checkpoint,
+        run.checkpoint,
+        tokens=[b for b in blocks if b.size],
+        dtype_a="float32",
+        dtype_b="bfloat16",
+        labels=["float32", "bfloat16"],
+    )
+    print(f"  {result.verdict}", flush=True)
+    return write_agreement(result, out / "agree", overwrite=True)
 
 
 # --------------------------------------------------------------------------- prune step

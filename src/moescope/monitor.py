@@ -90,7 +90,8 @@ class MoEMonitor:
             see different tokens through the SAME layers (data/expert parallel).
         stage_group: the group of pipeline stages (ranks holding DIFFERENT layers, one
             per stage): each snapshot gathers the other stages' layers over it, so every
-            rank reports every layer. None: each rank reports its own layers.
+            rank reports every layer. A stage without any MoE layer is accepted then (it
+            must take part in the gather). None: each rank reports its own layers.
         neurons: also count the activated neurons inside every chosen expert (see
             ``moescope.stats.neurons``): h = act(gate(x)) * up(x) of every kept
             (token, slot), counted as it passes and never stored. ``True`` uses the
@@ -114,7 +115,8 @@ class MoEMonitor:
             the graph was captured.
 
     Raises:
-        UnsupportedModelError: no adapter recognised any module of ``model``.
+        UnsupportedModelError: no adapter recognised any module of ``model`` (and no
+            ``stage_group`` says it is one pipeline stage of a larger model).
 
     Windows: all counts go to the current window (``"default"`` unless ``split_by_mode``
     or :meth:`use_window` says otherwise); ``snapshot(window=...)`` / ``reset(window=...)``
@@ -173,7 +175,8 @@ class MoEMonitor:
         self.model = model
         self.adapters: list[MoEAdapter] = list(adapters)
         found = find_moe_layers(model, self.adapters)
-        if not found:
+        # A pipeline stage of dense layers only still joins its stages' gather.
+        if not found and stage_group is None:
             names = ", ".join(a.name for a in self.adapters) or "none"
             raise UnsupportedModelError(
                 f"No MoE layer found in {type(model).__name__}: none of the adapters "

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from moescope.monitor import MoEMonitor
     from moescope.stats.snapshot import LayerStats, Snapshot
 
-__all__ = ["DEFAULT_BALANCEDNESS_BUCKETS", "PrometheusExporter"]
+__all__ = ["DEFAULT_BALANCEDNESS_BUCKETS", "DEFAULT_LOAD_QUANTILES", "PrometheusExporter"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ _log = logging.getLogger(__name__)
 DEFAULT_BALANCEDNESS_BUCKETS: tuple[float, ...] = (
     0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0,
 )  # fmt: skip
+
+#: Quantiles of the per-expert load fractions exported per layer by default.
+DEFAULT_LOAD_QUANTILES: tuple[float, ...] = (0.0, 0.5, 0.9, 0.99, 1.0)
 
 _P = "moescope_"
 
@@ -83,6 +86,33 @@ class _LayerSeries:
     unique_experts_max: float = math.nan
     neuron_sparsity: float | None = None
     window_tokens: int = 0
+    # Bounded views of load_fraction (what is exported without per_expert).
+    load_quantiles: list[float] = field(default_factory=list)
+    top: list[tuple[int, float]] = field(default_factory=list)
+    bottom: list[tuple[int, float]] = field(default_factory=list)
+
+
+def load_views(
+    fraction: np.ndarray, quantiles: Sequence[float], top: int
+) -> tuple[list[float], list[tuple[int, float]], list[tuple[int, float]]]:
+    """The bounded views of one layer's per-expert load that the exporter sends.
+
+    Args:
+        fraction: [E] load fraction of each expert (sums to 1).
+        quantiles: which quantiles over the E experts (numpy's linear interpolation).
+        top: how many most / least loaded experts.
+
+    Returns:
+        ``(quantile values, [(expert, fraction)] most loaded first, [(expert, fraction)]
+        least loaded first)``; ties go to the lower expert id.
+    """
+    f = np.asarray(fraction, dtype=np.float64).reshape(-1)
+    ids = np.arange(f.shape[0])
+    qs = [float(v) for v in np.quantile(f, list(quantiles))] if len(quantiles) else []
+    k = min(int(top), f.shape[0])
+    hi = np.lexsort((ids, -f))[:k]
+    lo = np.lexsort((ids, f))[:k]
+    return qs, [(int(e), float(f[e])) for e in hi], [(int(e), float(f[e])) for e in lo]
 
 
 class _ForwardLock:
@@ -157,16 +187,32 @@ class PrometheusExporter:
     ``expert`` = the expert id 0..E-1 as a string). Counters add every window's counts
     and never go down; gauges hold the values of the last window in which the layer saw
     at least one valid token (NaN before the first one), so an idle server keeps showing
-    the last routing it did (``moescope_layer_window_tokens`` tells idle windows apart):
+    the last routing it did (``moescope_layer_window_tokens`` tells idle windows apart).
+
+    Bounded by default: O(L x (quantiles + 2 x top_experts)) series, whatever E. The two
+    per-(layer, expert) families, E x L series (24,576 for a 256-expert, 96-layer
+    model), are exported only with ``per_expert=True``:
 
     ========================================== ========= =============== =====================================
     name                                       type      labels          meaning
     ========================================== ========= =============== =====================================
-    ``moescope_expert_tokens_total``           counter   layer, expert   tokens routed to the expert (kept
+    ``moescope_layer_expert_load_quantile``    gauge     layer, quantile quantiles over the layer's E experts
+                                                                         of their load fraction in the window
+                                                                         (``load_quantiles``; 0 = the least
+                                                                         loaded expert, 1 = the most)
+    ``moescope_layer_top_expert_load_fraction`` gauge    layer, rank,    the ``top_experts`` most loaded
+                                                         expert          experts of the window (rank 1 = most;
+                                                                         ties by lower id)
+    ``moescope_layer_bottom_expert_load_fraction`` gauge layer, rank,    the ``top_experts`` least loaded
+                                                         expert          experts (rank 1 = least; ties by
+                                                                         lower id)
+    ``moescope_expert_tokens_total``           counter   layer, expert   ``per_expert=True`` only: tokens
+                                                                         routed to the expert (kept
                                                                          (token, slot) assignments); the sum
                                                                          over experts is K x tokens
-    ``moescope_expert_load_fraction``          gauge     layer, expert   share of the window's assignments
-                                                                         that went to the expert (sums to 1)
+    ``moescope_expert_load_fraction``          gauge     layer, expert   ``per_expert=True`` only: share of
+                                                                         the window's assignments that went
+                                                                         to the expert (sums to 1)
     ``moescope_layer_balancedness``            gauge     layer           mean / max expert load of the window:
                                                                          1 = perfectly even, 1/E = one expert
                                                                          takes everything
@@ -210,6 +256,10 @@ class PrometheusExporter:
         lock_forwards: hold a lock around the model's forwards so that a snapshot never
             interleaves with a layer call (see the module docstring).
         balancedness_buckets: upper bounds of the balancedness histogram, increasing.
+        per_expert: also export the two per-(layer, expert) families (E x L series).
+        top_experts: most / least loaded experts exported per layer (0 = none).
+        load_quantiles: quantiles of the per-expert load fractions exported per layer,
+            each in [0, 1] (linear interpolation between experts, numpy's default).
 
     Example::
 
@@ -228,6 +278,9 @@ class PrometheusExporter:
         *,
         lock_forwards: bool = True,
         balancedness_buckets: Sequence[float] = DEFAULT_BALANCEDNESS_BUCKETS,
+        per_expert: bool = False,
+        top_experts: int = 3,
+        load_quantiles: Sequence[float] = DEFAULT_LOAD_QUANTILES,
     ) -> None:
         prom = require("prometheus_client", "prometheus")
         if not callable(getattr(monitor, "snapshot", None)) or not hasattr(monitor, "layers"):
@@ -248,6 +301,14 @@ class PrometheusExporter:
             raise ValueError(
                 f"balancedness_buckets must be a non-empty increasing sequence, got {buckets}"
             )
+        if isinstance(top_experts, bool) or not isinstance(top_experts, int) or top_experts < 0:
+            raise ValueError(f"top_experts must be an int >= 0, got {top_experts!r}")
+        quantiles = [float(q) for q in load_quantiles]
+        if any(not 0.0 <= q <= 1.0 for q in quantiles):
+            raise ValueError(f"load_quantiles must lie in [0, 1], got {quantiles}")
+        self.per_expert = bool(per_expert)
+        self.top_experts = int(top_experts)
+        self.load_quantiles = tuple(quantiles)
         self.monitor = monitor
         self.host = host
         self.interval = None if interval is None else float(interval)
@@ -269,6 +330,7 @@ class PrometheusExporter:
                 expert_tokens=np.zeros(e, dtype=np.int64),
                 hist_counts=np.zeros(len(self.buckets) + 1, dtype=np.int64),
                 load_fraction=np.full(e, math.nan),
+                load_quantiles=[math.nan] * len(self.load_quantiles),
             )
         self._snapshots = 0
         self._errors = 0
@@ -421,6 +483,9 @@ class PrometheusExporter:
         if n_tok <= 0:
             return  # an idle window: keep the last routing seen
         s.load_fraction = np.asarray(st.usage_fraction, dtype=np.float64).reshape(-1).copy()
+        s.load_quantiles, s.top, s.bottom = load_views(
+            s.load_fraction, self.load_quantiles, self.top_experts
+        )
         mom = float(st.max_over_mean)
         s.max_over_mean = mom
         s.balancedness = 1.0 / mom if math.isfinite(mom) and mom > 0 else math.nan
@@ -503,10 +568,32 @@ class PrometheusExporter:
             "Tokens whose router scores were NaN/inf (excluded from the other metrics).",
             labels=lay,
         )
+        quant = GaugeMetricFamily(
+            _P + "layer_expert_load_quantile",
+            "Quantiles over the layer's experts of their load fraction in the last non-empty window.",
+            labels=["layer", "quantile"],
+        )
+        top = GaugeMetricFamily(
+            _P + "layer_top_expert_load_fraction",
+            "Load fraction of the most loaded experts in the last non-empty window (rank 1 = most).",
+            labels=["layer", "rank", "expert"],
+        )
+        bottom = GaugeMetricFamily(
+            _P + "layer_bottom_expert_load_fraction",
+            "Load fraction of the least loaded experts in the last non-empty window (rank 1 = least).",
+            labels=["layer", "rank", "expert"],
+        )
         for path, s in self._series.items():
-            for e in range(s.num_experts):
-                tok.add_metric([path, str(e)], float(s.expert_tokens[e]))
-                frac.add_metric([path, str(e)], float(s.load_fraction[e]))
+            if self.per_expert:
+                for e in range(s.num_experts):
+                    tok.add_metric([path, str(e)], float(s.expert_tokens[e]))
+                    frac.add_metric([path, str(e)], float(s.load_fraction[e]))
+            for q, v in zip(self.load_quantiles, s.load_quantiles, strict=True):
+                quant.add_metric([path, repr(q)], v)
+            for rank, (e, v) in enumerate(s.top, 1):
+                top.add_metric([path, str(rank), str(e)], v)
+            for rank, (e, v) in enumerate(s.bottom, 1):
+                bottom.add_metric([path, str(rank), str(e)], v)
             bal.add_metric([path], s.balancedness)
             mom.add_metric([path], s.max_over_mean)
             cum = np.cumsum(s.hist_counts)
@@ -532,9 +619,10 @@ class PrometheusExporter:
             "Wall-clock time of the last refresh, seconds since the epoch (0 before the first).",
         )
         ts.add_metric([], self._timestamp)
+        per_expert = [tok, frac] if self.per_expert else []
         return [
-            tok, frac, bal, mom, hist, ent, uniq, uniq_max, sparsity, win, tokens, calls,
-            nonfinite, snaps, errors, ts,
+            *per_expert, quant, top, bottom, bal, mom, hist, ent, uniq, uniq_max, sparsity,
+            win, tokens, calls, nonfinite, snaps, errors, ts,
         ]  # fmt: skip
 
 

@@ -2,8 +2,10 @@
 
 Usage: ``python run_vllm.py SPEC.json`` where the spec holds ``model``, ``prompts``,
 ``repeat_prompt``, ``max_tokens``, ``eager``, ``options`` (moescope's vLLM options),
-``model_impl`` (vLLM's, default ``auto``) and ``linger`` (seconds to wait before exiting,
-so timed windows close). A spec ``{"runs": {name: spec, ...}}`` runs several engines one
+``model_impl`` (vLLM's, default ``auto``), ``dtype`` (default float32), ``trace_info``
+(also return what ``trace_from_outputs(llm=...)`` reads from the engine), ``flush``
+(``mv.flush(llm)`` before the end) and ``linger`` (seconds to wait before exiting, so
+timed windows close). A spec ``{"runs": {name: spec, ...}}`` runs several engines one
 after the other in this process (one vLLM import for all; a failing engine is reported
 as ``{"error": ...}`` and the next one still runs).
 """
@@ -44,7 +46,7 @@ def run_engine(spec: dict) -> dict:
     llm = LLM(
         model=spec["model"],
         max_model_len=512,
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         seed=0,
         enforce_eager=bool(spec.get("eager", False)),
         model_impl=spec.get("model_impl", "auto"),
@@ -75,6 +77,12 @@ def run_engine(spec: dict) -> dict:
     if spec.get("repeat_prompt"):
         reqs = run([spec["repeat_prompt"]]) + run([spec["repeat_prompt"]])
         result["repeat"] = {"requests": reqs, **snap(True)}
+    if spec.get("trace_info"):
+        from moescope.integrations.vllm.trace import _model_info
+
+        result["trace_info"] = _model_info(llm)
+    if spec.get("flush"):
+        mv.flush(llm)
     time.sleep(float(spec.get("linger", 0)))
     llm.llm_engine.engine_core.shutdown()
     return result

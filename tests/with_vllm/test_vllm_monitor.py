@@ -111,20 +111,10 @@ def vllm_layers(snap: Snapshot) -> list[tuple[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Path]:
-    tmp = tmp_path_factory.mktemp("qwen")
-    model = build_checkpoint(tmp / "ckpt", "qwen3_moe")
-    jsonl = tmp / "routing.jsonl"
-    spec = {
-        "model": str(model),
-        "prompts": _prompts(),
-        "repeat_prompt": _repeat_prompt(),
-        "max_tokens": MAX_TOKENS,
-        "eager": False,  # the CPU default: torch.compile
-        "options": {"jsonl": str(jsonl), "interval": 0.5},
-        "linger": 2.0,
-    }
-    return model, run_scenario(tmp, spec), jsonl
+def qwen(qwen_engine: tuple[Path, dict[str, Any], Path]) -> tuple[Path, dict[str, Any], Path]:
+    """The shared engine (conftest.py ``qwen_engine``): checkpoint, results, JSONL log."""
+    model, res, tmp = qwen_engine
+    return model, res, tmp / "routing.jsonl"
 
 
 def test_warmup_and_profiling_runs_are_not_counted(qwen: Any) -> None:
@@ -329,10 +319,24 @@ def test_vllm_serve_exports_prometheus_metrics(tmp_path: Path) -> None:
         proc.wait(timeout=60)
         log.close()
     tokens = _metric(text, "moescope_tokens_total{")
-    experts = _metric(text, "moescope_expert_tokens_total{")
     assert len(tokens) == 2
     assert all(v == fed for v in tokens.values()), (tokens, fed)
-    assert sum(experts.values()) == 2 * 2 * fed  # 2 layers x K=2 slots per token
+    # Bounded by default: no (layer, expert) series; per layer 5 load quantiles and the
+    # 3 most / least loaded experts, consistent with each other (quantile 1 = the most
+    # loaded expert's share, quantile 0 = the least loaded one's).
+    assert "moescope_expert_tokens_total" not in text
+    assert "moescope_expert_load_fraction" not in text
+    quant = _metric(text, "moescope_layer_expert_load_quantile{")
+    top = _metric(text, "moescope_layer_top_expert_load_fraction{")
+    bottom = _metric(text, "moescope_layer_bottom_expert_load_fraction{")
+    assert (len(quant), len(top), len(bottom)) == (2 * 5, 2 * 3, 2 * 3)
+    for layer in {re.search(r'layer="([^"]+)"', k).group(1) for k in quant}:  # type: ignore[union-attr]
+        q = {re.search(r'quantile="([^"]+)"', k).group(1): v  # type: ignore[union-attr]
+             for k, v in quant.items() if f'layer="{layer}"' in k}  # fmt: skip
+        first = [v for k, v in top.items() if f'layer="{layer}"' in k and 'rank="1"' in k]
+        last = [v for k, v in bottom.items() if f'layer="{layer}"' in k and 'rank="1"' in k]
+        assert first == [q["1.0"]] and last == [q["0.0"]]
+        assert 1 / 8 <= q["1.0"] <= 1 and q["0.0"] <= 1 / 8
     sched = _metric(text, "moescope_vllm_scheduled_tokens_total")
     assert list(sched.values()) == [fed]
 
@@ -434,10 +438,15 @@ def test_bad_settings_fail_when_vllm_builds_the_engine_config(
 
 def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Path) -> None:
     """SIGINT to the API server: the one open window (interval 600 s) reaches the JSONL
-    log, as a 'serve' line, with every routed token; COUNTS_ONLY=on is honoured."""
+    log, as a 'serve' line, with every routed token; COUNTS_ONLY=on is honoured. The
+    request reaches the token trace stream and the request summaries too (written when
+    the worker learns it finished, or at the shutdown flush)."""
     import signal
 
+    from moescope.trace import RoutingTrace
+
     jsonl = tmp_path / "routing.jsonl"
+    trace_path = tmp_path / "trace.jsonl"
     api = _free_port()
     env = _env()
     env.update(
@@ -445,6 +454,8 @@ def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Pat
         MOESCOPE_VLLM_JSONL=str(jsonl),
         MOESCOPE_VLLM_INTERVAL="600",
         MOESCOPE_VLLM_COUNTS_ONLY="on",
+        MOESCOPE_VLLM_TRACE=str(trace_path),
+        MOESCOPE_VLLM_REQUEST_SUMMARIES="5",
     )
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
@@ -454,7 +465,8 @@ def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Pat
     try:
         _wait_healthy(proc, api, tmp_path / "server.log")
         fed = _complete(api, served_model, _prompts()[1])
-        assert not jsonl.exists() or jsonl.read_text() == ""  # the window is still open
+        # The window is still open: no window line yet (a request summary may be there).
+        assert not jsonl.exists() or all(ln["kind"] == "request" for ln in read_jsonl(jsonl))
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
@@ -462,9 +474,16 @@ def test_clean_shutdown_writes_the_open_window(served_model: Path, tmp_path: Pat
             proc.kill()
         log.close()
     lines = read_jsonl(jsonl)
-    assert [ln["kind"] for ln in lines] == ["metrics", "snapshot"], lines
+    assert [ln["kind"] for ln in lines] == ["request", "metrics", "snapshot"], lines
     assert {ln["mode"] for ln in lines} == {"serve"}
+    assert lines[0]["tokens"] == fed
+    lines = lines[1:]
     assert lines[0]["metrics"]["vllm/routed_tokens"] == fed
+    assert lines[0]["metrics"]["vllm/requests_finished"] == 1
+    trace = RoutingTrace.load(trace_path)
+    assert len(trace) == 1 and trace.seq_ids[0].startswith("cmpl-")
+    routed = (trace[0].topk_ids >= 0).all(-1)
+    assert routed.shape == (2, fed + 1) and routed.sum() == 2 * fed
     layers = lines[1]["snapshot"]["layers"]
     assert len(layers) == 2
     for layer in layers.values():

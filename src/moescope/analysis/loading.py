@@ -673,6 +673,7 @@ def load_model(
     force: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    need_text: bool = True,
 ) -> LoadedModel:
     """Load a model for analysis (module docstring), in eval mode.
 
@@ -687,6 +688,8 @@ def load_model(
         force: skip the memory check.
         trust_remote_code: allow a checkpoint's own modelling code.
         seed: seed of random weights (config without weights).
+        need_text: refuse a model without tokenizer whose vocabulary cannot hold bytes
+            (False when token ids are given, e.g. ``moescope agree`` replaying a trace).
 
     Raises:
         AnalyzeError: missing path, hub id not cached, no config.json, unknown
@@ -784,7 +787,7 @@ def load_model(
     cfg: Any = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     vocab = getattr(text_cfg, "vocab_size", None)
-    if tokenizer is None and (vocab is None or int(vocab) < 256):
+    if need_text and tokenizer is None and (vocab is None or int(vocab) < 256):
         raise AnalyzeError(
             f"{path} has no tokenizer and a vocabulary of {vocab} ids, too small for bytes "
             "(0-255); save a tokenizer next to the model (tokenizer.save_pretrained(DIR)) "

@@ -45,7 +45,7 @@ from moescope.alerts import AlertRules
 from moescope.analysis.decode import decode_bytes, make_decoder
 from moescope.analysis.errors import AnalyzeError
 from moescope.analysis.loading import LoadedModel, load_model, resolve_device
-from moescope.analysis.outdir import is_moescope_output, prepare_out_dir
+from moescope.analysis.outdir import is_moescope_output, prepare_out_dir, write_bytes
 from moescope.analysis.render import render_report
 from moescope.analysis.result import (
     AnalysisResult,
@@ -65,6 +65,7 @@ from moescope.monitor import MoEMonitor
 from moescope.stats import routing as R
 from moescope.stats.neurons import NeuronOptions, NeuronThreshold
 from moescope.stats.token_recorder import RoutingRecorder
+from moescope.stats.trace_recorder import trace_from_recordings
 
 __all__ = [
     "AnalyzeOptions",
@@ -207,6 +208,13 @@ class AnalyzeOptions:
         help="tokens per input kept for the token-level analyses",
         metavar="N",
         group="analyses",
+    )
+    save_trace: bool = option(
+        False,
+        help="also write routing_trace.npz: the routing of the recorded tokens (the first "
+        "--record-tokens of each input, combine weights included) as a routing trace for "
+        "moescope agree (sequence ids INPUT/ROW)",
+        group="output",
     )
     memory_budget: int | None = option(
         None,
@@ -677,7 +685,7 @@ def analyze(
                 f"forward; each forward took {rows} rows instead (memory budget "
                 f"{_gib(budget)}, --memory-budget to change)"
             )
-        recorder = _make_recorder(loaded.model, opts.record_tokens, monitor)
+        recorder = _make_recorder(loaded.model, opts.record_tokens, monitor, opts.save_trace)
         last_logits = _accepts_logits_to_keep(loaded.model)
         domains = [DomainInfo(label=s.label, path=str(s.path), kind=str(s.kind)) for s in sources]
         bar = _progress(None, opts.progress and rank == 0)
@@ -853,9 +861,11 @@ def _stream(
     return None
 
 
-def _make_recorder(model: torch.nn.Module, max_tokens: int, monitor: Any) -> Any | None:
+def _make_recorder(
+    model: torch.nn.Module, max_tokens: int, monitor: Any, weights: bool = False
+) -> Any | None:
     # A consumer of the monitor's pipeline: every MoE layer is hooked once, for both.
-    rec = RoutingRecorder(model, max_tokens=max_tokens, monitor=monitor)
+    rec = RoutingRecorder(model, max_tokens=max_tokens, monitor=monitor, weights=weights)
     rec.attach()
     return rec
 
@@ -979,6 +989,9 @@ def _compare(
 
 # --------------------------------------------------------------------------- outputs
 
+#: File of ``--save-trace`` in the output directory (a :mod:`moescope.trace` file).
+TRACE_NAME = "routing_trace.npz"
+
 
 def write_outputs(result: AnalysisResult, out: str | os.PathLike[str] | None = None) -> Path:
     """Write ``summary.json`` (from the result) and then the report into ``out`` (default:
@@ -988,6 +1001,12 @@ def write_outputs(result: AnalysisResult, out: str | os.PathLike[str] | None = N
         return out_dir / "report.html"
     out_dir = prepare_out_dir(out_dir, overwrite=bool(result.settings.get("overwrite")))
     write_summary(result, out_dir)
+    if result.settings.get("save_trace") and result.recordings:
+        trace = trace_from_recordings(
+            result.recordings,
+            source={"engine": "moescope-analyze", "model": result.model.source},
+        )
+        write_bytes(out_dir, TRACE_NAME, trace.to_bytes(".npz"))
 
     return render_report(result, out_dir)
 

@@ -8,7 +8,8 @@ returns a LayerInfo wins a module. Priorities of the built-ins:
 - ``PRIORITY_DEDICATED`` (200): family-specific transformers adapters (switch_transformers,
   nllb_moe, llama4, dbrx; ParallelExperts blocks: jetmoe; embedding experts: doge;
   task-indexed experts, which raise: vitpose_backbone) living in ``capture/hf_*.py``, and
-  the training engines' MoE layers (DeepSpeed: ``capture/deepspeed.py``);
+  the training engines' MoE layers (Megatron-core: ``capture/megatron.py``; DeepSpeed:
+  ``capture/deepspeed.py``);
 - ``PRIORITY_NN`` (100): ``moescope.nn.MoELayer``;
 - ``PRIORITY_GENERIC`` (0): the structural transformers adapter (router + fused experts).
 
@@ -44,6 +45,7 @@ _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_jetmoe",
     "moescope.capture.hf_doge",
     "moescope.capture.hf_vitpose",
+    "moescope.capture.megatron",
     "moescope.capture.deepspeed",
 )
 

@@ -4,6 +4,7 @@ math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per 
 - :class:`MoETrainerCallback` (``transformers.Trainer``; extra ``hf``)
 - :class:`MoEPyTorchCallback` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
+- :class:`MegatronMoEMonitor` (Megatron-core; its TensorBoard/W&B writers)
 
 One class per framework, named ``MoE<Framework>Callback``, each taking the same frozen
 :class:`MoECallbackOptions` (one docstring lists every setting) or its fields as
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "MegatronMoEMonitor",
     "MoECallbackOptions",
     "MoELightningCallback",
     "MoEPyTorchCallback",
@@ -30,6 +32,7 @@ __all__ = [
 
 _LAZY = {
     "MoECallbackOptions": ("moescope.integrations.options", "MoECallbackOptions"),
+    "MegatronMoEMonitor": ("moescope.integrations.megatron", "MegatronMoEMonitor"),
     "TrainingSession": ("moescope.integrations.core", "TrainingSession"),
     "MoEPyTorchCallback": ("moescope.integrations.pytorch", "MoEPyTorchCallback"),
     "create_moe_callback_for_pytorch": (

@@ -76,6 +76,8 @@ _log = logging.getLogger("moescope")
 
 #: File name of the detailed JSONL log inside ``log_dir``.
 DETAILED_LOG_NAME = "moe_detailed.jsonl"
+#: File name of the training-side routing trace inside ``log_dir``.
+ROUTING_TRACE_NAME = "routing_trace.npz"
 _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(MoECallbackOptions))
 
 
@@ -154,6 +156,8 @@ class TrainingSession:
         self.last_eval_metrics: dict[str, float] = {}
         self.last_alerts: list[Alert] = []
         self.last_images: dict[str, Path] = {}
+        self._trace: Any = None  # a TraceRecorder while routing_trace_tokens > 0
+        self._trace_done = False
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -187,14 +191,43 @@ class TrainingSession:
         self._apply_window()
         try:
             self.monitor.attach()
+            if self.routing_trace_tokens and not self._trace_done:
+                if self._trace is None:
+                    from moescope.stats.trace_recorder import TraceRecorder
+
+                    self._trace = TraceRecorder(self.monitor, max_tokens=self.routing_trace_tokens)
+                self._trace.attach()
         except BaseException:
             self.detach()
             raise
 
     def detach(self) -> None:
         """Remove every hook (idempotent); accumulated windows and history are kept."""
+        if self._trace is not None:
+            self._trace.detach()
         if self.monitor is not None:
             self.monitor.detach()
+
+    @property
+    def routing_trace_path(self) -> Path:
+        """``<log_dir>/routing_trace.npz``."""
+        return self._dir() / ROUTING_TRACE_NAME
+
+    def _save_trace(self, final: bool) -> None:
+        # Written as soon as it is full (a crash later loses nothing), else at the end.
+        rec = self._trace
+        if rec is None or not (final or rec.full):
+            return
+        self._trace, self._trace_done = None, True
+        rec.detach()
+        if not is_rank_zero() or rec.num_tokens == 0:
+            return
+        try:
+            path = self.routing_trace_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rec.save(path)
+        except Exception as e:  # monitoring never stops the run
+            _log.warning("moescope: could not write the routing trace: %s", e)
 
     def _apply_window(self) -> None:
         mon = self.monitor
@@ -247,19 +280,26 @@ class TrainingSession:
     # ------------------------------------------------------------------ metrics
 
     def metrics_from(self, snap: Snapshot, prefix: str) -> dict[str, float]:
-        """Flat ``{key: float}`` of ``snap`` under ``prefix``, filtered by the options."""
-        flat = snap.to_dict(prefix=prefix)
-        if self.per_layer and self.layer_metrics is None:
+        """Flat ``{key: float}`` of ``snap`` under ``prefix`` within the key budget: the
+        model-level keys always, per-layer keys as ``per_layer`` / ``per_layer_limit`` /
+        ``worst_layers`` and ``layer_metrics`` say (see ``MoECallbackOptions``)."""
+        opts = self.options
+        if opts.per_layer == "auto" and len(snap.layers) > opts.per_layer_limit:
+            layers: list[str] | None = snap.worst_layers(opts.worst_layers)
+        elif opts.per_layer:
+            layers = None
+        else:
+            layers = []
+        flat = snap.to_dict(prefix=prefix, layers=layers)
+        if self.layer_metrics is None:
             return flat
-        keep_layer = set(self.layer_metrics) if self.layer_metrics is not None else set()
+        keep_layer = set(self.layer_metrics)
         head = f"{prefix}/" if prefix else ""
         out: dict[str, float] = {}
         for key, value in flat.items():
             rest = key[len(head) :]
-            if "/" not in rest:
-                out[key] = value  # model-level aggregate
-            elif self.per_layer and rest.rsplit("/", 1)[1] in keep_layer:
-                out[key] = value
+            if "/" not in rest or rest.rsplit("/", 1)[1] in keep_layer:
+                out[key] = value  # a model-level key, or a chosen per-layer metric
         return out
 
     def end_train_window(self, step: int, rank_zero: bool | None = None) -> dict[str, float]:
@@ -270,6 +310,7 @@ class TrainingSession:
         if not self.track_eval and "eval" in mon.windows:
             mon.reset(window="eval")  # eval-mode forwards are not tracked: drop them
         self.last_train_step = step
+        self._save_trace(final=False)
         metrics = self.metrics_from(snap, self.prefix)
         self.last_metrics = metrics
         alerts = self.alert_rules.check(snap)
@@ -426,6 +467,7 @@ class TrainingSession:
         """Detach and flush/close the sinks this session opened (idempotent)."""
         self._forced_mode = None
         self._apply_window()
+        self._save_trace(final=True)
         self.detach()
         sinks, self._sinks = self._sinks, None
         self._extra_sinks = []

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from moescope.alerts import Alert, AlertRules
 from moescope.stats.snapshot import LAYER_SCALAR_METRICS
@@ -67,6 +67,12 @@ class MoECallbackOptions:
             this; None disables.
         save_detailed_logs: also write every train window (full snapshot + alerts) as
             one strict-JSON line to ``<log_dir>/moe_detailed.jsonl``.
+        routing_trace_tokens: record which experts (top-k ids and combine weights, every
+            layer) the first N tokens of training were routed to, with their token ids,
+            into ``<log_dir>/routing_trace.npz``: a training-side trace for
+            ``moescope agree`` (docs/agree.md), e.g. against the serving engine's trace
+            of the same rollouts. Written once N tokens are in (then recording stops)
+            and at the end of training; on rank 0 with rank 0's tokens. 0: off.
         log_dir: where heatmaps and detailed logs go (created on first write). None:
             the integration's default (transformers: ``<output_dir>/moe_logs``;
             Lightning: ``<trainer.log_dir or default_root_dir>/moe_logs``; plain loops:
@@ -83,8 +89,17 @@ class MoECallbackOptions:
         track_eval: keep a separate eval window (forwards in eval mode / inside the
             framework's evaluation), logged as ``<prefix>/eval/...``. False: eval
             forwards are discarded, never counted in the train window.
-        per_layer: include ``<prefix>/<layer>/<metric>`` keys (else model-level keys
-            only).
+        per_layer: which ``<prefix>/<layer>/<metric>`` keys go to the loggers (the
+            JSONL log always keeps every layer). ``"auto"`` (default): every layer's keys
+            while the model has at most ``per_layer_limit`` MoE layers; above it, only the
+            ``worst_layers`` layers with the highest ``max_over_mean`` in the window (a
+            logger at DeepSeek-V3 scale gets ~100 keys per step instead of ~1,100). True:
+            every layer's keys always. False: model-level keys only. The model-level keys
+            (averages, totals, percentiles across layers) are always sent.
+        per_layer_limit: the MoE-layer count up to which ``per_layer="auto"`` sends every
+            layer's keys (an int >= 0).
+        worst_layers: how many worst layers ``per_layer="auto"`` sends above the limit
+            (an int >= 0).
         layer_metrics: which per-layer metrics (names from
             :data:`~moescope.stats.snapshot.LAYER_SCALAR_METRICS`); None = all. Stored
             as a tuple.
@@ -107,12 +122,15 @@ class MoECallbackOptions:
     unused_expert_threshold: float | None = 0.25
     entropy_threshold: float | None = 0.1
     save_detailed_logs: bool = False
+    routing_trace_tokens: int = 0
     log_dir: str | Path | None = None
     alert_rules: AlertRules | None = None
     on_alert: AlertCallback | None = None
     stop_on_alert: bool = False
     track_eval: bool = True
-    per_layer: bool = True
+    per_layer: bool | Literal["auto"] = "auto"
+    per_layer_limit: int = 16
+    worst_layers: int = 4
     layer_metrics: Sequence[str] | None = None
     prefix: str = "moe"
     monitor_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -176,9 +194,16 @@ class MoECallbackOptions:
             )
         # A private copy behind a read-only view: the options stay what they were built as.
         _set(self, "monitor_kwargs", MappingProxyType(dict(kw)))
-        for name in ("log_to_console", "save_detailed_logs", "stop_on_alert", "track_eval",
-                     "per_layer"):  # fmt: skip
+        for name in ("log_to_console", "save_detailed_logs", "stop_on_alert", "track_eval"):
             _set(self, name, bool(getattr(self, name)))
+        if self.per_layer != "auto":
+            if not isinstance(self.per_layer, (bool, int)) or isinstance(self.per_layer, str):
+                raise ValueError(f"per_layer must be 'auto', True or False, got {self.per_layer!r}")
+            _set(self, "per_layer", bool(self.per_layer))
+        for name in ("per_layer_limit", "worst_layers", "routing_trace_tokens"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
     def replace(self, **changes: Any) -> MoECallbackOptions:
         """A copy with ``changes`` applied (validated again); unknown names raise

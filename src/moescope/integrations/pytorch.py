@@ -178,7 +178,7 @@ def create_moe_callback_for_pytorch(
     on_alert: AlertCallback | None = DEFAULTS.on_alert,
     stop_on_alert: bool = DEFAULTS.stop_on_alert,
     track_eval: bool = DEFAULTS.track_eval,
-    per_layer: bool = DEFAULTS.per_layer,
+    per_layer: bool | str = DEFAULTS.per_layer,
     layer_metrics: list[str] | tuple[str, ...] | None = None,
     alert_rules: Any = DEFAULTS.alert_rules,
     monitor_kwargs: dict[str, Any] | None = None,

@@ -393,7 +393,7 @@ def create_moe_callback_for_transformers(
     on_alert: AlertCallback | None = DEFAULTS.on_alert,
     stop_on_alert: bool = DEFAULTS.stop_on_alert,
     track_eval: bool = DEFAULTS.track_eval,
-    per_layer: bool = DEFAULTS.per_layer,
+    per_layer: bool | str = DEFAULTS.per_layer,
     layer_metrics: list[str] | tuple[str, ...] | None = None,
     report_to_trainer: bool | None = None,
     alert_rules: Any = DEFAULTS.alert_rules,

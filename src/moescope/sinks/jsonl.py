@@ -27,6 +27,9 @@ which had the full co-activation matrix on every line and ``"images"`` lines). L
 - ``"metrics"``: ``{"kind", "schema", "step", "time", "mode", "metrics": {...}}``, only
   with ``metrics=True``, for train and eval events (the snapshot line already holds
   every train metric).
+- other kinds written by :meth:`JsonlSink.write_line`, e.g. the vLLM plugin's
+  ``"request"`` lines (per-request routing summaries, docs/vllm.md); readers skip kinds
+  they do not know.
 
 Each alert is ``{"level", "layer", "rule", "value", "step", "message", "threshold",
 "detail", "text"}`` where ``text`` is the console line of
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -113,6 +117,19 @@ class JsonlSink(Sink):
         self._next_full = self.coactivation_full_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: Any = None
+        # Lines may come from two threads (the vLLM plugin: window lines from its timer,
+        # request lines from the model runner): each line is written whole.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickle / deepcopy of a callback holding the sink) opens its own file.
+        state = dict(self.__dict__)
+        state["_file"] = state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _open(self) -> Any:
         if self._file is None:
@@ -137,11 +154,19 @@ class JsonlSink(Sink):
 
     def _write(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-        f = self._open()
-        f.write(line + "\n")
-        f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
+        with self._lock:
+            f = self._open()
+            f.write(line + "\n")
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+
+    def write_line(self, obj: Mapping[str, Any]) -> None:
+        """Append one line of another kind (``obj["kind"]`` set, e.g. the vLLM plugin's
+        ``"request"`` summaries), written and flushed like every other line."""
+        if not isinstance(obj.get("kind"), str):
+            raise ValueError("write_line needs a 'kind' field")
+        self._write({"schema": SCHEMA_VERSION, **json_safe(dict(obj))})
 
     def _full_due(self, step: int) -> bool:
         every = self._next_full

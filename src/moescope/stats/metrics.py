@@ -233,6 +233,18 @@ def max_over_mean(counts: Any) -> np.float64:
         return np.float64(c.max() / c.mean())
 
 
+def min_over_mean(counts: Any) -> np.float64:
+    """Load of the least-used expert relative to the mean, min / mean of usage (1 = even,
+    0 = some expert got nothing). With ``max_over_mean`` and ``cv`` (std / mean) it is the
+    min / max / std of the per-expert load within a layer.
+
+    [E] -> float64; NaN when all counts are 0.
+    """
+    c = _host(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(c.min() / c.mean())
+
+
 def unused_experts(counts: Any) -> np.int64:
     """Experts with zero assignments. [E] -> int64."""
     return np.int64((_host(counts) == 0).sum())

@@ -38,7 +38,7 @@ __all__ = [
     "metric",
 ]
 
-Reduce = Literal["mean", "sum", "max"]
+Reduce = Literal["mean", "sum", "max", "min", "p50", "p90"]
 #: Which layers an aggregate reads: ``"active"`` layers that saw a valid token,
 #: ``"all"`` layers, ``"neuron"`` layers with neuron rows.
 Over = Literal["active", "all", "neuron"]
@@ -50,7 +50,9 @@ class Aggregate:
 
     ``name``: the ``Snapshot`` attribute and ``to_dict`` key (``avg_expert_cv``);
     ``reduce``: ``mean`` (of the finite values, NaN when none), ``sum`` (of the finite
-    values; an int for counts; NaN when a neuron aggregate has no layer) or ``max``;
+    values; an int for counts; NaN when a neuron aggregate has no layer), ``max``,
+    ``min``, or the percentile across layers ``p50`` / ``p90`` (linear interpolation
+    between the sorted finite values, numpy's default; NaN when none);
     ``over``: which layers (see :data:`Over`); ``doc``: one line.
     """
 
@@ -107,7 +109,12 @@ METRICS: tuple[Metric, ...] = (
         "cv", "ratio",         "coefficient of variation of `usage_counts`: population std (ddof = 0) / mean; "
         "0 for perfectly even use",
         column="cv", better="lower", label="usage CV", function=M.cv,
-        aggregates=(_A("avg_expert_cv", "mean", doc="mean of `cv` (the seeds' key)"),),
+        aggregates=(
+            _A("avg_expert_cv", "mean", doc="mean of `cv` (the seeds' key)"),
+            _A("p50_expert_cv", "p50", doc="median layer's `cv`"),
+            _A("p90_expert_cv", "p90", doc="90th percentile of `cv` across layers"),
+            _A("max_expert_cv", "max", doc="the worst layer's `cv`"),
+        ),
     ),
     Metric(
         "max_over_mean", "ratio",         "max / mean of `usage_counts` (the imbalance ratio: 1 = even, E = one expert "
@@ -115,7 +122,21 @@ METRICS: tuple[Metric, ...] = (
         column="max/mean", better="lower", label="max/mean load", function=M.max_over_mean,
         aggregates=(
             _A("avg_max_over_mean", "mean", doc="mean of `max_over_mean`"),
+            _A("p50_max_over_mean", "p50", doc="median layer's `max_over_mean`"),
+            _A("p90_max_over_mean", "p90",
+               doc="90th percentile of `max_over_mean` across layers"),
             _A("max_max_over_mean", "max", doc="the worst layer's `max_over_mean`"),
+        ),
+    ),
+    Metric(
+        "min_over_mean", "ratio",
+        "min / mean of `usage_counts` (the least-loaded expert: 1 = even, 0 = an expert "
+        "got nothing); with `max_over_mean` and `cv` (std / mean) the min / max / std of "
+        "the load within the layer",
+        better="higher", label="min/mean load", function=M.min_over_mean,
+        aggregates=(
+            _A("p50_min_over_mean", "p50", doc="median layer's `min_over_mean`"),
+            _A("min_min_over_mean", "min", doc="the worst layer's `min_over_mean`"),
         ),
     ),
     Metric(
@@ -301,14 +322,28 @@ def aggregate(name: str, layers: Iterable[Any]) -> float | int:
     vals = [v for v in vals if math.isfinite(v)]
     if a.reduce == "mean":
         return sum(vals) / len(vals) if vals else math.nan
-    if a.reduce == "max":
+    if a.reduce in ("max", "min"):
         if not vals:
             return 0 if m.count else math.nan
-        return int(max(vals)) if m.count else max(vals)
+        v = max(vals) if a.reduce == "max" else min(vals)
+        return int(v) if m.count else v
+    if a.reduce in ("p50", "p90"):
+        return _percentile(vals, 50.0 if a.reduce == "p50" else 90.0)
     if not vals and a.over == "neuron":
         return math.nan
     total = sum(vals)
     return int(total) if m.count else total
+
+
+def _percentile(vals: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``vals`` by linear interpolation (numpy's default)."""
+    if not vals:
+        return math.nan
+    v = sorted(vals)
+    pos = (len(v) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # --------------------------------------------------------------------------- docs

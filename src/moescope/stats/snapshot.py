@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,8 @@ class LayerStats:
     hot_neurons: np.ndarray | None = None
     neuron_threshold: str | None = None
     expert_bias: np.ndarray | None = None
+    # Last: snapshots written before it existed (JSONL logs) still load, as NaN.
+    min_over_mean: float = math.nan
 
     def __post_init__(self) -> None:
         # Counts are ints (NaN only where undefined), whatever arithmetic produced them.
@@ -295,6 +297,7 @@ def layer_stats_from_state(
         usage_fraction=(M.usage_fraction(counts) if have_tokens else np.full(e, math.nan)),
         cv=scalar(M.cv(counts)),
         max_over_mean=scalar(M.max_over_mean(counts)),
+        min_over_mean=scalar(M.min_over_mean(counts)),
         unused_experts=unused,
         active_experts=e - unused,
         utilization_rate=(e - unused) / e,
@@ -481,7 +484,22 @@ class Snapshot:
 
     # ------------------------------------------------------------------ serialisation
 
-    def to_dict(self, prefix: str = "moe", vectors: bool = False) -> dict[str, float]:
+    def worst_layers(self, n: int, metric: str = "max_over_mean") -> list[str]:
+        """The ``n`` layer paths with the highest ``metric`` (layers with tokens; ties in
+        model order)."""
+        scored = [
+            (-float(getattr(s, metric)), i, path)
+            for i, (path, s) in enumerate(self.layers.items())
+            if s.num_tokens > 0 and math.isfinite(float(getattr(s, metric)))
+        ]
+        return [path for _, _, path in sorted(scored)[: max(int(n), 0)]]
+
+    def to_dict(
+        self,
+        prefix: str = "moe",
+        vectors: bool = False,
+        layers: Collection[str] | None = None,
+    ) -> dict[str, float]:
         """Flat ``{key: float}`` for loggers.
 
         Keys: ``<prefix>/<aggregate>`` (``moe/avg_expert_cv``, ``moe/avg_routing_entropy``,
@@ -490,10 +508,14 @@ class Snapshot:
         ``<prefix>/<layer>/usage_fraction/<e>``. With neuron statistics also
         ``<prefix>/<layer>/<m>`` for :data:`NEURON_SCALAR_METRICS` and the aggregates
         ``avg_neuron_sparsity``, ``avg_activated_neurons``, ``total_dead_neurons``.
+        ``layers``: write per-layer keys for these layer paths only (None: every layer;
+        the aggregates always cover every layer).
         """
         p = f"{prefix}/" if prefix else ""
         out = {f"{p}{k}": v for k, v in self.aggregates().items()}
         for name, s in self.layers.items():
+            if layers is not None and name not in layers:
+                continue
             for m in LAYER_SCALAR_METRICS:
                 out[f"{p}{name}/{m}"] = float(getattr(s, m))
             if s.has_neurons:

@@ -101,6 +101,9 @@ class TokenRouting:
     - ``dropped`` ``{layer: [N, K] bool}``: slots dropped by a capacity limit (only
       layers whose adapter reports drops).
     - ``truncated``: True when ``max_tokens`` cut the source short.
+    - ``weights`` ``{layer: [N, K] float32}``: the combine weights of the slots of
+      ``topk`` (same order), only with ``RoutingRecorder(weights=True)`` and for layers
+      whose adapter reports weights (NaN where the layer did not run).
     """
 
     layers: list[str]
@@ -111,6 +114,7 @@ class TokenRouting:
     topk: dict[str, np.ndarray]
     dropped: dict[str, np.ndarray] = field(default_factory=dict)
     truncated: bool = False
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +152,7 @@ class TokenRouting:
                         "layers": self.layers,
                         "num_experts": self.num_experts,
                         "dropped": list(self.dropped),
+                        "weights": list(self.weights),
                         "truncated": self.truncated,
                     }
                 )
@@ -157,6 +162,8 @@ class TokenRouting:
             arrays[f"topk_{i}"] = self.topk[layer]
             if layer in self.dropped:
                 arrays[f"dropped_{i}"] = self.dropped[layer]
+            if layer in self.weights:
+                arrays[f"weights_{i}"] = self.weights[layer]
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         with p.open("wb") as f:
@@ -184,6 +191,11 @@ class TokenRouting:
                     if layer in meta["dropped"]
                 },
                 truncated=bool(meta["truncated"]),
+                weights={
+                    layer: z[f"weights_{i}"]
+                    for i, layer in enumerate(layers)
+                    if layer in meta.get("weights", [])
+                },
             )
 
 
@@ -222,6 +234,9 @@ class RoutingRecorder:
             (``history=None, coactivation=False``), attached and detached with the
             recorder. A given monitor is left attached by :meth:`detach`, unless it was
             not attached when the recorder attached it.
+        weights: also keep each slot's combine weight (``TokenRouting.weights``, 4 more
+            bytes per slot; for routing agreement, :mod:`moescope.trace`). Layers whose
+            adapter reports no weight have none.
 
     Raises:
         UnsupportedModelError: no MoE layer found.
@@ -236,6 +251,7 @@ class RoutingRecorder:
         layers: Sequence[str] | None = None,
         adapters: Sequence[MoEAdapter] | None = None,
         monitor: MoEMonitor | None = None,
+        weights: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"RoutingRecorder needs a torch.nn.Module, got {type(model).__name__}")
@@ -288,6 +304,7 @@ class RoutingRecorder:
             chosen = [i for i in infos if i.path in keep]
         self.model = model
         self.max_tokens = int(max_tokens)
+        self.keep_weights = bool(weights)
         self.layers: list[str] = [i.path for i in chosen]
         self.num_experts: dict[str, int] = {i.path: int(i.num_experts) for i in chosen}
         # Monitored layer index (``batch.layers``) -> path, for the recorded layers only.
@@ -533,13 +550,22 @@ class RoutingRecorder:
         parts: list[torch.Tensor] = []
         drops: list[torch.Tensor] = []
         dropped_layers: list[str] = []
+        wparts: list[torch.Tensor] = []
+        weight_layers: list[str] = []
         for p, r in recs:
-            idx, dropped = _by_weight(r, t)
+            idx, dropped, w = _by_weight(r, t)
             parts.append(idx.to(dev, torch.int64).reshape(-1))
             if dropped is not None:
                 dropped_layers.append(p)
                 drops.append(dropped.to(dev, torch.int64).reshape(-1))
+            if self.keep_weights and w is not None:
+                weight_layers.append(p)
+                # float32 bits carried in the int64 buffer: still one host copy.
+                wparts.append(
+                    w.to(dev, torch.float32).reshape(-1).view(torch.int32).to(torch.int64)
+                )
         parts += drops
+        parts += wparts
         parts.append(
             torch.ones(t, dtype=torch.int64, device=dev)
             if valid is None
@@ -558,6 +584,12 @@ class RoutingRecorder:
         for p in dropped_layers:
             k = topk_host[p].shape[1]
             drop_host[p] = host[pos : pos + t * k].reshape(t, k).astype(bool)
+            pos += t * k
+        weight_host: dict[str, np.ndarray] = {}
+        for p in weight_layers:
+            k = topk_host[p].shape[1]
+            bits = host[pos : pos + t * k].astype(np.int32)
+            weight_host[p] = bits.view(np.float32).reshape(t, k)
             pos += t * k
         valid_host = host[pos : pos + t].astype(bool)
         pos += t
@@ -584,6 +616,8 @@ class RoutingRecorder:
                 chunk["topk/" + p] = topk_host[p][sel].astype(np.int32)
             if p in drop_host:
                 chunk["dropped/" + p] = drop_host[p][sel]
+            if p in weight_host:
+                chunk["weights/" + p] = weight_host[p][sel]
         buf.chunks.append(chunk)
         buf.n += int(sel.size)
 
@@ -609,6 +643,7 @@ class RoutingRecorder:
 
         topk: dict[str, np.ndarray] = {}
         dropped: dict[str, np.ndarray] = {}
+        weights: dict[str, np.ndarray] = {}
         for p in self.layers:
             k_vals = {c["topk/" + p].shape[1] for c in chunks if "topk/" + p in c}
             if not k_vals:
@@ -618,7 +653,8 @@ class RoutingRecorder:
             k = k_vals.pop()
             out = np.full((n, k), -1, dtype=np.int32)
             dr = np.zeros((n, k), dtype=bool)
-            has_drop = False
+            wt = np.full((n, k), np.nan, dtype=np.float32)
+            has_drop = has_w = False
             pos = 0
             for c in chunks:
                 m = c["token_ids"].shape[0]
@@ -627,10 +663,15 @@ class RoutingRecorder:
                 if "dropped/" + p in c:
                     dr[pos : pos + m] = c["dropped/" + p]
                     has_drop = True
+                if "weights/" + p in c:
+                    wt[pos : pos + m] = c["weights/" + p]
+                    has_w = True
                 pos += m
             topk[p] = out
             if has_drop:
                 dropped[p] = dr
+            if has_w:
+                weights[p] = wt
         layers = [p for p in self.layers if p in topk]
         return TokenRouting(
             layers=layers,
@@ -641,6 +682,7 @@ class RoutingRecorder:
             topk=topk,
             dropped=dropped,
             truncated=buf.truncated,
+            weights=weights,
         )
 
     def results(self) -> dict[str, TokenRouting]:
@@ -654,9 +696,12 @@ class RoutingRecorder:
         )
 
 
-def _by_weight(r: RoutingRecord, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``topk_index`` [T, K] (and ``dropped``) with slots sorted by descending combine
-    weight when the record has weights (stable: ties keep the router's order).
+def _by_weight(
+    r: RoutingRecord, t: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``topk_index`` [T, K] (and ``dropped``, and the weights [T, K] or None) with slots
+    sorted by descending combine weight when the record has weights (stable: ties keep
+    the router's order).
 
     Why: slot 0 must be the first choice for the top-1 analyses, and some routers return
     their top-k unsorted (DeepSeek-V3 / GLM-4 MoE: ``topk(sorted=False)``).
@@ -665,14 +710,14 @@ def _by_weight(r: RoutingRecord, t: int) -> tuple[torch.Tensor, torch.Tensor | N
     dropped = r.dropped.detach().reshape(t, -1) if r.dropped is not None else None
     w = r.topk_weight
     if w is None or w.numel() != idx.numel():
-        return idx, dropped
+        return idx, dropped, None
     w = w.detach().reshape(t, -1).float()
-    w = torch.where(torch.isnan(w), torch.full_like(w, -float("inf")), w)
-    order = torch.argsort(w, dim=1, descending=True, stable=True)
+    key = torch.where(torch.isnan(w), torch.full_like(w, -float("inf")), w)
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
     idx = idx.gather(1, order.to(idx.device))
     if dropped is not None:
         dropped = dropped.gather(1, order.to(dropped.device))
-    return idx, dropped
+    return idx, dropped, w.gather(1, order.to(w.device))
 
 
 def _as_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -704,6 +749,7 @@ def record_domains(
     adapters: Sequence[MoEAdapter] | None = None,
     device: torch.device | str | None = None,
     monitor: MoEMonitor | None = None,
+    weights: bool = False,
 ) -> dict[str, TokenRouting]:
     """``{domain: TokenRouting}``: run ``model(input_ids=..., attention_mask=...)`` under
     ``torch.no_grad()`` over each domain's batches until ``max_tokens`` valid tokens of
@@ -711,12 +757,17 @@ def record_domains(
 
     Batches: input_ids [B, S], ``(input_ids, attention_mask)`` or mappings with those keys.
     ``device``: where each batch goes (default: the device of the model's first parameter).
-    ``monitor``: a ``MoEMonitor`` of ``model`` to record through (see
-    :class:`RoutingRecorder`). Raises ValueError when a domain yields no valid token.
+    ``monitor``: a ``MoEMonitor`` of ``model`` to record through; ``weights``: keep the
+    combine weights too (see :class:`RoutingRecorder`). Raises ValueError when a domain yields no valid token.
     """
     dev = _model_device(model) if device is None else torch.device(device)
     rec = RoutingRecorder(
-        model, max_tokens=max_tokens, layers=layers, adapters=adapters, monitor=monitor
+        model,
+        max_tokens=max_tokens,
+        layers=layers,
+        adapters=adapters,
+        monitor=monitor,
+        weights=weights,
     )
     with rec, torch.no_grad():
         for name, batches in domains.items():
@@ -741,6 +792,7 @@ def record_routing(
     adapters: Sequence[MoEAdapter] | None = None,
     device: torch.device | str | None = None,
     monitor: MoEMonitor | None = None,
+    weights: bool = False,
 ) -> TokenRouting:
     """The :class:`TokenRouting` of one data source: :func:`record_domains` with one
     domain."""
@@ -752,4 +804,5 @@ def record_routing(
         adapters=adapters,
         device=device,
         monitor=monitor,
+        weights=weights,
     )[DEFAULT_SOURCE]

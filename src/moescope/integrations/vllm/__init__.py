@@ -29,7 +29,10 @@ from moescope.integrations.vllm.settings import (
     ENV_COUNTS_ONLY,
     ENV_INTERVAL,
     ENV_JSONL,
+    ENV_PER_EXPERT,
     ENV_PORT,
+    ENV_REQUEST_SUMMARIES,
+    ENV_TRACE,
     VllmSettingsError,
     check_options,
     env_options,
@@ -46,12 +49,16 @@ __all__ = [
     "ENV_COUNTS_ONLY",
     "ENV_INTERVAL",
     "ENV_JSONL",
+    "ENV_PER_EXPERT",
     "ENV_PORT",
+    "ENV_REQUEST_SUMMARIES",
+    "ENV_TRACE",
     "MoescopeWorkerExtension",
     "VllmSettingsError",
     "VllmSnapshot",
     "check_options",
     "env_options",
+    "flush",
     "jsonl_path",
     "options",
     "parse_bool",
@@ -159,6 +166,14 @@ def parse_rpc(results: list[dict[str, Any]]) -> VllmSnapshot:
     return VllmSnapshot(
         snapshot=snap, tokens=summed[0][1], ranks=[_rank_entry(r) for r in reporting]
     )
+
+
+def flush(llm: Any) -> None:
+    """Write what the workers hold now: every recorded request to the token trace stream
+    and the request summaries (finished or not: after an offline ``generate`` the
+    workers have not yet been told its requests finished), and the open window to the
+    JSONL log. The same runs when the engine process exits normally."""
+    llm.collective_rpc("moescope_flush")
 
 
 def snapshot(llm: Any, reset: bool = False) -> VllmSnapshot:

@@ -21,7 +21,10 @@ __all__ = [
     "ENV_COUNTS_ONLY",
     "ENV_INTERVAL",
     "ENV_JSONL",
+    "ENV_PER_EXPERT",
     "ENV_PORT",
+    "ENV_REQUEST_SUMMARIES",
+    "ENV_TRACE",
     "VllmSettingsError",
     "check_options",
     "env_options",
@@ -40,6 +43,9 @@ ENV_JSONL = "MOESCOPE_VLLM_JSONL"
 ENV_PORT = "MOESCOPE_VLLM_PROMETHEUS_PORT"
 ENV_INTERVAL = "MOESCOPE_VLLM_INTERVAL"
 ENV_COUNTS_ONLY = "MOESCOPE_VLLM_COUNTS_ONLY"
+ENV_TRACE = "MOESCOPE_VLLM_TRACE"
+ENV_REQUEST_SUMMARIES = "MOESCOPE_VLLM_REQUEST_SUMMARIES"
+ENV_PER_EXPERT = "MOESCOPE_VLLM_PROMETHEUS_PER_EXPERT"
 
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "enabled": (bool,),
@@ -50,6 +56,12 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "prometheus_port": (int,),
     "prometheus_host": (str,),
     "interval": (int, float),
+    "trace": (str,),
+    "trace_max_sequences": (int,),
+    "trace_max_bytes": (int,),
+    "request_summaries": (int,),
+    "prometheus_per_expert": (bool,),
+    "prometheus_top_experts": (int,),
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -135,6 +147,23 @@ def env_options(environ: Mapping[str, str] | None = None) -> dict[str, Any] | No
     counts_only = env.get(ENV_COUNTS_ONLY, "").strip()
     if counts_only:
         opts.setdefault("counts_only", parse_bool(ENV_COUNTS_ONLY, counts_only))
+    if env.get(ENV_TRACE, "").strip():
+        opts.setdefault("trace", env[ENV_TRACE].strip())
+    summaries = env.get(ENV_REQUEST_SUMMARIES, "").strip()
+    if summaries:
+        try:
+            count = int(summaries)
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise VllmSettingsError(
+                f"{ENV_REQUEST_SUMMARIES}={summaries!r} is not a count: set the most request "
+                "summary lines per window (e.g. 100; 0 = none) or unset it"
+            )
+        opts.setdefault("request_summaries", count)
+    per_expert = env.get(ENV_PER_EXPERT, "").strip()
+    if per_expert:
+        opts.setdefault("prometheus_per_expert", parse_bool(ENV_PER_EXPERT, per_expert))
     return opts
 
 
@@ -159,11 +188,27 @@ def check_options(opts: dict[str, Any]) -> dict[str, Any]:
     interval = opts.get("interval")
     if interval is not None and not (math.isfinite(interval) and interval > 0):
         raise ValueError(f"interval must be a positive number of seconds, got {interval}")
+    for key in ("trace_max_sequences", "trace_max_bytes"):
+        if opts.get(key) is not None and opts[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {opts[key]}")
+    for key in ("request_summaries", "prometheus_top_experts"):
+        if opts.get(key) is not None and opts[key] < 0:
+            raise ValueError(f"{key} must be >= 0, got {opts[key]}")
+    trace = opts.get("trace")
+    if trace and not str(trace).endswith(".jsonl"):
+        raise ValueError(
+            f"trace must be a .jsonl file (the bounded token trace stream), got {trace!r}; "
+            "convert it to .npz afterwards with RoutingTrace.load(path).save('x.npz')"
+        )
+    if opts.get("request_summaries") and not opts.get("jsonl"):
+        raise ValueError(
+            "request_summaries writes to the JSONL log: set jsonl (MOESCOPE_VLLM_JSONL) too"
+        )
     return dict(opts)
 
 
 def _setting(key: str, from_env: bool) -> str:
-    names = {"jsonl": ENV_JSONL, "prometheus_port": ENV_PORT}
+    names = {"jsonl": ENV_JSONL, "prometheus_port": ENV_PORT, "trace": ENV_TRACE}
     if from_env and key in names:
         return names[key]
     return f"additional_config['{CONFIG_KEY}']['{key}']"
@@ -197,8 +242,10 @@ def preflight(
     """
     env_keys = set(from_env)
     which = list(range(max(1, replicas)) if indices is None else indices)
-    path = opts.get("jsonl")
-    if path:
+    for key, what in (("jsonl", "the JSONL log"), ("trace", "the token trace stream")):
+        path = opts.get(key)
+        if not path:
+            continue
         for i in which:
             target = Path(jsonl_path(str(path), i))
             try:
@@ -207,8 +254,8 @@ def preflight(
                     pass
             except OSError as err:
                 raise VllmSettingsError(
-                    f"moescope: cannot write the JSONL log {target} set by "
-                    f"{_setting('jsonl', 'jsonl' in env_keys)} ({err.strerror or err}); "
+                    f"moescope: cannot write {what} {target} set by "
+                    f"{_setting(key, key in env_keys)} ({err.strerror or err}); "
                     "choose a writable file path"
                 ) from None
     port = opts.get("prometheus_port")
@@ -239,6 +286,12 @@ def options(
     prometheus_host: str = "127.0.0.1",
     interval: float = 15.0,
     graph_safe: bool = False,
+    trace: str | None = None,
+    trace_max_sequences: int = 10000,
+    trace_max_bytes: int = 1 << 30,
+    request_summaries: int = 0,
+    prometheus_per_expert: bool = False,
+    prometheus_top_experts: int = 3,
 ) -> dict[str, Any]:
     """``additional_config`` for ``vllm.LLM(...)`` that turns monitoring on.
 
@@ -252,6 +305,16 @@ def options(
         graph_safe: accumulate every router call at once into persistent device buffers
             (what CUDA-graph replay needs). Engines that replay CUDA graphs use it
             whatever this says; True forces it elsewhere (e.g. to test it on a CPU).
+        trace: write every finished request's tokens and per-layer top-k expert ids to
+            this ``.jsonl`` token trace stream (``moescope.trace``; one file per reporting
+            worker, ``.i`` before the suffix for i > 0), bounded by
+            ``trace_max_sequences`` sequences and ``trace_max_bytes`` bytes.
+        request_summaries: at most this many per-request routing summary lines per
+            window in the JSONL log (``{"kind": "request"}``: unique experts, max/mean
+            load and the most-used experts per layer); 0 = none. Needs ``jsonl``.
+        prometheus_per_expert: also export the per-(layer, expert) series (E x L of
+            them); off by default: the exporter sends per-layer load percentiles and the
+            ``prometheus_top_experts`` most and least loaded experts of each layer.
 
     Returns:
         ``{"moescope": {...}}``: pass it as ``LLM(..., additional_config=...)`` (merge it
@@ -269,4 +332,14 @@ def options(
         opts["jsonl"] = str(jsonl)
     if prometheus_port is not None:
         opts["prometheus_port"] = int(prometheus_port)
+    if trace is not None:
+        opts["trace"] = str(trace)
+        opts["trace_max_sequences"] = int(trace_max_sequences)
+        opts["trace_max_bytes"] = int(trace_max_bytes)
+    if request_summaries:
+        opts["request_summaries"] = int(request_summaries)
+    if prometheus_per_expert:
+        opts["prometheus_per_expert"] = True
+    if prometheus_top_experts != 3:
+        opts["prometheus_top_experts"] = int(prometheus_top_experts)
     return {CONFIG_KEY: check_options(opts)}

@@ -50,11 +50,18 @@ from moescope.integrations.vllm.capture import (
     served_summary,
     set_runtime_context,
 )
+from moescope.integrations.vllm.requests import RequestRecorder
 
 _log = logging.getLogger("moescope.vllm")
 
 #: The worker's monitor (one model per worker process).
-STATE: dict[str, Any] = {"monitor": None, "exporter": None, "jsonl": None, "timer": None}
+STATE: dict[str, Any] = {
+    "monitor": None,
+    "exporter": None,
+    "jsonl": None,
+    "timer": None,
+    "requests": None,
+}
 _PAUSE = threading.local()
 _PATCHED: set[str] = set()
 
@@ -154,6 +161,20 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
         router = getattr(mod, "router", None)
         if isinstance(router, FusedMoERouter):
             out.append((str(getattr(mod, "layer_name", None) or name), mod, router))
+    return out
+
+
+def moe_layer_ids(model: nn.Module) -> list[tuple[int, str]]:
+    """``(decoder layer index, path)`` of every MoE layer (the layer axis of vLLM's
+    returned ``routed_experts`` counts decoder layers, dense ones included)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    out = []
+    for path, _, _ in find_layers(model):
+        try:
+            out.append((int(extract_layer_index(path)), path))
+        except (AssertionError, ValueError):  # a path without one layer number
+            out.append((len(out), path))
     return out
 
 
@@ -263,7 +284,13 @@ def _layer_info_counts(path: str, mod: nn.Module, device: torch.device) -> VllmL
     return VllmLayer(path=path, num_experts=int(e), top_k=int(k), device=str(device))
 
 
-def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer) -> None:
+def _wrap_router(
+    router: Any,
+    monitor: VllmRoutingMonitor,
+    index: int,
+    layer: VllmLayer,
+    recorder: RequestRecorder | None = None,
+) -> None:
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
     with_logits = layer.scores
@@ -289,6 +316,8 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
         def compute_routing(hidden_states, router_logits, indices_type, **kw):
             weights, ids = inner(hidden_states, router_logits, indices_type, **kw)
             monitor.capture(index, ids, scores(router_logits), weights)
+            if recorder is not None:
+                recorder.stash(index, ids)
             return weights, ids
 
         router._compute_routing = compute_routing
@@ -305,6 +334,8 @@ def _wrap_router(router: Any, monitor: VllmRoutingMonitor, index: int, layer: Vl
     def select_experts(hidden_states, router_logits, topk_indices_dtype=None, **kw):
         weights, ids = inner_sel(hidden_states, router_logits, topk_indices_dtype, **kw)
         monitor.capture(index, ids, scores(router_logits), weights)
+        if recorder is not None:
+            recorder.stash(index, ids)
         return weights, ids
 
     router.select_experts = select_experts
@@ -343,7 +374,11 @@ def _router_outputs(out: Any, num_experts: int, top_k: int) -> tuple[Any, Any, A
 
 
 def _wrap_hf_router(
-    hf_router: nn.Module, monitor: VllmRoutingMonitor, index: int, layer: VllmLayer
+    hf_router: nn.Module,
+    monitor: VllmRoutingMonitor,
+    index: int,
+    layer: VllmLayer,
+    recorder: RequestRecorder | None = None,
 ) -> None:
     """Capture at the transformers router itself: its real [T, E] logits with the ids and
     weights it chose (what the vLLM router of this layer is only handed back)."""
@@ -356,6 +391,8 @@ def _wrap_hf_router(
         ids, logits, weights = _router_outputs(out, num_experts, top_k)
         if ids is not None:
             monitor.capture(index, ids, logits, weights)
+            if recorder is not None:
+                recorder.stash(index, ids)
         return out
 
     hf_router.forward = forward
@@ -427,11 +464,12 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
         coactivation=bool(opts.get("coactivation", True)),
         graph_safe=uses_cuda_graphs(vllm_config, device) or bool(opts.get("graph_safe")),
     )
+    recorder = _make_recorder(layers, vllm_config, device, opts)
     for i, ((_, _, router), info) in enumerate(zip(found, layers, strict=True)):
         if i in hf_routers:
-            _wrap_hf_router(hf_routers[i], monitor, i, info)
+            _wrap_hf_router(hf_routers[i], monitor, i, info, recorder)
         else:
-            _wrap_router(router, monitor, i, info)
+            _wrap_router(router, monitor, i, info, recorder)
     set_runtime_context(padding=_padding, paused=_paused)
     STATE["monitor"] = monitor
     _patch_runner()
@@ -439,6 +477,112 @@ def install(model: nn.Module, vllm_config: Any, opts: dict[str, Any]) -> VllmRou
     _start_outputs(monitor, opts)
     _log.info("moescope: monitoring %d MoE layers", len(layers))
     return monitor
+
+
+# -------------------------------------------------------------------- per request
+
+
+def _make_recorder(
+    layers: list[VllmLayer], vllm_config: Any, device: torch.device, opts: dict[str, Any]
+) -> RequestRecorder | None:
+    """The per-request recorder, when the trace stream or request summaries are asked for."""
+    if not (opts.get("trace") or opts.get("request_summaries")):
+        return None
+    if not _output_index()[1]:
+        return None  # a tensor-parallel replica: rank 0 of its group records the same tokens
+    sched = getattr(vllm_config, "scheduler_config", None)
+    rows = int(getattr(sched, "max_num_batched_tokens", 0) or 0) or 8192
+    rec = RequestRecorder(
+        num_layers=len(layers),
+        top_k=max(info.top_k for info in layers),
+        max_rows=rows,
+        device=device,
+        max_pending=int(getattr(sched, "max_num_seqs", 0) or 0) * 4 or 4096,
+    )
+    STATE["recorder"] = rec
+    return rec
+
+
+def _start_requests(monitor: VllmRoutingMonitor, opts: dict[str, Any], index: int) -> None:
+    """Open the trace stream of this worker and route request summaries to the JSONL log."""
+    from moescope.integrations.vllm.requests import RequestStreams
+
+    rec = STATE.get("recorder")
+    if rec is None:
+        return
+    writer = None
+    path = opts.get("trace")
+    if path:
+        from moescope.integrations.vllm.settings import jsonl_path
+        from moescope.trace import TraceWriter
+
+        try:
+            import vllm
+
+            version = str(getattr(vllm, "__version__", ""))
+        except ImportError:  # pragma: no cover - always there in a worker
+            version = ""
+        writer = TraceWriter(
+            jsonl_path(str(path), index),
+            layers=[info.path for info in monitor.layers],
+            num_experts=max(info.num_experts for info in monitor.layers),
+            top_k=rec.top_k,
+            source={"engine": "vllm", "version": version, "recorder": "moescope-worker"},
+            max_sequences=opts.get("trace_max_sequences", 10000),
+            max_bytes=opts.get("trace_max_bytes", 1 << 30),
+        )
+    sink = STATE.get("jsonl")
+    summaries = None
+    if sink is not None and int(opts.get("request_summaries") or 0) > 0:
+
+        def summaries(line: dict[str, Any]) -> None:
+            try:
+                sink.write_line(line)
+            except OSError as err:
+                _log.warning("moescope: request summary not written (%s)", err.strerror or err)
+
+    STATE["requests"] = RequestStreams(
+        rec,
+        [info.path for info in monitor.layers],
+        [info.num_experts for info in monitor.layers],
+        trace=writer,
+        summaries=summaries,
+        max_summaries=int(opts.get("request_summaries") or 0),
+    )
+
+
+def _lookup(runner: Any) -> Any:
+    """``req_id -> (prompt ids, output ids)`` from the model runner's request states."""
+
+    def lookup(req_id: str) -> tuple[list[int], list[int]] | None:
+        state = getattr(runner, "requests", {}).get(req_id)
+        if state is None:
+            return None
+        return list(state.prompt_token_ids or []), list(state.output_token_ids or [])
+
+    return lookup
+
+
+def _step_starts(scheduler_output: Any) -> dict[str, int]:
+    """Position of each scheduled request's first row: tokens computed before the step."""
+    starts = {
+        r.req_id: int(r.num_computed_tokens or 0)
+        for r in getattr(scheduler_output, "scheduled_new_reqs", ())
+    }
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    if cached is not None:
+        for rid, n in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            starts[rid] = int(n)
+    return starts
+
+
+def flush_requests() -> int:
+    """Write every request the worker holds (trace stream, summaries); returns how many."""
+    streams, runner, monitor = STATE.get("requests"), STATE.get("runner"), STATE["monitor"]
+    if streams is None or runner is None or monitor is None:
+        return 0
+    with monitor.lock:
+        return streams.flush(_lookup(runner))
 
 
 # -------------------------------------------------------------------- outputs
@@ -474,6 +618,9 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
 
         def write(snap: Any, tokens: dict[str, int]) -> None:
             served = {f"vllm/{k}": v for k, v in served_summary(snap, tokens).items()}
+            streams = STATE.get("requests")
+            if streams is not None:
+                served.update({f"vllm/{k}": v for k, v in streams.take_counters().items()})
             try:
                 sink.write(
                     LogEvent(step=int(snap.step or 0), snapshot=snap, metrics=served, mode="serve")
@@ -491,6 +638,7 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
                     monitor.window_listeners.remove(write)
 
         monitor.window_listeners.append(write)
+    _start_requests(monitor, opts, index)
     port = opts.get("prometheus_port")
     if port is not None:
         from moescope.serve import PrometheusExporter
@@ -501,6 +649,8 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
             host=str(opts.get("prometheus_host", "127.0.0.1")),
             interval=interval,
             lock_forwards=False,  # the runner patch holds monitor.lock around each step
+            per_expert=bool(opts.get("prometheus_per_expert", False)),
+            top_experts=int(opts.get("prometheus_top_experts", 3)),
         )
         exporter.registry.register(_TokenCollector(monitor))
         try:
@@ -527,7 +677,7 @@ def _start_outputs(monitor: VllmRoutingMonitor, opts: dict[str, Any]) -> None:
         timer = threading.Thread(target=run, name="moescope-vllm-windows", daemon=True)
         timer.start()
         STATE["timer"] = (timer, stop)
-    if path or port is not None:
+    if path or port is not None or STATE.get("requests") is not None:
         atexit.register(shutdown)
 
 
@@ -539,6 +689,7 @@ def flush() -> bool:
         True when a JSONL log got the window.
     """
     monitor = STATE["monitor"]
+    flush_requests()
     if monitor is None or STATE["jsonl"] is None:
         return False
     monitor.snapshot(reset=True)
@@ -554,10 +705,17 @@ def shutdown() -> None:
     if exporter is not None:
         exporter.stop()
     monitor = STATE["monitor"]
-    sink, STATE["jsonl"] = STATE["jsonl"], None
+    with contextlib.suppress(Exception):
+        flush_requests()
+    sink = STATE["jsonl"]
     if monitor is not None and sink is not None:
         with contextlib.suppress(Exception):
             monitor.snapshot(reset=True)
+    streams, STATE["requests"] = STATE.get("requests"), None
+    if streams is not None and streams.trace is not None:
+        streams.trace.close()
+    STATE["jsonl"] = None
+    if sink is not None:
         sink.close()
 
 
@@ -617,13 +775,27 @@ def _patch_runner() -> None:
         monitor = STATE["monitor"]
         if monitor is None or _paused():
             return execute(self, scheduler_output, *args, **kwargs)
+        streams = STATE.get("requests")
         with monitor.lock:
+            if streams is not None:
+                STATE["runner"] = self
+                # Their state is still in self.requests; the step below drops it.
+                finished = getattr(scheduler_output, "finished_req_ids", ())
+                if finished:
+                    streams.finished(sorted(finished), _lookup(self))
             if monitor.graph_safe:
                 # Rows past the scheduled tokens are padding to a CUDA-graph size.
                 monitor.set_valid_tokens(
                     int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)) or None
                 )
             out = execute(self, scheduler_output, *args, **kwargs)
+            if streams is not None:
+                # The rows of this forward, in the batch order the runner laid them out.
+                streams.end_step(
+                    list(self.input_batch.req_ids),
+                    dict(getattr(scheduler_output, "num_scheduled_tokens", {}) or {}),
+                    _step_starts(scheduler_output),
+                )
             cached = sum(
                 int(getattr(r, "num_computed_tokens", 0) or 0)
                 for r in getattr(scheduler_output, "scheduled_new_reqs", ())
@@ -683,9 +855,13 @@ def _patch_worker() -> None:
     def moescope_flush(self: Any) -> bool:
         return flush()
 
+    def moescope_moe_layers(self: Any) -> list[tuple[int, str]]:
+        return moe_layer_ids(self.model_runner.model)
+
     WorkerBase.moescope_snapshot = moescope_snapshot
     WorkerBase.moescope_reset = moescope_reset
     WorkerBase.moescope_flush = moescope_flush
+    WorkerBase.moescope_moe_layers = moescope_moe_layers
     _PATCHED.add("worker")
 
 
@@ -705,7 +881,9 @@ def _flush_before_shutdown(engine: Any) -> None:
 
     extra = getattr(getattr(engine, "vllm_config", None), "additional_config", None)
     opts = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    if not isinstance(opts, dict) or not opts.get("enabled", True) or not opts.get("jsonl"):
+    if not isinstance(opts, dict) or not opts.get("enabled", True):
+        return
+    if not (opts.get("jsonl") or opts.get("trace")):
         return
     core = getattr(engine, "engine_core", None)
     if core is None or getattr(getattr(core, "resources", None), "engine_dead", False):
@@ -763,6 +941,7 @@ def register() -> None:
         return config
 
     EngineArgs.create_engine_config = create_engine_config
+    _patch_worker()  # the RPC methods answer (monitoring off) even without a monitor
     try:
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError:  # pragma: no cover - a vLLM without the v1 async engine
