@@ -32,6 +32,14 @@ Engines (``--engine``), each in the training-engines venv (``make test-engines``
   mesh); :class:`moescope.integrations.torchtitan.MoETorchtitanCallback` ending a window
   every ``--log-interval`` steps (``on_log_step``, what torchtitan's
   ``MetricsProcessor.log`` triggers; no sink).
+- ``deepspeed``: ``--layers`` residual ``deepspeed.moe.layer.MoE`` layers (expert
+  Linear(H, 2H)-GELU-Linear(2H, H), E = ``--experts``, K = ``--top-k``, capacity factor
+  1.25, so tokens are dropped) between an input projection and a linear head, float32,
+  through ``deepspeed.initialize`` (one process, CPU accelerator on a CPU-only torch, gloo,
+  torch AdamW); :func:`moescope.integrations.deepspeed.attach` with ``steps_per_print`` =
+  ``--log-interval`` (no DeepSpeed monitor configured: the cost of a writer is the
+  writer's). Monitored steps go through moescope's ``engine.step`` wrapper, plain ones
+  call DeepSpeed's own.
 """
 
 from __future__ import annotations
@@ -181,13 +189,81 @@ def _torchtitan(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
     return step, cb
 
 
+def _deepspeed(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
+    """A DeepSpeed MoE training step and its :func:`moescope.integrations.deepspeed.attach`
+    handle (monitor detached). A monitored step goes through moescope's ``engine.step``
+    wrapper (the snapshot every ``--log-interval`` = ``steps_per_print`` steps); a plain
+    one calls DeepSpeed's own ``engine.step``, so it takes no snapshot."""
+    import torch
+    from torch import nn
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29562")):
+        os.environ.setdefault(key, value)
+    for key in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.moe.layer import MoE
+
+    from moescope.integrations import deepspeed as ds_int
+
+    # No shared-memory collective op build (about 90 s the first time; one process has no
+    # collectives to speed up).
+    deepspeed.ops.__compatible_ops__ = {}
+    hidden = args.hidden
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(hidden, hidden)
+            expert = nn.Sequential(
+                nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden)
+            )
+            self.moes = nn.ModuleList(
+                MoE(hidden, expert, num_experts=args.experts, k=args.top_k, capacity_factor=1.25)
+                for _ in range(args.layers)
+            )
+            self.head = nn.Linear(hidden, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            aux = h.new_zeros(())
+            for moe in self.moes:
+                out, l_aux, _ = moe(h)
+                h = h + out
+                aux = aux + l_aux
+            return self.head(h).pow(2).mean() + 0.01 * aux
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    cfg = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": args.log_interval}
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
+    x = torch.randn(args.batch, args.seq, hidden, generator=torch.Generator().manual_seed(1))
+    moe = ds_int.attach(
+        engine, log_to_console=False, log_heatmap_every=None, alert_threshold_imbalance=None
+    )
+    moe.monitor.detach()
+    plain_step = moe._orig_step
+
+    def step(monitored: bool) -> None:
+        loss = engine(x)
+        engine.backward(loss)
+        (engine.step if monitored else plain_step)()
+
+    return step, moe
+
+
 ENGINES: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., None], Any]]] = {
     "megatron": _megatron,
     "torchtitan": _torchtitan,
+    "deepspeed": _deepspeed,
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=sorted(ENGINES), required=True)
     p.add_argument("--reps", type=int, default=10)
@@ -201,7 +277,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ returns a LayerInfo wins a module. Priorities of the built-ins:
   nllb_moe, llama4, dbrx; ParallelExperts blocks: jetmoe; embedding experts: doge;
   task-indexed experts, which raise: vitpose_backbone) living in ``capture/hf_*.py``, and
   the training engines' MoE layers (Megatron-core: ``capture/megatron.py``; torchtitan:
-  ``capture/torchtitan.py``);
+  ``capture/torchtitan.py``; DeepSpeed: ``capture/deepspeed.py``);
 - ``PRIORITY_NN`` (100): ``moescope.nn.MoELayer``;
 - ``PRIORITY_GENERIC`` (0): the structural transformers adapter (router + fused experts).
 
@@ -36,7 +36,8 @@ PRIORITY_DEDICATED = 200
 PRIORITY_NN = 100
 PRIORITY_GENERIC = 0
 
-# Modules holding dedicated transformers adapters, written against the same protocol.
+# Modules holding dedicated adapters (transformers families, training engines), written
+# against the same protocol; none imports its framework at module import.
 _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_switch",
     "moescope.capture.hf_llama4",
@@ -46,6 +47,7 @@ _DEDICATED_MODULES: tuple[str, ...] = (
     "moescope.capture.hf_vitpose",
     "moescope.capture.megatron",
     "moescope.capture.torchtitan",
+    "moescope.capture.deepspeed",
 )
 
 _lock = threading.Lock()
