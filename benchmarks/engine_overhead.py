@@ -56,7 +56,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _megatron(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
+def _megatron(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
     """A training step of a Megatron GPT-MoE and its MegatronMoEMonitor (detached)."""
     import torch
     import torch.distributed as dist
@@ -130,7 +130,7 @@ def _megatron(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
     return step, moe  # type: ignore[return-value]
 
 
-def _torchtitan(args: argparse.Namespace) -> tuple[Callable[[], None], Any]:
+def _torchtitan(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
     """A training step of torchtitan's deepseek_v3 debugmodel and its
     MoETorchtitanCallback (detached)."""
     from types import SimpleNamespace
@@ -256,7 +256,7 @@ def _deepspeed(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
     return step, moe
 
 
-ENGINES: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., None], Any]]] = {
+ENGINES: dict[str, Callable[[argparse.Namespace], tuple[Callable[[bool], None], Any]]] = {
     "megatron": _megatron,
     "torchtitan": _torchtitan,
     "deepspeed": _deepspeed,
