@@ -43,8 +43,11 @@ class MoECallbackOptions:
     Attributes:
         log_every_n_steps: end the train window every this many optimizer steps (an
             int >= 1). None means "follow the framework's own logging cadence", which
-            only the transformers integration supports (the Trainer's
-            ``logging_steps``; the last step always ends a window).
+            only the transformers integration supports here (the Trainer's
+            ``logging_steps``; the last step always ends a window). The training-engine
+            front ends read their engine's cadence themselves and pass an int: Megatron's
+            ``log_interval``, torchtitan's ``metrics.log_freq``, DeepSpeed's
+            ``steps_per_print``.
         logger: extra destinations, anything :func:`moescope.sinks.resolve_loggers`
             accepts: the ``wandb`` module or a run, a TensorBoard ``SummaryWriter``, the
             ``mlflow`` module, an object with ``log(dict, step=...)``, a ``Sink``, or a
