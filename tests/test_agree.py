@@ -33,6 +33,8 @@ from moescope.trace import RoutingTrace
 
 pytest.importorskip("transformers")
 
+# At module top: inside a test, `conftest` can name another folder's conftest module.
+from conftest import save_tiny_checkpoint
 from hf_tiny import build_tiny
 
 LENGTHS = (16, 16, 16, 24)
@@ -321,7 +323,6 @@ def test_token_recorder_source_and_files(mixtral: torch.nn.Module, tmp_path: Pat
 
 
 def test_analyze_save_trace_replays_exactly(tmp_path: Path) -> None:
-    from conftest import save_tiny_checkpoint
     from moescope.analysis import run_analyze
     from moescope.data import stdlib_dir
 

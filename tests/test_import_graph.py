@@ -231,3 +231,19 @@ def test_stats_and_capture_stay_below() -> None:
                 assert not t.startswith(("moescope.report", "moescope.analysis")), (mod, t)
             if mod.startswith("moescope.capture"):
                 assert not t.startswith("moescope.stats"), (mod, t)
+
+
+def test_tests_import_conftest_helpers_at_module_top() -> None:
+    """Inside a test function, ``conftest`` can resolve to tests/with_vllm/conftest.py or
+    tests/with_engines/conftest.py (whichever pytest loaded last), so a helper import
+    there breaks only in the full run. Import the helpers at module top."""
+    import re
+
+    tests = Path(__file__).resolve().parent
+    bad = [
+        f"{p.relative_to(tests)}:{i}"
+        for p in sorted(tests.rglob("*.py"))
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"\s+(from conftest import|import conftest)", line)
+    ]
+    assert not bad, f"import conftest helpers at module top: {bad}"
