@@ -19,7 +19,7 @@ Engines (``--engine``), each in the training-engines venv (``make test-engines``
 - ``megatron``: megatron-core's ``GPTModel`` with MoE (local spec, no TransformerEngine):
   ``--layers`` x (attention + ``MoELayer`` with E = ``--experts``, K = ``--top-k``, the
   alltoall dispatcher), hidden ``--hidden``, ``--batch`` x ``--seq`` tokens per step,
-  forward + backward + SGD, :class:`moescope.integrations.megatron.MegatronMoEMonitor`
+  forward + backward + SGD, :class:`moescope.integrations.megatron.MoEMegatronCallback`
   logging every ``--log-interval`` steps (no writer: the cost of a sink is the sink's).
   On a CPU-only torch it needs the test suite's CUDA shims
   (``tests/with_engines/_megatron_cpu.py``; nothing there touches routing); on a GPU
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _megatron(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
-    """A training step of a Megatron GPT-MoE and its MegatronMoEMonitor (detached)."""
+    """A training step of a Megatron GPT-MoE and its MoEMegatronCallback (detached)."""
     import torch
     import torch.distributed as dist
 
@@ -77,7 +77,7 @@ def _megatron(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from moescope.integrations.megatron import MegatronMoEMonitor
+    from moescope.integrations.megatron import MoEMegatronCallback
 
     ps.initialize_model_parallel(1, 1)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def _megatron(args: argparse.Namespace) -> tuple[Callable[[bool], None], Any]:
     pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     mask = torch.triu(torch.ones(args.seq, args.seq, dtype=torch.bool, device=device), 1)
     mask = mask[None, None]
-    moe = MegatronMoEMonitor(model, log_interval=args.log_interval, writer=None, wandb_writer=None)
+    moe = MoEMegatronCallback(model, log_interval=args.log_interval, writer=None, wandb_writer=None)
     moe.monitor.detach()
     state = {"iteration": 0}
 

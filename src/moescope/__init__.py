@@ -9,8 +9,9 @@ lists the whole API. The subpackages (``moescope.cost``, ``moescope.analysis``,
   layer (:class:`LayerInfo` describes each layer found); :class:`AlertRules`,
   :class:`NeuronOptions` / :class:`NeuronThreshold`, :class:`RoutingRecorder`.
 - Training: :class:`MoECallbackOptions`; :class:`MoETrainerCallback`,
-  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`,
-  :class:`MegatronMoEMonitor` (and the factories
+  :class:`MoEPyTorchCallback`, :class:`MoELightningCallback`; the training engines'
+  :class:`MoEMegatronCallback`, :class:`MoETorchtitanCallback`,
+  :class:`MoEDeepSpeedCallback` (and the factories
   :func:`create_moe_callback_for_transformers`, :func:`create_moe_callback_for_pytorch`).
 - Cost: :func:`count_parameters`, :func:`flops_per_token`, :func:`measured_cost`.
 - Analysis: :func:`analyze` (:class:`AnalyzeOptions` -> :class:`AnalysisResult`),
@@ -68,7 +69,9 @@ _LAZY: dict[str, str] = {
     "MoETrainerCallback": "moescope.integrations.transformers",
     "MoEPyTorchCallback": "moescope.integrations.pytorch",
     "MoELightningCallback": "moescope.integrations.lightning",
-    "MegatronMoEMonitor": "moescope.integrations.megatron",
+    "MoEMegatronCallback": "moescope.integrations.megatron",
+    "MoETorchtitanCallback": "moescope.integrations.torchtitan",
+    "MoEDeepSpeedCallback": "moescope.integrations.deepspeed",
     "create_moe_callback_for_transformers": "moescope.integrations.transformers",
     "create_moe_callback_for_pytorch": "moescope.integrations.pytorch",
     # sinks
@@ -162,13 +165,15 @@ __all__ = [
     "LogEvent",
     "MeasuredCost",
     "MeasuredLayerCost",
-    "MegatronMoEMonitor",
     "MoEAdapter",
     "MoECallbackOptions",
+    "MoEDeepSpeedCallback",
     "MoELayerParams",
     "MoELightningCallback",
+    "MoEMegatronCallback",
     "MoEMonitor",
     "MoEPyTorchCallback",
+    "MoETorchtitanCallback",
     "MoETrainerCallback",
     "ModelInfo",
     "MonitorCore",
@@ -237,10 +242,12 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real objects
     from moescope.cost.params import MoELayerParams, ParamReport, count_parameters
     from moescope.errors import UnsupportedModelError
     from moescope.integrations.core import TrainingSession
+    from moescope.integrations.deepspeed import MoEDeepSpeedCallback
     from moescope.integrations.lightning import MoELightningCallback
-    from moescope.integrations.megatron import MegatronMoEMonitor
+    from moescope.integrations.megatron import MoEMegatronCallback
     from moescope.integrations.options import MoECallbackOptions
     from moescope.integrations.pytorch import MoEPyTorchCallback, create_moe_callback_for_pytorch
+    from moescope.integrations.torchtitan import MoETorchtitanCallback
     from moescope.integrations.transformers import (
         MoETrainerCallback,
         create_moe_callback_for_transformers,

@@ -37,7 +37,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moescope.integrations.megatron import MegatronMoEMonitor
+from moescope.integrations.megatron import MoEMegatronCallback
 
 SEQ = 16
 VOCAB = 128
@@ -270,7 +270,7 @@ def _worker(
     mm = (
         None
         if par.get("unmonitored")
-        else MegatronMoEMonitor(
+        else MoEMegatronCallback(
             chunks if vp else chunks[0],
             log_interval=1,
             writer=writer,

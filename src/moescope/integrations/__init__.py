@@ -4,9 +4,9 @@ math). Shared logic in :mod:`~moescope.integrations.core`; one thin adapter per 
 - :class:`MoETrainerCallback` (``transformers.Trainer``; extra ``hf``)
 - :class:`MoEPyTorchCallback` (plain loops; torch only)
 - :class:`MoELightningCallback` (Lightning; extra ``lightning``)
-- :class:`MegatronMoEMonitor` (Megatron-core; its TensorBoard/W&B writers)
-- :class:`~moescope.integrations.torchtitan.MoETorchtitanCallback` (torchtitan; logs
-  through its ``MetricsProcessor``)
+- :class:`MoEMegatronCallback` (Megatron-core; its TensorBoard/W&B writers)
+- :class:`MoETorchtitanCallback` (torchtitan; logs through its ``MetricsProcessor``)
+- :class:`MoEDeepSpeedCallback` (DeepSpeed; ``attach(engine)``, its monitor)
 
 One class per framework, named ``MoE<Framework>Callback``, each taking the same frozen
 :class:`MoECallbackOptions` (one docstring lists every setting) or its fields as
@@ -22,9 +22,10 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MegatronMoEMonitor",
     "MoECallbackOptions",
+    "MoEDeepSpeedCallback",
     "MoELightningCallback",
+    "MoEMegatronCallback",
     "MoEPyTorchCallback",
     "MoETorchtitanCallback",
     "MoETrainerCallback",
@@ -35,7 +36,7 @@ __all__ = [
 
 _LAZY = {
     "MoECallbackOptions": ("moescope.integrations.options", "MoECallbackOptions"),
-    "MegatronMoEMonitor": ("moescope.integrations.megatron", "MegatronMoEMonitor"),
+    "MoEMegatronCallback": ("moescope.integrations.megatron", "MoEMegatronCallback"),
     "TrainingSession": ("moescope.integrations.core", "TrainingSession"),
     "MoEPyTorchCallback": ("moescope.integrations.pytorch", "MoEPyTorchCallback"),
     "create_moe_callback_for_pytorch": (
@@ -49,6 +50,7 @@ _LAZY = {
     ),
     "MoELightningCallback": ("moescope.integrations.lightning", "MoELightningCallback"),
     "MoETorchtitanCallback": ("moescope.integrations.torchtitan", "MoETorchtitanCallback"),
+    "MoEDeepSpeedCallback": ("moescope.integrations.deepspeed", "MoEDeepSpeedCallback"),
 }
 
 

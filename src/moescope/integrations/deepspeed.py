@@ -15,13 +15,13 @@ Hook mapping (DeepSpeed 0.19, ``DeepSpeedEngine``):
 - ``attach``: builds one :class:`~moescope.integrations.core.TrainingSession` on
   ``engine.module`` (every ``deepspeed.moe.layer.MoE`` found by
   :mod:`moescope.capture.deepspeed`) and wraps ``engine.step`` on this engine instance
-  only (the class is untouched; :meth:`DeepSpeedMoEMonitor.close` restores it).
+  only (the class is untouched; :meth:`MoEDeepSpeedCallback.close` restores it).
 - after each ``engine.step()`` that took an optimizer step (``engine.global_steps``
   advanced; micro-steps inside gradient accumulation only count forwards), the train
   window ends every ``log_every_n_steps`` optimizer steps: DeepSpeed's own
   ``steps_per_print`` unless given.
 - forwards in eval mode (``engine.eval()``) count in a separate window, logged as
-  ``moe/eval/...`` by :meth:`DeepSpeedMoEMonitor.log_eval`.
+  ``moe/eval/...`` by :meth:`MoEDeepSpeedCallback.log_eval`.
 
 Where the metrics go: DeepSpeed's own monitor (``engine.monitor``, a ``MonitorMaster``:
 TensorBoard, W&B, CSV, Comet as configured in the DeepSpeed config) gets every finite flat
@@ -46,7 +46,7 @@ from moescope.integrations.options import MoECallbackOptions, options_from
 from moescope.sinks.base import Sink
 from moescope.sinks.event import LogEvent
 
-__all__ = ["DeepSpeedMoEMonitor", "DeepSpeedMonitorSink", "attach", "deepspeed_process_group"]
+__all__ = ["DeepSpeedMonitorSink", "MoEDeepSpeedCallback", "attach", "deepspeed_process_group"]
 
 _STEP_AXES = ("samples", "steps")
 _DEFAULT_STEPS_PER_PRINT = 10  # DeepSpeed's own default for steps_per_print
@@ -98,7 +98,7 @@ class DeepSpeedMonitorSink(Sink):
         return f"DeepSpeedMonitorSink({type(self.monitor).__name__})"
 
 
-class DeepSpeedMoEMonitor:
+class MoEDeepSpeedCallback:
     """MoE monitoring of one ``DeepSpeedEngine`` (built by :func:`attach`).
 
     Attributes:
@@ -230,7 +230,7 @@ class DeepSpeedMoEMonitor:
                 vars(self.engine).pop("step", None)
             self.session.close()
 
-    def __enter__(self) -> DeepSpeedMoEMonitor:
+    def __enter__(self) -> MoEDeepSpeedCallback:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -245,7 +245,7 @@ def attach(
     step_axis: str = "samples",
     use_engine_monitor: bool = True,
     **overrides: Any,
-) -> DeepSpeedMoEMonitor:
+) -> MoEDeepSpeedCallback:
     """Monitor every DeepSpeed MoE layer of ``engine`` and log into DeepSpeed's monitor.
 
     Call on every rank, after ``deepspeed.initialize``. The training loop is unchanged.
@@ -264,14 +264,14 @@ def attach(
             enables one (TensorBoard / W&B / CSV / Comet).
 
     Returns:
-        A :class:`DeepSpeedMoEMonitor`; call ``close()`` at the end (or use it as a
+        A :class:`MoEDeepSpeedCallback`; call ``close()`` at the end (or use it as a
         context manager).
 
     Raises:
         TypeError: ``engine`` is not a DeepSpeed engine, or is a ``PipelineEngine``.
         moescope.errors.UnsupportedModelError: the model has no MoE layer moescope reads.
     """
-    return DeepSpeedMoEMonitor(
+    return MoEDeepSpeedCallback(
         engine,
         options,
         log_every_n_steps=log_every_n_steps,

@@ -1,10 +1,10 @@
-"""Megatron-core training: :class:`MegatronMoEMonitor` (no fork of Megatron's loop).
+"""Megatron-core training: :class:`MoEMegatronCallback` (no fork of Megatron's loop).
 
 ::
 
-    from moescope.integrations.megatron import MegatronMoEMonitor
+    from moescope.integrations.megatron import MoEMegatronCallback
 
-    moe = MegatronMoEMonitor(model, log_interval=args.log_interval,
+    moe = MoEMegatronCallback(model, log_interval=args.log_interval,
                              writer=tb_writer, wandb_writer=wandb_run)
     for iteration in range(start, train_iters):
         train_step(...)                 # Megatron's forward_backward_func + optimizer step
@@ -49,7 +49,7 @@ from moescope.integrations.options import MoECallbackOptions
 from moescope.monitor import MoEMonitor
 from moescope.sinks import resolve_loggers
 
-__all__ = ["MegatronMoEMonitor", "megatron_process_group", "megatron_stage_group"]
+__all__ = ["MoEMegatronCallback", "megatron_process_group", "megatron_stage_group"]
 
 _AUTO: Any = object()
 
@@ -140,7 +140,7 @@ def _training_default(name: str) -> Any:
         return None
 
 
-class MegatronMoEMonitor:
+class MoEMegatronCallback:
     """MoE monitoring of a Megatron-core model, logged to Megatron's own writers.
 
     Args:
@@ -182,7 +182,7 @@ class MegatronMoEMonitor:
         root: nn.Module = nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
         if not isinstance(root, nn.Module):
             raise TypeError(
-                "MegatronMoEMonitor needs the Megatron model (a torch.nn.Module or the list "
+                "MoEMegatronCallback needs the Megatron model (a torch.nn.Module or the list "
                 f"of model chunks get_model returns), got {type(model).__name__}"
             )
         if log_interval is None:
@@ -242,7 +242,7 @@ class MegatronMoEMonitor:
         and checks alerts when ``iteration % log_interval == 0``; returns the metrics
         then, else None."""
         if self._closed:
-            raise RuntimeError("on_step_end() after close(): create a new MegatronMoEMonitor")
+            raise RuntimeError("on_step_end() after close(): create a new MoEMegatronCallback")
         self.iteration = int(iteration)
         if self.session.is_log_step(self.iteration):
             return self.session.end_train_window(self.iteration, rank_zero=self._writes())
@@ -265,7 +265,7 @@ class MegatronMoEMonitor:
         finally:
             self.session.close()
 
-    def __enter__(self) -> MegatronMoEMonitor:
+    def __enter__(self) -> MoEMegatronCallback:
         return self
 
     def __exit__(self, *exc: object) -> None:
