@@ -19,8 +19,14 @@ their framework's hooks onto :class:`TrainingSession`; all decisions live here o
   monitor's snapshot all-reduces counts when ``torch.distributed`` is initialised.
 - **Metrics.** ``Snapshot.to_dict()`` flat keys (``moe/avg_expert_cv``,
   ``moe/avg_routing_entropy``, ``moe/total_unused_experts``, ``moe/<layer>/<metric>``;
-  ``moe/eval/...`` for evaluation windows), optionally restricted to some per-layer
-  metrics. No metric is computed here.
+  ``moe/eval/...`` for evaluation windows) within the key budget (:meth:`metrics_from`:
+  model-level keys and percentiles across layers always; every layer's keys up to
+  ``per_layer_limit`` MoE layers, the ``worst_layers`` above it), optionally restricted
+  to some per-layer metrics. No metric is computed here.
+- **Routing trace.** With ``routing_trace_tokens=N`` a
+  :class:`~moescope.stats.trace_recorder.TraceRecorder` on the same monitor keeps the
+  first N tokens' routing and writes ``<log_dir>/routing_trace.npz`` once full (and at
+  :meth:`close`), for ``moescope agree``.
 - **Sinks, rank 0 only.** ``resolve_loggers(logger)``, plus a ``ConsoleSink`` when
   ``log_to_console``, a ``JsonlSink`` at ``<log_dir>/moe_detailed.jsonl`` when
   ``save_detailed_logs`` (train windows: snapshot + alerts per line, bounded size) and a
