@@ -56,7 +56,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from torch import nn
 
@@ -74,6 +74,7 @@ from moescope.stats.snapshot import Snapshot
 __all__ = [
     "DETAILED_LOG_NAME",
     "ExtrasOnlySink",
+    "SessionFrontEnd",
     "TrainingSession",
     "is_rank_zero",
 ]
@@ -483,6 +484,46 @@ class TrainingSession:
             # they opened themselves; a Sink the user passed in is the user's to close.
             if id(sink) not in self._user_owned:
                 sink.close()
+
+
+class SessionFrontEnd:
+    """What a framework front end that owns a :class:`TrainingSession` (``session``)
+    shows of it, written once: the one monitor, the stop flag, the last metrics, and
+    ``with front_end:`` ending in :meth:`close` (the plain-loop callback's is
+    ``cleanup``; the training engines' ``close``)."""
+
+    session: TrainingSession
+
+    @property
+    def monitor(self) -> Any:
+        """The session's one :class:`~moescope.monitor.MoEMonitor` (window ``"train"``
+        and ``.history`` of the train windows; window ``"eval"``)."""
+        return self.session.monitor
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert fired with ``stop_on_alert=True``: break out of the loop."""
+        return self.session.should_stop
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """Flat metrics of the last train window logged."""
+        return self.session.last_metrics
+
+    @property
+    def last_eval_metrics(self) -> dict[str, float]:
+        """Flat metrics of the last eval window logged."""
+        return self.session.last_eval_metrics
+
+    def close(self) -> None:
+        """Log what is waiting, remove every hook, close the sinks (each front end's own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define close()")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ExtrasOnlySink(Sink):

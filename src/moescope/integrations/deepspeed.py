@@ -41,7 +41,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from moescope.integrations.core import TrainingSession, finite_only
+from moescope.integrations.core import SessionFrontEnd, TrainingSession, finite_only
 from moescope.integrations.options import MoECallbackOptions, options_from
 from moescope.sinks.base import Sink
 from moescope.sinks.event import LogEvent
@@ -98,7 +98,7 @@ class DeepSpeedMonitorSink(Sink):
         return f"DeepSpeedMonitorSink({type(self.monitor).__name__})"
 
 
-class MoEDeepSpeedCallback:
+class MoEDeepSpeedCallback(SessionFrontEnd):
     """MoE monitoring of one ``DeepSpeedEngine`` (built by :func:`attach`).
 
     Attributes:
@@ -178,21 +178,6 @@ class MoEDeepSpeedCallback:
     # ------------------------------------------------------------------ state
 
     @property
-    def monitor(self) -> Any:
-        """The session's one :class:`~moescope.monitor.MoEMonitor`."""
-        return self.session.monitor
-
-    @property
-    def should_stop(self) -> bool:
-        """True once an alert fired with ``stop_on_alert=True``: break out of the loop."""
-        return self.session.should_stop
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        """Flat metrics of the last train window logged."""
-        return self.session.last_metrics
-
-    @property
     def detailed_log_path(self) -> Path:
         """``<log_dir>/moe_detailed.jsonl`` (written with ``save_detailed_logs=True``)."""
         return self.session.detailed_log_path
@@ -229,12 +214,6 @@ class MoEDeepSpeedCallback:
             else:
                 vars(self.engine).pop("step", None)
             self.session.close()
-
-    def __enter__(self) -> MoEDeepSpeedCallback:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def attach(

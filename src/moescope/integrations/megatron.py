@@ -44,9 +44,8 @@ from typing import Any
 
 from torch import nn
 
-from moescope.integrations.core import TrainingSession
+from moescope.integrations.core import SessionFrontEnd, TrainingSession
 from moescope.integrations.options import MoECallbackOptions
-from moescope.monitor import MoEMonitor
 from moescope.sinks import resolve_loggers
 
 __all__ = ["MoEMegatronCallback", "megatron_process_group", "megatron_stage_group"]
@@ -140,7 +139,7 @@ def _training_default(name: str) -> Any:
         return None
 
 
-class MoEMegatronCallback:
+class MoEMegatronCallback(SessionFrontEnd):
     """MoE monitoring of a Megatron-core model, logged to Megatron's own writers.
 
     Args:
@@ -212,22 +211,6 @@ class MoEMegatronCallback:
         session.add_sinks(resolve_loggers([w for w in (writer, wandb_writer) if w is not None]))
         session.attach(root)
 
-    @property
-    def monitor(self) -> MoEMonitor:
-        """The one :class:`~moescope.monitor.MoEMonitor` (windows ``train``/``eval``)."""
-        mon = self.session.monitor
-        assert mon is not None  # attached in __init__
-        return mon
-
-    @property
-    def should_stop(self) -> bool:
-        """True once an alert fired with ``stop_on_alert=True``."""
-        return self.session.should_stop
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return self.session.last_metrics
-
     def _writes(self) -> bool:
         import torch.distributed as dist
 
@@ -264,9 +247,3 @@ class MoEMegatronCallback:
                 self.session.end_train_window(self.iteration, rank_zero=self._writes())
         finally:
             self.session.close()
-
-    def __enter__(self) -> MoEMegatronCallback:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from moescope.integrations.core import TrainingSession
+from moescope.integrations.core import SessionFrontEnd, TrainingSession
 from moescope.integrations.options import (
     DEFAULTS,
     AlertCallback,
@@ -35,7 +35,7 @@ from moescope.integrations.options import (
 __all__ = ["MoEPyTorchCallback", "create_moe_callback_for_pytorch"]
 
 
-class MoEPyTorchCallback:
+class MoEPyTorchCallback(SessionFrontEnd):
     """Step-driven MoE monitoring for a hand-written training loop.
 
     Attached to ``model`` on construction. Built by :func:`create_moe_callback_for_pytorch`
@@ -77,28 +77,6 @@ class MoEPyTorchCallback:
         self.step = 0
         self._closed = False
         session.attach(model)
-
-    # ------------------------------------------------------------------ state
-
-    @property
-    def should_stop(self) -> bool:
-        """True once an alert fired with ``stop_on_alert=True``: break out of the loop."""
-        return self.session.should_stop
-
-    @property
-    def monitor(self) -> Any:
-        """The session's one :class:`~moescope.monitor.MoEMonitor` (window ``"train"``
-        and ``.history`` of the train windows; window ``"eval"``)."""
-        return self.session.monitor
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        """Flat metrics of the last train window logged."""
-        return self.session.last_metrics
-
-    @property
-    def last_eval_metrics(self) -> dict[str, float]:
-        return self.session.last_eval_metrics
 
     # ------------------------------------------------------------------ seed API
 
@@ -156,10 +134,8 @@ class MoEPyTorchCallback:
         finally:
             self.session.close()
 
-    def __enter__(self) -> MoEPyTorchCallback:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """:meth:`cleanup` (the seed API's name), under the name every front end shares."""
         self.cleanup()
 
 

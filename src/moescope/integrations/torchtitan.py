@@ -33,13 +33,12 @@ gathers them over.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from moescope.integrations.core import TrainingSession
+from moescope.integrations.core import SessionFrontEnd, TrainingSession, finite_only
 from moescope.integrations.options import MoECallbackOptions
 
 __all__ = ["MoETorchtitanCallback", "moescope_process_group", "moescope_stage_group"]
@@ -101,7 +100,7 @@ def _monitored(model_parts: Any) -> nn.Module:
     return parts[0] if len(parts) == 1 else nn.ModuleList(parts)
 
 
-class MoETorchtitanCallback:
+class MoETorchtitanCallback(SessionFrontEnd):
     """MoE monitoring of a torchtitan run, logged through its ``MetricsProcessor``.
 
     Args:
@@ -255,7 +254,7 @@ class MoETorchtitanCallback:
         if self._closed:
             return {}
         metrics = self.session.end_train_window(int(step))
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return finite_only(metrics)
 
     def on_validation(self, step: int) -> dict[str, float]:
         """End the eval window (forwards torchtitan's validator ran in eval mode) and return
@@ -263,18 +262,9 @@ class MoETorchtitanCallback:
         if self._closed:
             return {}
         metrics = self.session.end_eval_window(int(step))
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return finite_only(metrics)
 
-    # ------------------------------------------------------------------ state
-
-    @property
-    def monitor(self) -> Any:
-        """The session's one :class:`~moescope.monitor.MoEMonitor`."""
-        return self.session.monitor
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return self.session.last_metrics
+    # ------------------------------------------------------------------ close
 
     def close(self) -> None:
         """Restore the processor's methods, remove every hook, close moescope's sinks
@@ -291,9 +281,3 @@ class MoETorchtitanCallback:
             stage.__dict__.pop("_forward_metadata_inference", None)
         self._stages.clear()
         self.session.close()
-
-    def __enter__(self) -> MoETorchtitanCallback:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
