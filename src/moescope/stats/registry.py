@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from moescope.stats import metrics as M
 
 __all__ = [
@@ -328,22 +330,13 @@ def aggregate(name: str, layers: Iterable[Any]) -> float | int:
         v = max(vals) if a.reduce == "max" else min(vals)
         return int(v) if m.count else v
     if a.reduce in ("p50", "p90"):
-        return _percentile(vals, 50.0 if a.reduce == "p50" else 90.0)
+        if not vals:
+            return math.nan
+        return float(np.percentile(vals, 50.0 if a.reduce == "p50" else 90.0))
     if not vals and a.over == "neuron":
         return math.nan
     total = sum(vals)
     return int(total) if m.count else total
-
-
-def _percentile(vals: list[float], q: float) -> float:
-    """The ``q``-th percentile of ``vals`` by linear interpolation (numpy's default)."""
-    if not vals:
-        return math.nan
-    v = sorted(vals)
-    pos = (len(v) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # --------------------------------------------------------------------------- docs
